@@ -1,0 +1,3 @@
+from deployster.cli import run
+
+run()

@@ -1,0 +1,114 @@
+"""In-process EventBus: publish, subscribe, supervised handler lanes.
+
+One lane per service: a queue and a worker task that runs the subscribed handlers of each
+event in order, so two handlers never race on one service's units, while different services
+proceed in parallel (kopf queues per object the same way). A handler that raises is logged
+with the event's context and the lane goes on: one bad event never stops the bus.
+
+Routes that must answer with the outcome of an event (the deploy POST answers once the units
+are submitted) use :meth:`EventBus.request`: the waiter is registered before the event is
+published, so the answer cannot be missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import structlog
+
+from deployster.events import Event
+
+log = structlog.get_logger(__name__)
+
+E = TypeVar("E", bound=Event)
+Handler = Callable[[Any], Awaitable[None]]
+Predicate = Callable[[Event], bool]
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._handlers: dict[type[Event], list[Handler]] = {}
+        self._lanes: dict[str, asyncio.Queue[Event]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._waiters: list[tuple[Predicate, asyncio.Future[Event]]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def subscribe(self, event_type: type[E], handler: Callable[[E], Awaitable[None]]) -> None:
+        self._handlers.setdefault(event_type, []).append(handler)
+
+    def publish(self, event: Event) -> None:
+        """Hand ``event`` to its service's lane and to anyone waiting for it. Never blocks."""
+        if self._closed:
+            log.warning("event_dropped_bus_closed", **event.log_context)
+            return
+        for predicate, future in list(self._waiters):
+            if not future.done() and predicate(event):
+                future.set_result(event)
+        if not any(issubclass(type(event), t) for t in self._handlers):
+            return
+        lane = self._lanes.get(event.service)
+        if lane is None:
+            lane = self._lanes[event.service] = asyncio.Queue()
+            self._workers[event.service] = asyncio.create_task(
+                self._run_lane(event.service, lane), name=f"lane:{event.service}"
+            )
+        lane.put_nowait(event)
+
+    async def request(self, event: Event, until: Predicate, timeout: float) -> Event:
+        """Publish ``event`` and wait for the first event matching ``until``."""
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        waiter = (until, future)
+        self._waiters.append(waiter)
+        try:
+            self.publish(event)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiters.remove(waiter)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str, **context: str) -> None:
+        """Run long work (following a deploy) beside the lanes, supervised like a handler."""
+        task = asyncio.create_task(self._supervise(coro, name, context), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def queue_depth(self) -> int:
+        return sum(q.qsize() for q in self._lanes.values())
+
+    async def close(self) -> None:
+        """Stop the lanes and spawned work; pending events are dropped (etcd has the state)."""
+        self._closed = True
+        tasks = [*self._workers.values(), *self._tasks]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run_lane(self, service: str, lane: asyncio.Queue[Event]) -> None:
+        while True:
+            event = await lane.get()
+            for event_type, handlers in list(self._handlers.items()):
+                if not isinstance(event, event_type):
+                    continue
+                for handler in handlers:
+                    with structlog.contextvars.bound_contextvars(**event.log_context):
+                        await self._supervise(handler(event), _name(handler), {})
+            lane.task_done()
+
+    @staticmethod
+    async def _supervise(work: Awaitable[None], name: str, context: dict[str, str]) -> None:
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler_failed", handler=name, **context)
+
+
+def _name(handler: Handler) -> str:
+    return getattr(handler, "__qualname__", repr(handler))

@@ -1,0 +1,130 @@
+"""``deployster``: serve | up | localfleet | version.
+
+``serve`` keeps every flag of the original with its name and default, written with one dash
+(as Go's flag package did) or two, each also settable as a ``DEPLOYSTER_*`` environment
+variable. Only flags actually given are passed on, so the environment fills the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from deployster import __version__, logs
+
+# (flag, help) for `serve`; the default lives in Settings, shown in help from there.
+SERVE_FLAGS: list[tuple[str, str]] = [
+    ("listen", "address to listen on, HOST:PORT"),
+    ("cert", "TLS certificate (PEM); HTTPS when given with -key"),
+    ("key", "TLS private key (PEM)"),
+    ("username", "basic-auth user"),
+    ("password", "basic-auth password; generated and printed once when not set"),
+    ("docker-hub-username", "image prefix: Docker Hub user or organisation"),
+    ("registry-url", "private registry HOST:PORT; replaces the Docker Hub prefix when set"),
+    ("etcd", "etcd endpoints, e.g. http://127.0.0.1:2379"),
+    ("etcd-prefix", "etcd key prefix of Deployster's records"),
+    ("fleet-endpoint", "fleet API: unix:///PATH, http://HOST:PORT or https://HOST:PORT"),
+    ("template", "unit template: docker, workload, or the path of a template file"),
+    ("log-format", "auto (console on a terminal, else JSON), json or console"),
+]
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from deployster.config import Settings
+
+    parser = sub.add_parser("serve", help="run the Deployster API server")
+    fields = Settings.model_fields
+    for flag, text in SERVE_FLAGS:
+        dest = flag.replace("-", "_")
+        default = fields[dest].default
+        shown = "" if dest == "password" else f" (default {default or 'empty'}; env DEPLOYSTER_{dest.upper()})"
+        parser.add_argument(f"-{flag}", f"--{flag}", dest=dest, default=argparse.SUPPRESS,
+                            metavar=dest.upper(), help=text + shown)
+
+
+def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("up", help="run etcd, localfleet and the server on this machine")
+    parser.add_argument("--state-dir", type=Path, default=Path(".deployster"),
+                        help="where etcd data, sockets and logs live (default ./.deployster)")
+    parser.add_argument("--listen", default="127.0.0.1:3000", help="API address (default 127.0.0.1:3000)")
+    parser.add_argument("--password", default=None,
+                        help="basic-auth password (default: DEPLOYSTER_PASSWORD, else one generated and kept in the state dir)")
+    parser.add_argument("--template", default="docker", help="docker (default), workload, or a template file")
+    parser.add_argument("--etcd-listen", default="127.0.0.1:2379", help="etcd client address (default 127.0.0.1:2379)")
+    parser.add_argument("--machines", type=int, default=3,
+                        help="machine ids localfleet presents (default 3, so the docker template's
+                        Conflicts= can spread a 3-instance deploy)")
+
+
+def _localfleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("localfleet", help="serve fleet's v1 API and run its units on this machine")
+    parser.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
+    parser.add_argument("--machines", type=int, default=1, help="machine ids to present (default 1)")
+    parser.add_argument("--state-dir", type=Path, default=None, help="keep units and unit logs here")
+    parser.add_argument("--token-limit", type=int, default=100, help="page size (fleet's token_limit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deployster", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"deployster {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _up_parser(sub)
+    _localfleet_parser(sub)
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(__version__)
+        return 0
+    if args.command == "serve":
+        return _serve(vars(args))
+    if args.command == "up":
+        from deployster.up import up
+
+        return up(args)
+    if args.command == "localfleet":
+        from deployster import localfleet
+
+        logs.configure()
+        localfleet.run(listen=args.listen, machines=args.machines, state_dir=args.state_dir,
+                       token_limit=args.token_limit)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _serve(flags: dict[str, object]) -> int:
+    from deployster.config import Settings
+    from deployster.server import StartupError, serve
+
+    flags.pop("command")
+    try:
+        settings = Settings(**flags)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"deployster: -{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_format)
+    settings, generated = settings.with_password()
+    if generated:
+        # Printed once, straight to the terminal: never through the log pipeline.
+        assert settings.password is not None
+        print(f"deployster: no password was set; generated one for user {settings.username!r}: "
+              f"{settings.password.get_secret_value()}", file=sys.stderr, flush=True)
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        print(f"deployster: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    raise SystemExit(main())

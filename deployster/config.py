@@ -1,0 +1,72 @@
+"""Settings: command-line flags > ``DEPLOYSTER_*`` environment variables > defaults.
+
+The flag names and defaults of the original `deployster` are kept (`-listen`, `-cert`, `-key`,
+`-username`, `-password`, `-docker-hub-username`, `-registry-url`); the rest is new. The CLI
+passes only the flags a user actually gave, so pydantic-settings can let the environment fill
+the others.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deployster.etcd import Endpoint
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEPLOYSTER_", extra="ignore")
+
+    listen: str = "0.0.0.0:3000"
+    cert: Path | None = None
+    key: Path | None = None
+    username: str = "deployster"
+    password: SecretStr | None = None
+    docker_hub_username: str = "deployster"
+    registry_url: str = ""
+    etcd: str = "http://127.0.0.1:2379"
+    etcd_prefix: str = "/deployster"
+    fleet_endpoint: str = "unix:///var/run/fleet.sock"
+    template: str = Field("docker", description="docker, workload, or a unit template file")
+    log_format: str = Field("auto", pattern="^(auto|json|console)$")
+
+    @field_validator("etcd")
+    @classmethod
+    def _etcd_endpoint(cls, value: str) -> str:
+        Endpoint.parse(value)
+        return value
+
+    @field_validator("etcd_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        if value == "/":
+            raise ValueError("the etcd prefix must not be empty")
+        return value
+
+    @field_validator("cert", "key", mode="before")
+    @classmethod
+    def _empty_path(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def image_prefix(self) -> str:
+        """``-registry-url`` when set, else ``-docker-hub-username`` (as the original)."""
+        return self.registry_url.rstrip("/") or self.docker_hub_username
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"-listen {self.listen!r} is not HOST:PORT")
+        return host or "0.0.0.0", int(port)
+
+    def with_password(self) -> tuple[Settings, bool]:
+        """These settings with a password; generate one when none was given (True then)."""
+        if self.password is not None and self.password.get_secret_value():
+            return self, False
+        generated = SecretStr(secrets.token_urlsafe(18))
+        return self.model_copy(update={"password": generated}), True

@@ -1,0 +1,433 @@
+"""``deployctl``: the command-line client of Deployster.
+
+It speaks the REST API of the server (``POST /v1/services/{name}/deploys``, ``DELETE
+.../deploys/{version}``, ``GET .../units``, ``POST .../tasks``) and keeps the original Go
+deployctl's interface: the same global flags and environment variables, commands and aliases,
+request bodies, messages (byte for byte), exit codes and ``list`` table.
+
+What differs from the original, and why:
+
+- ``run`` exits with the task's exit code, read from the last ``Exited (N)`` line of the stream,
+  so that scripts and CI can tell a failed migration from a good one (the original always exited
+  0). A stream that ends without that line (connection cut) is an error: exit 1.
+- ``list`` checks the HTTP status: a non-2xx answer prints ``List failed :(`` and exits 1
+  instead of printing an empty table.
+- ``deploy --env KEY=VALUE`` (repeatable) sends ``"env": {...}`` in the deploy envelope, for
+  the service's containers (a field the new server adds). ``destroy --timestamp TS`` sends the
+  ``?timestamp=`` query the original server already accepted, to destroy one deploy's units.
+  Without these flags the requests are the original's, byte for byte.
+- After ``Deploy triggered!`` it prints ``Deploy <id> is <state>.`` when the server returns the
+  deploy record (the original server answered with an empty body).
+- Connection failures (server down, TLS) are one sentence naming the URL, and requests have
+  timeouts (none for reading a task's stream, which may run for ten minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import ssl
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from deployster import __version__
+
+DEFAULT_URL = "http://localhost:3000"
+DEFAULT_USERNAME = "deployster"
+CONNECT_TIMEOUT = 30  # seconds to open a connection, for every command
+REQUEST_TIMEOUT = 60  # seconds for a whole exchange, except `run` (tasks run up to 10 minutes)
+
+INSTANCES_HELP = (
+    "number of instances to deploy (optional, defaults to 0, which means current number running "
+    "or 1 if none running)"
+)
+TABLE_HEADER = ("#", "Version", "Current state", "Desired state", "Machine ID", "Timestamp")
+UNIT_COLUMNS = (
+    "instance", "version", "current_state", "desired_state", "machine_id", "deploy_timestamp"
+)
+TABLE_PADDING = 4
+
+# The task trailer is `\nExited (<code>) <error>\n`; the space is there even when <error> is empty.
+_EXITED_LINE = re.compile(rb"Exited \((\d+)\) ")
+# Only the start of a line can make it a trailer, so a task printing a huge line without a
+# newline costs this much memory, not the whole line.
+_LINE_HEAD = 64
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[Sequence[str]], padding: int = TABLE_PADDING) -> str:
+    """Lay out rows as Go's text/tabwriter does with minwidth 0 and space padding.
+
+    Every column but the last is as wide as its longest cell plus ``padding``; the last cell of
+    a row is written as is (the Go format ended each row with ``\\n``, not ``\\t``).
+    """
+    widths = [max(len(row[i]) for row in rows) + padding for i in range(len(rows[0]) - 1)]
+    return "".join(
+        "".join(cell.ljust(width) for cell, width in zip(row, widths)) + row[-1] + "\n"
+        for row in rows
+    )
+
+
+def units_table(units: Sequence[Mapping[str, Any]]) -> str:
+    """The ``list`` table: header, a row of dashes as long as each header, one row per unit."""
+    rows = [TABLE_HEADER, tuple("-" * len(title) for title in TABLE_HEADER)]
+    rows += [tuple(_cell(unit.get(key)) for key in UNIT_COLUMNS) for unit in units]
+    return format_table(rows)
+
+
+def _cell(value: Any) -> str:
+    # A missing field prints as an empty cell, as Go's zero value did.
+    return "" if value is None else str(value)
+
+
+def parse_units(body: bytes) -> list[Mapping[str, Any]]:
+    """Decode a ``GET .../units`` body; raises ValueError when it is not ``{"units": [...]}``."""
+    payload = json.loads(body)
+    shape_error = ValueError('expected a JSON object {"units": [...]} with one object per unit')
+    if not isinstance(payload, dict):
+        raise shape_error
+    units = payload.get("units")
+    if units is None:
+        return []  # Go decoded a missing or null list as empty
+    if not isinstance(units, list) or not all(isinstance(unit, dict) for unit in units):
+        raise shape_error
+    return units
+
+
+def parse_env_pair(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` from ``--env``; the value may be empty or contain ``=``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+class TaskExitTracker:
+    """Follows a task's output, chunk by chunk, to find the last ``Exited (N)`` line."""
+
+    def __init__(self) -> None:
+        self.exit_code: int | None = None
+        self._line = b""  # the start of the line still being received
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, rest = (self._line + chunk).split(b"\n")
+        for line in lines:
+            match = _EXITED_LINE.match(line)
+            if match:
+                self.exit_code = int(match.group(1))
+        self._line = rest[:_LINE_HEAD]
+
+
+def process_exit_code(task_code: int) -> int:
+    # A status the OS cannot carry would wrap (256 becomes 0, a success): report a failure.
+    return task_code if task_code <= 255 else 1
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+class _ParserExit(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """Returns to main() instead of exiting, so that main() returns every exit code; usage
+    errors exit 1, as the original's did."""
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _ParserExit(status)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"Error: {message}\n")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The parser; ``environ`` supplies the ``DEPLOYSTER_*`` defaults (an empty value counts as
+    unset, as in the original)."""
+    parser = _Parser(
+        prog="deployctl", description="A simple command line client for deployster."
+    )
+    parser.add_argument("-v", "--version", action="version", version=f"deployctl {__version__}")
+    global_flags = (
+        ("--url", "DEPLOYSTER_URL", DEFAULT_URL, "a URL to the deployster instance"),
+        ("--username", "DEPLOYSTER_USERNAME", DEFAULT_USERNAME, "username for authenticating"),
+        ("--password", "DEPLOYSTER_PASSWORD", "", "password for authenticating"),
+        ("--ca-cert", "DEPLOYSTER_CA_CERT", "", "PEM CA bundle to trust instead of the system's"),
+    )
+    for flag, env_var, default, help_text in global_flags:
+        default = environ.get(env_var) or default
+        parser.add_argument(flag, default=default, help=f"{help_text} [${env_var}]")
+
+    commands = parser.add_subparsers(title="commands", metavar="command")
+
+    deploy_cmd = commands.add_parser(
+        "deploy", aliases=["d"], help="Deploys a given service and version to the cluster"
+    )
+    deploy_cmd.add_argument("service", nargs="?", help="service name")
+    deploy_cmd.add_argument("version", nargs="?", help="version (image tag)")
+    deploy_cmd.add_argument(
+        "--skip-destroy-previous",
+        action="store_true",
+        help="skip old version destruction after successful deploy (if possible)",
+    )
+    deploy_cmd.add_argument("--instances", type=int, default=0, help=INSTANCES_HELP)
+    deploy_cmd.add_argument(
+        "--env",
+        type=parse_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the service's containers (repeatable)",
+    )
+    deploy_cmd.set_defaults(execute=_deploy, required=("service", "version"))
+
+    run_cmd = commands.add_parser(
+        "run", aliases=["r"], help="Runs a task for a given service and version"
+    )
+    run_cmd.add_argument("service", nargs="?", help="service name")
+    run_cmd.add_argument("version", nargs="?", help="version (image tag)")
+    # Everything after the version is the task's command, its own dashed options included.
+    run_cmd.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    run_cmd.set_defaults(execute=_run, required=("service", "version", "command"))
+
+    destroy_cmd = commands.add_parser(
+        "destroy", aliases=["x"], help="Destroys a given service and version"
+    )
+    destroy_cmd.add_argument("service", nargs="?", help="service name")
+    destroy_cmd.add_argument("version", nargs="?", help="version (image tag)")
+    destroy_cmd.add_argument(
+        "--timestamp", help="destroy only the units of this deploy (YYYY.MM.DD-HH.MM.SS)"
+    )
+    destroy_cmd.set_defaults(execute=_destroy, required=("service", "version"))
+
+    list_cmd = commands.add_parser(
+        "list", aliases=["l"], help="Lists all instances of a given service running on the cluster"
+    )
+    list_cmd.add_argument("service", nargs="?", help="service name")
+    list_cmd.set_defaults(execute=_list, required=("service",))
+    return parser
+
+
+# -- talking to the server ------------------------------------------------------------------
+
+
+class _Api:
+    """Builds request URLs under ``--url`` (which may carry a path prefix)."""
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+
+    def service_url(self, service: str, *parts: str) -> str:
+        segments = ("v1", "services", service, *parts)
+        return self.base_url + "".join("/" + quote(segment, safe="") for segment in segments)
+
+
+def _json_body(payload: Mapping[str, Any]) -> bytes:
+    # Compact like Go's json.Marshal, so the bytes on the wire are the original's.
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+async def _report_failure(headline: str, response: aiohttp.ClientResponse) -> int:
+    body = await response.read()
+    print(headline)
+    print("-- Response Status:", f"{response.status} {response.reason or ''}".rstrip())
+    print("-- Response Body:", body.decode(errors="replace"))
+    return 1
+
+
+async def _deploy(args: argparse.Namespace, api: _Api) -> int:
+    if args.skip_destroy_previous:
+        print("Skipping destruction of previous version...")
+    # Key order and omissions as the original's: instance_count only when set, never timestamp.
+    deploy: dict[str, Any] = {
+        "version": args.version,
+        "destroy_previous": not args.skip_destroy_previous,
+    }
+    if args.instances:
+        deploy["instance_count"] = args.instances
+    if args.env:
+        deploy["env"] = dict(args.env)
+    url = api.service_url(args.service, "deploys")
+    async with api.session.post(url, data=_json_body({"deploy": deploy})) as response:
+        if response.status != 201:
+            return await _report_failure("Deploy failed :(", response)
+        print("Deploy triggered!")
+        record = _deploy_record(await response.read())
+        if record.get("id") and record.get("state"):
+            print(f"Deploy {record['id']} is {record['state']}.")
+    return 0
+
+
+def _deploy_record(body: bytes) -> Mapping[str, Any]:
+    # The original server answered 201 with an empty body; the new one sends {"deploy": {...}}.
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return {}
+    record = payload.get("deploy") if isinstance(payload, dict) else None
+    return record if isinstance(record, dict) else {}
+
+
+async def _run(args: argparse.Namespace, api: _Api) -> int:
+    task = {"version": args.version, "command": " ".join(args.command)}
+    url = api.service_url(args.service, "tasks")
+    tracker = TaskExitTracker()
+    async with api.session.post(url, data=_json_body({"task": task})) as response:
+        if response.status != 200:
+            return await _report_failure("Task failed to launch :(", response)
+        sys.stdout.flush()  # text printed before must come before the raw bytes
+        out = sys.stdout.buffer
+        try:
+            async for chunk in response.content.iter_any():
+                out.write(chunk)
+                out.flush()
+                tracker.feed(chunk)
+        except aiohttp.ClientError:
+            pass  # the stream was cut; whether its trailer had arrived decides below
+    if tracker.exit_code is None:
+        print(
+            f"Error: the task stream from {api.base_url} ended before the task reported its exit "
+            "status, so its outcome is unknown.",
+            file=sys.stderr,
+        )
+        return 1
+    return process_exit_code(tracker.exit_code)
+
+
+async def _destroy(args: argparse.Namespace, api: _Api) -> int:
+    url = api.service_url(args.service, "deploys", args.version)
+    params = {"timestamp": args.timestamp} if args.timestamp else None
+    async with api.session.delete(url, params=params) as response:
+        if response.status != 204:
+            return await _report_failure("Destroy failed :(", response)
+    print("Destroy triggered!")
+    return 0
+
+
+async def _list(args: argparse.Namespace, api: _Api) -> int:
+    async with api.session.get(api.service_url(args.service, "units")) as response:
+        if not 200 <= response.status < 300:
+            return await _report_failure("List failed :(", response)
+        body = await response.read()
+    try:
+        units = parse_units(body)
+    except ValueError as error:
+        return _error(str(error))
+    sys.stdout.write(units_table(units))
+    return 0
+
+
+def _connection_failure(error: BaseException) -> str:
+    """Why an exchange failed, in a few words; the sentence around it names the URL."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        cert_error = error.certificate_error
+        detail = getattr(cert_error, "verify_message", None) or cert_error
+        return f"TLS certificate verification failed ({detail})"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        os_error = error.os_error
+        if isinstance(os_error, ssl.SSLError):
+            return f"TLS handshake failed ({os_error.reason or os_error})"
+        if os_error.errno and os_error.errno > 0:
+            return os.strerror(os_error.errno)  # asyncio's own text says "Connect call failed"
+        return os_error.strerror or str(os_error)
+    # Only the connect deadline raises ServerTimeoutError here (no read deadline is set).
+    if isinstance(error, aiohttp.ServerTimeoutError):
+        return f"no connection within {CONNECT_TIMEOUT} seconds"
+    if isinstance(error, TimeoutError):
+        return f"no complete answer within {REQUEST_TIMEOUT} seconds"
+    return str(error) or type(error).__name__
+
+
+async def _execute(args: argparse.Namespace, ssl_context: ssl.SSLContext | bool) -> int:
+    # A task streams for up to ten minutes: only its connection gets a deadline.
+    total = None if args.execute is _run else REQUEST_TIMEOUT
+    session = aiohttp.ClientSession(
+        headers={
+            "Authorization": basic_auth(args.username, args.password),
+            # The original sent this on every request, GET and DELETE included.
+            "Content-Type": "application/json",
+            "User-Agent": f"deployctl/{__version__}",
+        },
+        timeout=aiohttp.ClientTimeout(total=total, connect=CONNECT_TIMEOUT),
+        connector=aiohttp.TCPConnector(ssl=ssl_context),
+    )
+    async with session:
+        try:
+            return await args.execute(args, _Api(args.url, session))
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return _error(f"cannot reach Deployster at {args.url}: {_connection_failure(error)}")
+
+
+def basic_auth(username: str, password: str) -> str:
+    """The ``Authorization`` value; UTF-8, as Go sent the raw bytes of ``user:password``."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def _ssl_context(ca_cert: str) -> ssl.SSLContext | bool:
+    if not ca_cert:
+        return True  # the system's roots
+    # With cafile, only that bundle is trusted (the system roots are not loaded).
+    return ssl.create_default_context(cafile=ca_cert)
+
+
+def _error(message: str) -> int:
+    print(f"Error: {message}", file=sys.stderr)
+    return 1
+
+
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments (missing ones worded as the original's), or None."""
+    for name in args.required:
+        if not getattr(args, name):
+            return f"{name.capitalize()} required"
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return f"--url must be an http:// or https:// URL, got {args.url!r}"
+    if ":" in args.username:
+        return "--username cannot contain ':' (HTTP basic auth uses it as the separator)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run deployctl with ``argv`` (default: the process's arguments); returns the exit code."""
+    parser = build_parser(os.environ)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except _ParserExit as exit_:
+        return exit_.status
+    if not hasattr(args, "execute"):
+        parser.print_help()  # no command: the original showed its help and exited 0
+        return 0
+    problem = _check_arguments(args)
+    if problem:
+        return _error(problem)
+    try:
+        ssl_context = _ssl_context(args.ca_cert)
+    except OSError as error:  # a missing file, or ssl.SSLError for a bad bundle
+        return _error(f"cannot use the CA certificate {args.ca_cert!r}: {error}")
+    return asyncio.run(_execute(args, ssl_context))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    run()

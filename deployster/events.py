@@ -1,0 +1,91 @@
+"""The event vocabulary: one pydantic model per thing that happened or is asked for.
+
+Routes publish requests (``...Requested``); handlers publish what came of them. Every event
+names its service, which is also its lane on the bus: events of one service are handled in
+order, different services in parallel.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    at: datetime = Field(default_factory=_now)
+
+    @property
+    def log_context(self) -> dict[str, str]:
+        """Fields every log line about this event carries."""
+        context = {"service": self.service, "event_type": type(self).__name__}
+        deploy_id = getattr(self, "deploy_id", None)
+        if deploy_id:
+            context["deploy_id"] = deploy_id
+        return context
+
+
+class DeployRequested(Event):
+    """A deploy asked for through the API (or, later, a webhook)."""
+
+    deploy_id: str
+    version: str
+    timestamp: str
+    instance_count: int = 0  # 0: as many as run now, or 1 (the original's rule)
+    destroy_previous: bool = False
+    env: dict[str, str] = Field(default_factory=dict, repr=False)
+    source: str = "api"
+    actor: str = ""
+
+
+class DeployRejected(Event):
+    """The deploy cannot start as asked; nothing was submitted and no record was written."""
+
+    deploy_id: str
+    description: str
+
+
+class UnitsSubmitted(Event):
+    """Every unit of the deploy was created in fleet and set to ``launched``."""
+
+    deploy_id: str
+    units: list[str]
+
+
+class DeploySucceeded(Event):
+    deploy_id: str
+
+
+class DeployFailed(Event):
+    """The deploy ended without reaching its goal; ``reason`` says why in a sentence."""
+
+    deploy_id: str
+    reason: str
+
+
+class DestroyRequested(Event):
+    """Destroy the units of one version (optionally one timestamp) of a service."""
+
+    request_id: str
+    version: str
+    timestamp: str | None = None
+
+
+class UnitsDestroyed(Event):
+    request_id: str
+    units: list[str]
+    # unit name -> what fleet said, for the units that could not be destroyed
+    failures: dict[str, str] = Field(default_factory=dict)
+
+
+class DeployResumed(Event):
+    """An unfinished deploy found in etcd at start: drive it on from its record."""
+
+    deploy_id: str

@@ -1,0 +1,138 @@
+"""Unit and container names: format, parse and validate.
+
+Deploy state that fleet must be able to tell apart lives in the unit name, exactly as the
+original Deployster encoded it (`reference/original-deployster.md` §3)::
+
+    <service>:<version>:<timestamp>@<instance>.service
+
+The timestamp is taken once per deploy (Go layout ``2006.01.02-15.04.05``, UTC) so unit names
+never repeat (fleet bug #1131) and one version can be redeployed beside itself. Containers and
+router ids use the same parts joined by ``-`` because ``:`` is not allowed there.
+
+Service and version are checked here, before anything reaches fleet, against fleet's name
+rules (`reference/fleet-api.md` §6) narrowed by the grammar itself: ``:`` and ``@`` are the
+delimiters, so neither may appear inside a part.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+TIMESTAMP_FORMAT = "%Y.%m.%d-%H.%M.%S"
+UNIT_SUFFIX = ".service"
+# fleet caps unit names at 256 characters (api/units.go ValidateName).
+MAX_UNIT_NAME = 256
+
+_SERVICE_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+# A version is a Docker tag: starts with a word character, at most 128 characters.
+_VERSION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_TIMESTAMP_RE = re.compile(r"\d{4}\.\d{2}\.\d{2}-\d{2}\.\d{2}\.\d{2}")
+
+
+class InvalidName(ValueError):
+    """A service, version, timestamp or instance that cannot become a fleet unit name."""
+
+
+def validate_service(service: str) -> str:
+    if not _SERVICE_RE.fullmatch(service):
+        raise InvalidName(
+            f"Service name {service!r} is not valid: use letters, digits, '-', '_' and '.', "
+            "starting with a letter or digit."
+        )
+    return service
+
+
+def validate_version(version: str) -> str:
+    if not _VERSION_RE.fullmatch(version):
+        raise InvalidName(
+            f"Version {version!r} is not valid: a version is a Docker tag of at most 128 "
+            "letters, digits, '_', '.' and '-', not starting with '.' or '-'."
+        )
+    return version
+
+
+def validate_timestamp(timestamp: str) -> str:
+    try:
+        parse_timestamp(timestamp)
+    except ValueError:
+        raise InvalidName(
+            f"Timestamp {timestamp!r} is not valid: use the layout YYYY.MM.DD-HH.MM.SS in UTC."
+        ) from None
+    return timestamp
+
+
+def format_timestamp(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(timestamp: str) -> datetime:
+    if not _TIMESTAMP_RE.fullmatch(timestamp):
+        raise ValueError(f"not a deploy timestamp: {timestamp!r}")
+    return datetime.strptime(timestamp, TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+
+
+def now_timestamp() -> str:
+    return format_timestamp(datetime.now(timezone.utc))
+
+
+@dataclass(frozen=True, order=True)
+class UnitName:
+    """The parts of one managed unit: one instance of one deploy of a service."""
+
+    service: str
+    version: str
+    timestamp: str
+    instance: int
+
+    @classmethod
+    def build(cls, service: str, version: str, timestamp: str, instance: int) -> UnitName:
+        """Validated constructor: raises InvalidName with a sentence for the API to return."""
+        validate_service(service)
+        validate_version(version)
+        validate_timestamp(timestamp)
+        if instance < 1:
+            raise InvalidName(f"Instance numbers start at 1, not {instance}.")
+        unit = cls(service, version, timestamp, instance)
+        if len(str(unit)) > MAX_UNIT_NAME:
+            raise InvalidName(
+                f"The unit name for service {service!r} and version {version!r} would be longer "
+                f"than fleet's limit of {MAX_UNIT_NAME} characters."
+            )
+        return unit
+
+    @classmethod
+    def parse(cls, name: str) -> UnitName | None:
+        """Parse a fleet unit name; ``None`` for units Deployster does not manage.
+
+        The rules are the original's (`units/extractable_unit.go`): managed means exactly two
+        ``:``; the instance is between the last ``@`` and the last ``.``.
+        """
+        if name.count(":") != 2 or not name.endswith(UNIT_SUFFIX):
+            return None
+        stem = name[: -len(UNIT_SUFFIX)]
+        head, at, instance = stem.rpartition("@")
+        if not at or not instance.isdigit():
+            return None
+        service, version_ts = head.split(":", 1)
+        version, _, timestamp = version_ts.rpartition(":")
+        if not (service and version and timestamp):
+            return None
+        return cls(service, version, timestamp, int(instance))
+
+    @property
+    def release(self) -> str:
+        """``<version>:<timestamp>``: what the original called one "version" of a service."""
+        return f"{self.version}:{self.timestamp}"
+
+    @property
+    def description(self) -> str:
+        return f"{self.service}-{self.version}-{self.timestamp}"
+
+    @property
+    def container(self) -> str:
+        return f"{self.service}-{self.version}-{self.timestamp}-{self.instance}"
+
+    def __str__(self) -> str:
+        return f"{self.service}:{self.version}:{self.timestamp}@{self.instance}{UNIT_SUFFIX}"

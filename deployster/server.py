@@ -1,0 +1,154 @@
+"""``deployster serve``: wire the parts together, run until SIGTERM/SIGINT, stop cleanly.
+
+Start-up refuses to run half-configured: a missing or unreadable TLS certificate or key, a
+unit template that does not render, or an etcd that never answers is an error with a
+sentence, never a silent fallback (the original served plain HTTP when its key pair failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import time
+
+import aetcd
+import structlog
+from aiohttp import web
+
+from deployster import __version__
+from deployster import etcd as etcd_adapter
+from deployster.bus import EventBus
+from deployster.config import Settings
+from deployster.fleet import FleetClient
+from deployster.logs import AccessLogger
+from deployster.store import Store
+from deployster.units import TemplateError, UnitTemplate, load_template
+from deployster.web.app import create_app
+from deployster.web.context import Services
+from handlers.deploys import DeployConfig, DeployHandler
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message says what to change."""
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.cert and not settings.key:
+        return None
+    if not (settings.cert and settings.key):
+        raise StartupError("HTTPS needs both -cert and -key; only one was given.")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.cert, settings.key)
+    except FileNotFoundError as exc:
+        raise StartupError(f"Cannot read the TLS certificate or key: {exc.filename} does not exist.") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(
+            f"The TLS certificate {settings.cert} and key {settings.key} cannot be loaded: {exc}."
+        ) from None
+    return context
+
+
+async def connect_etcd(endpoints: str, wait: float = 10.0) -> aetcd.Client:
+    client = etcd_adapter.client(endpoints)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            await client.status()
+            return client
+        except aetcd.ClientError as exc:
+            if time.monotonic() > deadline:
+                await client.close()
+                raise StartupError(f"etcd at {endpoints} did not answer within {wait:.0f} s: {exc}") from None
+            await asyncio.sleep(0.5)
+
+
+class Deployster:
+    """The wired parts of one server: etcd, fleet, bus, store, handlers and the web app."""
+
+    def __init__(self, settings: Settings, etcd: aetcd.Client, fleet: FleetClient,
+                 template: UnitTemplate, deploy_config: DeployConfig | None = None) -> None:
+        password = settings.password.get_secret_value() if settings.password else ""
+        if not password:
+            raise StartupError("A password is required.")
+        self.settings = settings
+        self.etcd = etcd
+        self.fleet = fleet
+        self.bus = EventBus()
+        self.store = Store(etcd, settings.etcd_prefix)
+        self.deploys = DeployHandler(
+            self.bus,
+            fleet,
+            self.store,
+            template,
+            deploy_config
+            or DeployConfig(
+                image_prefix=settings.image_prefix,
+                etcd_endpoints=settings.etcd,
+                etcd_prefix=settings.etcd_prefix,
+            ),
+        )
+        self.deploys.register()
+        services = Services(bus=self.bus, fleet=fleet, store=self.store)
+        self.app = create_app(services, settings.username, password)
+
+    @classmethod
+    async def connect(cls, settings: Settings, deploy_config: DeployConfig | None = None) -> Deployster:
+        """Check the configuration, then reach etcd; raises StartupError with a sentence."""
+        try:
+            template = load_template(settings.template)
+        except TemplateError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            fleet = FleetClient(settings.fleet_endpoint)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            etcd = await connect_etcd(settings.etcd)
+        except StartupError:
+            await fleet.close()
+            raise
+        return cls(settings, etcd, fleet, template, deploy_config)
+
+    async def resume(self) -> int:
+        return await self.deploys.resume()
+
+    async def close(self) -> None:
+        await self.bus.close()
+        await self.fleet.close()
+        await self.etcd.close()
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the server until ``stop`` is set (or SIGTERM/SIGINT arrives)."""
+    ssl_context = tls_context(settings)
+    deployster = await Deployster.connect(settings)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(deployster.app, access_log_class=AccessLogger, handle_signals=False)
+    await runner.setup()
+    host, port = settings.listen_host_port
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"Cannot listen on {settings.listen}: {exc.strerror}.") from None
+        resumed = await deployster.resume()
+        scheme = "https" if ssl_context else "http"
+        log.info("server_started", url=f"{scheme}://{settings.listen}", version=__version__,
+                 fleet=settings.fleet_endpoint, etcd=settings.etcd, template=settings.template,
+                 resumed_deploys=resumed)
+        await stop.wait()
+        log.info("server_stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        await deployster.close()
+    log.info("server_stopped")

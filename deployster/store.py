@@ -1,0 +1,107 @@
+"""Durable records in etcd: the deploy records under ``<prefix>/deploys/<service>/<id>``.
+
+etcd is Deployster's memory: the process can be killed at any point and pick up from here.
+Records are JSON documents of pydantic models; every write replaces the whole record.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from enum import StrEnum
+
+import aetcd
+from pydantic import BaseModel, Field
+
+from deployster.events import DeployRequested
+
+
+class DeployState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (DeployState.PENDING, DeployState.RUNNING)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_deploy_id() -> str:
+    """Sortable by creation time (newest last), unique without coordination."""
+    return _now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class DeployRecord(BaseModel):
+    id: str
+    service: str
+    version: str
+    timestamp: str
+    instance_count: int
+    destroy_previous: bool
+    # Values may be secrets: kept for re-driving the deploy, never returned by the API.
+    env: dict[str, str] = Field(default_factory=dict, repr=False)
+    source: str = "api"
+    actor: str = ""
+    state: DeployState = DeployState.PENDING
+    units: list[str] = Field(default_factory=list)
+    previous_units: list[str] = Field(default_factory=list)
+    error: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_request(
+        cls, event: DeployRequested, instance_count: int, destroy_previous: bool
+    ) -> DeployRecord:
+        return cls(
+            id=event.deploy_id,
+            service=event.service,
+            version=event.version,
+            timestamp=event.timestamp,
+            instance_count=instance_count,
+            destroy_previous=destroy_previous,
+            env=event.env,
+            source=event.source,
+            actor=event.actor,
+        )
+
+    def public(self) -> dict[str, object]:
+        """The record as the API shows it: env values are left out."""
+        data = self.model_dump(mode="json", exclude={"env"})
+        data["env"] = sorted(self.env)
+        return data
+
+
+class Store:
+    def __init__(self, etcd: aetcd.Client, prefix: str) -> None:
+        self.etcd = etcd
+        self.prefix = prefix.rstrip("/")
+
+    def _deploy_key(self, service: str, deploy_id: str = "") -> bytes:
+        return f"{self.prefix}/deploys/{service}/{deploy_id}".encode()
+
+    async def save_deploy(self, record: DeployRecord) -> DeployRecord:
+        record = record.model_copy(update={"updated_at": _now()})
+        if record.state.finished and record.finished_at is None:
+            record.finished_at = record.updated_at
+        await self.etcd.put(
+            self._deploy_key(record.service, record.id), record.model_dump_json().encode()
+        )
+        return record
+
+    async def get_deploy(self, service: str, deploy_id: str) -> DeployRecord | None:
+        kv = await self.etcd.get(self._deploy_key(service, deploy_id))
+        return None if kv is None else DeployRecord.model_validate_json(kv.value)
+
+    async def list_deploys(self, service: str | None = None) -> list[DeployRecord]:
+        """Records, oldest first; all services when ``service`` is None."""
+        prefix = self._deploy_key(service) if service else f"{self.prefix}/deploys/".encode()
+        records = [DeployRecord.model_validate_json(kv.value) for kv in await self.etcd.get_prefix(prefix)]
+        return sorted(records, key=lambda r: (r.created_at, r.id))

@@ -1,0 +1,1 @@
+"""Stand-ins used by the tests, the benchmarks and the demo (see ``workload``)."""

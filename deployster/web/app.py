@@ -1,0 +1,23 @@
+"""The aiohttp application: middlewares, limits, and the routes of each resource."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from deployster.web import deploys, meta
+from deployster.web.context import SERVICES, Services
+from deployster.web.auth import basic_auth_middleware
+from deployster.web.errors import error_middleware
+
+MAX_BODY = 1024 * 1024
+
+
+def create_app(services: Services, username: str, password: str) -> web.Application:
+    app = web.Application(
+        client_max_size=MAX_BODY,
+        middlewares=[error_middleware, basic_auth_middleware(username, password)],
+    )
+    app[SERVICES] = services
+    app.add_routes(meta.routes)
+    app.add_routes(deploys.routes)
+    return app

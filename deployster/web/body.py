@@ -1,0 +1,27 @@
+"""Reading JSON request bodies into pydantic models, with 4xx sentences for bad input."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from deployster.web.errors import ApiError, validation_sentence
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    if request.content_type != "application/json":
+        raise ApiError(415, "Send the request body as JSON with Content-Type: application/json.")
+    raw = await request.read()  # raises 413 past the app's client_max_size
+    try:
+        data = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, validation_sentence(exc)) from None

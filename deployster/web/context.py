@@ -1,0 +1,27 @@
+"""What routes may use: they publish events and read records, nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from deployster.bus import EventBus
+from deployster.fleet import FleetClient
+from deployster.store import Store
+
+
+@dataclass(frozen=True)
+class Services:
+    bus: EventBus
+    fleet: FleetClient
+    store: Store
+    # How long the deploy POST waits for fleet to accept the units before answering 202.
+    submit_timeout: float = 60.0
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]

@@ -1,0 +1,167 @@
+"""Deploy routes, wire-compatible with the original v1 API.
+
+``POST /v1/services/{name}/deploys`` publishes ``DeployRequested`` and answers once fleet has
+accepted the units (201 with the deploy record, as the original answered 201 once the units
+were launched), or with the planner's 400, or a 502 naming fleet. The rest read records or
+fleet's units, or publish ``DestroyRequested``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deployster import naming
+from deployster.events import (
+    DeployFailed,
+    DeployRejected,
+    DeployRequested,
+    DestroyRequested,
+    Event,
+    UnitsDestroyed,
+    UnitsSubmitted,
+)
+from deployster.store import new_deploy_id
+from deployster.units import validate_env
+from deployster.web.body import read_json
+from deployster.web.context import services
+from deployster.web.errors import ApiError
+from handlers.deploys import service_units
+
+routes = web.RouteTableDef()
+
+# A sanity bound, not a policy: a typo such as 300 instead of 3 should not reach fleet.
+MAX_INSTANCES = 100
+
+
+class DeployBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # the original accepted service_name etc.
+
+    version: str
+    destroy_previous: bool = False
+    instance_count: int = Field(0, ge=0, le=MAX_INSTANCES)
+    timestamp: str = ""
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return validate_env(value)
+
+
+class DeployEnvelope(BaseModel):
+    deploy: DeployBody
+
+
+def _checked(check: Callable[[str], str], value: str) -> str:
+    try:
+        return check(value)
+    except naming.InvalidName as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+@routes.post("/v1/services/{name}/deploys")
+async def create_deploy(request: web.Request) -> web.Response:
+    ctx = services(request)
+    service = _checked(naming.validate_service, request.match_info["name"])
+    body = (await read_json(request, DeployEnvelope)).deploy
+    _checked(naming.validate_version, body.version)
+    timestamp = _checked(naming.validate_timestamp, body.timestamp) if body.timestamp else naming.now_timestamp()
+    deploy_id = new_deploy_id()
+    event = DeployRequested(
+        service=service,
+        deploy_id=deploy_id,
+        version=body.version,
+        timestamp=timestamp,
+        instance_count=body.instance_count,
+        destroy_previous=body.destroy_previous,
+        env=body.env,
+        actor=request.get("user", ""),
+    )
+
+    def outcome(e: Event) -> bool:
+        return isinstance(e, (UnitsSubmitted, DeployRejected, DeployFailed)) and e.deploy_id == deploy_id
+
+    location = f"/v1/services/{service}/deploys/{deploy_id}"
+    try:
+        result = await ctx.bus.request(event, until=outcome, timeout=ctx.submit_timeout)
+    except asyncio.TimeoutError:
+        # The deploy goes on; its record says how.
+        record = await ctx.store.get_deploy(service, deploy_id)
+        body_json = {"deploy": record.public() if record else {"id": deploy_id, "state": "pending"}}
+        return web.json_response(body_json, status=202, headers={"Location": location})
+    if isinstance(result, DeployRejected):
+        raise ApiError(400, result.description)
+    if isinstance(result, DeployFailed):
+        raise ApiError(502, f"The deploy failed: {result.reason}.")
+    record = await ctx.store.get_deploy(service, deploy_id)
+    assert record is not None
+    return web.json_response({"deploy": record.public()}, status=201, headers={"Location": location})
+
+
+@routes.get("/v1/services/{name}/deploys")
+async def list_deploys(request: web.Request) -> web.Response:
+    service = _checked(naming.validate_service, request.match_info["name"])
+    records = await services(request).store.list_deploys(service)
+    return web.json_response({"deploys": [r.public() for r in reversed(records)]})
+
+
+@routes.get("/v1/services/{name}/deploys/{id}")
+async def get_deploy(request: web.Request) -> web.Response:
+    service = _checked(naming.validate_service, request.match_info["name"])
+    deploy_id = request.match_info["id"]
+    record = await services(request).store.get_deploy(service, deploy_id)
+    if record is None:
+        raise ApiError(404, f"Service {service!r} has no deploy {deploy_id!r}.")
+    return web.json_response({"deploy": record.public()})
+
+
+@routes.delete("/v1/services/{name}/deploys/{version}")
+async def destroy_version(request: web.Request) -> web.Response:
+    ctx = services(request)
+    service = _checked(naming.validate_service, request.match_info["name"])
+    version = _checked(naming.validate_version, request.match_info["version"])
+    timestamp = request.query.get("timestamp") or None
+    if timestamp:
+        _checked(naming.validate_timestamp, timestamp)
+    request_id = secrets.token_hex(8)
+    event = DestroyRequested(service=service, request_id=request_id, version=version, timestamp=timestamp)
+    result = await ctx.bus.request(
+        event,
+        until=lambda e: isinstance(e, UnitsDestroyed) and e.request_id == request_id,
+        timeout=ctx.submit_timeout,
+    )
+    assert isinstance(result, UnitsDestroyed)
+    if result.failures:
+        failed = "; ".join(f"{unit}: {why}" for unit, why in sorted(result.failures.items()))
+        raise ApiError(502, f"fleet could not destroy every unit ({failed}).")
+    if not result.units:
+        at = f" with timestamp {timestamp}" if timestamp else ""
+        raise ApiError(404, f"Service {service!r} has no units of version {version!r}{at}.")
+    return web.Response(status=204)
+
+
+@routes.get("/v1/services/{name}/units")
+async def list_units(request: web.Request) -> web.Response:
+    service = _checked(naming.validate_service, request.match_info["name"])
+    units = await service_units(services(request).fleet, service)
+    return web.json_response(
+        {
+            "units": [
+                {
+                    "service": service,
+                    "instance": str(name.instance),
+                    "version": name.version,
+                    "current_state": unit.current_state,
+                    "desired_state": unit.desired_state,
+                    "machine_id": unit.machine_id,
+                    "deploy_timestamp": name.timestamp,
+                }
+                for name, unit in units
+            ]
+        }
+    )

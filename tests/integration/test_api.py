@@ -1,0 +1,301 @@
+"""The v1 API against real etcd and localfleet, with the test workload as the service."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import aiohttp
+import pytest
+from aiohttp import BasicAuth
+
+from deployster.config import Settings
+from deployster.etcd import free_port
+from deployster.server import Deployster
+from deployster.store import DeployRecord, DeployState
+from handlers.deploys import TOO_MANY_INSTANCES, TOO_MANY_VERSIONS
+from helpers import eventually
+from integration.conftest import PASSWORD, Api
+
+UNIT_RE = r"{svc}:{ver}:\d{{4}}\.\d\d\.\d\d-\d\d\.\d\d\.\d\d@{n}\.service"
+
+
+async def deploy(api: Api, body: dict, expect: int = 201) -> dict:
+    resp = await api.client.post(api.url("/deploys"), json={"deploy": body}, auth=api.auth)
+    data = await resp.json()
+    assert resp.status == expect, data
+    return data
+
+
+async def record(api: Api, deploy_id: str) -> dict:
+    resp = await api.client.get(api.url(f"/deploys/{deploy_id}"), auth=api.auth)
+    assert resp.status == 200
+    return (await resp.json())["deploy"]
+
+
+async def finished(api: Api, deploy_id: str, timeout: float = 30) -> dict:
+    async def probe() -> dict | None:
+        rec = await record(api, deploy_id)
+        return rec if rec["state"] not in ("pending", "running") else None
+
+    return await eventually(probe, timeout=timeout, interval=0.1)
+
+
+async def announcements(api: Api) -> dict[str, dict]:
+    prefix = f"{api.deployster.settings.etcd_prefix}/instances/{api.service}/".encode()
+    return {kv.key.decode(): json.loads(kv.value)
+            for kv in await api.deployster.etcd.get_prefix(prefix)}
+
+
+# -- version, auth, envelope ---------------------------------------------------------------
+
+async def test_version_is_plain_text(api: Api) -> None:
+    resp = await api.client.get("/v1/version", auth=api.auth)
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\n", await resp.text())
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/version"), ("POST", "/v1/services/web/deploys"),
+    ("DELETE", "/v1/services/web/deploys/v1"), ("GET", "/v1/services/web/units"),
+    ("GET", "/nowhere"), ("GET", "/debug/pprof/"), ("PATCH", "/v1/version"),
+])
+async def test_every_path_needs_auth(api: Api, method: str, path: str) -> None:
+    resp = await api.client.request(method, path)
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == 'Basic realm="Deployster"'
+    assert (await resp.json())["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize("auth", [BasicAuth("deployster", "wrong"), BasicAuth("other", PASSWORD)])
+async def test_wrong_credentials_are_refused(api: Api, auth: BasicAuth) -> None:
+    resp = await api.client.get("/v1/version", auth=auth)
+    assert resp.status == 401
+    assert (await resp.json()) == {"error": "unauthorized",
+                                   "description": "The username or password is wrong."}
+
+
+async def test_unknown_path_and_method_use_the_envelope(api: Api) -> None:
+    resp = await api.client.get("/v1/nothing", auth=api.auth)
+    assert resp.status == 404
+    assert await resp.json() == {"error": "not_found", "description": "GET /v1/nothing not found."}
+    resp = await api.client.put("/v1/version", auth=api.auth)
+    assert resp.status == 405
+    assert "GET" in resp.headers["Allow"]
+    assert (await resp.json())["error"] == "method_not_allowed"
+
+
+# -- deploy input validation ---------------------------------------------------------------
+
+@pytest.mark.parametrize("body,status,sentence", [
+    ({}, 400, "The field 'deploy' is required."),
+    ({"deploy": {}}, 400, "The field 'deploy.version' is required."),
+    ({"deploy": {"version": "bad:tag"}}, 400, "Version 'bad:tag' is not valid"),
+    ({"deploy": {"version": "v1", "timestamp": "yesterday"}}, 400, "YYYY.MM.DD-HH.MM.SS"),
+    ({"deploy": {"version": "v1", "instance_count": -1}}, 400, "deploy.instance_count"),
+    ({"deploy": {"version": "v1", "instance_count": 5000}}, 400, "deploy.instance_count"),
+    ({"deploy": {"version": "v1", "env": {"1BAD": "x"}}}, 400, "1BAD"),
+    ({"deploy": {"version": "v1", "env": {"OK": "a\nb"}}}, 400, "OK"),
+    ({"deploy": "v1"}, 400, "The field 'deploy'"),
+])
+async def test_bad_deploy_bodies_get_a_400_sentence(api: Api, body: dict, status: int, sentence: str) -> None:
+    resp = await api.client.post(api.url("/deploys"), json=body, auth=api.auth)
+    data = await resp.json()
+    assert resp.status == status, data
+    assert data["error"] == "invalid_request"
+    assert sentence in data["description"]
+    assert await api.units() == []
+
+
+async def test_bad_service_name_is_refused_before_fleet(api: Api) -> None:
+    resp = await api.client.post("/v1/services/bad@name/deploys", json={"deploy": {"version": "v1"}}, auth=api.auth)
+    assert resp.status == 400
+    assert "Service name 'bad@name' is not valid" in (await resp.json())["description"]
+
+
+async def test_not_json_and_wrong_content_type(api: Api) -> None:
+    resp = await api.client.post(api.url("/deploys"), data=b"{nope", auth=api.auth,
+                                 headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "not valid JSON" in (await resp.json())["description"]
+    resp = await api.client.post(api.url("/deploys"), data=b"version=v1", auth=api.auth,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 415
+    assert (await resp.json())["error"] == "unsupported_media_type"
+
+
+async def test_bodies_over_one_mebibyte_get_413(api: Api) -> None:
+    big = {"deploy": {"version": "v1", "padding": "x" * (1024 * 1024)}}
+    resp = await api.client.post(api.url("/deploys"), json=big, auth=api.auth)
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "payload_too_large"
+    assert await api.units() == []
+
+
+# -- deploying -----------------------------------------------------------------------------
+
+async def test_deploy_launches_units_that_serve_http(api: Api) -> None:
+    resp = await api.client.post(api.url("/deploys"), auth=api.auth,
+                                 json={"deploy": {"version": "v1", "instance_count": 3}})
+    assert resp.status == 201
+    deploy_json = (await resp.json())["deploy"]
+    assert resp.headers["Location"] == api.url(f"/deploys/{deploy_json['id']}")
+    assert deploy_json["state"] == "running"
+    assert deploy_json["instance_count"] == 3
+    for n, unit in enumerate(deploy_json["units"], start=1):
+        assert re.fullmatch(UNIT_RE.format(svc=api.service, ver="v1", n=n), unit)
+
+    # The record is in etcd where the architecture says.
+    key = f"{api.deployster.settings.etcd_prefix}/deploys/{api.service}/{deploy_json['id']}"
+    stored = DeployRecord.model_validate_json((await api.deployster.etcd.get(key.encode())).value)
+    assert stored.units == deploy_json["units"]
+
+    done = await finished(api, deploy_json["id"])
+    assert done["state"] == "succeeded", done
+
+    resp = await api.client.get(api.url("/units"), auth=api.auth)
+    units = (await resp.json())["units"]
+    assert sorted(u["instance"] for u in units) == ["1", "2", "3"]
+    for u in units:
+        assert set(u) == {"service", "instance", "version", "current_state", "desired_state",
+                          "machine_id", "deploy_timestamp"}
+        assert (u["service"], u["version"], u["desired_state"]) == (api.service, "v1", "launched")
+        assert u["current_state"] == "launched"
+        assert u["deploy_timestamp"] == deploy_json["timestamp"]
+    # X-Fleet Conflicts spread the three instances over the three machines.
+    assert len({u["machine_id"] for u in units}) == 3
+
+    found = await eventually(lambda: _count(announcements(api), 3))
+    async with aiohttp.ClientSession() as http:
+        for value in found.values():
+            async with http.get(value["url"]) as answer:
+                body = await answer.json()
+            assert (body["service"], body["version"]) == (api.service, "v1")
+
+
+async def _count(coro, n: int):  # type: ignore[no-untyped-def]
+    found = await coro
+    return found if len(found) == n else None
+
+
+async def test_destroy_previous_replaces_every_old_unit(api: Api) -> None:
+    first = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
+    assert (await finished(api, first["id"]))["state"] == "succeeded"
+    second = (await deploy(api, {"version": "v2", "destroy_previous": True}))["deploy"]
+    assert second["instance_count"] == 2  # inherited from the running release
+    assert second["previous_units"] == first["units"]
+    assert (await finished(api, second["id"]))["state"] == "succeeded"
+    assert sorted(await api.units()) == sorted(second["units"])
+
+
+async def test_the_original_400s_for_destroy_previous(api: Api) -> None:
+    a = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
+    resp = await api.client.post(api.url("/deploys"), auth=api.auth,
+                                 json={"deploy": {"version": "v2", "destroy_previous": True, "instance_count": 1}})
+    assert resp.status == 400
+    assert await resp.json() == {"error": "invalid_request", "description": TOO_MANY_INSTANCES}
+    await deploy(api, {"version": "v1b", "instance_count": 1})
+    resp = await api.client.post(api.url("/deploys"), auth=api.auth,
+                                 json={"deploy": {"version": "v3", "destroy_previous": True}})
+    assert resp.status == 400
+    assert (await resp.json())["description"] == TOO_MANY_VERSIONS
+    # Nothing of the refused deploys reached fleet.
+    assert len(await api.units()) == 3
+    await finished(api, a["id"])
+
+
+async def test_a_failing_unit_rolls_back_and_keeps_the_old_release(api: Api) -> None:
+    old = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
+    assert (await finished(api, old["id"]))["state"] == "succeeded"
+    # An unparsable startup delay makes the workload exit non-zero: systemd reports failed.
+    bad = (await deploy(api, {"version": "v2", "destroy_previous": True,
+                              "env": {"DEPLOYSTER_WORKLOAD_STARTUP_DELAY": "soon"}}))["deploy"]
+    done = await finished(api, bad["id"])
+    assert done["state"] == "rolled_back"
+    assert "failed" in done["error"] and api.service in done["error"]
+    assert sorted(await api.units()) == sorted(old["units"])
+
+
+async def test_env_reaches_units_but_not_the_api(api: Api) -> None:
+    created = (await deploy(api, {"version": "v1", "env": {"GREETING": "100% \"hi\""}}))["deploy"]
+    assert created["env"] == ["GREETING"]
+    assert "100%" not in json.dumps(await record(api, created["id"]))
+    unit = await api.fleet.get_unit(created["units"][0])
+    env_lines = [o.value for o in unit.options if o.name == "Environment"]
+    assert any("GREETING=100%%" in line for line in env_lines), env_lines
+
+
+async def test_explicit_timestamp_is_used(api: Api) -> None:
+    created = (await deploy(api, {"version": "v1", "timestamp": "2015.03.02-00.31.45"}))["deploy"]
+    assert created["units"] == [f"{api.service}:v1:2015.03.02-00.31.45@1.service"]
+
+
+async def test_deploy_history_newest_first_and_unknown_id(api: Api) -> None:
+    a = (await deploy(api, {"version": "v1"}))["deploy"]
+    b = (await deploy(api, {"version": "v2"}))["deploy"]
+    resp = await api.client.get(api.url("/deploys"), auth=api.auth)
+    assert [d["id"] for d in (await resp.json())["deploys"]] == [b["id"], a["id"]]
+    resp = await api.client.get(api.url("/deploys/nope"), auth=api.auth)
+    assert resp.status == 404
+    assert (await resp.json())["error"] == "not_found"
+
+
+# -- destroying and listing ----------------------------------------------------------------
+
+async def test_destroy_a_version_and_one_timestamp(api: Api) -> None:
+    a = (await deploy(api, {"version": "v1", "timestamp": "2015.03.02-00.31.45"}))["deploy"]
+    b = (await deploy(api, {"version": "v1", "timestamp": "2015.03.03-00.31.45"}))["deploy"]
+    c = (await deploy(api, {"version": "v2"}))["deploy"]
+    resp = await api.client.delete(api.url("/deploys/v1?timestamp=2015.03.02-00.31.45"), auth=api.auth)
+    assert resp.status == 204
+    assert sorted(await api.units()) == sorted(b["units"] + c["units"])
+    resp = await api.client.delete(api.url("/deploys/v1"), auth=api.auth)
+    assert resp.status == 204
+    assert await api.units() == c["units"]
+    resp = await api.client.delete(api.url("/deploys/v1"), auth=api.auth)
+    assert resp.status == 404
+    assert "no units of version 'v1'" in (await resp.json())["description"]
+    resp = await api.client.delete(api.url("/deploys/v2?timestamp=later"), auth=api.auth)
+    assert resp.status == 400
+    assert a["units"][0] not in await api.units()
+
+
+async def test_units_of_an_unknown_service_is_an_empty_list(api: Api) -> None:
+    resp = await api.client.get(api.url("/units"), auth=api.auth)
+    assert resp.status == 200
+    assert await resp.json() == {"units": []}
+
+
+# -- fleet unreachable, restart ------------------------------------------------------------
+
+async def test_fleet_unreachable_is_a_502_that_names_fleet(aiohttp_client, etcd_endpoint: str) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(etcd=etcd_endpoint, etcd_prefix="/deployster-nofleet",
+                        fleet_endpoint=f"http://127.0.0.1:{free_port()}", template="workload",
+                        password=PASSWORD)
+    deployster = await Deployster.connect(settings)
+    try:
+        client = await aiohttp_client(deployster.app)
+        auth = BasicAuth("deployster", PASSWORD)
+        resp = await client.get("/v1/services/web/units", auth=auth)
+        assert resp.status == 502
+        body = await resp.json()
+        assert body["error"] == "bad_gateway" and "fleet" in body["description"]
+        resp = await client.post("/v1/services/web/deploys", json={"deploy": {"version": "v1"}}, auth=auth)
+        assert resp.status == 502
+        assert "fleet" in (await resp.json())["description"]
+        assert await deployster.store.list_deploys("web") == []
+    finally:
+        await deployster.close()
+
+
+async def test_an_unfinished_deploy_is_resumed_after_a_restart(api: Api) -> None:
+    # A record as a server killed right after writing it leaves behind: pending, nothing in fleet.
+    pending = DeployRecord(id="20261126-000000-abcdef", service=api.service, version="v9",
+                           timestamp="2026.11.26-00.00.00", instance_count=2, destroy_previous=False,
+                           units=[f"{api.service}:v9:2026.11.26-00.00.00@{n}.service" for n in (1, 2)])
+    await api.deployster.store.save_deploy(pending)
+    assert await api.deployster.resume() == 1
+    done = await finished(api, pending.id)
+    assert done["state"] == DeployState.SUCCEEDED
+    assert sorted(await api.units()) == pending.units

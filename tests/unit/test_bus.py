@@ -1,0 +1,118 @@
+import asyncio
+
+import pytest
+from structlog.testing import capture_logs
+
+from deployster.bus import EventBus
+from deployster.events import DeployFailed, DeploySucceeded, Event
+
+
+def succeeded(service: str, deploy_id: str) -> DeploySucceeded:
+    return DeploySucceeded(service=service, deploy_id=deploy_id)
+
+
+async def test_events_of_one_service_are_handled_in_order_one_at_a_time() -> None:
+    bus = EventBus()
+    seen: list[str] = []
+    running = 0
+
+    async def handler(event: DeploySucceeded) -> None:
+        nonlocal running
+        running += 1
+        assert running == 1, "two events of one service ran at once"
+        await asyncio.sleep(0.01)
+        seen.append(event.deploy_id)
+        running -= 1
+
+    bus.subscribe(DeploySucceeded, handler)
+    for i in range(5):
+        bus.publish(succeeded("web", str(i)))
+    done = bus.request(succeeded("web", "last"), until=lambda e: False, timeout=0.3)
+    with pytest.raises(asyncio.TimeoutError):
+        await done
+    assert seen == ["0", "1", "2", "3", "4", "last"]
+    await bus.close()
+
+
+async def test_services_proceed_in_parallel() -> None:
+    bus = EventBus()
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(event: DeploySucceeded) -> None:
+        if event.service == "slow":
+            await release.wait()
+        seen.append(event.service)
+
+    bus.subscribe(DeploySucceeded, handler)
+    bus.publish(succeeded("slow", "1"))
+    bus.publish(succeeded("fast", "1"))
+    for _ in range(50):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == ["fast"]
+    release.set()
+    await asyncio.sleep(0.01)
+    assert seen == ["fast", "slow"]
+    await bus.close()
+
+
+async def test_a_failing_handler_is_logged_with_context_and_the_lane_goes_on() -> None:
+    bus = EventBus()
+    seen: list[str] = []
+
+    async def broken(event: DeploySucceeded) -> None:
+        if event.deploy_id == "bad":
+            raise RuntimeError("boom")
+        seen.append(event.deploy_id)
+
+    bus.subscribe(DeploySucceeded, broken)
+    with capture_logs() as logs:
+        bus.publish(succeeded("web", "bad"))
+        bus.publish(succeeded("web", "good"))
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+    assert seen == ["good"]
+    failure = next(line for line in logs if line["event"] == "handler_failed")
+    assert failure["log_level"] == "error"
+    assert "broken" in failure["handler"]
+    await bus.close()
+
+
+async def test_request_returns_the_answering_event() -> None:
+    bus = EventBus()
+
+    async def answer(event: DeploySucceeded) -> None:
+        bus.publish(DeployFailed(service=event.service, deploy_id=event.deploy_id, reason="no"))
+
+    bus.subscribe(DeploySucceeded, answer)
+
+    def is_answer(e: Event) -> bool:
+        return isinstance(e, DeployFailed) and e.deploy_id == "42"
+
+    result = await bus.request(succeeded("web", "42"), until=is_answer, timeout=2)
+    assert isinstance(result, DeployFailed) and result.reason == "no"
+    await bus.close()
+
+
+async def test_spawned_work_is_supervised() -> None:
+    bus = EventBus()
+    finished = asyncio.Event()
+
+    async def crash() -> None:
+        raise ValueError("bad")
+
+    async def ok() -> None:
+        finished.set()
+
+    with capture_logs() as logs:
+        bus.spawn(crash(), name="crash", service="web", deploy_id="d1")
+        bus.spawn(ok(), name="ok")
+        await asyncio.wait_for(finished.wait(), 1)
+        await asyncio.sleep(0)
+    failure = next(line for line in logs if line["event"] == "handler_failed")
+    assert failure["service"] == "web" and failure["deploy_id"] == "d1"
+    await bus.close()

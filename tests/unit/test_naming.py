@@ -1,0 +1,83 @@
+from datetime import datetime, timezone
+
+import pytest
+
+from deployster.naming import (
+    InvalidName,
+    UnitName,
+    format_timestamp,
+    parse_timestamp,
+    validate_service,
+    validate_version,
+    validate_timestamp,
+)
+
+
+def test_formats_the_original_unit_name_and_ids() -> None:
+    unit = UnitName.build("hello-world", "0fbb804", "2015.03.02-00.31.45", 1)
+    assert str(unit) == "hello-world:0fbb804:2015.03.02-00.31.45@1.service"
+    assert unit.container == "hello-world-0fbb804-2015.03.02-00.31.45-1"
+    assert unit.description == "hello-world-0fbb804-2015.03.02-00.31.45"
+    assert unit.release == "0fbb804:2015.03.02-00.31.45"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("hello-world", "0fbb804", "2015.03.02-00.31.45", 1),
+        ("a", "v1.2.3-rc.1", "2026.11.26-23.59.59", 12),
+        ("my_svc.api", "_tag", "1999.01.01-00.00.00", 100),
+    ],
+)
+def test_parse_and_format_round_trip(parts: tuple[str, str, str, int]) -> None:
+    unit = UnitName.build(*parts)
+    assert UnitName.parse(str(unit)) == unit
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vulcand.service",
+        "hello:v1@1.service",  # one colon: not managed
+        "a:b:c:d@1.service",  # three colons
+        "hello:v1:2015.03.02-00.31.45@x.service",
+        "hello:v1:2015.03.02-00.31.45@1.timer",
+        "hello:v1:2015.03.02-00.31.45.service",
+    ],
+)
+def test_unmanaged_names_are_not_parsed(name: str) -> None:
+    assert UnitName.parse(name) is None
+
+
+def test_parse_follows_the_original_rules_for_instance_and_timestamp() -> None:
+    parsed = UnitName.parse("svc:ver:2015.03.02-00.31.45@3.service")
+    assert parsed == UnitName("svc", "ver", "2015.03.02-00.31.45", 3)
+
+
+@pytest.mark.parametrize("bad", ["", "-svc", "svc-", "a:b", "a@b", "a b", "ä", "svc/x", "a\\b"])
+def test_invalid_service_names_are_refused_with_a_sentence(bad: str) -> None:
+    with pytest.raises(InvalidName, match="Service name"):
+        validate_service(bad)
+
+
+@pytest.mark.parametrize("bad", ["", ".v1", "-v1", "v:1", "v@1", "v 1", "x" * 129])
+def test_invalid_versions_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidName, match="Version"):
+        validate_version(bad)
+
+
+@pytest.mark.parametrize("bad", ["2015-03-02", "2015.13.02-00.31.45", "2015.03.02-25.00.00", "now"])
+def test_invalid_timestamps_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidName, match="YYYY.MM.DD-HH.MM.SS"):
+        validate_timestamp(bad)
+
+
+def test_timestamp_layout_is_utc() -> None:
+    moment = datetime(2015, 3, 2, 0, 31, 45, tzinfo=timezone.utc)
+    assert format_timestamp(moment) == "2015.03.02-00.31.45"
+    assert parse_timestamp("2015.03.02-00.31.45") == moment
+
+
+def test_unit_names_longer_than_fleets_limit_are_refused() -> None:
+    with pytest.raises(InvalidName, match="256"):
+        UnitName.build("s" * 120, "v" * 128, "2015.03.02-00.31.45", 1)
