@@ -56,8 +56,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--template", default="docker", help="docker (default), workload, or a template file")
     parser.add_argument("--etcd-listen", default="127.0.0.1:2379", help="etcd client address (default 127.0.0.1:2379)")
     parser.add_argument("--machines", type=int, default=3,
-                        help="machine ids localfleet presents (default 3, so the docker template's
-                        Conflicts= can spread a 3-instance deploy)")
+                        help="machine ids localfleet presents (default 3, so that the docker "
+                        "template's Conflicts= can spread a 3-instance deploy)")
 
 
 def _localfleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -114,10 +114,10 @@ def _serve(flags: dict[str, object]) -> int:
     logs.configure(settings.log_format)
     settings, generated = settings.with_password()
     if generated:
-        # Printed once, straight to the terminal: never through the log pipeline.
+        # Printed once on stdout, never through the log pipeline (which writes to stderr).
         assert settings.password is not None
         print(f"deployster: no password was set; generated one for user {settings.username!r}: "
-              f"{settings.password.get_secret_value()}", file=sys.stderr, flush=True)
+              f"{settings.password.get_secret_value()}", flush=True)
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:

@@ -14,6 +14,7 @@ import aetcd
 from pydantic import BaseModel, Field
 
 from deployster.events import DeployRequested
+from deployster.units import Announcement
 
 
 class DeployState(StrEnum):
@@ -105,3 +106,8 @@ class Store:
         prefix = self._deploy_key(service) if service else f"{self.prefix}/deploys/".encode()
         records = [DeployRecord.model_validate_json(kv.value) for kv in await self.etcd.get_prefix(prefix)]
         return sorted(records, key=lambda r: (r.created_at, r.id))
+
+    async def announcement(self, key: str) -> Announcement | None:
+        """The instance announcement under ``key`` (written by the unit), if there is one."""
+        kv = await self.etcd.get(key.encode())
+        return None if kv is None else Announcement.model_validate_json(kv.value)

@@ -8,7 +8,8 @@ This is the one place where a deploy's steps live:
 2. **Record** the deploy in etcd (``pending``) before fleet hears of it, so a restart finds it.
 3. **Submit** every unit (create, then set ``launched``, as fleetctl does). If fleet fails
    half-way, the units already created are destroyed again: nothing is left half-done.
-4. **Follow** fleet's unit states until every new unit is ``active/running``; then destroy
+4. **Follow** fleet's unit states until every new unit is ``active/running`` and has
+   announced its URL in etcd (no fixed sleep, unlike the original); then destroy
    the previous units (all of them, as a set, not paired by instance number). A unit that
    fails, or a deploy that misses its deadline, destroys the new units and leaves the old
    ones serving (``rolled_back``).
@@ -238,9 +239,12 @@ class DeployHandler:
                 log.warning("fleet_state_unavailable", reason=exc.message)
                 states = {}
             for unit, state in sorted(states.items()):
+                # systemd says "running" as soon as the main process is spawned; the instance
+                # is up once it has also announced where it answers.
                 if state.active_state == "active" and state.sub_state == "running":
-                    log.info("unit_running", unit=unit, machine=state.machine_id)
-                    waiting.discard(unit)
+                    if await self._announced(unit):
+                        log.info("unit_running", unit=unit, machine=state.machine_id)
+                        waiting.discard(unit)
                 elif state.active_state == "failed":
                     await self._roll_back(record, f"unit {unit} failed to start "
                                                   f"(systemd {state.active_state}/{state.sub_state})")
@@ -284,6 +288,11 @@ class DeployHandler:
             await self.fleet.destroy_unit(unit)
         except FleetNotFound:
             pass  # already gone: the goal is reached
+
+    async def _announced(self, unit: str) -> bool:
+        name = UnitName.parse(unit)
+        assert name is not None
+        return await self.store.announcement(announce_key(self.config.etcd_prefix, name)) is not None
 
     def _context(self, name: UnitName, record: DeployRecord) -> UnitContext:
         return UnitContext(

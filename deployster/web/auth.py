@@ -15,6 +15,9 @@ from aiohttp import web
 
 from deployster.web.errors import ApiError
 
+#: The authenticated user, for records ("actor") and logs.
+USER = web.RequestKey("user", str)
+
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="Deployster"'}
 
 
@@ -37,7 +40,7 @@ def basic_auth_middleware(username: str, password: str) -> Any:
         password_ok = hmac.compare_digest(given, expected_password)
         if not (sep and user_ok and password_ok):
             raise ApiError(401, "The username or password is wrong.", CHALLENGE)
-        request["user"] = user.decode(errors="replace")
+        request[USER] = user.decode(errors="replace")
         return await handler(request)
 
     return authenticate

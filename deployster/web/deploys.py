@@ -28,6 +28,7 @@ from deployster.events import (
 from deployster.store import new_deploy_id
 from deployster.units import validate_env
 from deployster.web.body import read_json
+from deployster.web.auth import USER
 from deployster.web.context import services
 from deployster.web.errors import ApiError
 from handlers.deploys import service_units
@@ -80,7 +81,7 @@ async def create_deploy(request: web.Request) -> web.Response:
         instance_count=body.instance_count,
         destroy_previous=body.destroy_previous,
         env=body.env,
-        actor=request.get("user", ""),
+        actor=request[USER],
     )
 
     def outcome(e: Event) -> bool:

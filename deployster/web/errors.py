@@ -71,7 +71,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(exc.status, exc.description, exc.headers)
     except FleetError as exc:
         log.warning("fleet_error", path=request.path, reason=exc.message)
-        return error_response(502, f"{exc.message[0].upper()}{exc.message[1:]}.")
+        return error_response(502, f"{exc.message}.")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import BasicAuth
+from aiohttp import encode_basic_auth
 from aiohttp.test_utils import TestClient
 
 from deployster.config import Settings
@@ -35,6 +35,10 @@ def wait_http(url: str, child: subprocess.Popen[bytes], log: Path, timeout: floa
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
+
+
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": encode_basic_auth(user, password)}
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +72,8 @@ class Api:
     service: str  # a service name of this test's own, so tests never see each other's units
 
     @property
-    def auth(self) -> BasicAuth:
-        return BasicAuth("deployster", PASSWORD)
+    def auth(self) -> dict[str, str]:
+        return basic_auth("deployster", PASSWORD)
 
     def url(self, rest: str = "") -> str:
         return f"/v1/services/{self.service}{rest}"

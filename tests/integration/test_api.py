@@ -7,7 +7,6 @@ import re
 
 import aiohttp
 import pytest
-from aiohttp import BasicAuth
 
 from deployster.config import Settings
 from deployster.etcd import free_port
@@ -15,20 +14,20 @@ from deployster.server import Deployster
 from deployster.store import DeployRecord, DeployState
 from handlers.deploys import TOO_MANY_INSTANCES, TOO_MANY_VERSIONS
 from helpers import eventually
-from integration.conftest import PASSWORD, Api
+from integration.conftest import PASSWORD, Api, basic_auth
 
 UNIT_RE = r"{svc}:{ver}:\d{{4}}\.\d\d\.\d\d-\d\d\.\d\d\.\d\d@{n}\.service"
 
 
 async def deploy(api: Api, body: dict, expect: int = 201) -> dict:
-    resp = await api.client.post(api.url("/deploys"), json={"deploy": body}, auth=api.auth)
+    resp = await api.client.post(api.url("/deploys"), json={"deploy": body}, headers=api.auth)
     data = await resp.json()
     assert resp.status == expect, data
     return data
 
 
 async def record(api: Api, deploy_id: str) -> dict:
-    resp = await api.client.get(api.url(f"/deploys/{deploy_id}"), auth=api.auth)
+    resp = await api.client.get(api.url(f"/deploys/{deploy_id}"), headers=api.auth)
     assert resp.status == 200
     return (await resp.json())["deploy"]
 
@@ -50,7 +49,7 @@ async def announcements(api: Api) -> dict[str, dict]:
 # -- version, auth, envelope ---------------------------------------------------------------
 
 async def test_version_is_plain_text(api: Api) -> None:
-    resp = await api.client.get("/v1/version", auth=api.auth)
+    resp = await api.client.get("/v1/version", headers=api.auth)
     assert resp.status == 200
     assert resp.content_type == "text/plain"
     assert re.fullmatch(r"\d+\.\d+\.\d+\n", await resp.text())
@@ -68,19 +67,19 @@ async def test_every_path_needs_auth(api: Api, method: str, path: str) -> None:
     assert (await resp.json())["error"] == "unauthorized"
 
 
-@pytest.mark.parametrize("auth", [BasicAuth("deployster", "wrong"), BasicAuth("other", PASSWORD)])
-async def test_wrong_credentials_are_refused(api: Api, auth: BasicAuth) -> None:
-    resp = await api.client.get("/v1/version", auth=auth)
+@pytest.mark.parametrize("user,password", [("deployster", "wrong"), ("other", PASSWORD)])
+async def test_wrong_credentials_are_refused(api: Api, user: str, password: str) -> None:
+    resp = await api.client.get("/v1/version", headers=basic_auth(user, password))
     assert resp.status == 401
     assert (await resp.json()) == {"error": "unauthorized",
                                    "description": "The username or password is wrong."}
 
 
 async def test_unknown_path_and_method_use_the_envelope(api: Api) -> None:
-    resp = await api.client.get("/v1/nothing", auth=api.auth)
+    resp = await api.client.get("/v1/nothing", headers=api.auth)
     assert resp.status == 404
     assert await resp.json() == {"error": "not_found", "description": "GET /v1/nothing not found."}
-    resp = await api.client.put("/v1/version", auth=api.auth)
+    resp = await api.client.put("/v1/version", headers=api.auth)
     assert resp.status == 405
     assert "GET" in resp.headers["Allow"]
     assert (await resp.json())["error"] == "method_not_allowed"
@@ -100,7 +99,7 @@ async def test_unknown_path_and_method_use_the_envelope(api: Api) -> None:
     ({"deploy": "v1"}, 400, "The field 'deploy'"),
 ])
 async def test_bad_deploy_bodies_get_a_400_sentence(api: Api, body: dict, status: int, sentence: str) -> None:
-    resp = await api.client.post(api.url("/deploys"), json=body, auth=api.auth)
+    resp = await api.client.post(api.url("/deploys"), json=body, headers=api.auth)
     data = await resp.json()
     assert resp.status == status, data
     assert data["error"] == "invalid_request"
@@ -109,25 +108,25 @@ async def test_bad_deploy_bodies_get_a_400_sentence(api: Api, body: dict, status
 
 
 async def test_bad_service_name_is_refused_before_fleet(api: Api) -> None:
-    resp = await api.client.post("/v1/services/bad@name/deploys", json={"deploy": {"version": "v1"}}, auth=api.auth)
+    resp = await api.client.post("/v1/services/bad@name/deploys", json={"deploy": {"version": "v1"}}, headers=api.auth)
     assert resp.status == 400
     assert "Service name 'bad@name' is not valid" in (await resp.json())["description"]
 
 
 async def test_not_json_and_wrong_content_type(api: Api) -> None:
-    resp = await api.client.post(api.url("/deploys"), data=b"{nope", auth=api.auth,
-                                 headers={"Content-Type": "application/json"})
+    resp = await api.client.post(api.url("/deploys"), data=b"{nope",
+                                 headers={**api.auth, "Content-Type": "application/json"})
     assert resp.status == 400
     assert "not valid JSON" in (await resp.json())["description"]
-    resp = await api.client.post(api.url("/deploys"), data=b"version=v1", auth=api.auth,
-                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = await api.client.post(api.url("/deploys"), data=b"version=v1",
+                                 headers={**api.auth, "Content-Type": "application/x-www-form-urlencoded"})
     assert resp.status == 415
     assert (await resp.json())["error"] == "unsupported_media_type"
 
 
 async def test_bodies_over_one_mebibyte_get_413(api: Api) -> None:
     big = {"deploy": {"version": "v1", "padding": "x" * (1024 * 1024)}}
-    resp = await api.client.post(api.url("/deploys"), json=big, auth=api.auth)
+    resp = await api.client.post(api.url("/deploys"), json=big, headers=api.auth)
     assert resp.status == 413
     assert (await resp.json())["error"] == "payload_too_large"
     assert await api.units() == []
@@ -136,7 +135,7 @@ async def test_bodies_over_one_mebibyte_get_413(api: Api) -> None:
 # -- deploying -----------------------------------------------------------------------------
 
 async def test_deploy_launches_units_that_serve_http(api: Api) -> None:
-    resp = await api.client.post(api.url("/deploys"), auth=api.auth,
+    resp = await api.client.post(api.url("/deploys"), headers=api.auth,
                                  json={"deploy": {"version": "v1", "instance_count": 3}})
     assert resp.status == 201
     deploy_json = (await resp.json())["deploy"]
@@ -154,7 +153,7 @@ async def test_deploy_launches_units_that_serve_http(api: Api) -> None:
     done = await finished(api, deploy_json["id"])
     assert done["state"] == "succeeded", done
 
-    resp = await api.client.get(api.url("/units"), auth=api.auth)
+    resp = await api.client.get(api.url("/units"), headers=api.auth)
     units = (await resp.json())["units"]
     assert sorted(u["instance"] for u in units) == ["1", "2", "3"]
     for u in units:
@@ -191,12 +190,12 @@ async def test_destroy_previous_replaces_every_old_unit(api: Api) -> None:
 
 async def test_the_original_400s_for_destroy_previous(api: Api) -> None:
     a = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
-    resp = await api.client.post(api.url("/deploys"), auth=api.auth,
+    resp = await api.client.post(api.url("/deploys"), headers=api.auth,
                                  json={"deploy": {"version": "v2", "destroy_previous": True, "instance_count": 1}})
     assert resp.status == 400
     assert await resp.json() == {"error": "invalid_request", "description": TOO_MANY_INSTANCES}
     await deploy(api, {"version": "v1b", "instance_count": 1})
-    resp = await api.client.post(api.url("/deploys"), auth=api.auth,
+    resp = await api.client.post(api.url("/deploys"), headers=api.auth,
                                  json={"deploy": {"version": "v3", "destroy_previous": True}})
     assert resp.status == 400
     assert (await resp.json())["description"] == TOO_MANY_VERSIONS
@@ -234,9 +233,9 @@ async def test_explicit_timestamp_is_used(api: Api) -> None:
 async def test_deploy_history_newest_first_and_unknown_id(api: Api) -> None:
     a = (await deploy(api, {"version": "v1"}))["deploy"]
     b = (await deploy(api, {"version": "v2"}))["deploy"]
-    resp = await api.client.get(api.url("/deploys"), auth=api.auth)
+    resp = await api.client.get(api.url("/deploys"), headers=api.auth)
     assert [d["id"] for d in (await resp.json())["deploys"]] == [b["id"], a["id"]]
-    resp = await api.client.get(api.url("/deploys/nope"), auth=api.auth)
+    resp = await api.client.get(api.url("/deploys/nope"), headers=api.auth)
     assert resp.status == 404
     assert (await resp.json())["error"] == "not_found"
 
@@ -247,22 +246,22 @@ async def test_destroy_a_version_and_one_timestamp(api: Api) -> None:
     a = (await deploy(api, {"version": "v1", "timestamp": "2015.03.02-00.31.45"}))["deploy"]
     b = (await deploy(api, {"version": "v1", "timestamp": "2015.03.03-00.31.45"}))["deploy"]
     c = (await deploy(api, {"version": "v2"}))["deploy"]
-    resp = await api.client.delete(api.url("/deploys/v1?timestamp=2015.03.02-00.31.45"), auth=api.auth)
+    resp = await api.client.delete(api.url("/deploys/v1?timestamp=2015.03.02-00.31.45"), headers=api.auth)
     assert resp.status == 204
     assert sorted(await api.units()) == sorted(b["units"] + c["units"])
-    resp = await api.client.delete(api.url("/deploys/v1"), auth=api.auth)
+    resp = await api.client.delete(api.url("/deploys/v1"), headers=api.auth)
     assert resp.status == 204
     assert await api.units() == c["units"]
-    resp = await api.client.delete(api.url("/deploys/v1"), auth=api.auth)
+    resp = await api.client.delete(api.url("/deploys/v1"), headers=api.auth)
     assert resp.status == 404
     assert "no units of version 'v1'" in (await resp.json())["description"]
-    resp = await api.client.delete(api.url("/deploys/v2?timestamp=later"), auth=api.auth)
+    resp = await api.client.delete(api.url("/deploys/v2?timestamp=later"), headers=api.auth)
     assert resp.status == 400
     assert a["units"][0] not in await api.units()
 
 
 async def test_units_of_an_unknown_service_is_an_empty_list(api: Api) -> None:
-    resp = await api.client.get(api.url("/units"), auth=api.auth)
+    resp = await api.client.get(api.url("/units"), headers=api.auth)
     assert resp.status == 200
     assert await resp.json() == {"units": []}
 
@@ -276,12 +275,12 @@ async def test_fleet_unreachable_is_a_502_that_names_fleet(aiohttp_client, etcd_
     deployster = await Deployster.connect(settings)
     try:
         client = await aiohttp_client(deployster.app)
-        auth = BasicAuth("deployster", PASSWORD)
-        resp = await client.get("/v1/services/web/units", auth=auth)
+        auth = basic_auth("deployster", PASSWORD)
+        resp = await client.get("/v1/services/web/units", headers=auth)
         assert resp.status == 502
         body = await resp.json()
         assert body["error"] == "bad_gateway" and "fleet" in body["description"]
-        resp = await client.post("/v1/services/web/deploys", json={"deploy": {"version": "v1"}}, auth=auth)
+        resp = await client.post("/v1/services/web/deploys", json={"deploy": {"version": "v1"}}, headers=auth)
         assert resp.status == 502
         assert "fleet" in (await resp.json())["description"]
         assert await deployster.store.list_deploys("web") == []

@@ -1,0 +1,279 @@
+"""The agent: fleet's per-machine agent and systemd, for every machine, in one process.
+
+The registry hands the agent the full set of `DesiredInstance`s (one per unit
+and machine) after every change (`apply`). Each instance has one long-lived
+asyncio task, a `UnitInstance`, that owns everything about that unit on that
+machine and moves it one step at a time towards what is desired, re-reading
+the goal after every step, so that a goal that changes in the middle of a slow
+stop is honoured and never overtaken:
+
+- not loaded, wanted          -> load (`loaded`/`inactive`/`dead`)
+- loaded, hash differs        -> stop, unload, then load the new options
+                                 (fleet's "unload and reload in place")
+- wanted launched, not yet    -> start (a `ServiceRun`, see `service.py`)
+- wanted loaded, was launched -> stop
+- not wanted any more         -> stop, unload; the UnitState disappears and
+                                 the task ends
+
+As in fleet, "launched" is what the agent *did* (it called start), not what the
+process does: a unit whose main process died stays `failed` with desired state
+`launched`, and is started again only after a stop (desired `loaded`) and a new
+start. There is no `Restart=`.
+
+Processes run with localfleet's own environment as the base. systemd's manager
+environment is nearly empty, but a user's `deployster up` needs PATH, HOME,
+DOCKER_HOST or XDG_RUNTIME_DIR (podman) to reach the units, so they are passed
+through; Environment= and EnvironmentFile= come on top.
+
+Supervision: an exception inside an instance is logged with the unit and
+machine, its processes are killed, the unit is reported `failed`, and the
+instance keeps obeying later goals; the agent never stops because of one unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pathlib
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from .journal import UnitJournal
+from .model import JOB_LAUNCHED, JOB_LOADED, DesiredInstance, UnitState
+from .service import ServiceRun
+from .unitfile import ServiceSpec, UnitLoadError, build_service_spec
+
+log = structlog.get_logger()
+
+InstanceKey = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadedUnit:
+    hash: str
+    spec: ServiceSpec | None
+    load_error: str | None
+
+
+@dataclasses.dataclass
+class _Activation:
+    run: ServiceRun
+    stop_requested: asyncio.Event
+    task: asyncio.Task[None]
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentContext:
+    """What every instance needs from its host."""
+
+    hostname: str
+    base_environment: Mapping[str, str]
+    log_dir: pathlib.Path | None
+
+
+class UnitInstance:
+    """One unit on one machine: fleet's view of it (its job state) and systemd's (its unit state)."""
+
+    def __init__(self, key: InstanceKey, context: AgentContext, on_exit: Callable[[UnitInstance], None]) -> None:
+        self.key = key
+        self.unit_name, self.machine_id = key
+        self._context = context
+        self._on_exit = on_exit
+        self._goal: DesiredInstance | None = None
+        self._wake = asyncio.Event()
+        self._loaded: _LoadedUnit | None = None
+        self._job_launched = False
+        self._state: UnitState | None = None
+        self._activation: _Activation | None = None
+        self._journal: UnitJournal | None = None
+        self._log = log.bind(unit=self.unit_name, machine=self.machine_id)
+
+    def set_goal(self, goal: DesiredInstance | None) -> None:
+        self._goal = goal
+        self._wake.set()
+
+    @property
+    def state(self) -> UnitState | None:
+        return self._state
+
+    @property
+    def job_state(self) -> str | None:
+        """fleet's agent-side job state: None when not loaded."""
+        if self._loaded is None:
+            return None
+        return JOB_LAUNCHED if self._job_launched else JOB_LOADED
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                while await self._step_supervised():
+                    pass
+                if self._goal is None and self._loaded is None:
+                    return  # no await between this check and on_exit: no goal can slip in
+                await self._wake.wait()
+        finally:
+            self._on_exit(self)
+            if self._journal is not None:
+                self._journal.close()
+
+    async def _step_supervised(self) -> bool:
+        try:
+            return await self._step()
+        except Exception as exc:
+            self._log.exception("unit_instance_error")
+            self._abort(f"internal error: {exc!r}")
+            return False
+
+    async def _step(self) -> bool:
+        """Take one step towards the goal; False when there is nothing to do."""
+        goal = self._goal
+        if self._loaded is not None and (goal is None or goal.unit_hash != self._loaded.hash):
+            await self._stop()
+            self._unload()
+            return True
+        if goal is None:
+            return False
+        if self._loaded is None:
+            self._load(goal)
+            return True
+        if goal.launched and not self._job_launched:
+            self._job_launched = True
+            self._start()
+            return True
+        if not goal.launched and self._job_launched:
+            self._job_launched = False
+            await self._stop()
+            return True
+        return False
+
+    def _load(self, goal: DesiredInstance) -> None:
+        if self._journal is None:
+            self._journal = UnitJournal(self.unit_name, self.machine_id, self._context.log_dir)
+        try:
+            spec: ServiceSpec | None = build_service_spec(
+                goal.options, self.unit_name, self.machine_id, self._context.hostname
+            )
+            error = None
+        except UnitLoadError as exc:
+            spec, error = None, str(exc)
+            self._journal.note(f"Failed to load unit: {error}")
+            self._log.warning("unit_load_failed", reason=error)
+        if spec is not None:
+            for warning in spec.warnings:
+                self._journal.note(warning)
+                self._log.warning("unit_setting_ignored", detail=warning)
+        self._loaded = _LoadedUnit(goal.unit_hash, spec, error)
+        self._job_launched = False
+        self._set_state("loaded" if spec is not None else "error", "inactive", "dead")
+
+    def _unload(self) -> None:
+        self._loaded = None
+        self._job_launched = False
+        self._activation = None
+        self._state = None
+        self._log.info("unit_unloaded")
+
+    def _start(self) -> None:
+        assert self._loaded is not None and self._journal is not None
+        if self._loaded.spec is None:
+            # systemd refuses to start a unit that failed to load; localfleet reports it
+            # failed so that a waiting client sees the end instead of waiting for ever.
+            self._journal.note(f"Refusing to start: {self._loaded.load_error}")
+            self._set_state(None, "failed", "failed")
+            return
+        stop_requested = asyncio.Event()
+        run = ServiceRun(
+            spec=self._loaded.spec,
+            base_environment=self._context.base_environment,
+            journal=self._journal,
+            on_state=lambda active, sub: self._set_state(None, active, sub),
+        )
+        task = asyncio.create_task(self._supervise(run, stop_requested), name=f"unit:{self.unit_name}:{self.machine_id}")
+        self._activation = _Activation(run, stop_requested, task)
+
+    async def _supervise(self, run: ServiceRun, stop_requested: asyncio.Event) -> None:
+        try:
+            result = await run.execute(stop_requested)
+            self._log.info("unit_run_finished", result=result.value)
+        except Exception:
+            self._log.exception("unit_run_error")
+            run.kill_all()
+            self._set_state(None, "failed", "failed")
+
+    async def _stop(self) -> None:
+        """Stop the running activation, if any, and wait until it has fully ended."""
+        activation = self._activation
+        if activation is None or activation.task.done():
+            return
+        activation.stop_requested.set()
+        await activation.task
+
+    def _abort(self, error: str) -> None:
+        """After an unexpected error: kill the processes and report the unit failed until its goal changes."""
+        activation = self._activation
+        if activation is not None:
+            activation.run.kill_all()
+            activation.task.cancel()
+        goal = self._goal
+        if goal is None:
+            self._unload()
+            return
+        if self._loaded is None or self._loaded.hash != goal.unit_hash:
+            # Holding the goal's hash as "loaded, unusable" stops a retry loop; new options retry.
+            self._loaded = _LoadedUnit(goal.unit_hash, None, error)
+        self._job_launched = goal.launched
+        self._set_state("error" if self._loaded.spec is None else None, "failed", "failed")
+
+    def _set_state(self, load: str | None, active: str, sub: str) -> None:
+        previous = self._state
+        load_state = load or (previous.load_state if previous else "loaded")
+        unit_hash = self._loaded.hash if self._loaded else ""
+        self._state = UnitState(self.unit_name, unit_hash, self.machine_id, load_state, active, sub)
+        if previous is None or (previous.active_state, previous.sub_state) != (active, sub):
+            self._log.info("unit_state", load=load_state, active=active, sub=sub)
+
+
+class Agent:
+    """All instances of all units on all machines of this localfleet."""
+
+    def __init__(self, context: AgentContext) -> None:
+        self._context = context
+        self._instances: dict[InstanceKey, UnitInstance] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def apply(self, desired: Mapping[InstanceKey, DesiredInstance]) -> None:
+        """Give every instance its new goal, creating instances that are newly wanted."""
+        for key in self._instances.keys() | desired.keys():
+            goal = desired.get(key)
+            instance = self._instances.get(key)
+            if instance is None:
+                if goal is None:
+                    continue
+                instance = UnitInstance(key, self._context, self._forget)
+                self._instances[key] = instance
+                task = asyncio.create_task(instance.run(), name=f"instance:{key[0]}:{key[1]}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            instance.set_goal(goal)
+
+    def _forget(self, instance: UnitInstance) -> None:
+        if self._instances.get(instance.key) is instance:
+            del self._instances[instance.key]
+
+    def states(self) -> list[UnitState]:
+        """Every reported UnitState, sorted by unit name then machine id, as fleet sorts them."""
+        states = [instance.state for instance in self._instances.values() if instance.state is not None]
+        return sorted(states, key=lambda state: (state.name, state.machine_id))
+
+    def job_state(self, unit_name: str, machine_id: str) -> str | None:
+        instance = self._instances.get((unit_name, machine_id))
+        return instance.job_state if instance is not None else None
+
+    async def shutdown(self) -> None:
+        """Stop and unload every unit (ExecStop, SIGTERM, ExecStopPost...) and wait for all of them."""
+        for instance in list(self._instances.values()):
+            instance.set_goal(None)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

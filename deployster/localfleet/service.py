@@ -1,0 +1,414 @@
+"""One start of a `Type=simple` service, through systemd's sequence of states.
+
+`ServiceRun.execute` is what `systemctl start` and, later, `systemctl stop`
+(or the main process ending) do to one service, and it reports each state as
+systemd's `ActiveState`/`SubState` pair:
+
+    activating/start-pre    ExecStartPre lines, in order
+    (main process spawned)  ExecStart
+    activating/start-post   ExecStartPost lines ($MAINPID set)
+    active/running          until the main process exits or a stop is requested
+    deactivating/stop       ExecStop lines ($MAINPID set while the main process lives)
+    deactivating/stop-sigterm, stop-sigkill
+                            SIGTERM to every process group the run started, then
+                            SIGKILL after TimeoutStopSec
+    deactivating/stop-post  ExecStopPost lines, always, also after a failure
+    deactivating/final-sigterm, final-sigkill
+                            whatever the ExecStopPost lines left behind
+    inactive/dead           the run succeeded
+    failed/failed           it did not: a step failed, a timeout hit, or the main
+                            process ended uncleanly
+
+systemd's rules kept here: a non-`-` start step that fails, or TimeoutStartSec
+running out, fails the unit without running ExecStop (only ExecStopPost);
+ExecStop runs after a successful start even when the main process ended on its
+own; a main process exit is clean when it is 0 (or listed in
+`SuccessExitStatus=`) or death by SIGHUP, SIGINT, SIGTERM or SIGPIPE, so a
+main process that answers SIGTERM with exit code 143 leaves the unit failed,
+as on systemd; a SIGKILL after a timeout fails the unit (result `timeout`).
+
+Every process is started in its own session (so its own process group), with
+cwd `/`, stdin from /dev/null and stdout+stderr into the unit's journal;
+signalling a group reaches the whole tree a command started, the stand-in for
+systemd's cgroup. A process that starts its own session escapes, as it would
+escape a process group anywhere. Groups are considered gone when no
+non-zombie process is left in them (from /proc, where there is one): zombies
+whose parent died may never be reaped where PID 1 does not reap them, as in
+many containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import glob
+import os
+import pathlib
+import shutil
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from .environ import expand_exec_argv, parse_environment_file
+from .journal import UnitJournal
+from .unitfile import ExecCommand, ServiceSpec
+
+_POLL_INTERVAL = 0.05
+# After SIGKILL nothing can delay an exit for long; bound the wait anyway.
+_KILL_GRACE = 5.0
+_JOURNAL_DRAIN = 1.0
+_CLEAN_EXIT_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
+
+StateListener = Callable[[str, str], None]
+
+
+class ServiceResult(enum.Enum):
+    """systemd's `Result=` of a service run."""
+
+    SUCCESS = "success"
+    EXIT_CODE = "exit-code"
+    SIGNAL = "signal"
+    TIMEOUT = "timeout"
+    RESOURCES = "resources"
+
+
+class SpawnError(RuntimeError):
+    """A command could not be executed at all (systemd's status 203/EXEC)."""
+
+
+class EnvironmentFileError(RuntimeError):
+    """A non-optional EnvironmentFile= cannot be read."""
+
+
+def build_environment(spec: ServiceSpec, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the unit's processes: `base`, then Environment=, then EnvironmentFile= (which wins)."""
+    environment = dict(base)
+    environment.update(spec.environment)
+    for ref in spec.environment_files:
+        has_glob = any(char in ref.path for char in "*?[")
+        paths = [pathlib.Path(match) for match in sorted(glob.glob(ref.path))] if has_glob else [pathlib.Path(ref.path)]
+        if not paths and not ref.optional:
+            raise EnvironmentFileError(f"{ref.path}: no file matches")
+        for path in paths:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError as exc:
+                if ref.optional:
+                    continue
+                raise EnvironmentFileError(f"{path}: {exc.strerror}") from exc
+            environment.update(parse_environment_file(text))
+    return environment
+
+
+def describe_exit(returncode: int) -> str:
+    """systemd's wording: `code=exited, status=1` or `code=killed, status=15/TERM`."""
+    if returncode >= 0:
+        return f"code=exited, status={returncode}"
+    number = -returncode
+    try:
+        name = signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        name = "?"
+    return f"code=killed, status={number}/{name}"
+
+
+def _live_process_groups() -> set[int] | None:
+    """Process groups with at least one non-zombie member, from /proc; None where there is no /proc."""
+    try:
+        entries = os.listdir("/proc")
+    except FileNotFoundError:
+        return None
+    groups: set[int] = set()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses; the fields after the last ')' do not.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and fields[0] not in (b"Z", b"X"):
+            groups.add(int(fields[2]))
+    return groups
+
+
+def _group_alive(group: int, live: set[int] | None) -> bool:
+    if live is not None:
+        return group in live
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_groups(groups: Sequence[int], signum: int) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
+
+
+def _resolve_executable(path: str, search_path: str | None) -> str:
+    if "/" in path:
+        return path
+    # Newer systemd looks a bare name up in a fixed search path; here, the unit's PATH.
+    found = shutil.which(path, path=search_path)
+    if found is None:
+        raise SpawnError(f"Failed to locate executable {path}: not found in PATH")
+    return found
+
+
+class ServiceRun:
+    """One activation of a unit, from `start` to `dead` or `failed`."""
+
+    def __init__(
+        self,
+        *,
+        spec: ServiceSpec,
+        base_environment: Mapping[str, str],
+        journal: UnitJournal,
+        on_state: StateListener,
+    ) -> None:
+        self._spec = spec
+        self._base_environment = base_environment
+        self._journal = journal
+        self._on_state = on_state
+        self._result = ServiceResult.SUCCESS
+        self._groups: list[int] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self._main: asyncio.subprocess.Process | None = None
+        self._main_exit: asyncio.Task[None] | None = None
+
+    async def execute(self, stop_requested: asyncio.Event) -> ServiceResult:
+        """Start, run until the main process ends or `stop_requested` is set, stop, and return the result."""
+        self._journal.note("Starting.")
+        try:
+            environment = build_environment(self._spec, self._base_environment)
+        except EnvironmentFileError as exc:
+            self._journal.note(f"Failed to load environment files: {exc}")
+            self._fail(ServiceResult.RESOURCES)
+            return self._finish()
+        if await self._start(environment, stop_requested):
+            main_alive = await self._run_until_stop(stop_requested)
+            await self._run_stop_commands(environment, main_alive)
+        await self._terminate("stop-sigterm", "stop-sigkill")
+        await self._run_stop_post(environment)
+        await self._terminate("final-sigterm", "final-sigkill")
+        await self._drain_journal()
+        return self._finish()
+
+    def kill_all(self) -> None:
+        """SIGKILL everything this run started; for when the run itself broke."""
+        _signal_groups(self._live_groups(), signal.SIGKILL)
+        for task in (*self._readers, self._main_exit):
+            if task is not None:
+                task.cancel()
+
+    # Start
+
+    async def _start(self, environment: dict[str, str], stop_requested: asyncio.Event) -> bool:
+        """Run the start steps within TimeoutStartSec; False when the unit did not reach `running`."""
+        steps = asyncio.create_task(self._start_steps(environment))
+        stop_wait = asyncio.create_task(stop_requested.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {steps, stop_wait}, timeout=self._spec.timeout_start, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop_wait.cancel()
+        if steps in done:
+            return steps.result()
+        steps.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await steps
+        if stop_requested.is_set():
+            self._journal.note("Stop requested while starting.")
+        else:
+            self._journal.note("Start operation timed out. Terminating.")
+            self._fail(ServiceResult.TIMEOUT)
+        return False
+
+    async def _start_steps(self, environment: dict[str, str]) -> bool:
+        if self._spec.exec_start_pre:
+            self._on_state("activating", "start-pre")
+            if not await self._run_commands(self._spec.exec_start_pre, environment, "ExecStartPre"):
+                return False
+        try:
+            main = await self._spawn(self._spec.exec_start, environment)
+        except SpawnError as exc:
+            # Never started; with a `-` prefix the run still counts as a success (inactive/dead).
+            self._journal.note(str(exc))
+            self._command_failed(self._spec.exec_start, ServiceResult.EXIT_CODE)
+            return False
+        self._main = main
+        self._main_exit = asyncio.create_task(self._watch_main(main))
+        if self._spec.exec_start_post:
+            self._on_state("activating", "start-post")
+            post_environment = {**environment, "MAINPID": str(main.pid)}
+            if not await self._run_commands(self._spec.exec_start_post, post_environment, "ExecStartPost"):
+                return False
+        if not self._main_exit.done():
+            self._on_state("active", "running")
+        return True
+
+    async def _watch_main(self, main: asyncio.subprocess.Process) -> None:
+        returncode = await main.wait()
+        self._journal.note(f"Main process exited, {describe_exit(returncode)}")
+        self._fail(self._main_exit_result(returncode))
+
+    def _main_exit_result(self, returncode: int) -> ServiceResult:
+        if self._spec.exec_start.ignore_failure:
+            return ServiceResult.SUCCESS
+        if returncode >= 0:
+            clean = returncode == 0 or returncode in self._spec.success_exit_codes
+            return ServiceResult.SUCCESS if clean else ServiceResult.EXIT_CODE
+        signum = -returncode
+        clean = signum in _CLEAN_EXIT_SIGNALS or signum in self._spec.success_signals
+        return ServiceResult.SUCCESS if clean else ServiceResult.SIGNAL
+
+    # Running
+
+    async def _run_until_stop(self, stop_requested: asyncio.Event) -> bool:
+        """Wait for the main process to exit or a stop; True when the main process still runs."""
+        assert self._main_exit is not None
+        stop_wait = asyncio.create_task(stop_requested.wait())
+        try:
+            await asyncio.wait({self._main_exit, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        return not self._main_exit.done()
+
+    # Stop
+
+    async def _run_stop_commands(self, environment: dict[str, str], main_alive: bool) -> None:
+        if not self._spec.exec_stop:
+            return
+        self._on_state("deactivating", "stop")
+        if main_alive and self._main is not None and self._main.returncode is None:
+            environment = {**environment, "MAINPID": str(self._main.pid)}
+        await self._within_stop_timeout("stop", self._run_commands(self._spec.exec_stop, environment, "ExecStop"))
+
+    async def _run_stop_post(self, environment: dict[str, str]) -> None:
+        if not self._spec.exec_stop_post:
+            return
+        self._on_state("deactivating", "stop-post")
+        await self._within_stop_timeout(
+            "stop-post", self._run_commands(self._spec.exec_stop_post, environment, "ExecStopPost")
+        )
+
+    async def _within_stop_timeout(self, state: str, steps: Awaitable[bool]) -> None:
+        try:
+            await asyncio.wait_for(steps, self._spec.timeout_stop)
+        except TimeoutError:
+            self._journal.note(f"State '{state}' timed out.")
+            self._fail(ServiceResult.TIMEOUT)
+
+    async def _terminate(self, term_state: str, kill_state: str) -> None:
+        """SIGTERM every live process group, SIGKILL after TimeoutStopSec; then collect the main exit."""
+        groups = self._live_groups()
+        if groups:
+            self._on_state("deactivating", term_state)
+            _signal_groups(groups, signal.SIGTERM)
+            if not await self._wait_groups_gone(self._spec.timeout_stop):
+                self._journal.note(f"State '{term_state}' timed out. Killing.")
+                self._fail(ServiceResult.TIMEOUT)
+                self._on_state("deactivating", kill_state)
+                _signal_groups(self._live_groups(), signal.SIGKILL)
+                await self._wait_groups_gone(_KILL_GRACE)
+        if self._main_exit is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._main_exit), _KILL_GRACE)
+
+    def _live_groups(self) -> list[int]:
+        """The groups this run started that still have a live process; forgets the others for good."""
+        live = _live_process_groups()
+        # An empty group can never fill again (each is its own session), and
+        # forgetting it keeps a reused pid from being signalled later.
+        self._groups = [group for group in self._groups if _group_alive(group, live)]
+        return list(self._groups)
+
+    async def _wait_groups_gone(self, timeout: float | None) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self._live_groups():
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_INTERVAL)
+        return True
+
+    # Commands
+
+    async def _run_commands(self, commands: Sequence[ExecCommand], environment: dict[str, str], label: str) -> bool:
+        """Run control commands in order; False at the first failure that is not ignored."""
+        for command in commands:
+            if not await self._run_control(command, environment, label):
+                return False
+        return True
+
+    async def _run_control(self, command: ExecCommand, environment: dict[str, str], label: str) -> bool:
+        try:
+            process = await self._spawn(command, environment)
+        except SpawnError as exc:
+            self._journal.note(f"{label}: {exc}")
+            return self._command_failed(command, ServiceResult.EXIT_CODE)
+        returncode = await process.wait()
+        if returncode == 0:
+            return True
+        self._journal.note(f"{label} process exited, {describe_exit(returncode)}")
+        return self._command_failed(command, ServiceResult.EXIT_CODE if returncode > 0 else ServiceResult.SIGNAL)
+
+    def _command_failed(self, command: ExecCommand, result: ServiceResult) -> bool:
+        """Record a failed command; True when its `-` prefix says to carry on."""
+        if command.ignore_failure:
+            return True
+        self._fail(result)
+        return False
+
+    async def _spawn(self, command: ExecCommand, environment: dict[str, str]) -> asyncio.subprocess.Process:
+        argv = expand_exec_argv(command.argv, environment) if command.expand_variables else list(command.argv)
+        executable = _resolve_executable(command.path, environment.get("PATH"))
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *(argv or [command.path]),
+                executable=executable,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=environment,
+                cwd="/",
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise SpawnError(f"Failed to execute {command.path}: {exc.strerror or exc}") from exc
+        self._groups.append(process.pid)
+        assert process.stdout is not None
+        self._readers.append(self._journal.follow(os.path.basename(command.path), process.pid, process.stdout))
+        return process
+
+    # End
+
+    def _fail(self, result: ServiceResult) -> None:
+        """Keep the first failure, as systemd keeps the first non-success result."""
+        if self._result is ServiceResult.SUCCESS:
+            self._result = result
+
+    async def _drain_journal(self) -> None:
+        """Let the last output reach the journal; a pipe held open by an escaped process is abandoned."""
+        pending = [reader for reader in self._readers if not reader.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=_JOURNAL_DRAIN)
+        for reader in self._readers:
+            reader.cancel()
+
+    def _finish(self) -> ServiceResult:
+        if self._result is ServiceResult.SUCCESS:
+            self._on_state("inactive", "dead")
+            self._journal.note("Deactivated successfully.")
+        else:
+            self._on_state("failed", "failed")
+            self._journal.note(f"Failed with result '{self._result.value}'.")
+        return self._result

@@ -1,0 +1,236 @@
+"""localfleet's systemd semantics for one service run, with real processes.
+
+These drive `ServiceRun` directly, because timeouts, signal escalation and exit
+status rules are easier to pin down here than through the HTTP API; the API
+path is covered by test_localfleet.py. Unit lines follow systemd's rules: a
+shell `$$` is written `$$$$`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import time
+
+import pytest
+
+from deployster.localfleet.journal import UnitJournal
+from deployster.localfleet.model import UnitOption
+from deployster.localfleet.service import ServiceResult, ServiceRun
+from deployster.localfleet.unitfile import build_service_spec
+
+UNIT = "svc@1.service"
+MACHINE = "0123456789abcdef0123456789abcdef"
+DEADLINE = 10.0
+
+
+def running(pid: int) -> bool:
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+class Harness:
+    """One ServiceRun with its states recorded and its journal in a temporary directory."""
+
+    def __init__(self, tmp_path: pathlib.Path, *lines: tuple[str, str]) -> None:
+        self.tmp_path = tmp_path
+        self.states: list[tuple[str, str]] = []
+        self.stop_requested = asyncio.Event()
+        spec = build_service_spec([UnitOption("Service", key, value) for key, value in lines], UNIT, MACHINE, "host")
+        self.journal = UnitJournal(UNIT, MACHINE, tmp_path / "logs")
+        self.run = ServiceRun(
+            spec=spec,
+            base_environment=dict(os.environ),
+            journal=self.journal,
+            on_state=lambda active, sub: self.states.append((active, sub)),
+        )
+        self.task = asyncio.create_task(self.run.execute(self.stop_requested))
+
+    async def wait_state(self, active: str, sub: str) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while (active, sub) not in self.states:
+            assert not self.task.done(), f"run ended in {self.states} before reaching {active}/{sub}"
+            assert time.monotonic() < deadline, f"no {active}/{sub} in {self.states}"
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> ServiceResult:
+        self.stop_requested.set()
+        return await self.finish()
+
+    async def finish(self) -> ServiceResult:
+        try:
+            return await asyncio.wait_for(self.task, DEADLINE)
+        finally:
+            self.journal.close()
+
+    def journal_text(self) -> str:
+        return (self.tmp_path / "logs" / f"{UNIT}.log").read_text()
+
+    def pid(self, name: str) -> int:
+        return int((self.tmp_path / name).read_text())
+
+
+async def test_full_start_and_stop_sequence_with_mainpid(tmp_path: pathlib.Path) -> None:
+    harness = Harness(
+        tmp_path,
+        ("ExecStartPre", "/bin/true"),
+        ("ExecStart", f"/bin/sh -c 'echo $$$$ > {tmp_path}/main; exec sleep 300'"),
+        ("ExecStartPost", f"/bin/sh -c 'echo $MAINPID > {tmp_path}/post'"),
+        ("ExecStop", f"/bin/sh -c 'echo $MAINPID > {tmp_path}/stop'"),
+        ("ExecStopPost", f"/bin/sh -c 'echo [$MAINPID] > {tmp_path}/stop-post'"),
+    )
+    await harness.wait_state("active", "running")
+    assert await harness.stop() is ServiceResult.SUCCESS
+    assert harness.states == [
+        ("activating", "start-pre"),
+        ("activating", "start-post"),
+        ("active", "running"),
+        ("deactivating", "stop"),
+        ("deactivating", "stop-sigterm"),
+        ("deactivating", "stop-post"),
+        ("inactive", "dead"),
+    ]
+    main = harness.pid("main")
+    assert harness.pid("post") == harness.pid("stop") == main
+    assert (tmp_path / "stop-post").read_text() == "[]\n"
+    assert not running(main)
+    assert "Main process exited, code=killed, status=15/TERM" in harness.journal_text()
+
+
+async def test_main_process_ending_by_itself_still_runs_exec_stop(tmp_path: pathlib.Path) -> None:
+    harness = Harness(
+        tmp_path,
+        ("ExecStart", "/bin/sh -c 'echo bye'"),
+        ("ExecStop", f"/bin/sh -c 'echo [$MAINPID] > {tmp_path}/stop'"),
+        ("ExecStopPost", f"/bin/touch {tmp_path}/stop-post"),
+    )
+    assert await harness.finish() is ServiceResult.SUCCESS
+    assert (tmp_path / "stop").read_text() == "[]\n"  # no MAINPID: the main process is gone
+    assert (tmp_path / "stop-post").exists()
+    assert harness.states[-1] == ("inactive", "dead")
+    assert "sh[" in harness.journal_text() and ": bye" in harness.journal_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [([], ServiceResult.EXIT_CODE), ([("SuccessExitStatus", "143")], ServiceResult.SUCCESS)],
+)
+async def test_exit_code_143_on_sigterm_fails_unless_declared_successful(
+    tmp_path: pathlib.Path, extra: list[tuple[str, str]], expected: ServiceResult
+) -> None:
+    harness = Harness(tmp_path, ("ExecStart", "/bin/sh -c 'trap \"exit 143\" TERM; sleep 300 & wait'"), *extra)
+    await harness.wait_state("active", "running")
+    assert await harness.stop() is expected
+    assert harness.states[-1] == (("inactive", "dead") if expected is ServiceResult.SUCCESS else ("failed", "failed"))
+
+
+async def test_start_timeout_kills_the_start_and_runs_only_exec_stop_post(tmp_path: pathlib.Path) -> None:
+    started = time.monotonic()
+    harness = Harness(
+        tmp_path,
+        ("TimeoutStartSec", "300ms"),
+        ("ExecStartPre", f"/bin/sh -c 'echo $$$$ > {tmp_path}/pre; exec sleep 300'"),
+        ("ExecStart", f"/bin/touch {tmp_path}/started"),
+        ("ExecStop", f"/bin/touch {tmp_path}/stop"),
+        ("ExecStopPost", f"/bin/touch {tmp_path}/stop-post"),
+    )
+    assert await harness.finish() is ServiceResult.TIMEOUT
+    assert time.monotonic() - started < 5
+    assert harness.states[0] == ("activating", "start-pre")
+    assert harness.states[-1] == ("failed", "failed")
+    assert not (tmp_path / "started").exists() and not (tmp_path / "stop").exists()
+    assert (tmp_path / "stop-post").exists()
+    assert not running(harness.pid("pre"))
+    assert "Start operation timed out" in harness.journal_text()
+
+
+async def test_stop_timeout_escalates_to_sigkill_and_fails(tmp_path: pathlib.Path) -> None:
+    harness = Harness(
+        tmp_path,
+        ("TimeoutStopSec", "300ms"),
+        ("ExecStart", f"/bin/sh -c 'trap \"\" TERM; echo $$$$ > {tmp_path}/main; exec sleep 300'"),
+    )
+    await harness.wait_state("active", "running")
+    started = time.monotonic()
+    assert await harness.stop() is ServiceResult.TIMEOUT
+    assert time.monotonic() - started < 5
+    assert ("deactivating", "stop-sigterm") in harness.states
+    assert harness.states[-2:] == [("deactivating", "stop-sigkill"), ("failed", "failed")]
+    assert not running(harness.pid("main"))
+
+
+async def test_failing_exec_start_post_kills_the_main_process(tmp_path: pathlib.Path) -> None:
+    harness = Harness(
+        tmp_path,
+        ("ExecStart", f"/bin/sh -c 'echo $$$$ > {tmp_path}/main; exec sleep 300'"),
+        ("ExecStartPost", f"/bin/sh -c 'while [ ! -s {tmp_path}/main ]; do sleep 0.01; done; exit 4'"),
+    )
+    assert await harness.finish() is ServiceResult.EXIT_CODE
+    assert ("active", "running") not in harness.states
+    assert not running(harness.pid("main"))
+    assert "ExecStartPost process exited, code=exited, status=4" in harness.journal_text()
+
+
+async def test_stop_while_starting_skips_exec_stop(tmp_path: pathlib.Path) -> None:
+    harness = Harness(
+        tmp_path,
+        ("ExecStartPre", "/bin/sleep 300"),
+        ("ExecStart", f"/bin/touch {tmp_path}/started"),
+        ("ExecStop", f"/bin/touch {tmp_path}/stop"),
+        ("ExecStopPost", f"/bin/touch {tmp_path}/stop-post"),
+    )
+    await harness.wait_state("activating", "start-pre")
+    assert await harness.stop() is ServiceResult.SUCCESS
+    assert harness.states[-1] == ("inactive", "dead")
+    assert not (tmp_path / "started").exists() and not (tmp_path / "stop").exists()
+    assert (tmp_path / "stop-post").exists()
+
+
+async def test_stop_reaches_background_children_of_the_main_process(tmp_path: pathlib.Path) -> None:
+    harness = Harness(tmp_path, ("ExecStart", f"/bin/sh -c 'sleep 300 & echo $! > {tmp_path}/child; exec sleep 301'"))
+    await harness.wait_state("active", "running")
+    deadline = time.monotonic() + DEADLINE
+    while not (tmp_path / "child").exists():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    child = harness.pid("child")
+    assert running(child)
+    assert await harness.stop() is ServiceResult.SUCCESS
+    assert not running(child)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("-/bin/false", ServiceResult.SUCCESS),
+        ("/bin/false", ServiceResult.EXIT_CODE),
+        ("/no/such/binary", ServiceResult.EXIT_CODE),
+        ("no-such-binary-in-path", ServiceResult.EXIT_CODE),
+        ("-/no/such/binary", ServiceResult.SUCCESS),
+        ("/bin/sh -c 'kill -USR1 $$$$'", ServiceResult.SIGNAL),
+        ("/bin/sh -c 'kill -TERM $$$$'", ServiceResult.SUCCESS),
+        ("true", ServiceResult.SUCCESS),  # a bare name is looked up in PATH
+    ],
+)
+async def test_main_process_results(tmp_path: pathlib.Path, line: str, expected: ServiceResult) -> None:
+    assert await Harness(tmp_path, ("ExecStart", line)).finish() is expected
+
+
+async def test_argv0_prefix_and_variable_expansion_switch(tmp_path: pathlib.Path) -> None:
+    harness = Harness(
+        tmp_path,
+        ("Environment", "X=unit-value"),
+        ("ExecStartPre", f"@/bin/sh my-shell -c 'echo $0 > {tmp_path}/argv0'"),
+        ("ExecStartPre", "/bin/echo expanded=${X}"),
+        ("ExecStartPre", ":/bin/echo verbatim=${X}"),
+        ("ExecStart", "/bin/true"),
+    )
+    assert await harness.finish() is ServiceResult.SUCCESS
+    assert (tmp_path / "argv0").read_text() == "my-shell\n"
+    journal = harness.journal_text()
+    assert ": expanded=unit-value" in journal
+    assert ": verbatim=${X}" in journal

@@ -1,0 +1,115 @@
+"""localfleet's placement: fleet's engine (`reconcile_schedule`) and agents (`machine_units`)."""
+
+from __future__ import annotations
+
+from deployster.localfleet.model import Machine, UnitOption
+from deployster.localfleet.scheduler import SchedulableUnit, machine_units, reconcile_schedule
+from deployster.localfleet.xfleet import fleet_requirements
+
+M1, M2, M3 = ("1" * 32, "2" * 32, "3" * 32)
+MACHINES = [Machine(M3, "127.0.0.1", {}), Machine(M1, "127.0.0.1", {}), Machine(M2, "127.0.0.1", {})]
+
+
+def unit(name: str, *x_fleet: tuple[str, str], state: str = "launched") -> SchedulableUnit:
+    options = [UnitOption("X-Fleet", key, value) for key, value in x_fleet]
+    return SchedulableUnit(name, state, fleet_requirements(options, name))
+
+
+def place(units, machines=MACHINES, targets=None):
+    return reconcile_schedule(units, machines, targets or {})
+
+
+def test_least_loaded_machine_ties_broken_by_id() -> None:
+    targets = place([unit(f"u{i}.service") for i in range(4)])
+    assert targets == {"u0.service": M1, "u1.service": M2, "u2.service": M3, "u3.service": M1}
+
+
+def test_inactive_units_are_not_placed_and_placed_units_stay() -> None:
+    targets = place([unit("a.service", state="inactive"), unit("b.service", state="loaded")], targets={"b.service": M3})
+    assert targets == {"a.service": None, "b.service": M3}
+
+
+def test_desired_inactive_unplaces_and_a_vanished_machine_frees_its_units() -> None:
+    assert place([unit("a.service", state="inactive")], targets={"a.service": M2}) == {"a.service": None}
+    assert place([unit("a.service")], targets={"a.service": "gone"}) == {"a.service": M1}
+
+
+def test_an_unknown_desired_state_is_placed_like_loaded() -> None:
+    # fleet stores desiredState unvalidated on updates; anything but "inactive" gets scheduled.
+    assert place([unit("a.service", state="bogus")]) == {"a.service": M1}
+
+
+def test_conflicts_spread_instances_and_the_extra_one_waits() -> None:
+    units = [unit(f"app@{i}.service", ("Conflicts", "app@*.service")) for i in range(1, 5)]
+    targets = place(units)
+    assert sorted(t for t in targets.values() if t) == [M1, M2, M3]
+    assert targets["app@4.service"] is None
+
+
+def test_conflicts_are_symmetric() -> None:
+    targets = place([unit("a.service"), unit("b.service", ("Conflicts", "a.service"))], machines=MACHINES[:1])
+    assert targets == {"a.service": M3, "b.service": None}
+
+
+def test_machine_of_follows_its_peer_even_when_it_sorts_first() -> None:
+    units = [
+        unit("a-sidekick.service", ("MachineOf", "z-app.service")),
+        unit("filler.service"),
+        unit("z-app.service"),
+    ]
+    targets = place(units)
+    assert targets["z-app.service"] is not None
+    assert targets["a-sidekick.service"] == targets["z-app.service"]
+
+
+def test_machine_of_an_unplaced_peer_stays_unplaced_and_leaves_with_it() -> None:
+    assert place([unit("side.service", ("MachineOf", "app.service"))]) == {"side.service": None}
+    units = [unit("side.service", ("MachineOf", "app.service")), unit("app.service", state="inactive")]
+    assert place(units, targets={"side.service": M2, "app.service": M2}) == {"side.service": None, "app.service": None}
+
+
+def test_machine_id_full_or_short() -> None:
+    assert place([unit("a.service", ("MachineID", M3))]) == {"a.service": M3}
+    assert place([unit("a.service", ("MachineID", M2[:8]))]) == {"a.service": M2}
+    assert place([unit("a.service", ("MachineID", "nope"))]) == {"a.service": None}
+
+
+def test_machine_metadata() -> None:
+    machines = [Machine(M1, "", {"disk": "hdd"}), Machine(M2, "", {"disk": "ssd", "region": "eu"})]
+    assert place([unit("a.service", ("MachineMetadata", "disk=ssd"))], machines) == {"a.service": M2}
+    assert place([unit("a.service", ('MachineMetadata', '"disk=nvme" "disk=ssd"'))], machines) == {"a.service": M2}
+    assert place([unit("a.service", ("MachineMetadata", "disk=ssd"), ("MachineMetadata", "region=us"))], machines) == {
+        "a.service": None
+    }
+
+
+def test_global_units_are_not_scheduled_but_count_as_load_and_conflict() -> None:
+    everywhere = unit("g.service", ("Global", "true"))
+    blocker = unit("b.service", ("Global", "true"), ("MachineMetadata", "role=b"))
+    machines = [Machine(M1, "", {"role": "b"}), Machine(M2, "", {})]
+    # Both machines run g; M1 also runs b, so it is the more loaded one.
+    assert place([everywhere, blocker, unit("a.service")], machines) == {"a.service": M2}
+    conflicting = unit("c.service", ("Conflicts", "g.service"))
+    assert place([everywhere, conflicting], machines) == {"c.service": None}
+
+
+def test_replaces_moves_the_replaced_unit_elsewhere() -> None:
+    old = unit("old.service")
+    new = unit("new.service", ("Replaces", "old.service"))
+    targets = place([old, new], targets={"old.service": M1, "new.service": M1})
+    assert targets["new.service"] == M1
+    assert targets["old.service"] not in (None, M1)
+
+
+def test_machine_units_lists_placed_and_matching_global_units_minus_conflicts() -> None:
+    machine = Machine(M1, "", {"role": "web"})
+    units = [
+        unit("a.service"),
+        unit("b.service"),
+        unit("g-web.service", ("Global", "true"), ("MachineMetadata", "role=web")),
+        unit("g-db.service", ("Global", "true"), ("MachineMetadata", "role=db")),
+        unit("z-global.service", ("Global", "1"), ("Conflicts", "a.service")),
+        unit("elsewhere.service"),
+    ]
+    targets = {"a.service": M1, "b.service": M1, "elsewhere.service": M2}
+    assert [u.name for u in machine_units(units, targets, machine)] == ["a.service", "b.service", "g-web.service"]
