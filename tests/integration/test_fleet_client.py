@@ -1,0 +1,92 @@
+"""Deployster's fleet client against localfleet, over TCP and over a unix socket."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deployster.fleet import FleetClient, FleetConflict, FleetNotFound, FleetRejected, FleetUnavailable, UnitOption
+from helpers import eventually
+
+SLEEPER = [UnitOption(section="Service", name="ExecStart", value="/bin/sleep 300")]
+
+
+@pytest.fixture(scope="module")
+def unix_localfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    state = tmp_path_factory.mktemp("lf-unix")
+    sock = state / "fleet.sock"
+    log = open(state / "log", "wb")
+    child = subprocess.Popen([sys.executable, "-m", "deployster", "localfleet", "--listen", f"unix:{sock}"],
+                             stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"unix://{sock}"
+    finally:
+        child.terminate()
+        child.wait(30)
+        log.close()
+
+
+async def test_lists_every_page_past_fleets_page_size(localfleet: str) -> None:
+    names = [f"page-{i:03d}.service" for i in range(250)]
+    async with FleetClient(localfleet) as fleet:
+        try:
+            for name in names:
+                await fleet.create_unit(name, SLEEPER)
+            listed = [u.name for u in await fleet.list_units() if u.name.startswith("page-")]
+            assert sorted(listed) == names  # every unit once, none lost between pages
+            states = await fleet.list_states()
+            assert all(not s.name.startswith("page-") for s in states)  # never launched
+        finally:
+            for name in names:
+                await fleet.destroy_unit(name)
+
+
+async def test_create_launch_state_destroy_over_a_unix_socket(unix_localfleet: str) -> None:
+    name = "sock-test@1.service"
+    async with FleetClient(unix_localfleet) as fleet:
+        machines = await fleet.list_machines()
+        assert len(machines) == 1 and len(machines[0].id) == 32
+        await fleet.create_unit(name, SLEEPER)
+        with pytest.raises(FleetConflict):  # same options again: fleet says 409
+            await fleet.create_unit(name, SLEEPER)
+        await fleet.set_desired_state(name, "launched")
+
+        async def running() -> bool:
+            states = await fleet.list_states(unit_name=name)
+            return bool(states) and (states[0].active_state, states[0].sub_state) == ("active", "running")
+
+        await eventually(running)
+        unit = await fleet.get_unit(name)
+        assert (unit.desired_state, unit.current_state, unit.machine_id) == ("launched", "launched", machines[0].id)
+        await fleet.destroy_unit(name)
+        with pytest.raises(FleetNotFound):
+            await fleet.destroy_unit(name)
+        with pytest.raises(FleetNotFound):
+            await fleet.get_unit(name)
+
+
+async def test_fleet_refusals_are_typed(localfleet: str) -> None:
+    async with FleetClient(localfleet) as fleet:
+        with pytest.raises(FleetRejected, match="400"):
+            await fleet.create_unit("no-suffix", SLEEPER)
+        with pytest.raises(FleetConflict, match="unit does not exist and options field empty"):
+            await fleet.create_unit("empty.service", [])
+
+
+async def test_unreachable_fleet_is_typed(tmp_path: Path) -> None:
+    async with FleetClient(f"unix://{tmp_path}/missing.sock") as fleet:
+        with pytest.raises(FleetUnavailable, match="unreachable"):
+            await fleet.list_units()
+
+
+def test_endpoint_forms() -> None:
+    with pytest.raises(ValueError, match="unix:///PATH"):
+        FleetClient("tcp://127.0.0.1:1")
