@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         from deployster import localfleet
 
         logs.configure()
-        localfleet.run(listen=args.listen, machines=args.machines, state_dir=args.state_dir,
-                       token_limit=args.token_limit)
+        try:
+            localfleet.run(listen=args.listen, machines=args.machines, state_dir=args.state_dir,
+                           token_limit=args.token_limit)
+        except localfleet.StartupError as exc:
+            print(f"deployster localfleet: {exc}", file=sys.stderr)
+            return 2
         return 0
     raise AssertionError(args.command)
 

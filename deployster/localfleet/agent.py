@@ -188,7 +188,7 @@ class UnitInstance:
             spec=self._loaded.spec,
             base_environment=self._context.base_environment,
             journal=self._journal,
-            on_state=lambda active, sub: self._set_state(None, active, sub),
+            on_state=lambda active, sub: self._set_run_state(run, active, sub),
         )
         task = asyncio.create_task(self._supervise(run, stop_requested), name=f"unit:{self.unit_name}:{self.machine_id}")
         self._activation = _Activation(run, stop_requested, task)
@@ -200,7 +200,12 @@ class UnitInstance:
         except Exception:
             self._log.exception("unit_run_error")
             run.kill_all()
-            self._set_state(None, "failed", "failed")
+            self._set_run_state(run, "failed", "failed")
+
+    def _set_run_state(self, run: ServiceRun, active: str, sub: str) -> None:
+        """A state from a run; ignored once that run no longer belongs to the loaded unit (after an abort)."""
+        if self._activation is not None and self._activation.run is run:
+            self._set_state(None, active, sub)
 
     async def _stop(self) -> None:
         """Stop the running activation, if any, and wait until it has fully ended."""
@@ -216,6 +221,7 @@ class UnitInstance:
         if activation is not None:
             activation.run.kill_all()
             activation.task.cancel()
+            self._activation = None
         goal = self._goal
         if goal is None:
             self._unload()

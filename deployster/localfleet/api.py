@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -92,9 +91,6 @@ _DISCOVERY = {
     },
 }
 
-Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
-
-
 class ApiError(Exception):
     """An answer with fleet's error entity."""
 
@@ -131,6 +127,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         return await _route(request)
     except ApiError as exc:
         return _error_response(exc.status, exc.message)
+    except web.HTTPException as exc:  # from aiohttp itself, e.g. 413 for a body over MAX_BODY_SIZE
+        return _error_response(exc.status, exc.reason)
     except Exception:
         log.exception("api_error", method=request.method, path=request.path)
         return _error_response(500)
@@ -245,11 +243,11 @@ async def _put_unit(request: web.Request, item: str) -> web.Response:
             validate_requirements(unit.options)
         except (InvalidUnitOptions, InvalidRequirements) as exc:
             raise ApiError(400, str(exc)) from exc
-        replace = True
+        store_options = True
     else:
-        replace = bool(unit.options) and unit_hash(unit.options) != existing.hash
+        store_options = bool(unit.options) and unit_hash(unit.options) != existing.hash
 
-    if replace:
+    if store_options:
         desired_state = unit.desired_state or JOB_INACTIVE
         if desired_state not in JOB_STATES:
             log.warning("unit_rejected", unit=name, reason=f"invalid value {desired_state!r} for JobState")

@@ -74,13 +74,16 @@ class Registry:
         self._on_change = on_change
 
     def restore(self) -> None:
-        """Load the saved registry, if any, and start what it says should run."""
+        """Load the saved registry, if any; nothing runs until `publish`."""
         stored = self._store.load() if self._store else None
         if stored is not None:
             self._metadata = {machine_id: dict(values) for machine_id, values in stored.machine_metadata.items()}
             for unit in stored.units:
                 self._units[unit.name] = _record(unit.name, unit.unit_options(), unit.desired_state, unit.target)
             log.info("registry_restored", path=str(self._store.path) if self._store else None, units=len(self._units))
+
+    def publish(self) -> None:
+        """Place the units and hand the agent what should run, as after any change."""
         self._commit()
 
     # Reading

@@ -106,6 +106,7 @@ class LocalFleet:
         try:
             registry.restore()
             self.endpoint = await self._bind(self._runner)
+            registry.publish()  # no await since the bind: no request can see the registry half restored
         except StateFileError as exc:
             await self.stop()
             raise StartupError(str(exc)) from exc

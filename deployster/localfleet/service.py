@@ -43,10 +43,12 @@ import asyncio
 import contextlib
 import enum
 import glob
+import math
 import os
 import pathlib
 import shutil
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from .environ import expand_exec_argv, parse_environment_file
@@ -54,6 +56,7 @@ from .journal import UnitJournal
 from .unitfile import ExecCommand, ServiceSpec
 
 _POLL_INTERVAL = 0.05
+_SCAN_MAX_AGE = 0.05
 # After SIGKILL nothing can delay an exit for long; bound the wait anyway.
 _KILL_GRACE = 5.0
 _JOURNAL_DRAIN = 1.0
@@ -112,7 +115,7 @@ def describe_exit(returncode: int) -> str:
     return f"code=killed, status={number}/{name}"
 
 
-def _live_process_groups() -> set[int] | None:
+def _scan_live_process_groups() -> set[int] | None:
     """Process groups with at least one non-zombie member, from /proc; None where there is no /proc."""
     try:
         entries = os.listdir("/proc")
@@ -132,6 +135,30 @@ def _live_process_groups() -> set[int] | None:
         if len(fields) > 2 and fields[0] not in (b"Z", b"X"):
             groups.add(int(fields[2]))
     return groups
+
+
+class _ProcessGroupScan:
+    """One /proc scan shared by every run for a moment, so that many units stopping at once stay cheap.
+
+    A scan is reused only for groups it can have seen: a group started after
+    the scan began forces a new one.
+    """
+
+    def __init__(self) -> None:
+        self._started_at = -math.inf
+        self._live: set[int] | None = None
+
+    def live_groups(self, groups: Mapping[int, float]) -> dict[int, float]:
+        """The entries of `groups` (group -> time it was started) that still have a live process."""
+        now = time.monotonic()
+        too_old = now - self._started_at > _SCAN_MAX_AGE
+        if too_old or any(started >= self._started_at for started in groups.values()):
+            self._started_at = now
+            self._live = _scan_live_process_groups()
+        return {group: started for group, started in groups.items() if _group_alive(group, self._live)}
+
+
+_SCANNER = _ProcessGroupScan()
 
 
 def _group_alive(group: int, live: set[int] | None) -> bool:
@@ -178,7 +205,7 @@ class ServiceRun:
         self._journal = journal
         self._on_state = on_state
         self._result = ServiceResult.SUCCESS
-        self._groups: list[int] = []
+        self._groups: dict[int, float] = {}  # process group -> when it was started (monotonic)
         self._readers: list[asyncio.Task[None]] = []
         self._main: asyncio.subprocess.Process | None = None
         self._main_exit: asyncio.Task[None] | None = None
@@ -223,8 +250,10 @@ class ServiceRun:
         if steps in done:
             return steps.result()
         steps.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await steps
+        # asyncio.wait, not `await steps`: a cancellation of this run itself must not be swallowed.
+        await asyncio.wait({steps})
+        if not steps.cancelled():
+            steps.result()  # re-raises an error the steps hit just before they were cancelled
         if stop_requested.is_set():
             self._journal.note("Stop requested while starting.")
         else:
@@ -325,10 +354,9 @@ class ServiceRun:
 
     def _live_groups(self) -> list[int]:
         """The groups this run started that still have a live process; forgets the others for good."""
-        live = _live_process_groups()
         # An empty group can never fill again (each is its own session), and
         # forgetting it keeps a reused pid from being signalled later.
-        self._groups = [group for group in self._groups if _group_alive(group, live)]
+        self._groups = _SCANNER.live_groups(self._groups)
         return list(self._groups)
 
     async def _wait_groups_gone(self, timeout: float | None) -> bool:
@@ -384,7 +412,7 @@ class ServiceRun:
             )
         except OSError as exc:
             raise SpawnError(f"Failed to execute {command.path}: {exc.strerror or exc}") from exc
-        self._groups.append(process.pid)
+        self._groups[process.pid] = time.monotonic()
         assert process.stdout is not None
         self._readers.append(self._journal.follow(os.path.basename(command.path), process.pid, process.stdout))
         return process

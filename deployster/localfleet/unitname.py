@@ -82,10 +82,6 @@ class UnitNameInfo:
     def is_template(self) -> bool:
         return bool(self.template) and not self.instance
 
-    @property
-    def is_instance(self) -> bool:
-        return bool(self.instance)
-
 
 def parse_unit_name(full_name: str) -> UnitNameInfo | None:
     """Split a name as fleet's `NewUnitNameInfo` does; None when it has no `.`."""

@@ -1,9 +1,10 @@
 """fleet's JSON on the wire: what the API sends and how it reads a PUT body.
 
 Sending: every field of fleet's schema is `omitempty`, so an empty string, an
-empty list or an empty map is left out, down to `{}` for an empty page. The
-encoder mimics Go's `encoding/json`: compact, non-ASCII as is, and `<`, `>`,
-`&`, U+2028, U+2029 escaped as `\\u003c` etc.
+empty list or an empty map is left out, down to `{}` for an empty page. Keys
+come in the order of fleet's generated structs (alphabetical), and the encoder
+mimics Go's `encoding/json`: compact, non-ASCII as is, and `<`, `>`, `&`,
+U+2028, U+2029 escaped as `\\u003c` etc.
 
 Reading: Go's decoder is lenient in ways clients may rely on, so
 `decode_unit_request` is too: keys match field names case-insensitively,
@@ -46,7 +47,7 @@ def _omit_empty(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def option_json(option: UnitOption) -> dict[str, Any]:
-    return _omit_empty({"section": option.section, "name": option.name, "value": option.value})
+    return _omit_empty({"name": option.name, "section": option.section, "value": option.value})
 
 
 def unit_json(
@@ -81,7 +82,8 @@ def machine_json(machine: Machine) -> dict[str, Any]:
 
 
 def page_json(key: str, items: Iterable[dict[str, Any]], next_page_token: str | None) -> dict[str, Any]:
-    return _omit_empty({key: list(items), "nextPageToken": next_page_token})
+    fields = {key: list(items), "nextPageToken": next_page_token}
+    return _omit_empty(dict(sorted(fields.items())))
 
 
 @dataclasses.dataclass(frozen=True)

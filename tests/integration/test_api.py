@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
+import structlog
 
 from deployster.config import Settings
 from deployster.etcd import free_port
@@ -298,3 +300,29 @@ async def test_an_unfinished_deploy_is_resumed_after_a_restart(api: Api) -> None
     done = await finished(api, pending.id)
     assert done["state"] == DeployState.SUCCEEDED
     assert sorted(await api.units()) == pending.units
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[dict]]:
+    """Every structured log line, with the contextvars merged as in production."""
+    capture = structlog.testing.LogCapture()
+    saved = structlog.get_config()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    yield capture.entries
+    structlog.configure(**saved)
+
+
+async def test_every_log_line_of_a_deploy_names_service_and_deploy(api: Api, log_lines: list[dict]) -> None:
+    old = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
+    await finished(api, old["id"])
+    new = (await deploy(api, {"version": "v2", "destroy_previous": True,
+                              "env": {"SECRET_TOKEN": "hunter2"}}))["deploy"]
+    await finished(api, new["id"])
+    deploy_lines = [line for line in log_lines if line["event"] in {
+        "deploy_planned", "units_submitted", "unit_running", "previous_units_destroyed", "deploy_finished"}]
+    assert {line["event"] for line in deploy_lines} == {
+        "deploy_planned", "units_submitted", "unit_running", "previous_units_destroyed", "deploy_finished"}
+    for line in deploy_lines:
+        assert line["service"] == api.service
+        assert line["deploy_id"] in (old["id"], new["id"])
+    assert "hunter2" not in repr(log_lines)

@@ -39,7 +39,7 @@ from deployster.localfleet.unitfile import (
     unit_hash,
 )
 from deployster.localfleet.unitname import InvalidUnitName, expand_specifiers, parse_unit_name, validate_unit_name
-from deployster.localfleet.wire import InvalidRequestBody, decode_unit_request, go_json_dumps, unit_json
+from deployster.localfleet.wire import InvalidRequestBody, decode_unit_request, go_json_dumps, page_json, unit_json
 from deployster.localfleet.xfleet import (
     InvalidRequirements,
     fleet_requirements,
@@ -100,7 +100,7 @@ def test_unit_name_parts_follow_fleet_and_systemd() -> None:
     assert info is not None
     assert (info.name, info.prefix, info.instance, info.template) == ("web@a@b", "web", "a@b", "web@.service")
     template = parse_unit_name("web@.service")
-    assert template is not None and template.is_template and not template.is_instance
+    assert template is not None and template.is_template and template.instance == ""
     plain = parse_unit_name("web.service")
     assert plain is not None and (plain.prefix, plain.instance, plain.is_template) == ("web", "", False)
     assert parse_unit_name("nodot") is None
@@ -503,3 +503,14 @@ def test_put_body_decoding_is_as_lenient_as_gos() -> None:
 def test_put_bodies_that_do_not_decode(body: bytes) -> None:
     with pytest.raises(InvalidRequestBody):
         decode_unit_request(body)
+
+
+def test_json_bytes_match_gos_field_order() -> None:
+    unit = unit_json("a.service", [UnitOption("Service", "ExecStart", "/bin/true")], "launched", "loaded", "ab" * 16)
+    assert go_json_dumps(page_json("units", [unit], "ZAACAA==")) == (
+        '{"nextPageToken":"ZAACAA==","units":[{"currentState":"loaded","desiredState":"launched",'
+        '"machineID":"abababababababababababababababab","name":"a.service",'
+        '"options":[{"name":"ExecStart","section":"Service","value":"/bin/true"}]}]}'
+    )
+    assert go_json_dumps(page_json("machines", [{"id": "m"}], None)) == '{"machines":[{"id":"m"}]}'
+    assert go_json_dumps(page_json("states", [], None)) == "{}"
