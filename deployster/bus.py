@@ -7,7 +7,8 @@ with the event's context and the lane goes on: one bad event never stops the bus
 
 Routes that must answer with the outcome of an event (the deploy POST answers once the units
 are submitted) use :meth:`EventBus.request`: the waiter is registered before the event is
-published, so the answer cannot be missed.
+published, so the answer cannot be missed, and if a handler of that very event raises, the
+waiter gets the exception at once instead of waiting for an answer that will never come.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class EventBus:
         self._handlers: dict[type[Event], list[Handler]] = {}
         self._lanes: dict[str, asyncio.Queue[Event]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
-        self._waiters: list[tuple[Predicate, asyncio.Future[Event]]] = []
+        # (answers this predicate, future, id of the event whose handler failures it takes)
+        self._waiters: list[tuple[Predicate, asyncio.Future[Event], str]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -45,7 +47,7 @@ class EventBus:
         if self._closed:
             log.warning("event_dropped_bus_closed", **event.log_context)
             return
-        for predicate, future in list(self._waiters):
+        for predicate, future, _ in list(self._waiters):
             if not future.done() and predicate(event):
                 future.set_result(event)
         if not any(issubclass(type(event), t) for t in self._handlers):
@@ -59,9 +61,12 @@ class EventBus:
         lane.put_nowait(event)
 
     async def request(self, event: Event, until: Predicate, timeout: float) -> Event:
-        """Publish ``event`` and wait for the first event matching ``until``."""
+        """Publish ``event`` and wait for the first event matching ``until``.
+
+        Raises what a handler of ``event`` raised, or ``asyncio.TimeoutError``.
+        """
         future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        waiter = (until, future)
+        waiter = (until, future, event.id)
         self._waiters.append(waiter)
         try:
             self.publish(event)
@@ -96,18 +101,27 @@ class EventBus:
                     continue
                 for handler in handlers:
                     with structlog.contextvars.bound_contextvars(**event.log_context):
-                        await self._supervise(handler(event), _name(handler), {})
+                        try:
+                            await handler(event)
+                        except Exception as exc:
+                            log.exception("handler_failed", handler=_name(handler))
+                            self._fail_waiters(event, exc)
             lane.task_done()
+
+    def _fail_waiters(self, event: Event, exc: Exception) -> None:
+        for _, future, cause in self._waiters:
+            if cause == event.id and not future.done():
+                future.set_exception(exc)
 
     @staticmethod
     async def _supervise(work: Awaitable[None], name: str, context: dict[str, str]) -> None:
-        try:
-            with structlog.contextvars.bound_contextvars(**context):
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
                 await work
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("handler_failed", handler=name, **context)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("handler_failed", handler=name)
 
 
 def _name(handler: Handler) -> str:

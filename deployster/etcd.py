@@ -8,11 +8,12 @@ from ``str`` happens at this boundary (`reference/etcd.md` §2).
 
 from __future__ import annotations
 
-import asyncio
+import json
 import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -119,11 +120,14 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise EtcdError(f"etcd exited with code {self.process.returncode} at start")
+            # etcd answers /health on its client URL; plain HTTP works inside or outside a loop.
             try:
-                asyncio.run(_ping(self.endpoint))
-                return
-            except Exception:
-                time.sleep(0.1)
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
+                    if json.load(resp).get("health") == "true":
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
         raise EtcdError(f"etcd did not answer on {self.endpoint} within {timeout:.0f} s")
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -135,9 +139,4 @@ class EtcdServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
-
-async def _ping(endpoints: str) -> None:
-    async with client(endpoints, timeout=1.0) as etcd:
-        await etcd.status()
 

@@ -7,6 +7,7 @@ order, different services in parallel.
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,8 @@ class Event(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     service: str
+    # Ties an answer (or a handler's failure) to the event that caused it.
+    id: str = Field(default_factory=lambda: secrets.token_hex(8))
     at: datetime = Field(default_factory=_now)
 
     @property

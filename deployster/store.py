@@ -7,12 +7,15 @@ Records are JSON documents of pydantic models; every write replaces the whole re
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import StrEnum
 
 import aetcd
 from pydantic import BaseModel, Field
 
+from deployster.etcd import EtcdError
 from deployster.events import DeployRequested
 from deployster.units import Announcement
 
@@ -80,7 +83,17 @@ class DeployRecord(BaseModel):
         return data
 
 
+@contextmanager
+def _etcd_errors() -> Iterator[None]:
+    try:
+        yield
+    except aetcd.ClientError as exc:
+        raise EtcdError(f"etcd did not answer: {exc}") from exc
+
+
 class Store:
+    """Records in etcd. etcd failures come out as ``EtcdError`` (the API answers 503)."""
+
     def __init__(self, etcd: aetcd.Client, prefix: str) -> None:
         self.etcd = etcd
         self.prefix = prefix.rstrip("/")
@@ -92,22 +105,27 @@ class Store:
         record = record.model_copy(update={"updated_at": _now()})
         if record.state.finished and record.finished_at is None:
             record.finished_at = record.updated_at
-        await self.etcd.put(
-            self._deploy_key(record.service, record.id), record.model_dump_json().encode()
-        )
+        with _etcd_errors():
+            await self.etcd.put(
+                self._deploy_key(record.service, record.id), record.model_dump_json().encode()
+            )
         return record
 
     async def get_deploy(self, service: str, deploy_id: str) -> DeployRecord | None:
-        kv = await self.etcd.get(self._deploy_key(service, deploy_id))
+        with _etcd_errors():
+            kv = await self.etcd.get(self._deploy_key(service, deploy_id))
         return None if kv is None else DeployRecord.model_validate_json(kv.value)
 
     async def list_deploys(self, service: str | None = None) -> list[DeployRecord]:
         """Records, oldest first; all services when ``service`` is None."""
         prefix = self._deploy_key(service) if service else f"{self.prefix}/deploys/".encode()
-        records = [DeployRecord.model_validate_json(kv.value) for kv in await self.etcd.get_prefix(prefix)]
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(prefix)
+        records = [DeployRecord.model_validate_json(kv.value) for kv in found]
         return sorted(records, key=lambda r: (r.created_at, r.id))
 
     async def announcement(self, key: str) -> Announcement | None:
         """The instance announcement under ``key`` (written by the unit), if there is one."""
-        kv = await self.etcd.get(key.encode())
+        with _etcd_errors():
+            kv = await self.etcd.get(key.encode())
         return None if kv is None else Announcement.model_validate_json(kv.value)

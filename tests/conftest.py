@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from deployster.etcd import EtcdServer
 
@@ -19,6 +20,16 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
     server.wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[dict[str, object]]]:
+    """Every structured log line, with the contextvars merged as in production."""
+    capture = structlog.testing.LogCapture()
+    saved = structlog.get_config()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    yield capture.entries
+    structlog.configure(**saved)
 
 
 @pytest.fixture

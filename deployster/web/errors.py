@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from deployster.etcd import EtcdError
 from deployster.fleet import FleetError
 
 log = structlog.get_logger(__name__)
@@ -26,6 +27,7 @@ _CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     502: "bad_gateway",
+    503: "unavailable",
     504: "gateway_timeout",
 }
 
@@ -69,6 +71,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.description, exc.headers)
+    except EtcdError as exc:
+        log.warning("etcd_error", path=request.path, reason=str(exc))
+        return error_response(503, f"Deployster cannot reach its etcd ({exc}); try again when etcd is back.")
     except FleetError as exc:
         log.warning("fleet_error", path=request.path, reason=exc.message)
         return error_response(502, f"{exc.message}.")

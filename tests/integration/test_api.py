@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
-import structlog
 
 from deployster.config import Settings
-from deployster.etcd import free_port
+from deployster.etcd import EtcdServer, free_port
 from deployster.server import Deployster
 from deployster.store import DeployRecord, DeployState
 from handlers.deploys import TOO_MANY_INSTANCES, TOO_MANY_VERSIONS
@@ -302,16 +300,6 @@ async def test_an_unfinished_deploy_is_resumed_after_a_restart(api: Api) -> None
     assert sorted(await api.units()) == pending.units
 
 
-@pytest.fixture
-def log_lines() -> Iterator[list[dict]]:
-    """Every structured log line, with the contextvars merged as in production."""
-    capture = structlog.testing.LogCapture()
-    saved = structlog.get_config()
-    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
-    yield capture.entries
-    structlog.configure(**saved)
-
-
 async def test_every_log_line_of_a_deploy_names_service_and_deploy(api: Api, log_lines: list[dict]) -> None:
     old = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
     await finished(api, old["id"])
@@ -326,3 +314,25 @@ async def test_every_log_line_of_a_deploy_names_service_and_deploy(api: Api, log
         assert line["service"] == api.service
         assert line["deploy_id"] in (old["id"], new["id"])
     assert "hunter2" not in repr(log_lines)
+
+
+async def test_etcd_down_is_a_503_and_nothing_reaches_fleet(aiohttp_client, tmp_path, localfleet: str) -> None:  # type: ignore[no-untyped-def]
+    etcd = EtcdServer(tmp_path / "etcd")
+    etcd.start()
+    etcd.wait_ready()
+    settings = Settings(etcd=etcd.endpoint, fleet_endpoint=localfleet, template="workload", password=PASSWORD)
+    deployster = await Deployster.connect(settings)
+    try:
+        client = await aiohttp_client(deployster.app)
+        auth = basic_auth("deployster", PASSWORD)
+        etcd.stop()
+        resp = await client.post("/v1/services/etcd-down/deploys", json={"deploy": {"version": "v1"}}, headers=auth)
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["error"] == "unavailable" and "etcd" in body["description"]
+        assert [u for u in await deployster.fleet.list_units() if u.name.startswith("etcd-down:")] == []
+        resp = await client.get("/v1/services/etcd-down/deploys", headers=auth)
+        assert resp.status == 503
+    finally:
+        etcd.stop()
+        await deployster.close()

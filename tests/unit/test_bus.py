@@ -1,7 +1,6 @@
 import asyncio
 
 import pytest
-from structlog.testing import capture_logs
 
 from deployster.bus import EventBus
 from deployster.events import DeployFailed, DeploySucceeded, Event
@@ -58,7 +57,7 @@ async def test_services_proceed_in_parallel() -> None:
     await bus.close()
 
 
-async def test_a_failing_handler_is_logged_with_context_and_the_lane_goes_on() -> None:
+async def test_a_failing_handler_is_logged_with_context_and_the_lane_goes_on(log_lines: list[dict]) -> None:
     bus = EventBus()
     seen: list[str] = []
 
@@ -68,17 +67,17 @@ async def test_a_failing_handler_is_logged_with_context_and_the_lane_goes_on() -
         seen.append(event.deploy_id)
 
     bus.subscribe(DeploySucceeded, broken)
-    with capture_logs() as logs:
-        bus.publish(succeeded("web", "bad"))
-        bus.publish(succeeded("web", "good"))
-        for _ in range(100):
-            if seen:
-                break
-            await asyncio.sleep(0.01)
+    bus.publish(succeeded("web", "bad"))
+    bus.publish(succeeded("web", "good"))
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
     assert seen == ["good"]
-    failure = next(line for line in logs if line["event"] == "handler_failed")
+    failure = next(line for line in log_lines if line["event"] == "handler_failed")
     assert failure["log_level"] == "error"
     assert "broken" in failure["handler"]
+    assert (failure["service"], failure["deploy_id"]) == ("web", "bad")
     await bus.close()
 
 
@@ -98,7 +97,19 @@ async def test_request_returns_the_answering_event() -> None:
     await bus.close()
 
 
-async def test_spawned_work_is_supervised() -> None:
+async def test_a_request_gets_the_exception_of_its_events_handler_at_once() -> None:
+    bus = EventBus()
+
+    async def broken(event: DeploySucceeded) -> None:
+        raise KeyError("etcd said no")
+
+    bus.subscribe(DeploySucceeded, broken)
+    with pytest.raises(KeyError, match="etcd said no"):
+        await bus.request(succeeded("web", "1"), until=lambda e: False, timeout=5)
+    await bus.close()
+
+
+async def test_spawned_work_is_supervised(log_lines: list[dict]) -> None:
     bus = EventBus()
     finished = asyncio.Event()
 
@@ -108,11 +119,10 @@ async def test_spawned_work_is_supervised() -> None:
     async def ok() -> None:
         finished.set()
 
-    with capture_logs() as logs:
-        bus.spawn(crash(), name="crash", service="web", deploy_id="d1")
-        bus.spawn(ok(), name="ok")
-        await asyncio.wait_for(finished.wait(), 1)
-        await asyncio.sleep(0)
-    failure = next(line for line in logs if line["event"] == "handler_failed")
+    bus.spawn(crash(), name="crash", service="web", deploy_id="d1")
+    bus.spawn(ok(), name="ok")
+    await asyncio.wait_for(finished.wait(), 1)
+    await asyncio.sleep(0)
+    failure = next(line for line in log_lines if line["event"] == "handler_failed")
     assert failure["service"] == "web" and failure["deploy_id"] == "d1"
     await bus.close()
