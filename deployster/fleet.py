@@ -1,49 +1,110 @@
-"""fleet v1 HTTP API client: the one place that knows fleet's wire format.
+"""fleet's v1 API: its JSON shapes, defined once for both sides, and Deployster's client.
 
-Follows `reference/fleet-api.md`: resources under ``/fleet/v1/``, every JSON key optional
-(``omitempty``), pages followed through ``nextPageToken`` until it is absent, units created
-then launched in two PUTs as fleetctl does, and ``{"error": {"code", "message"}}`` turned into
-typed exceptions that the API layer reports as 502 with a sentence naming fleet.
+This module is the one place that knows fleet's wire format (`reference/fleet-api.md` §3-§5).
+The shapes (`Unit`, `UnitOption`, `UnitState`, `Machine`, the three pages, the error entity and
+the operation of ``PATCH /machines``) are read and written by `FleetClient` below and by
+localfleet, the server (`deployster.localfleet.wire` adds only what a server needs on top: Go's
+escaping and reading the first JSON value of a request body).
 
-The endpoint is ``unix:///var/run/fleet.sock`` (fleet's default socket), ``http://HOST:PORT``
-or ``https://HOST:PORT``.
+The shapes behave as fleet's generated Go structs do with ``encoding/json``:
+
+- every key is optional (``omitempty``): each field defaults to empty, and `to_wire()` leaves
+  empty fields out, down to ``{}`` for an empty page. The error entity is the exception: fleet
+  always sends both ``code`` and ``message``, so they have no default and are never left out;
+- keys are written in the order of the structs' fields, which is alphabetical;
+- keys are read by their JSON names (never the Python ones), case-insensitively; unknown keys
+  are ignored, ``null`` leaves a field empty, and a value of the wrong type is an error
+  (`pydantic.ValidationError`).
+
+Shapes are frozen, so a unit's options are a tuple that compares and hashes by value.
+Job states are plain strings in the shapes on purpose: fleet stores the ``desiredState`` of an
+existing unit without validating it (§4, 6c), so a stored state can be any string.
+
+The client follows pages through ``nextPageToken`` until it is absent, creates units then
+launches them in two PUTs as fleetctl does, and turns ``{"error": {"code", "message"}}`` into
+typed exceptions that the API layer reports as 502 with a sentence naming fleet. Its endpoint is
+``unix:///var/run/fleet.sock`` (fleet's default socket), ``http://HOST:PORT`` or
+``https://HOST:PORT``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
+# fleet's JobState: the values of a unit's desiredState and currentState.
+JOB_INACTIVE = "inactive"
+JOB_LOADED = "loaded"
+JOB_LAUNCHED = "launched"
+JOB_STATES = frozenset({JOB_INACTIVE, JOB_LOADED, JOB_LAUNCHED})
 DesiredState = Literal["inactive", "loaded", "launched"]
 
 
-class UnitOption(BaseModel):
+class _Shape(BaseModel):
+    """One of fleet's JSON objects; see the module's docstring for how it reads and writes."""
+
+    # populate_by_name lets Python build shapes with field names (``Unit(desired_state=...)``).
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    # The JSON key of each field, by its lower-case form.
+    _wire_keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        keys = [field.alias or name for name, field in cls.model_fields.items()]
+        cls._wire_keys = {key.lower(): key for key in keys}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _match_keys_like_go(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {cls._wire_keys.get(key.lower(), key): value for key, value in data.items() if value is not None}
+
+    @model_serializer(mode="wrap")
+    def _keys_in_struct_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return dict(sorted(handler(self).items()))
+
+    def to_wire(self) -> dict[str, Any]:
+        """This shape as fleet's JSON: aliases for keys, empty fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+
+class UnitOption(_Shape):
     """One line of a unit file as fleet carries it: ``{"section", "name", "value"}``."""
 
-    section: str
-    name: str
-    value: str
+    section: str = ""
+    name: str = ""
+    value: str = ""
 
 
-class _FleetModel(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+class Unit(_Shape):
+    """A submitted unit. ``currentState`` and ``machineID`` are fleet's to set; a PUT's are ignored."""
 
-
-class Unit(_FleetModel):
-    name: str
-    options: list[UnitOption] = Field(default_factory=list)
+    name: str = ""
+    options: tuple[UnitOption, ...] = ()
     desired_state: str = Field("", alias="desiredState")
     current_state: str = Field("", alias="currentState")
     machine_id: str = Field("", alias="machineID")
 
 
-class UnitState(_FleetModel):
-    name: str
+class UnitState(_Shape):
+    """What the agent of one machine reports about one unit, as systemd names it."""
+
+    name: str = ""
     hash: str = ""
     machine_id: str = Field("", alias="machineID")
     load_state: str = Field("", alias="systemdLoadState")
@@ -51,10 +112,61 @@ class UnitState(_FleetModel):
     sub_state: str = Field("", alias="systemdSubState")
 
 
-class Machine(_FleetModel):
-    id: str
+class Machine(_Shape):
+    """A machine of the cluster (localfleet presents several on one host)."""
+
+    id: str = ""
     primary_ip: str = Field("", alias="primaryIP")
     metadata: dict[str, str] = Field(default_factory=dict)
+
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    def matches_id(self, wanted: str) -> bool:
+        """fleet accepts the full id or its first 8 characters (`MachineState.MatchID`)."""
+        return wanted in (self.id, self.short_id())
+
+
+class _Page(_Shape):
+    next_page_token: str = Field("", alias="nextPageToken")
+
+
+_P = TypeVar("_P", bound=_Page)
+
+
+class UnitPage(_Page):
+    units: tuple[Unit, ...] = ()
+
+
+class UnitStatePage(_Page):
+    states: tuple[UnitState, ...] = ()
+
+
+class MachinePage(_Page):
+    machines: tuple[Machine, ...] = ()
+
+
+class ErrorResponse(_Shape):
+    code: int
+    message: str
+
+
+class ErrorEntity(_Shape):
+    """fleet's error body, ``{"error": {"code": 409, "message": "..."}}``; ``message`` is empty for most 500s."""
+
+    error: ErrorResponse
+
+
+class MachineMetadataValue(_Shape):
+    value: str = ""
+
+
+class MachineMetadataOp(_Shape):
+    """One JSON-Patch operation of ``PATCH /machines``; ``value`` is an object (§2, PATCH quirk)."""
+
+    op: str = ""
+    path: str = ""
+    value: MachineMetadataValue = MachineMetadataValue()
 
 
 class FleetError(Exception):
@@ -125,18 +237,17 @@ class FleetClient:
     # -- units -------------------------------------------------------------------------
 
     async def list_units(self) -> list[Unit]:
-        return [Unit.model_validate(u) async for u in self._pages("/units", "units")]
+        return [unit async for page in self._pages("/units", UnitPage) for unit in page.units]
 
     async def get_unit(self, name: str) -> Unit:
         return Unit.model_validate(await self._request("GET", f"/units/{name}"))
 
-    async def create_unit(self, name: str, options: list[UnitOption]) -> None:
+    async def create_unit(self, name: str, options: Sequence[UnitOption]) -> None:
         """Submit a unit (fleet creates it ``inactive``). 409 if it exists with these options."""
-        body = {"name": name, "options": [o.model_dump() for o in options]}
-        await self._request("PUT", f"/units/{name}", body)
+        await self._request("PUT", f"/units/{name}", Unit(name=name, options=tuple(options)).to_wire())
 
     async def set_desired_state(self, name: str, state: DesiredState) -> None:
-        await self._request("PUT", f"/units/{name}", {"name": name, "desiredState": state})
+        await self._request("PUT", f"/units/{name}", Unit(name=name, desired_state=state).to_wire())
 
     async def destroy_unit(self, name: str) -> None:
         await self._request("DELETE", f"/units/{name}")
@@ -149,25 +260,23 @@ class FleetClient:
             params["machineID"] = machine_id
         if unit_name:
             params["unitName"] = unit_name
-        return [UnitState.model_validate(s) async for s in self._pages("/state", "states", params)]
+        return [state async for page in self._pages("/state", UnitStatePage, params) for state in page.states]
 
     async def list_machines(self) -> list[Machine]:
-        return [Machine.model_validate(m) async for m in self._pages("/machines", "machines")]
+        return [machine async for page in self._pages("/machines", MachinePage) for machine in page.machines]
 
     # -- wire --------------------------------------------------------------------------
 
     async def _pages(
-        self, path: str, key: str, params: dict[str, str] | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
+        self, path: str, page_type: type[_P], params: dict[str, str] | None = None
+    ) -> AsyncIterator[_P]:
         query = dict(params or {})
         while True:
-            page = await self._request("GET", path, params=query)
-            for item in page.get(key) or []:
-                yield item
-            token = page.get("nextPageToken")
-            if not token:
+            page = page_type.model_validate(await self._request("GET", path, params=query))
+            yield page
+            if not page.next_page_token:
                 return
-            query["nextPageToken"] = token
+            query["nextPageToken"] = page.next_page_token
 
     async def _request(
         self,
@@ -198,10 +307,9 @@ class FleetClient:
 
 
 def _error_from(status: int, text: str, method: str, path: str) -> FleetError:
-    message = ""
     try:
-        message = str(json.loads(text).get("error", {}).get("message", ""))
-    except (ValueError, AttributeError):
+        message = ErrorEntity.model_validate_json(text).error.message
+    except ValidationError:
         message = text.strip()[:200]
     detail = f": {message}" if message else ""
     cls = _ERRORS.get(status, FleetError)

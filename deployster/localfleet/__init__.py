@@ -13,13 +13,19 @@ The parts, from the wire inwards:
     registry.py     units, machines, target machines      -> scheduler.py (fleet's engine), store.py (disk)
     agent.py        one task per unit and machine         -> service.py (systemd's start/stop), journal.py
     unitfile.py, environ.py, unitname.py, xfleet.py       pure parsing of unit files and names
+    model.py        DesiredInstance, what the registry asks of the agent
     server.py       LocalFleet, serve(), run()
+
+fleet's JSON shapes (`UnitOption`, `Unit`, `UnitState`, `Machine`, pages,
+the error entity) and the job states are not defined here but in
+`deployster/fleet.py`, the one place for fleet's wire format, shared with
+Deployster's client; `wire.py` only adds the server's side of it.
 
 Entry points: `run(listen, machines, state_dir, token_limit)` blocks until
 SIGTERM/SIGINT; `serve(...)` is the same as a coroutine; `LocalFleet` is the
 async context manager for embedding. All three raise `StartupError` with a
 sentence for the user when localfleet cannot start (bad address, port in use,
-unreadable state file). `python -m deployster.localfleet --help`.
+unreadable state file). From a shell: `deployster localfleet --help`.
 """
 
 from .server import LocalFleet, StartupError, run, serve

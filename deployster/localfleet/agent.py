@@ -39,8 +39,10 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from deployster.fleet import JOB_LAUNCHED, JOB_LOADED, UnitState
+
 from .journal import UnitJournal
-from .model import JOB_LAUNCHED, JOB_LOADED, DesiredInstance, UnitState
+from .model import DesiredInstance
 from .service import ServiceRun
 from .unitfile import ServiceSpec, UnitLoadError, build_service_spec
 
@@ -236,7 +238,14 @@ class UnitInstance:
         previous = self._state
         load_state = load or (previous.load_state if previous else "loaded")
         unit_hash = self._loaded.hash if self._loaded else ""
-        self._state = UnitState(self.unit_name, unit_hash, self.machine_id, load_state, active, sub)
+        self._state = UnitState(
+            name=self.unit_name,
+            hash=unit_hash,
+            machine_id=self.machine_id,
+            load_state=load_state,
+            active_state=active,
+            sub_state=sub,
+        )
         if previous is None or (previous.active_state, previous.sub_state) != (active, sub):
             self._log.info("unit_state", load=load_state, active=active, sub=sub)
 

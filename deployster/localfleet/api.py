@@ -30,8 +30,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from deployster.fleet import JOB_INACTIVE, JOB_STATES
+
 from .agent import Agent
-from .model import JOB_INACTIVE, JOB_STATES
 from .pagination import InvalidPageToken, PageToken, page_token_from_query, slice_page
 from .registry import Registry, UnitRecord
 from .unitfile import InvalidUnitOptions, check_serializable, unit_hash
@@ -42,10 +43,8 @@ from .wire import (
     decode_unit_request,
     error_entity,
     go_json_dumps,
-    machine_json,
     page_json,
     unit_json,
-    unit_state_json,
 )
 from .xfleet import InvalidRequirements, validate_requirements
 
@@ -287,7 +286,7 @@ async def _states(request: web.Request) -> web.Response:
         if (not machine_id or state.machine_id == machine_id) and (not unit_name or state.name == unit_name)
     ]
     page, next_token = slice_page(states, token)
-    payload = page_json("states", [unit_state_json(state) for state in page], next_token.encode() if next_token else None)
+    payload = page_json("states", page, next_token.encode() if next_token else None)
     return _json_response(200, payload)
 
 
@@ -296,7 +295,7 @@ async def _state(request: web.Request, name: str) -> web.Response:
         raise ApiError(405, "only GET supported against this resource")
     for state in request.app[AGENT_KEY].states():
         if state.name == name:
-            return _json_response(200, unit_state_json(state))
+            return _json_response(200, state.to_wire())
     raise ApiError(404, "unit state does not exist")
 
 
@@ -307,7 +306,7 @@ async def _machines(request: web.Request) -> web.Response:
     if request.method == "GET":
         token = _page_token(request)
         machines, next_token = slice_page(request.app[REGISTRY_KEY].machines(), token)
-        payload = page_json("machines", [machine_json(m) for m in machines], next_token.encode() if next_token else None)
+        payload = page_json("machines", machines, next_token.encode() if next_token else None)
         return _json_response(200, payload)
     if request.method == "PATCH":
         return await _patch_machines(request)
@@ -324,11 +323,11 @@ async def _patch_machines(request: web.Request) -> web.Response:
             raise ApiError(400, "invalid op: expect add, remove, or replace")
         if _METADATA_PATH.fullmatch(op.path) is None:
             raise ApiError(400, "machine metadata path invalid")
-        if op.op != "remove" and not op.value:
+        if op.op != "remove" and not op.value.value:
             raise ApiError(400, "invalid value: add and replace require a value")
     registry = request.app[REGISTRY_KEY]
     for op in ops:
         match = _METADATA_PATH.fullmatch(op.path)
         assert match is not None
-        registry.set_machine_metadata(match.group(1), match.group(2), None if op.op == "remove" else op.value)
+        registry.set_machine_metadata(match.group(1), match.group(2), None if op.op == "remove" else op.value.value)
     return web.Response(status=204, content_type="application/json")

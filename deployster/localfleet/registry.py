@@ -20,9 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
-from .model import JOB_INACTIVE, JOB_LAUNCHED, DesiredInstance, Machine, UnitOption
+from deployster.fleet import JOB_INACTIVE, JOB_LAUNCHED, Machine, UnitOption
+
+from .model import DesiredInstance
 from .scheduler import SchedulableUnit, machine_units, reconcile_schedule
-from .store import RegistryStore, StoredOption, StoredRegistry, StoredUnit
+from .store import RegistryStore, StoredRegistry, StoredUnit
 from .unitfile import unit_hash
 from .xfleet import Requirements, fleet_requirements
 
@@ -79,7 +81,7 @@ class Registry:
         if stored is not None:
             self._metadata = {machine_id: dict(values) for machine_id, values in stored.machine_metadata.items()}
             for unit in stored.units:
-                self._units[unit.name] = _record(unit.name, unit.unit_options(), unit.desired_state, unit.target)
+                self._units[unit.name] = _record(unit.name, unit.options, unit.desired_state, unit.target)
             log.info("registry_restored", path=str(self._store.path) if self._store else None, units=len(self._units))
 
     def publish(self) -> None:
@@ -90,7 +92,7 @@ class Registry:
 
     def machines(self) -> list[Machine]:
         return [
-            dataclasses.replace(machine, metadata=dict(self._metadata.get(machine.id, {})))
+            machine.model_copy(update={"metadata": dict(self._metadata.get(machine.id, {}))})
             for machine in sorted(self._machines.values(), key=lambda machine: machine.id)
         ]
 
@@ -171,7 +173,7 @@ class Registry:
             units=[
                 StoredUnit(
                     name=record.name,
-                    options=[StoredOption(section=o.section, name=o.name, value=o.value) for o in record.options],
+                    options=record.options,
                     desired_state=record.desired_state,
                     target=record.target,
                 )

@@ -26,7 +26,8 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 
-from .model import JOB_INACTIVE, Machine
+from deployster.fleet import JOB_INACTIVE, Machine
+
 from .xfleet import Requirements, glob_match
 
 

@@ -25,9 +25,10 @@ import stat
 import structlog
 from aiohttp import web
 
+from deployster.fleet import Machine
+
 from .agent import Agent, AgentContext
 from .api import create_app
-from .model import Machine
 from .registry import Registry
 from .store import RegistryStore, StateFileError
 
@@ -91,7 +92,9 @@ class LocalFleet:
 
     async def start(self) -> None:
         hostname = socket.gethostname()
-        machines = [Machine(machine_id(hostname, index), PRIMARY_IP, {}) for index in range(self._machine_count)]
+        machines = [
+            Machine(id=machine_id(hostname, index), primary_ip=PRIMARY_IP) for index in range(self._machine_count)
+        ]
         self._agent = Agent(
             AgentContext(
                 hostname=hostname,

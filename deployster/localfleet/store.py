@@ -19,7 +19,7 @@ import tempfile
 
 import pydantic
 
-from .model import UnitOption
+from deployster.fleet import UnitOption
 
 FILE_NAME = "registry.json"
 FORMAT_VERSION = 1
@@ -29,20 +29,11 @@ class StateFileError(RuntimeError):
     """The registry file exists but cannot be used."""
 
 
-class StoredOption(pydantic.BaseModel):
-    section: str
-    name: str
-    value: str
-
-
 class StoredUnit(pydantic.BaseModel):
     name: str
-    options: list[StoredOption]
+    options: tuple[UnitOption, ...]
     desired_state: str
     target: str | None = None
-
-    def unit_options(self) -> tuple[UnitOption, ...]:
-        return tuple(UnitOption(option.section, option.name, option.value) for option in self.options)
 
 
 class StoredRegistry(pydantic.BaseModel):

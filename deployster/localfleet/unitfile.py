@@ -34,8 +34,9 @@ import shlex
 import signal
 from collections.abc import Iterable, Sequence
 
+from deployster.fleet import UnitOption
+
 from .environ import parse_environment_assignments, split_words
-from .model import UnitOption
 from .unitname import expand_specifiers
 
 # go-systemd's deserializer refuses lines this long (systemd's LINE_MAX).

@@ -1,29 +1,51 @@
-"""fleet's JSON on the wire: what the API sends and how it reads a PUT body.
+"""fleet's JSON as the server writes and reads it, over the shapes of `deployster.fleet`.
 
-Sending: every field of fleet's schema is `omitempty`, so an empty string, an
-empty list or an empty map is left out, down to `{}` for an empty page. Keys
-come in the order of fleet's generated structs (alphabetical), and the encoder
-mimics Go's `encoding/json`: compact, non-ASCII as is, and `<`, `>`, `&`,
-U+2028, U+2029 escaped as `\\u003c` etc.
+The shapes themselves, their `omitempty` output (`to_wire`) and their lenient
+reading of keys are defined once, in `deployster/fleet.py`, for the client and
+for this server. This module adds what only a server needs.
 
-Reading: Go's decoder is lenient in ways clients may rely on, so
-`decode_unit_request` is too: keys match field names case-insensitively,
-unknown keys are ignored, `null` leaves a field empty, and anything after the
-first JSON value is ignored. A wrong type is an error (400). One deliberate
-difference: a `null` inside `options` is refused with 400, where fleet would
-crash the request.
+Sending: `unit_json`, `page_json` and `error_entity` build the bodies the API
+answers with, and `go_json_dumps` writes them as Go's `encoding/json` does:
+compact, non-ASCII as is, and `<`, `>`, `&`, U+2028, U+2029 escaped as
+`\\u003c` etc.
+
+Reading: like Go's `json.Decoder`, only the first JSON value of a body counts
+and anything after it is ignored. Keys are folded in the order they come, so
+that when two keys match one field case-insensitively the last one wins, as in
+Go; the shapes then ignore unknown keys, treat `null` as empty and refuse a
+wrong type, which is `InvalidRequestBody` (400). One deliberate difference: a
+`null` inside `options` is refused with 400, where fleet would crash the request.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .model import Machine, UnitOption, UnitState
+from pydantic import TypeAdapter, ValidationError
+
+from deployster.fleet import (
+    ErrorEntity,
+    ErrorResponse,
+    MachineMetadataOp,
+    MachinePage,
+    Unit,
+    UnitOption,
+    UnitPage,
+    UnitStatePage,
+)
 
 _GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+_PAGES: dict[str, type[UnitPage | UnitStatePage | MachinePage]] = {
+    "units": UnitPage,
+    "states": UnitStatePage,
+    "machines": MachinePage,
+}
+
+# A `null` operation decodes to an empty one, which the API then refuses as an invalid op.
+_METADATA_OPS = TypeAdapter(list[MachineMetadataOp | None])
 
 
 class InvalidRequestBody(ValueError):
@@ -38,78 +60,45 @@ def go_json_dumps(payload: Any) -> str:
 
 
 def error_entity(code: int, message: str) -> dict[str, Any]:
-    """fleet's error body; `message` is always present, empty for most 500s."""
-    return {"error": {"code": code, "message": message}}
-
-
-def _omit_empty(fields: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in fields.items() if value}
-
-
-def option_json(option: UnitOption) -> dict[str, Any]:
-    return _omit_empty({"name": option.name, "section": option.section, "value": option.value})
+    return ErrorEntity(error=ErrorResponse(code=code, message=message)).to_wire()
 
 
 def unit_json(
     name: str, options: Sequence[UnitOption], desired_state: str, current_state: str | None, machine_id: str | None
 ) -> dict[str, Any]:
-    return _omit_empty(
-        {
-            "currentState": current_state,
-            "desiredState": desired_state,
-            "machineID": machine_id,
-            "name": name,
-            "options": [option_json(option) for option in options],
-        }
+    """A unit as fleet shows it; `None` (like an empty string) leaves the state or the machine out."""
+    unit = Unit(
+        name=name, options=options, desired_state=desired_state, current_state=current_state, machine_id=machine_id
     )
+    return unit.to_wire()
 
 
-def unit_state_json(state: UnitState) -> dict[str, Any]:
-    return _omit_empty(
-        {
-            "hash": state.hash,
-            "machineID": state.machine_id,
-            "name": state.name,
-            "systemdActiveState": state.active_state,
-            "systemdLoadState": state.load_state,
-            "systemdSubState": state.sub_state,
-        }
-    )
+def page_json(key: str, items: Iterable[Any], next_page_token: str | None) -> dict[str, Any]:
+    """The page of `key` (`units`, `states` or `machines`); `items` are shapes or their JSON."""
+    return _PAGES[key].model_validate({key: list(items), "nextPageToken": next_page_token}).to_wire()
 
 
-def machine_json(machine: Machine) -> dict[str, Any]:
-    return _omit_empty({"id": machine.id, "metadata": dict(machine.metadata), "primaryIP": machine.primary_ip})
-
-
-def page_json(key: str, items: Iterable[dict[str, Any]], next_page_token: str | None) -> dict[str, Any]:
-    fields = {key: list(items), "nextPageToken": next_page_token}
-    return _omit_empty(dict(sorted(fields.items())))
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitRequest:
-    """The fields of a PUT body that fleet acts on; an empty string means absent."""
-
-    name: str = ""
-    options: tuple[UnitOption, ...] = ()
-    desired_state: str = ""
-
-
-def decode_unit_request(body: bytes) -> UnitRequest:
+def decode_unit_request(body: bytes) -> Unit:
+    """The body of `PUT /units/{name}`; an empty field means absent."""
     value = _decode_first_json_value(body)
     if value is None:
-        return UnitRequest()
-    fields = _object_fields(value, "schema.Unit")
-    for key in ("currentstate", "machineid"):
-        _string_field(fields, key)  # read-only, but Go still type-checks them
-    options = fields.get("options")
-    if options is not None and (isinstance(options, _JsonObject) or not isinstance(options, list)):
-        raise InvalidRequestBody(f"json: cannot unmarshal {_json_kind(options)} into Go struct field Unit.options")
-    return UnitRequest(
-        name=_string_field(fields, "name"),
-        options=tuple(_decode_option(item) for item in options or ()),
-        desired_state=_string_field(fields, "desiredstate"),
-    )
+        return Unit()
+    try:
+        return Unit.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidRequestBody(_first_error(exc)) from exc
+
+
+def decode_metadata_ops(body: bytes) -> list[MachineMetadataOp]:
+    """The body of `PATCH /machines`, a list of JSON-Patch operations."""
+    value = _decode_first_json_value(body)
+    if value is None:
+        return []
+    try:
+        ops = _METADATA_OPS.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidRequestBody(_first_error(exc)) from exc
+    return [op or MachineMetadataOp() for op in ops]
 
 
 def _decode_first_json_value(body: bytes) -> Any:
@@ -117,7 +106,7 @@ def _decode_first_json_value(body: bytes) -> Any:
     stripped = text.lstrip(" \t\r\n")
     if not stripped:
         raise InvalidRequestBody("EOF")
-    decoder = json.JSONDecoder(object_pairs_hook=_JsonObject, parse_constant=_reject_constant)
+    decoder = json.JSONDecoder(object_pairs_hook=_fold_keys, parse_constant=_reject_constant)
     try:
         value, _ = decoder.raw_decode(stripped)
     except ValueError as exc:
@@ -125,78 +114,18 @@ def _decode_first_json_value(body: bytes) -> Any:
     return value
 
 
+def _fold_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A dict keeps the first position of a repeated key; folding pair by pair keeps Go's "last one wins".
+    # No shape read here has a map field, whose keys would have to stay as they are.
+    return {key.lower(): value for key, value in pairs}
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid character {name[0]!r} looking for beginning of value")
 
 
-class _JsonObject(list[tuple[str, Any]]):
-    """A JSON object as its key/value pairs in order, so that Go's case-insensitive, last-wins match can be replayed."""
-
-
-def _object_fields(value: Any, type_name: str) -> dict[str, Any]:
-    if not isinstance(value, _JsonObject):
-        raise InvalidRequestBody(f"json: cannot unmarshal {_json_kind(value)} into Go value of type {type_name}")
-    fields: dict[str, Any] = {}
-    for key, item in value:
-        fields[key.lower()] = item
-    return fields
-
-
-def _string_field(fields: Mapping[str, Any], key: str) -> str:
-    value = fields.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequestBody(f"json: cannot unmarshal {_json_kind(value)} into Go struct field of type string")
-    return value
-
-
-def _decode_option(item: Any) -> UnitOption:
-    if item is None:
-        raise InvalidRequestBody("null is not a valid unit option")
-    fields = _object_fields(item, "schema.UnitOption")
-    return UnitOption(
-        section=_string_field(fields, "section"),
-        name=_string_field(fields, "name"),
-        value=_string_field(fields, "value"),
-    )
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, _JsonObject):
-        return "object"
-    return "array"
-
-
-@dataclasses.dataclass(frozen=True)
-class MetadataOp:
-    """One JSON-Patch operation of `PATCH /machines`."""
-
-    op: str
-    path: str
-    value: str
-
-
-def decode_metadata_ops(body: bytes) -> list[MetadataOp]:
-    """The body of `PATCH /machines`; `value` must be an object `{"value": "..."}` (fleet-api.md §2, PATCH quirk)."""
-    value = _decode_first_json_value(body)
-    if value is None:
-        return []
-    if isinstance(value, _JsonObject) or not isinstance(value, list):
-        raise InvalidRequestBody(f"json: cannot unmarshal {_json_kind(value)} into Go value of type []api.machineMetadataOp")
-    ops = []
-    for item in value:
-        if item is None:
-            ops.append(MetadataOp("", "", ""))
-            continue
-        fields = _object_fields(item, "api.machineMetadataOp")
-        inner = fields.get("value")
-        inner_value = "" if inner is None else _string_field(_object_fields(inner, "struct"), "value")
-        ops.append(MetadataOp(_string_field(fields, "op"), _string_field(fields, "path"), inner_value))
-    return ops
+def _first_error(exc: ValidationError) -> str:
+    """Like Go's decoder, name the first problem only: `options.0.name: Input should be a valid string`."""
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]

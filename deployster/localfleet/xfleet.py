@@ -27,7 +27,8 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 
-from .model import UnitOption
+from deployster.fleet import UnitOption
+
 from .unitname import parse_unit_name
 
 _TRUTHY = frozenset({"true", "yes", "1", "on", "t"})

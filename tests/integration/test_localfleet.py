@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 class FleetProcess:
-    """`python -m deployster.localfleet` running on a local port."""
+    """`deployster localfleet` running on a local port."""
 
     def __init__(self, workdir: pathlib.Path, machines: int, state_dir: pathlib.Path | None, port: int) -> None:
         self.workdir = workdir
@@ -86,7 +86,7 @@ class FleetProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.marker = uuid.uuid4().hex
         self.log_path = workdir / f"localfleet-{port}-{self.marker[:6]}.log"
-        command = [sys.executable, "-m", "deployster.localfleet", "--listen", f"127.0.0.1:{port}"]
+        command = [sys.executable, "-m", "deployster", "localfleet", "--listen", f"127.0.0.1:{port}"]
         command += ["--machines", str(machines)]
         if state_dir is not None:
             command += ["--state-dir", str(state_dir)]

@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 import structlog
 
+from deployster.fleet import UnitOption, UnitState
 from deployster.localfleet import LocalFleet, StartupError, agent as agent_module, service as service_module
 from deployster.localfleet.agent import Agent, AgentContext
-from deployster.localfleet.model import DesiredInstance, UnitOption, UnitState
+from deployster.localfleet.model import DesiredInstance
 from deployster.localfleet.unitfile import unit_hash
 
 MACHINE = "0123456789abcdef0123456789abcdef"
@@ -22,7 +23,7 @@ DEADLINE = 10.0
 
 
 def desired(name: str, *lines: tuple[str, str], launched: bool = True) -> DesiredInstance:
-    options = tuple(UnitOption("Service", key, value) for key, value in lines)
+    options = tuple(UnitOption(section="Service", name=key, value=value) for key, value in lines)
     return DesiredInstance(name, MACHINE, options, unit_hash(options), launched)
 
 

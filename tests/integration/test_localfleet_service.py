@@ -15,8 +15,8 @@ import time
 
 import pytest
 
+from deployster.fleet import UnitOption
 from deployster.localfleet.journal import UnitJournal
-from deployster.localfleet.model import UnitOption
 from deployster.localfleet.service import ServiceResult, ServiceRun
 from deployster.localfleet.unitfile import build_service_spec
 
@@ -40,7 +40,7 @@ class Harness:
         self.tmp_path = tmp_path
         self.states: list[tuple[str, str]] = []
         self.stop_requested = asyncio.Event()
-        spec = build_service_spec([UnitOption("Service", key, value) for key, value in lines], UNIT, MACHINE, "host")
+        spec = build_service_spec([UnitOption(section="Service", name=key, value=value) for key, value in lines], UNIT, MACHINE, "host")
         self.journal = UnitJournal(UNIT, MACHINE, tmp_path / "logs")
         self.run = ServiceRun(
             spec=spec,

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from deployster.localfleet.model import Machine, UnitOption
+from deployster.fleet import Machine, UnitOption
 from deployster.localfleet.scheduler import SchedulableUnit, machine_units, reconcile_schedule
 from deployster.localfleet.xfleet import fleet_requirements
 
 M1, M2, M3 = ("1" * 32, "2" * 32, "3" * 32)
-MACHINES = [Machine(M3, "127.0.0.1", {}), Machine(M1, "127.0.0.1", {}), Machine(M2, "127.0.0.1", {})]
+MACHINES = [Machine(id=M3, primary_ip="127.0.0.1", metadata={}), Machine(id=M1, primary_ip="127.0.0.1", metadata={}), Machine(id=M2, primary_ip="127.0.0.1", metadata={})]
 
 
 def unit(name: str, *x_fleet: tuple[str, str], state: str = "launched") -> SchedulableUnit:
-    options = [UnitOption("X-Fleet", key, value) for key, value in x_fleet]
+    options = [UnitOption(section="X-Fleet", name=key, value=value) for key, value in x_fleet]
     return SchedulableUnit(name, state, fleet_requirements(options, name))
 
 
@@ -75,7 +75,7 @@ def test_machine_id_full_or_short() -> None:
 
 
 def test_machine_metadata() -> None:
-    machines = [Machine(M1, "", {"disk": "hdd"}), Machine(M2, "", {"disk": "ssd", "region": "eu"})]
+    machines = [Machine(id=M1, primary_ip="", metadata={"disk": "hdd"}), Machine(id=M2, primary_ip="", metadata={"disk": "ssd", "region": "eu"})]
     assert place([unit("a.service", ("MachineMetadata", "disk=ssd"))], machines) == {"a.service": M2}
     assert place([unit("a.service", ('MachineMetadata', '"disk=nvme" "disk=ssd"'))], machines) == {"a.service": M2}
     assert place([unit("a.service", ("MachineMetadata", "disk=ssd"), ("MachineMetadata", "region=us"))], machines) == {
@@ -86,7 +86,7 @@ def test_machine_metadata() -> None:
 def test_global_units_are_not_scheduled_but_count_as_load_and_conflict() -> None:
     everywhere = unit("g.service", ("Global", "true"))
     blocker = unit("b.service", ("Global", "true"), ("MachineMetadata", "role=b"))
-    machines = [Machine(M1, "", {"role": "b"}), Machine(M2, "", {})]
+    machines = [Machine(id=M1, primary_ip="", metadata={"role": "b"}), Machine(id=M2, primary_ip="", metadata={})]
     # Both machines run g; M1 also runs b, so it is the more loaded one.
     assert place([everywhere, blocker, unit("a.service")], machines) == {"a.service": M2}
     conflicting = unit("c.service", ("Conflicts", "g.service"))
@@ -102,7 +102,7 @@ def test_replaces_moves_the_replaced_unit_elsewhere() -> None:
 
 
 def test_machine_units_lists_placed_and_matching_global_units_minus_conflicts() -> None:
-    machine = Machine(M1, "", {"role": "web"})
+    machine = Machine(id=M1, primary_ip="", metadata={"role": "web"})
     units = [
         unit("a.service"),
         unit("b.service"),

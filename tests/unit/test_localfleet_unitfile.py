@@ -10,13 +10,13 @@ import struct
 
 import pytest
 
+from deployster.fleet import UnitOption
 from deployster.localfleet.environ import (
     expand_exec_argv,
     parse_environment_assignments,
     parse_environment_file,
     split_words,
 )
-from deployster.localfleet.model import UnitOption
 from deployster.localfleet.pagination import (
     InvalidPageToken,
     PageToken,
@@ -53,7 +53,7 @@ UNIT = "web:1.2:2015.03.02-00.31.45@3.service"
 
 
 def service(*lines: tuple[str, str], section: str = "Service") -> list[UnitOption]:
-    return [UnitOption(section, name, value) for name, value in lines]
+    return [UnitOption(section=section, name=name, value=value) for name, value in lines]
 
 
 def spec_of(*lines: tuple[str, str], unit: str = UNIT):
@@ -119,10 +119,10 @@ def test_specifiers() -> None:
 
 def test_render_groups_sections_in_first_seen_order_like_go_systemd() -> None:
     options = [
-        UnitOption("Unit", "Description", "x"),
-        UnitOption("Service", "ExecStart", "/bin/true"),
-        UnitOption("Unit", "After", "docker.service"),
-        UnitOption("X-Fleet", "Conflicts", "a*"),
+        UnitOption(section="Unit", name="Description", value="x"),
+        UnitOption(section="Service", name="ExecStart", value="/bin/true"),
+        UnitOption(section="Unit", name="After", value="docker.service"),
+        UnitOption(section="X-Fleet", name="Conflicts", value="a*"),
     ]
     text = "[Unit]\nDescription=x\nAfter=docker.service\n\n[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nConflicts=a*\n"
     assert render_unit_file(options) == text
@@ -131,19 +131,19 @@ def test_render_groups_sections_in_first_seen_order_like_go_systemd() -> None:
 
 
 def test_reordering_across_sections_keeps_the_hash_but_within_a_section_changes_it() -> None:
-    a, b, c = UnitOption("Unit", "A", "1"), UnitOption("Service", "B", "2"), UnitOption("Unit", "C", "3")
+    a, b, c = UnitOption(section="Unit", name="A", value="1"), UnitOption(section="Service", name="B", value="2"), UnitOption(section="Unit", name="C", value="3")
     assert unit_hash([a, b, c]) == unit_hash([a, c, b])
     assert unit_hash([a, b, c]) != unit_hash([c, b, a])
 
 
 def test_serialization_check() -> None:
-    check_serializable([UnitOption("Service", "ExecStart", "x" * 2000)])
+    check_serializable([UnitOption(section="Service", name="ExecStart", value="x" * 2000)])
     with pytest.raises(InvalidUnitOptions, match="line too long"):
-        check_serializable([UnitOption("Service", "ExecStart", "x" * 2048)])
+        check_serializable([UnitOption(section="Service", name="ExecStart", value="x" * 2048)])
     with pytest.raises(InvalidUnitOptions, match="garbage after section name"):
-        check_serializable([UnitOption("Serv]ice", "A", "b")])
+        check_serializable([UnitOption(section="Serv]ice", name="A", value="b")])
     with pytest.raises(InvalidUnitOptions, match="unexpected newline"):
-        check_serializable([UnitOption("Service", "A\nB", "b")])
+        check_serializable([UnitOption(section="Service", name="A\nB", value="b")])
 
 
 # Time spans
@@ -471,7 +471,7 @@ def test_slicing_matches_fleet_including_the_empty_last_page_on_exact_multiples(
 
 
 def test_unit_json_omits_empty_fields() -> None:
-    options = [UnitOption("Service", "ExecStartPre", ""), UnitOption("Service", "ExecStart", "/bin/true")]
+    options = [UnitOption(section="Service", name="ExecStartPre", value=""), UnitOption(section="Service", name="ExecStart", value="/bin/true")]
     assert unit_json("a.service", options, "launched", None, None) == {
         "desiredState": "launched",
         "name": "a.service",
@@ -490,7 +490,7 @@ def test_put_body_decoding_is_as_lenient_as_gos() -> None:
         b'"desiredState":null,"currentState":"launched","extra":[1,2]} trailing garbage'
     )
     assert request.name == "a.service"
-    assert request.options == (UnitOption("Service", "ExecStart", "/bin/true"),)
+    assert request.options == (UnitOption(section="Service", name="ExecStart", value="/bin/true"),)
     assert request.desired_state == ""
     assert decode_unit_request(b"null") == decode_unit_request(b"{}")
     assert decode_unit_request(b'{"name":"a","name":"b"}').name == "b"
@@ -506,7 +506,7 @@ def test_put_bodies_that_do_not_decode(body: bytes) -> None:
 
 
 def test_json_bytes_match_gos_field_order() -> None:
-    unit = unit_json("a.service", [UnitOption("Service", "ExecStart", "/bin/true")], "launched", "loaded", "ab" * 16)
+    unit = unit_json("a.service", [UnitOption(section="Service", name="ExecStart", value="/bin/true")], "launched", "loaded", "ab" * 16)
     assert go_json_dumps(page_json("units", [unit], "ZAACAA==")) == (
         '{"nextPageToken":"ZAACAA==","units":[{"currentState":"loaded","desiredState":"launched",'
         '"machineID":"abababababababababababababababab","name":"a.service",'
