@@ -154,7 +154,7 @@ def up(args: argparse.Namespace) -> int:
                 stopping, exit_code = True, 1
         time.sleep(0.2)
     print("Stopping...", flush=True)
-    for name, child, timeout in reversed(children):
+    for _, child, timeout in reversed(children):
         _stop(child, timeout)
     print("Stopped.", flush=True)
     return exit_code

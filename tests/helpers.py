@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -24,4 +25,10 @@ async def eventually(
     raise AssertionError(f"condition not met within {timeout} s; last value: {last!r}")
 
 
-
+def process_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (read from /proc, Linux only)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from helpers import process_running
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find unit processes")
 
@@ -62,13 +63,6 @@ def live_processes(**environment: str) -> list[int]:
             pids.append(int(entry))
     return pids
 
-
-def process_running(pid: int) -> bool:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def free_port() -> int:

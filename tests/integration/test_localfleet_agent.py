@@ -17,6 +17,7 @@ from deployster.localfleet import LocalFleet, StartupError, agent as agent_modul
 from deployster.localfleet.agent import Agent, AgentContext
 from deployster.localfleet.model import DesiredInstance
 from deployster.localfleet.unitfile import unit_hash
+from helpers import process_running
 
 MACHINE = "0123456789abcdef0123456789abcdef"
 DEADLINE = 10.0
@@ -26,13 +27,6 @@ def desired(name: str, *lines: tuple[str, str], launched: bool = True) -> Desire
     options = tuple(UnitOption(section="Service", name=key, value=value) for key, value in lines)
     return DesiredInstance(name, MACHINE, options, unit_hash(options), launched)
 
-
-def running(pid: int) -> bool:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 @pytest.fixture
@@ -163,7 +157,7 @@ async def test_shutdown_stops_every_unit(tmp_path: pathlib.Path) -> None:
     pids = [int((tmp_path / f"u{index}").read_text()) for index in range(3)]
     await asyncio.wait_for(agent.shutdown(), DEADLINE)
     assert agent.states() == []
-    assert not any(running(pid) for pid in pids)
+    assert not any(process_running(pid) for pid in pids)
     assert all((tmp_path / f"u{index}.stopped").exists() for index in range(3))
 
 

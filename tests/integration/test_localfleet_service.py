@@ -19,18 +19,12 @@ from deployster.fleet import UnitOption
 from deployster.localfleet.journal import UnitJournal
 from deployster.localfleet.service import ServiceResult, ServiceRun
 from deployster.localfleet.unitfile import build_service_spec
+from helpers import process_running
 
 UNIT = "svc@1.service"
 MACHINE = "0123456789abcdef0123456789abcdef"
 DEADLINE = 10.0
 
-
-def running(pid: int) -> bool:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 class Harness:
@@ -97,7 +91,7 @@ async def test_full_start_and_stop_sequence_with_mainpid(tmp_path: pathlib.Path)
     main = harness.pid("main")
     assert harness.pid("post") == harness.pid("stop") == main
     assert (tmp_path / "stop-post").read_text() == "[]\n"
-    assert not running(main)
+    assert not process_running(main)
     assert "Main process exited, code=killed, status=15/TERM" in harness.journal_text()
 
 
@@ -144,7 +138,7 @@ async def test_start_timeout_kills_the_start_and_runs_only_exec_stop_post(tmp_pa
     assert harness.states[-1] == ("failed", "failed")
     assert not (tmp_path / "started").exists() and not (tmp_path / "stop").exists()
     assert (tmp_path / "stop-post").exists()
-    assert not running(harness.pid("pre"))
+    assert not process_running(harness.pid("pre"))
     assert "Start operation timed out" in harness.journal_text()
 
 
@@ -160,7 +154,7 @@ async def test_stop_timeout_escalates_to_sigkill_and_fails(tmp_path: pathlib.Pat
     assert time.monotonic() - started < 5
     assert ("deactivating", "stop-sigterm") in harness.states
     assert harness.states[-2:] == [("deactivating", "stop-sigkill"), ("failed", "failed")]
-    assert not running(harness.pid("main"))
+    assert not process_running(harness.pid("main"))
 
 
 async def test_failing_exec_start_post_kills_the_main_process(tmp_path: pathlib.Path) -> None:
@@ -171,7 +165,7 @@ async def test_failing_exec_start_post_kills_the_main_process(tmp_path: pathlib.
     )
     assert await harness.finish() is ServiceResult.EXIT_CODE
     assert ("active", "running") not in harness.states
-    assert not running(harness.pid("main"))
+    assert not process_running(harness.pid("main"))
     assert "ExecStartPost process exited, code=exited, status=4" in harness.journal_text()
 
 
@@ -198,9 +192,9 @@ async def test_stop_reaches_background_children_of_the_main_process(tmp_path: pa
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     child = harness.pid("child")
-    assert running(child)
+    assert process_running(child)
     assert await harness.stop() is ServiceResult.SUCCESS
-    assert not running(child)
+    assert not process_running(child)
 
 
 @pytest.mark.parametrize(
