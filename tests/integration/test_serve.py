@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,24 @@ import pytest
 from deployster.etcd import EtcdServer, free_port
 
 
-def serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYSTER_")}
-    return subprocess.Popen([sys.executable, "-m", "deployster", "serve", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**clean, **(env or {})})
+@pytest.fixture
+def serve() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts `deployster serve` processes; any still running at the end is killed."""
+    children: list[subprocess.Popen[str]] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYSTER_")}
+        child = subprocess.Popen([sys.executable, "-m", "deployster", "serve", *flags],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**clean, **(env or {})})
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
 
 
 def get(url: str, password: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
@@ -62,7 +76,7 @@ def stop(child: subprocess.Popen[str]) -> tuple[str, str]:
     (["--fleet-endpoint", "ftp://fleet"], "fleet endpoint 'ftp://fleet' is not valid"),
     (["--etcd", "not a url://"], "-etcd"),
 ])
-def test_bad_configuration_stops_the_start_with_a_sentence(flags: list[str], message: str) -> None:
+def test_bad_configuration_stops_the_start_with_a_sentence(serve, flags: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
     child = serve("-password", "x", *flags)
     out, err = child.communicate(timeout=30)
     assert child.returncode == 2
@@ -70,7 +84,7 @@ def test_bad_configuration_stops_the_start_with_a_sentence(flags: list[str], mes
     assert "Traceback" not in err
 
 
-def test_bad_key_pair_never_falls_back_to_http(tmp_path: Path) -> None:
+def test_bad_key_pair_never_falls_back_to_http(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "c.pem").write_text("garbage")
     (tmp_path / "k.pem").write_text("garbage")
     child = serve("-password", "x", "-cert", str(tmp_path / "c.pem"), "-key", str(tmp_path / "k.pem"))
@@ -78,7 +92,7 @@ def test_bad_key_pair_never_falls_back_to_http(tmp_path: Path) -> None:
     assert child.returncode == 2 and "cannot be loaded" in err
 
 
-def test_generated_password_json_logs_and_graceful_stop(etcd_server: EtcdServer, localfleet: str) -> None:
+def test_generated_password_json_logs_and_graceful_stop(serve, etcd_server: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     child = serve("--listen", f"127.0.0.1:{port}", "--etcd", etcd_server.endpoint,
                   "--fleet-endpoint", localfleet, "--template", "workload")
@@ -98,7 +112,7 @@ def test_generated_password_json_logs_and_graceful_stop(etcd_server: EtcdServer,
     assert password not in err and password not in out
 
 
-def test_https_with_a_certificate(tmp_path: Path, etcd_server: EtcdServer, localfleet: str) -> None:
+def test_https_with_a_certificate(serve, tmp_path: Path, etcd_server: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
