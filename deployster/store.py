@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from deployster.etcd import EtcdError
 from deployster.events import DeployRequested
+from deployster.policy import ServicePolicy
 from deployster.units import Announcement
 
 
@@ -123,6 +124,19 @@ class Store:
             found = await self.etcd.get_prefix(prefix)
         records = [DeployRecord.model_validate_json(kv.value) for kv in found]
         return sorted(records, key=lambda r: (r.created_at, r.id))
+
+    def _policy_key(self, service: str) -> bytes:
+        return f"{self.prefix}/services/{service}/policy".encode()
+
+    async def save_policy(self, service: str, policy: ServicePolicy) -> None:
+        """Only the fields that were set are stored: the others follow the server's defaults."""
+        with _etcd_errors():
+            await self.etcd.put(self._policy_key(service), policy.model_dump_json(exclude_unset=True).encode())
+
+    async def get_policy(self, service: str) -> ServicePolicy:
+        with _etcd_errors():
+            kv = await self.etcd.get(self._policy_key(service))
+        return ServicePolicy() if kv is None else ServicePolicy.model_validate_json(kv.value)
 
     async def announcement(self, key: str) -> Announcement | None:
         """The instance announcement under ``key`` (written by the unit), if there is one."""

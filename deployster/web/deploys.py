@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,7 +26,7 @@ from deployster.events import (
 )
 from deployster.store import new_deploy_id
 from deployster.units import validate_env
-from deployster.web.body import read_json
+from deployster.web.inputs import checked, read_json, service_name
 from deployster.web.auth import USER
 from deployster.web.context import services
 from deployster.web.errors import ApiError
@@ -58,20 +57,13 @@ class DeployEnvelope(BaseModel):
     deploy: DeployBody
 
 
-def _checked(check: Callable[[str], str], value: str) -> str:
-    try:
-        return check(value)
-    except naming.InvalidName as exc:
-        raise ApiError(400, str(exc)) from None
-
-
 @routes.post("/v1/services/{name}/deploys")
 async def create_deploy(request: web.Request) -> web.Response:
     ctx = services(request)
-    service = _checked(naming.validate_service, request.match_info["name"])
+    service = service_name(request)
     body = (await read_json(request, DeployEnvelope)).deploy
-    _checked(naming.validate_version, body.version)
-    timestamp = _checked(naming.validate_timestamp, body.timestamp) if body.timestamp else naming.now_timestamp()
+    checked(naming.validate_version, body.version)
+    timestamp = checked(naming.validate_timestamp, body.timestamp) if body.timestamp else naming.now_timestamp()
     deploy_id = new_deploy_id()
     event = DeployRequested(
         service=service,
@@ -106,14 +98,14 @@ async def create_deploy(request: web.Request) -> web.Response:
 
 @routes.get("/v1/services/{name}/deploys")
 async def list_deploys(request: web.Request) -> web.Response:
-    service = _checked(naming.validate_service, request.match_info["name"])
+    service = service_name(request)
     records = await services(request).store.list_deploys(service)
     return web.json_response({"deploys": [r.public() for r in reversed(records)]})
 
 
 @routes.get("/v1/services/{name}/deploys/{id}")
 async def get_deploy(request: web.Request) -> web.Response:
-    service = _checked(naming.validate_service, request.match_info["name"])
+    service = service_name(request)
     deploy_id = request.match_info["id"]
     record = await services(request).store.get_deploy(service, deploy_id)
     if record is None:
@@ -124,11 +116,11 @@ async def get_deploy(request: web.Request) -> web.Response:
 @routes.delete("/v1/services/{name}/deploys/{version}")
 async def destroy_version(request: web.Request) -> web.Response:
     ctx = services(request)
-    service = _checked(naming.validate_service, request.match_info["name"])
-    version = _checked(naming.validate_version, request.match_info["version"])
+    service = service_name(request)
+    version = checked(naming.validate_version, request.match_info["version"])
     timestamp = request.query.get("timestamp") or None
     if timestamp:
-        _checked(naming.validate_timestamp, timestamp)
+        checked(naming.validate_timestamp, timestamp)
     request_id = secrets.token_hex(8)
     event = DestroyRequested(service=service, request_id=request_id, version=version, timestamp=timestamp)
     result = await ctx.bus.request(
@@ -148,7 +140,7 @@ async def destroy_version(request: web.Request) -> web.Response:
 
 @routes.get("/v1/services/{name}/units")
 async def list_units(request: web.Request) -> web.Response:
-    service = _checked(naming.validate_service, request.match_info["name"])
+    service = service_name(request)
     units = await service_units(services(request).fleet, service)
     return web.json_response(
         {

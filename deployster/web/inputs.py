@@ -1,13 +1,15 @@
-"""Reading JSON request bodies into pydantic models, with 4xx sentences for bad input."""
+"""Request input: JSON bodies into pydantic models, names from the path; 4xx sentences for bad input."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from deployster import naming
 from deployster.web.errors import ApiError, validation_sentence
 
 M = TypeVar("M", bound=BaseModel)
@@ -25,3 +27,15 @@ async def read_json(request: web.Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ApiError(400, validation_sentence(exc)) from None
+
+
+def checked(check: Callable[[str], str], value: str) -> str:
+    """Run a naming check; its sentence becomes a 400."""
+    try:
+        return check(value)
+    except naming.InvalidName as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def service_name(request: web.Request) -> str:
+    return checked(naming.validate_service, request.match_info["name"])

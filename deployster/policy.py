@@ -1,0 +1,43 @@
+"""Service policy: how one service is health-checked and rolled out.
+
+Stored in etcd at ``<prefix>/services/<service>/policy`` and read when a deploy starts, so a
+change applies to the next deploy. Every field has the server's default (ARCHITECTURE.md and
+`reference/anchors.md`); a policy stored with some fields only takes the defaults for the rest.
+Durations are seconds, as numbers. Bounds reject values that are negative or absurd (a day or
+more) with a sentence, before anything is stored.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DAY = 86400.0
+
+
+class HealthPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = "/health"
+    interval: float = Field(1.0, gt=0, le=3600)
+    timeout: float = Field(2.0, gt=0, le=3600)
+    healthy_threshold: int = Field(2, ge=1, le=100)
+    unhealthy_threshold: int = Field(3, ge=1, le=100)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError("the health path must start with '/' and contain no spaces")
+        return value
+
+
+class ServicePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    health: HealthPolicy = Field(default_factory=HealthPolicy)
+    min_healthy_time: float = Field(10.0, ge=0, lt=DAY)
+    instance_deadline: float = Field(300.0, ge=1, lt=DAY)
+    deploy_deadline: float = Field(600.0, ge=1, lt=DAY)
+    drain: float = Field(10.0, ge=0, lt=DAY)
+    # 0: the original's rule (as many as the running release has, else 1).
+    instance_count: int = Field(0, ge=0, le=100)

@@ -1,0 +1,53 @@
+"""PUT/GET /v1/services/{name}/policy against real etcd."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployster.policy import ServicePolicy
+from integration.conftest import Api
+
+
+async def test_a_service_without_policy_gets_the_defaults(api: Api) -> None:
+    resp = await api.client.get(api.url("/policy"), headers=api.auth)
+    assert resp.status == 200
+    policy = (await resp.json())["policy"]
+    assert policy == ServicePolicy().model_dump(mode="json")
+    assert policy["health"] == {"path": "/health", "interval": 1.0, "timeout": 2.0,
+                                "healthy_threshold": 2, "unhealthy_threshold": 3}
+    assert (policy["min_healthy_time"], policy["instance_deadline"], policy["deploy_deadline"],
+            policy["drain"]) == (10.0, 300.0, 600.0, 10.0)
+
+
+async def test_put_keeps_what_was_given_and_defaults_the_rest(api: Api) -> None:
+    resp = await api.client.put(api.url("/policy"), headers=api.auth,
+                                json={"policy": {"health": {"path": "/up"}, "drain": 0, "instance_count": 3}})
+    assert resp.status == 200
+    policy = (await resp.json())["policy"]
+    assert policy["health"]["path"] == "/up" and policy["health"]["interval"] == 1.0
+    assert (policy["drain"], policy["instance_count"], policy["min_healthy_time"]) == (0, 3, 10.0)
+    again = await (await api.client.get(api.url("/policy"), headers=api.auth)).json()
+    assert again["policy"] == policy
+    # Only the given fields are stored, so later default changes reach this service.
+    key = f"{api.deployster.settings.etcd_prefix}/services/{api.service}/policy".encode()
+    stored = (await api.deployster.etcd.get(key)).value
+    assert b"min_healthy_time" not in stored and b"/up" in stored
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"policy": {"drain": -1}}, "policy.drain"),
+    ({"policy": {"instance_deadline": 86400 * 7}}, "policy.instance_deadline"),
+    ({"policy": {"health": {"interval": 0}}}, "policy.health.interval"),
+    ({"policy": {"health": {"path": "health"}}}, "policy.health.path"),
+    ({"policy": {"health": {"healthy_threshold": 0}}}, "policy.health.healthy_threshold"),
+    ({"policy": {"drian": 5}}, "policy.drian"),
+    ({"policy": {"min_healthy_time": "soon"}}, "policy.min_healthy_time"),
+    ({}, "policy"),
+])
+async def test_bad_policies_get_a_400_and_nothing_is_stored(api: Api, body: dict, field: str) -> None:
+    resp = await api.client.put(api.url("/policy"), headers=api.auth, json=body)
+    assert resp.status == 400
+    data = await resp.json()
+    assert data["error"] == "invalid_request" and f"'{field}'" in data["description"]
+    current = await (await api.client.get(api.url("/policy"), headers=api.auth)).json()
+    assert current["policy"] == ServicePolicy().model_dump(mode="json")
