@@ -29,6 +29,12 @@ SERVE_FLAGS: list[tuple[str, str]] = [
     ("etcd-prefix", "etcd key prefix of Deployster's records"),
     ("fleet-endpoint", "fleet API: unix:///PATH, http://HOST:PORT or https://HOST:PORT"),
     ("template", "unit template: docker, workload, or the path of a template file"),
+    ("router", "load balancer fed from etcd: vulcand or traefik"),
+    ("vulcand-prefix", "vulcand's -etcdKey (v3 keys take it as is: no leading slash by default)"),
+    ("vulcand-settle", "seconds to let vulcand apply a change (it cannot confirm one)"),
+    ("traefik-root", "Traefik's providers.etcd.rootKey"),
+    ("traefik-api", "Traefik's API, used to confirm that a change is live"),
+    ("traefik-entrypoint", "entry point of the routers Deployster writes (default: all)"),
     ("log-format", "auto (console on a terminal, else JSON), json or console"),
 ]
 
@@ -54,6 +60,12 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--password", default=None,
                         help="basic-auth password (default: DEPLOYSTER_PASSWORD, else one generated and kept in the state dir)")
     parser.add_argument("--template", default="docker", help="docker (default), workload, or a template file")
+    parser.add_argument("--router", choices=["traefik", "vulcand"], default="traefik",
+                        help="traefik (default: started here) or vulcand (for clusters that run it)")
+    parser.add_argument("--http-listen", default="127.0.0.1:8080",
+                        help="where Traefik serves the deployed services (default 127.0.0.1:8080)")
+    parser.add_argument("--traefik-api-listen", default="127.0.0.1:8081",
+                        help="Traefik's API, for Deployster to confirm changes (default 127.0.0.1:8081)")
     parser.add_argument("--etcd-listen", default="127.0.0.1:2379", help="etcd client address (default 127.0.0.1:2379)")
     parser.add_argument("--machines", type=int, default=3,
                         help="machine ids localfleet presents (default 3, so that the docker "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,12 @@ class Settings(BaseSettings):
     etcd_prefix: str = "/deployster"
     fleet_endpoint: str = "unix:///var/run/fleet.sock"
     template: str = Field("docker", description="docker, workload, or a unit template file")
+    router: Literal["vulcand", "traefik"] = "vulcand"
+    vulcand_prefix: str = "vulcand"
+    vulcand_settle: float = Field(1.0, ge=0, le=60)
+    traefik_root: str = "traefik"
+    traefik_api: str = "http://127.0.0.1:8081"
+    traefik_entrypoint: str = ""
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
 
     @field_validator("etcd")

