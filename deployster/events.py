@@ -53,6 +53,7 @@ class DeployRejected(Event):
 
     deploy_id: str
     description: str
+    status: int = 400  # 409 when another deploy of the service holds its lock
 
 
 class UnitsSubmitted(Event):
@@ -92,3 +93,25 @@ class DeployResumed(Event):
     """An unfinished deploy found in etcd at start: drive it on from its record."""
 
     deploy_id: str
+
+
+class InstanceHealthy(Event):
+    """An announced instance passed its health checks and is registered with the router."""
+
+    unit: str
+    url: str
+
+
+class InstanceUnhealthy(Event):
+    """A routed instance failed its health checks and was taken out of the router."""
+
+    unit: str
+    url: str
+    detail: str
+
+
+class InstanceWithdrawn(Event):
+    """The instance's announcement is gone (its unit stopped or was reaped)."""
+
+    unit: str
+    url: str

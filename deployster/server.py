@@ -22,11 +22,13 @@ from deployster.bus import EventBus
 from deployster.config import Settings
 from deployster.fleet import FleetClient
 from deployster.logs import AccessLogger
+from deployster.routers import Router, TraefikRouter, VulcandRouter
 from deployster.store import Store
 from deployster.units import TemplateError, UnitTemplate, load_template
 from deployster.web.app import create_app
 from deployster.web.context import Services
 from handlers.deploys import DeployConfig, DeployHandler
+from handlers.instances import InstancesHandler
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +54,14 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def router_for(settings: Settings, etcd: aetcd.Client) -> Router:
+    if settings.router == "traefik":
+        return TraefikRouter(etcd, root_key=settings.traefik_root, api_url=settings.traefik_api,
+                             entrypoint=settings.traefik_entrypoint or None,
+                             bookkeeping_prefix=f"{settings.etcd_prefix}/routers/traefik")
+    return VulcandRouter(etcd, prefix=settings.vulcand_prefix, settle=settings.vulcand_settle)
+
+
 async def connect_etcd(endpoints: str, wait: float = 10.0) -> aetcd.Client:
     client = etcd_adapter.client(endpoints)
     deadline = time.monotonic() + wait
@@ -67,7 +77,7 @@ async def connect_etcd(endpoints: str, wait: float = 10.0) -> aetcd.Client:
 
 
 class Deployster:
-    """The wired parts of one server: etcd, fleet, bus, store, handlers and the web app."""
+    """The wired parts of one server: etcd, fleet, router, bus, store, handlers and the app."""
 
     def __init__(self, settings: Settings, etcd: aetcd.Client, fleet: FleetClient,
                  template: UnitTemplate, deploy_config: DeployConfig | None = None) -> None:
@@ -79,6 +89,8 @@ class Deployster:
         self.fleet = fleet
         self.bus = EventBus()
         self.store = Store(etcd, settings.etcd_prefix)
+        self.router = router_for(settings, etcd)
+        self.instances = InstancesHandler(self.bus, etcd, self.store, self.router, settings.etcd_prefix)
         self.deploys = DeployHandler(
             self.bus,
             fleet,
@@ -90,6 +102,8 @@ class Deployster:
                 etcd_endpoints=settings.etcd,
                 etcd_prefix=settings.etcd_prefix,
             ),
+            self.router,
+            self.instances,
         )
         self.deploys.register()
         services = Services(bus=self.bus, fleet=fleet, store=self.store)
@@ -113,13 +127,21 @@ class Deployster:
             raise
         return cls(settings, etcd, fleet, template, deploy_config)
 
-    async def resume(self) -> int:
+    async def start(self) -> int:
+        """Follow the instances and resume unfinished deploys; returns how many resumed."""
+        await self.instances.start()
         return await self.deploys.resume()
 
     async def close(self) -> None:
-        await self.bus.close()
-        await self.fleet.close()
-        await self.etcd.close()
+        """Stop every part; a part that does not stop within 10 s is logged and left behind,
+        so a shutdown never hangs."""
+        for name, part in (("bus", self.bus), ("deploys", self.deploys), ("instances", self.instances),
+                           ("fleet", self.fleet), ("etcd", self.etcd)):
+            try:
+                async with asyncio.timeout(10):
+                    await part.close()
+            except TimeoutError:
+                log.warning("shutdown_step_timed_out", part=name)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -139,7 +161,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             await site.start()
         except OSError as exc:
             raise StartupError(f"Cannot listen on {settings.listen}: {exc.strerror}.") from None
-        resumed = await deployster.resume()
+        resumed = await deployster.start()
         scheme = "https" if ssl_context else "http"
         log.info("server_started", url=f"{scheme}://{settings.listen}", version=__version__,
                  fleet=settings.fleet_endpoint, etcd=settings.etcd, template=settings.template,

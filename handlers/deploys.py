@@ -1,21 +1,28 @@
-"""Deploys: from ``DeployRequested`` to launched fleet units, followed until they run.
+"""Deploys: the state machine from ``DeployRequested`` to a healthy, routed release.
 
-This is the one place where a deploy's steps live:
+This is the one place where a deploy's steps live. Each step is written to the deploy's
+record in etcd before it starts, so a restarted server picks the deploy up where it was
+(``DeployResumed``), and each step is idempotent (a unit that exists already, a server that
+is not registered, a unit that is gone: none is an error).
 
 1. **Plan** with the original's rules (`reference/original-deployster.md` §2.2, §5.1): the
-   service's current units decide the instance count and whether ``destroy_previous`` can
-   be honoured; the two 400 texts are kept verbatim, double spaces included.
-2. **Record** the deploy in etcd (``pending``) before fleet hears of it, so a restart finds it.
-3. **Submit** every unit (create, then set ``launched``, as fleetctl does). If fleet fails
-   half-way, the units already created are destroyed again: nothing is left half-done.
-4. **Follow** fleet's unit states until every new unit is ``active/running`` and has
-   announced its URL in etcd (no fixed sleep, unlike the original); then destroy
-   the previous units (all of them, as a set, not paired by instance number). A unit that
-   fails, or a deploy that misses its deadline, destroys the new units and leaves the old
-   ones serving (``rolled_back``).
-
-A restart re-drives unfinished records (``DeployResumed``); every step is idempotent (a unit
-that already exists is not an error).
+   service's current units decide the instance count and whether ``destroy_previous`` can be
+   honoured; the two 400 texts are kept verbatim, double spaces included. The service's
+   policy (``PUT .../policy``) is read now and kept in the record: a policy change applies to
+   the next deploy, never to a running one.
+2. **Lock** the service (an etcd key on a kept-alive lease): a second deploy of the same
+   service while one runs is refused with 409 naming the holder. A crashed server's lock goes
+   with its lease; a resumed deploy adopts its own lock.
+3. **Record** the deploy (``pending``), then **submit** every unit (create, then launch, as
+   fleetctl does). If fleet fails half-way, the units already created are destroyed again.
+4. **Wait** (start-first) until every new instance is healthy, has stayed healthy for the
+   policy's ``min_healthy_time``, and is routed (``handlers/instances.py`` probes and
+   registers; the router confirms). A new unit that fleet reports ``failed``, or an instance
+   not healthy within ``instance_deadline`` (or the deploy past ``deploy_deadline``), rolls
+   back: the new instances are deregistered and destroyed, the old ones never lost traffic.
+5. **Switch** (with ``destroy_previous``): deregister every previous unit of the service (as a
+   set, failed leftovers included, never paired by instance number), wait until the router
+   applied it and the ``drain`` time passed, then destroy them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 import structlog
 
 from deployster.bus import EventBus
+from deployster.etcd import LeaseKeeper
 from deployster.events import (
     DeployFailed,
     DeployRejected,
@@ -37,10 +45,13 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
-from deployster.fleet import FleetClient, FleetError, FleetNotFound, FleetConflict, Unit
+from deployster.fleet import FleetClient, FleetConflict, FleetError, FleetNotFound, Unit
 from deployster.naming import UnitName
-from deployster.store import DeployRecord, DeployState, Store
+from deployster.policy import ServicePolicy
+from deployster.routers import Router, RouterError
+from deployster.store import DeployRecord, DeployState, DeployStep, LockHolder, Store
 from deployster.units import UnitContext, UnitTemplate, announce_key, image_name, render_unit
+from handlers.instances import InstancesHandler
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +64,7 @@ TOO_MANY_INSTANCES = (
     "this number is less than or equal to the number already running or disable destroying "
     "previous units."
 )
+LOCK_TTL = 15  # seconds a crashed server's lock outlives it
 
 
 @dataclass(frozen=True)
@@ -62,12 +74,22 @@ class DeployConfig:
     image_prefix: str
     etcd_endpoints: str
     etcd_prefix: str
+    # How often fleet's unit states are read while waiting (the original polled every 1 s).
     poll_interval: float = 1.0
-    deadline: float = 300.0
+    # Longest wait for the router to confirm a change.
+    router_timeout: float = 30.0
 
 
 class DeployRejectedError(Exception):
-    """The request cannot be honoured as asked (a 400 with this sentence)."""
+    """The request cannot be honoured as asked (a 400 or 409 with this sentence)."""
+
+    def __init__(self, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.status = status
+
+
+class RollBack(Exception):
+    """The new release cannot become healthy; the message says which instance and why."""
 
 
 async def service_units(fleet: FleetClient, service: str) -> list[tuple[UnitName, Unit]]:
@@ -80,21 +102,23 @@ async def service_units(fleet: FleetClient, service: str) -> list[tuple[UnitName
     return found
 
 
-def plan(
-    request: DeployRequested, current: list[UnitName]
-) -> tuple[int, bool]:
-    """Instance count and effective ``destroy_previous`` by the original's rules."""
+def plan(request: DeployRequested, current: list[UnitName], policy_count: int = 0) -> tuple[int, bool]:
+    """Instance count and effective ``destroy_previous`` by the original's rules.
+
+    A count in the service's policy stands in for a request that gives none.
+    """
     releases = {name.release for name in current}
+    wanted = request.instance_count or policy_count
     destroy_previous = request.destroy_previous
     if destroy_previous:
         if len(releases) > 1:
             raise DeployRejectedError(TOO_MANY_VERSIONS)
-        if request.instance_count and request.instance_count < len(current):
+        if wanted and wanted < len(current):
             raise DeployRejectedError(TOO_MANY_INSTANCES)
         if not releases:
             destroy_previous = False
-    if request.instance_count:
-        count = request.instance_count
+    if wanted:
+        count = wanted
     elif len(releases) == 1:
         count = len(current)
     else:
@@ -110,12 +134,17 @@ class DeployHandler:
         store: Store,
         template: UnitTemplate,
         config: DeployConfig,
+        router: Router,
+        instances: InstancesHandler,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
         self.store = store
         self.template = template
         self.config = config
+        self.router = router
+        self.instances = instances
+        self._leases: dict[str, LeaseKeeper] = {}
 
     def register(self) -> None:
         self.bus.subscribe(DeployRequested, self.on_requested)
@@ -129,25 +158,30 @@ class DeployHandler:
             self.bus.publish(DeployResumed(service=record.service, deploy_id=record.id))
         return len(unfinished)
 
+    async def close(self) -> None:
+        """Stop keeping locks alive without releasing them: a restart resumes and adopts them."""
+        for keeper in self._leases.values():
+            await keeper.stop()
+
     # -- handlers ----------------------------------------------------------------------
 
     async def on_requested(self, event: DeployRequested) -> None:
         try:
+            policy = await self.store.get_policy(event.service)
             current = await service_units(self.fleet, event.service)
-            count, destroy_previous = plan(event, [name for name, _ in current])
+            count, destroy_previous = plan(event, [n for n, _ in current], policy.instance_count)
+            record = DeployRecord.from_request(event, count, destroy_previous, policy)
+            await self._lock(record)
         except DeployRejectedError as exc:
             log.info("deploy_rejected", reason=str(exc))
-            self.bus.publish(
-                DeployRejected(service=event.service, deploy_id=event.deploy_id, description=str(exc))
-            )
+            self.bus.publish(DeployRejected(service=event.service, deploy_id=event.deploy_id,
+                                            description=str(exc), status=exc.status))
             return
         except FleetError as exc:
             log.warning("deploy_not_started", reason=exc.message)
-            self.bus.publish(
-                DeployFailed(service=event.service, deploy_id=event.deploy_id, reason=exc.message)
-            )
+            self.bus.publish(DeployFailed(service=event.service, deploy_id=event.deploy_id,
+                                          reason=exc.message))
             return
-        record = DeployRecord.from_request(event, count, destroy_previous)
         record.units = [
             str(UnitName.build(event.service, event.version, event.timestamp, n))
             for n in range(1, count + 1)
@@ -163,11 +197,12 @@ class DeployHandler:
         record = await self.store.get_deploy(event.service, event.deploy_id)
         if record is None or record.state.finished:
             return
-        log.info("deploy_resumed", state=record.state)
+        log.info("deploy_resumed", state=record.state, step=record.step)
+        await self._lock(record, adopt=True)
         if record.state is DeployState.PENDING:
             await self._submit(record)
         else:
-            self._follow(record)
+            self._drive(record)
 
     async def on_destroy_requested(self, event: DestroyRequested) -> None:
         destroyed: list[str] = []
@@ -177,23 +212,47 @@ class DeployHandler:
         except FleetError as exc:
             failures["*"] = exc.message
             current = []
-        for name, _ in current:
-            if name.version != event.version:
-                continue
-            if event.timestamp and name.timestamp != event.timestamp:
-                continue
+        matching = [n for n, _ in current if n.version == event.version
+                    and (not event.timestamp or n.timestamp == event.timestamp)]
+        await self._retire(matching)
+        for name in matching:
             try:
                 await self._destroy(str(name))
                 destroyed.append(str(name))
             except FleetError as exc:
                 failures[str(name)] = exc.message
         log.info("units_destroyed", version=event.version, units=destroyed, failures=failures)
-        self.bus.publish(
-            UnitsDestroyed(service=event.service, request_id=event.request_id,
-                           units=destroyed, failures=failures)
-        )
+        self.bus.publish(UnitsDestroyed(service=event.service, request_id=event.request_id,
+                                        units=destroyed, failures=failures))
 
     # -- steps -------------------------------------------------------------------------
+
+    async def _lock(self, record: DeployRecord, adopt: bool = False) -> None:
+        keeper = LeaseKeeper(self.store.etcd, ttl=LOCK_TTL)
+        holder = await self.store.lock_holder(record.service)
+        if adopt and holder is not None and holder.holder == record.id:
+            keeper.adopt(holder.lease)
+            self._leases[record.id] = keeper
+            return
+        await keeper.grant()
+        held = await self.store.acquire_lock(record.service, LockHolder(
+            holder=record.id, actor=record.actor, reason=f"deploy of {record.version}",
+            lease=keeper.lease_id))
+        if held is not None and held.holder != record.id:
+            await keeper.revoke()
+            raise DeployRejectedError(
+                f"Service {record.service!r} is being deployed by deploy {held.holder} "
+                f"({held.reason}, by {held.actor or 'unknown'}, since {held.since:%Y-%m-%d %H:%M:%S} UTC); "
+                "wait for it to finish, then deploy again.",
+                status=409,
+            )
+        self._leases[record.id] = keeper
+
+    async def _unlock(self, record: DeployRecord) -> None:
+        await self.store.release_lock(record.service, record.id)
+        keeper = self._leases.pop(record.id, None)
+        if keeper is not None:
+            await keeper.revoke()
 
     async def _submit(self, record: DeployRecord) -> None:
         created: list[str] = []
@@ -213,68 +272,118 @@ class DeployHandler:
             await self._destroy_all(created)
             await self._finish(record, DeployState.FAILED, f"fleet refused the units: {exc.message}")
             return
-        record.state = DeployState.RUNNING
+        record.state, record.step = DeployState.RUNNING, DeployStep.WAITING
+        record.submitted_at = time.time()
         record = await self.store.save_deploy(record)
         log.info("units_submitted", units=record.units)
-        self.bus.publish(
-            UnitsSubmitted(service=record.service, deploy_id=record.id, units=record.units)
-        )
-        self._follow(record)
+        self.bus.publish(UnitsSubmitted(service=record.service, deploy_id=record.id, units=record.units))
+        self._drive(record)
 
-    def _follow(self, record: DeployRecord) -> None:
-        self.bus.spawn(
-            self._await_running(record),
-            name=f"follow:{record.service}:{record.id}",
-            service=record.service,
-            deploy_id=record.id,
-        )
+    def _drive(self, record: DeployRecord) -> None:
+        self.bus.spawn(self._run(record), name=f"deploy:{record.service}:{record.id}",
+                       service=record.service, deploy_id=record.id)
 
-    async def _await_running(self, record: DeployRecord) -> None:
-        deadline = record.created_at.timestamp() + self.config.deadline
-        waiting = set(record.units)
-        while waiting:
+    async def _run(self, record: DeployRecord) -> None:
+        if record.step is DeployStep.WAITING:
             try:
-                states = {s.name: s for s in await self.fleet.list_states() if s.name in waiting}
-            except FleetError as exc:
-                log.warning("fleet_state_unavailable", reason=exc.message)
-                states = {}
-            for unit, state in sorted(states.items()):
-                # systemd says "running" as soon as the main process is spawned; the instance
-                # is up once it has also announced where it answers.
-                if state.active_state == "active" and state.sub_state == "running":
-                    if await self._announced(unit):
-                        log.info("unit_running", unit=unit, machine=state.machine_id)
-                        waiting.discard(unit)
-                elif state.active_state == "failed":
-                    await self._roll_back(record, f"unit {unit} failed to start "
-                                                  f"(systemd {state.active_state}/{state.sub_state})")
-                    return
-            if not waiting:
-                break
-            if time.time() > deadline:
-                await self._roll_back(record, f"units {', '.join(sorted(waiting))} were not running "
-                                              f"after {self.config.deadline:.0f} s")
-                return
-            await asyncio.sleep(self.config.poll_interval)
+                await self._wait_healthy(record)
+            except RollBack as exc:
+                record.step, record.error = DeployStep.ROLLING_BACK, str(exc)
+                record = await self.store.save_deploy(record)
+            else:
+                record.step = DeployStep.SWITCHING
+                record = await self.store.save_deploy(record)
+        if record.step is DeployStep.ROLLING_BACK:
+            await self._roll_back(record)
+            return
         if record.destroy_previous:
-            await self._destroy_all(record.previous_units)
-            log.info("previous_units_destroyed", units=record.previous_units)
+            await self._switch(record)
         await self._finish(record, DeployState.SUCCEEDED)
 
-    async def _roll_back(self, record: DeployRecord, reason: str) -> None:
-        log.warning("deploy_rolling_back", reason=reason)
+    async def _wait_healthy(self, record: DeployRecord) -> None:
+        policy = record.policy
+        units = [n for n in map(UnitName.parse, record.units) if n is not None]
+        instance_deadline = record.submitted_at + policy.instance_deadline
+        deploy_deadline = record.created_at.timestamp() + policy.deploy_deadline
+        next_fleet_check = 0.0
+        while True:
+            now = time.time()
+            if now >= next_fleet_check:
+                next_fleet_check = now + self.config.poll_interval
+                await self._check_not_failed(record)
+            ready = []
+            for unit in units:
+                instance = self.instances.get(unit)
+                if (instance is not None and instance.routed and instance.healthy_since is not None
+                        and time.monotonic() - instance.healthy_since >= policy.min_healthy_time):
+                    ready.append(instance)
+            if len(ready) == len(units):
+                break
+            if now > min(instance_deadline, deploy_deadline):
+                late = [u for u in units if u not in {i.unit for i in ready}]
+                raise RollBack(self._late_reason(late, now > deploy_deadline, policy))
+            await asyncio.sleep(0.05)
+        try:
+            await self.router.wait_applied(record.service, present=[i.url for i in ready],
+                                           timeout=self.config.router_timeout)
+        except RouterError as exc:
+            raise RollBack(f"the router did not route the new instances: {exc}") from None
+        log.info("release_healthy", urls=[i.url for i in ready])
+
+    def _late_reason(self, late: list[UnitName], whole_deploy: bool, policy: ServicePolicy) -> str:
+        unit = late[0]
+        instance = self.instances.get(unit)
+        seen = instance.describe_last_probe() if instance else "it never announced itself"
+        limit = (f"the deploy deadline of {policy.deploy_deadline:g} s" if whole_deploy
+                 else f"its deadline of {policy.instance_deadline:g} s")
+        more = f" (and {len(late) - 1} more)" if len(late) > 1 else ""
+        return f"instance {unit} was not healthy within {limit}{more}; last probe: {seen}"
+
+    async def _check_not_failed(self, record: DeployRecord) -> None:
+        try:
+            states = await self.fleet.list_states()
+        except FleetError as exc:
+            log.warning("fleet_state_unavailable", reason=exc.message)
+            return
+        for state in states:
+            if state.name in record.units and state.active_state == "failed":
+                raise RollBack(f"unit {state.name} failed (systemd {state.active_state}/{state.sub_state})")
+
+    async def _switch(self, record: DeployRecord) -> None:
+        previous = [n for n in map(UnitName.parse, record.previous_units) if n is not None]
+        urls = await self._retire(previous)
+        await asyncio.sleep(record.policy.drain)
+        await self._destroy_all(record.previous_units)
+        log.info("previous_units_destroyed", units=record.previous_units, drained=urls)
+
+    async def _roll_back(self, record: DeployRecord) -> None:
+        log.warning("deploy_rolling_back", reason=record.error)
+        await self._retire([n for n in map(UnitName.parse, record.units) if n is not None])
         await self._destroy_all(record.units)
-        await self._finish(record, DeployState.ROLLED_BACK, reason)
+        await self._finish(record, DeployState.ROLLED_BACK, record.error)
+
+    async def _retire(self, units: list[UnitName]) -> list[str]:
+        """Take units out of the router and wait until it applied that."""
+        if not units:
+            return []
+        urls = await self.instances.retire(units)
+        try:
+            await self.router.wait_applied(units[0].service, absent=urls,
+                                           timeout=self.config.router_timeout)
+        except RouterError as exc:
+            log.warning("router_not_confirmed", reason=str(exc))
+        return urls
 
     async def _finish(self, record: DeployRecord, state: DeployState, error: str | None = None) -> None:
-        record.state = state
-        record.error = error
+        record.state, record.step, record.error = state, DeployStep.DONE, error
         await self.store.save_deploy(record)
+        await self._unlock(record)
         log.info("deploy_finished", state=state, error=error)
         if state is DeployState.SUCCEEDED:
             self.bus.publish(DeploySucceeded(service=record.service, deploy_id=record.id))
         else:
-            self.bus.publish(DeployFailed(service=record.service, deploy_id=record.id, reason=error or state))
+            self.bus.publish(DeployFailed(service=record.service, deploy_id=record.id,
+                                          reason=error or state))
 
     async def _destroy_all(self, units: list[str]) -> None:
         for unit in units:
@@ -288,11 +397,6 @@ class DeployHandler:
             await self.fleet.destroy_unit(unit)
         except FleetNotFound:
             pass  # already gone: the goal is reached
-
-    async def _announced(self, unit: str) -> bool:
-        name = UnitName.parse(unit)
-        assert name is not None
-        return await self.store.announcement(announce_key(self.config.etcd_prefix, name)) is not None
 
     def _context(self, name: UnitName, record: DeployRecord) -> UnitContext:
         return UnitContext(

@@ -44,3 +44,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("CI") and reporter is not None and reporter.stats.get("skipped"):
         reporter.write_line("CI: skipped tests count as failures; install what they need.", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+

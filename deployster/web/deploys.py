@@ -88,7 +88,7 @@ async def create_deploy(request: web.Request) -> web.Response:
         body_json = {"deploy": record.public() if record else {"id": deploy_id, "state": "pending"}}
         return web.json_response(body_json, status=202, headers={"Location": location})
     if isinstance(result, DeployRejected):
-        raise ApiError(400, result.description)
+        raise ApiError(result.status, result.description)
     if isinstance(result, DeployFailed):
         raise ApiError(502, f"The deploy failed: {result.reason}.")
     record = await ctx.store.get_deploy(service, deploy_id)

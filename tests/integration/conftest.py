@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import encode_basic_auth
@@ -17,11 +19,19 @@ from aiohttp.test_utils import TestClient
 
 from deployster.config import Settings
 from deployster.etcd import free_port
-from deployster.fleet import FleetClient
+from deployster.fleet import FleetClient, FleetError
+from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
 from handlers.deploys import DeployConfig, service_units
+from helpers import eventually
+from integration.traefik import Traefik, traefik  # noqa: F401  (a fixture for every integration test)
 
 PASSWORD = "integration-secret"
+# Production defaults wait 10 s of healthy time and drain for 10 s; tests need neither.
+FAST_POLICY = ServicePolicy(
+    health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1, unhealthy_threshold=2),
+    min_healthy_time=0, drain=0, instance_deadline=20, deploy_deadline=30,
+)
 
 
 def wait_http(url: str, child: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
@@ -81,20 +91,66 @@ class Api:
     async def units(self, service: str | None = None) -> list[str]:
         return [str(name) for name, _ in await service_units(self.fleet, service or self.service)]
 
+    async def deploy(self, body: dict[str, Any], expect: int = 201) -> dict[str, Any]:
+        resp = await self.client.post(self.url("/deploys"), json={"deploy": body}, headers=self.auth)
+        data: dict[str, Any] = await resp.json()
+        assert resp.status == expect, data
+        return data
+
+    async def record(self, deploy_id: str) -> dict[str, Any]:
+        resp = await self.client.get(self.url(f"/deploys/{deploy_id}"), headers=self.auth)
+        assert resp.status == 200
+        return dict((await resp.json())["deploy"])
+
+    async def finished(self, deploy_id: str, timeout: float = 30) -> dict[str, Any]:
+        """The deploy's record once it has ended."""
+        async def ended() -> dict[str, Any] | None:
+            rec = await self.record(deploy_id)
+            return rec if rec["state"] not in ("pending", "running") else None
+
+        return await eventually(ended, timeout=timeout, interval=0.1)
+
+    async def deployed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Deploy and wait until the deploy ended (one deploy of a service runs at a time)."""
+        return await self.finished((await self.deploy(body))["deploy"]["id"])
+
+
+@contextlib.asynccontextmanager
+async def running_api(aiohttp_client, etcd_endpoint: str, localfleet: str, **settings: object) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
+    """A Deployster app on a test client with its own etcd prefix and service name."""
+    prefix = f"/deployster-test-{secrets.token_hex(4)}"
+    options: dict[str, object] = {"router": "vulcand", "vulcand_prefix": f"vulcand-{secrets.token_hex(4)}",
+                                  "vulcand_settle": 0, **settings}
+    config = DeployConfig(image_prefix="deployster", etcd_endpoints=etcd_endpoint,
+                          etcd_prefix=prefix, poll_interval=0.2, router_timeout=5)
+    deployster = await Deployster.connect(
+        Settings(etcd=etcd_endpoint, etcd_prefix=prefix, fleet_endpoint=localfleet,
+                 template="workload", password=PASSWORD, **options),  # type: ignore[arg-type]
+        config,
+    )
+    try:
+        client = await aiohttp_client(deployster.app)
+        service = f"svc-{secrets.token_hex(3)}"
+        await deployster.store.save_policy(service, FAST_POLICY)
+        await deployster.start()
+        yield Api(client, deployster, deployster.fleet, service)
+    finally:
+        with contextlib.suppress(FleetError):
+            for name, _ in await service_units(deployster.fleet, service):
+                await deployster.fleet.destroy_unit(str(name))
+        await deployster.close()
+
 
 @pytest.fixture
 async def api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
-    prefix = f"/deployster-test-{secrets.token_hex(4)}"
-    settings = Settings(etcd=etcd_endpoint, etcd_prefix=prefix, fleet_endpoint=localfleet,
-                        template="workload", password=PASSWORD)
-    config = DeployConfig(image_prefix=settings.image_prefix, etcd_endpoints=etcd_endpoint,
-                          etcd_prefix=prefix, poll_interval=0.2, deadline=30)
-    deployster = await Deployster.connect(settings, config)
-    client = await aiohttp_client(deployster.app)
-    service = f"svc-{secrets.token_hex(3)}"
-    try:
-        yield Api(client, deployster, deployster.fleet, service)
-    finally:
-        for name, _ in await service_units(deployster.fleet, service):
-            await deployster.fleet.destroy_unit(str(name))
-        await deployster.close()
+    """Deployster routing through vulcand's layout (no vulcand runs: it only needs the keys)."""
+    async with running_api(aiohttp_client, etcd_endpoint, localfleet) as running:
+        yield running
+
+
+@pytest.fixture
+async def traefik_api(aiohttp_client, etcd_endpoint: str, localfleet: str, traefik: Traefik) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Deployster routing through the real Traefik of the session."""
+    async with running_api(aiohttp_client, etcd_endpoint, localfleet, router="traefik",
+                           traefik_root=traefik.root_key, traefik_api=traefik.api_url) as running:
+        yield running

