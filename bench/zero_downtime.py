@@ -6,13 +6,14 @@ keeps CLIENTS clients requesting the service through Traefik while it runs a ver
 (v1 -> v2) and a rollback (v3, whose health check fails). Prints requests, failures and
 latency percentiles in steady state and during each switch, and the deploys' wall times.
 
-    python bench/zero_downtime.py [--clients 16] [--steady 5]
+    python bench/zero_downtime.py [--clients 16] [--steady 5] [--drain 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import structlog
+from aiohttp import web
 
 from deployster.config import Settings
 from deployster.etcd import EtcdServer, free_port
@@ -31,8 +34,9 @@ from deployster.server import Deployster
 from handlers.deploys import DeployConfig
 
 SERVICE = "bench"
-POLICY = ServicePolicy(health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1),
-                       min_healthy_time=0, drain=0.5, instance_deadline=5, deploy_deadline=60)
+def policy(drain: float) -> ServicePolicy:
+    return ServicePolicy(health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1),
+                         min_healthy_time=0, drain=drain, instance_deadline=5, deploy_deadline=60)
 
 
 class Load:
@@ -93,17 +97,17 @@ async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, f
         await client.close()
 
 
-async def main(clients: int, steady: float) -> None:
+async def main(clients: int, steady: float, drain: float) -> None:
     work = Path(tempfile.mkdtemp(prefix="deployster-bench-"))
     etcd = EtcdServer(work / "etcd")
     etcd.start(log_path=work / "etcd.log")
     etcd.wait_ready()
-    fleet_port, web, api, app_port = free_port(), free_port(), free_port(), free_port()
+    fleet_port, web_port, api, app_port = free_port(), free_port(), free_port(), free_port()
     children = [
         subprocess.Popen([sys.executable, "-m", "deployster", "localfleet", "--listen",
                           f"127.0.0.1:{fleet_port}", "--machines", "3"],
                          stdout=subprocess.DEVNULL, stderr=open(work / "localfleet.log", "wb")),
-        subprocess.Popen(traefik_command(etcd.endpoint, "traefik", f"127.0.0.1:{web}",
+        subprocess.Popen(traefik_command(etcd.endpoint, "traefik", f"127.0.0.1:{web_port}",
                                          f"127.0.0.1:{api}", throttle="100ms"),
                          stdout=subprocess.DEVNULL, stderr=open(work / "traefik.log", "wb")),
     ]
@@ -113,22 +117,21 @@ async def main(clients: int, steady: float) -> None:
         settings = Settings(etcd=etcd.endpoint, fleet_endpoint=f"http://127.0.0.1:{fleet_port}",
                             template="workload", password="bench", router="traefik",
                             traefik_api=f"http://127.0.0.1:{api}", log_format="json")
-        import structlog, logging
+        # Only warnings: the figures are what this prints.
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
         dep = await Deployster.connect(settings, DeployConfig(
             image_prefix="deployster", etcd_endpoints=etcd.endpoint, etcd_prefix="/deployster",
             poll_interval=0.2))
-        from aiohttp import web as aioweb
-        runner = aioweb.AppRunner(dep.app)
+        runner = web.AppRunner(dep.app)
         await runner.setup()
-        await aioweb.TCPSite(runner, "127.0.0.1", app_port).start()
+        await web.TCPSite(runner, "127.0.0.1", app_port).start()
         dep.bench_url = f"http://127.0.0.1:{app_port}"  # type: ignore[attr-defined]
-        await dep.store.save_policy(SERVICE, POLICY)
+        await dep.store.save_policy(SERVICE, policy(drain))
         await dep.start()
 
         state, first = await deploy(dep, "v1")
         print(f"initial 3-instance deploy: {state} in {first:.2f} s")
-        load = Load(f"http://127.0.0.1:{web}/")
+        load = Load(f"http://127.0.0.1:{web_port}/")
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
                                         connector=aiohttp.TCPConnector(limit=clients))
         tasks = [asyncio.create_task(load.client(session)) for _ in range(clients)]
@@ -139,7 +142,7 @@ async def main(clients: int, steady: float) -> None:
         state2, cycle = await deploy(dep, "v2")
         load.phase = "steady after"
         await asyncio.sleep(1)
-        await dep.store.save_policy(SERVICE, POLICY.model_copy(update={"instance_deadline": 3}))
+        await dep.store.save_policy(SERVICE, policy(drain).model_copy(update={"instance_deadline": 3}))
         load.phase = "rollback of v3"
         state3, rollback = await deploy(dep, "v3", env={"DEPLOYSTER_WORKLOAD_HEALTH": "fail"})
         load.phase = "steady end"
@@ -173,5 +176,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--steady", type=float, default=5.0)
+    parser.add_argument("--drain", type=float, default=0.5, help="the policy's drain, seconds")
     args = parser.parse_args()
-    asyncio.run(main(args.clients, args.steady))
+    asyncio.run(main(args.clients, args.steady, args.drain))
