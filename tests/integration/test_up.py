@@ -104,6 +104,19 @@ def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 answer = json.load(resp)
             assert (answer["service"], answer["version"]) == ("hello", "v1")
+
+        # Through the Traefik that `up` started, by the service's host name.
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 3 and time.monotonic() < deadline:
+            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/",
+                                             headers={"Host": "hello.localhost"})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    seen.add(json.load(resp)["instance"])
+            except OSError:
+                time.sleep(0.2)
+        assert seen == {1, 2, 3}
     finally:
         out = stop_up(up)
     assert "Stopped." in out
