@@ -31,10 +31,11 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import aetcd
 import structlog
 
 from deployster.bus import EventBus
-from deployster.etcd import LeaseKeeper
+from deployster.etcd import EtcdError, LeaseKeeper
 from deployster.events import (
     DeployFailed,
     DeployRejected,
@@ -65,6 +66,7 @@ TOO_MANY_INSTANCES = (
     "previous units."
 )
 LOCK_TTL = 15  # seconds a crashed server's lock outlives it
+RETRY_INITIAL, RETRY_MAX = 0.2, 5.0  # backoff of a step that met an unreachable etcd or fleet
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,20 @@ class DeployHandler:
                        service=record.service, deploy_id=record.id)
 
     async def _run(self, record: DeployRecord) -> None:
+        """Drive the deploy to its end. etcd (or fleet) being unreachable for a while is not
+        the deploy's fault: the step is retried with backoff (every step is idempotent), and
+        only the deploy's own deadlines end it."""
+        backoff = RETRY_INITIAL
+        while True:
+            try:
+                await self._advance(record)
+                return
+            except (EtcdError, aetcd.ClientError, FleetError) as exc:
+                log.warning("deploy_step_retrying", step=record.step, reason=str(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX)
+
+    async def _advance(self, record: DeployRecord) -> None:
         if record.step is DeployStep.WAITING:
             try:
                 await self._wait_healthy(record)

@@ -28,10 +28,11 @@ import aiohttp
 import structlog
 
 from deployster.bus import EventBus
-from deployster.etcd import WatchEvent, watch_prefix
+from deployster.etcd import EtcdError, WatchEvent, watch_prefix
 from deployster.events import InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn
-from deployster.health import HealthTracker, ProbeResult, probe
+from deployster.health import HealthTracker, ProbeResult, Transition, probe
 from deployster.naming import UnitName
+from deployster.policy import ServicePolicy
 from deployster.routers import Router
 from deployster.store import Store
 from deployster.units import Announcement, instances_prefix, parse_announce_key
@@ -177,18 +178,33 @@ class InstancesHandler:
         assert self._session is not None
         unit = instance.unit
         with structlog.contextvars.bound_contextvars(service=unit.service, unit=str(unit)):
-            policy = await self.store.get_policy(unit.service)
+            policy = await self._policy(unit.service)
             tracker = HealthTracker(policy.health)
+            pending: Transition | None = None  # a transition the router has not taken yet
             while True:
                 started = time.monotonic()
                 result = await probe(self._session, instance.url, policy.health)
                 instance.last_probe = result
-                transition = tracker.observe(result)
-                if transition == "became_healthy":
-                    await self._healthy(instance)
-                elif transition == "became_unhealthy":
-                    await self._unhealthy(instance, result)
+                pending = tracker.observe(result) or pending
+                try:
+                    if pending is Transition.BECAME_HEALTHY:
+                        await self._healthy(instance)
+                    elif pending is Transition.BECAME_UNHEALTHY:
+                        await self._unhealthy(instance, result)
+                    pending = None
+                except (EtcdError, aetcd.ClientError) as exc:
+                    # The router's keys live in etcd: try the transition again next round.
+                    log.warning("instance_routing_retrying", reason=str(exc))
                 await asyncio.sleep(max(0.0, policy.health.interval - (time.monotonic() - started)))
+
+    async def _policy(self, service: str) -> ServicePolicy:
+        """The service's policy; while etcd is unreachable, keep asking."""
+        while True:
+            try:
+                return await self.store.get_policy(service)
+            except EtcdError as exc:
+                log.warning("policy_unavailable", reason=str(exc))
+                await asyncio.sleep(1.0)
 
     async def _healthy(self, instance: Instance) -> None:
         unit = instance.unit

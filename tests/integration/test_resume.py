@@ -238,7 +238,7 @@ async def test_a_deploy_completes_across_an_etcd_restart(aiohttp_client, tmp_pat
             await eventually(record_readable, timeout=30, interval=0.2)
             done = await api.finished(created["id"], timeout=60)
             print(f"\n[etcd-restart] deploy ended {done['state']} {time.monotonic() - restarted_at:.1f} s after the restart")
-            assert done["state"] == "succeeded", done
+            assert done["state"] == "succeeded", (done["error"], done)
             assert sorted(await api.units()) == sorted(created["units"])
     finally:
         etcd.stop()
