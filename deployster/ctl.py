@@ -16,6 +16,8 @@ What differs from the original, and why:
   the service's containers (a field the new server adds). ``destroy --timestamp TS`` sends the
   ``?timestamp=`` query the original server already accepted, to destroy one deploy's units.
   Without these flags the requests are the original's, byte for byte.
+- ``rollback SERVICE`` (new) asks the server to deploy the last successful release before the
+  live one again (``POST .../rollback``).
 - After ``Deploy triggered!`` it prints ``Deploy <id> is <state>.`` when the server returns the
   deploy record (the original server answered with an empty body).
 - Connection failures (server down, TLS) are one sentence naming the URL, and requests have
@@ -220,6 +222,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     list_cmd.add_argument("service", nargs="?", help="service name")
     list_cmd.set_defaults(execute=_list, required=("service",))
+
+    rollback_cmd = commands.add_parser(
+        "rollback", help="Deploys the last successful release before the live one again"
+    )
+    rollback_cmd.add_argument("service", nargs="?", help="service name")
+    rollback_cmd.set_defaults(execute=_rollback, required=("service",))
     return parser
 
 
@@ -264,10 +272,18 @@ async def _deploy(args: argparse.Namespace, api: _Api) -> int:
     if args.env:
         deploy["env"] = dict(args.env)
     url = api.service_url(args.service, "deploys")
-    async with api.session.post(url, data=_json_body({"deploy": deploy})) as response:
+    return await _start_deploy(api, url, _json_body({"deploy": deploy}), "Deploy")
+
+
+async def _rollback(args: argparse.Namespace, api: _Api) -> int:
+    return await _start_deploy(api, api.service_url(args.service, "rollback"), b"", "Rollback")
+
+
+async def _start_deploy(api: _Api, url: str, body: bytes, what: str) -> int:
+    async with api.session.post(url, data=body) as response:
         if response.status != 201:
-            return await _report_failure("Deploy failed :(", response)
-        print("Deploy triggered!")
+            return await _report_failure(f"{what} failed :(", response)
+        print(f"{what} triggered!")
         record = _deploy_record(await response.read())
         if record.get("id") and record.get("state"):
             print(f"Deploy {record['id']} is {record['state']}.")

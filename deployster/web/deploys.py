@@ -24,13 +24,13 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
-from deployster.store import new_deploy_id
+from deployster.store import DeployState, new_deploy_id
 from deployster.units import validate_env
 from deployster.web.inputs import checked, read_json, service_name
 from deployster.web.auth import USER
 from deployster.web.context import services
 from deployster.web.errors import ApiError
-from handlers.deploys import service_units
+from handlers.deploys import rollback_target, service_units
 
 routes = web.RouteTableDef()
 
@@ -59,15 +59,13 @@ class DeployEnvelope(BaseModel):
 
 @routes.post("/v1/services/{name}/deploys")
 async def create_deploy(request: web.Request) -> web.Response:
-    ctx = services(request)
     service = service_name(request)
     body = (await read_json(request, DeployEnvelope)).deploy
     checked(naming.validate_version, body.version)
     timestamp = checked(naming.validate_timestamp, body.timestamp) if body.timestamp else naming.now_timestamp()
-    deploy_id = new_deploy_id()
     event = DeployRequested(
         service=service,
-        deploy_id=deploy_id,
+        deploy_id=new_deploy_id(),
         version=body.version,
         timestamp=timestamp,
         instance_count=body.instance_count,
@@ -75,6 +73,37 @@ async def create_deploy(request: web.Request) -> web.Response:
         env=body.env,
         actor=request[USER],
     )
+    return await _start(request, event)
+
+
+@routes.post("/v1/services/{name}/rollback")
+async def rollback(request: web.Request) -> web.Response:
+    """Deploy the last successful release before the live one again (a new timestamp, its
+    version and environment), replacing the live release; no body is needed."""
+    service = service_name(request)
+    records = await services(request).store.list_deploys(service)
+    target = rollback_target(records)
+    if target is None:
+        raise ApiError(409, f"Service {service!r} has no earlier successful release to roll back to.")
+    live = next(r for r in reversed(records) if r.state is DeployState.SUCCEEDED)
+    event = DeployRequested(
+        service=service,
+        deploy_id=new_deploy_id(),
+        version=target.version,
+        timestamp=naming.now_timestamp(),
+        instance_count=live.instance_count,
+        destroy_previous=True,
+        env=target.env,
+        source="rollback",
+        actor=request[USER],
+    )
+    return await _start(request, event)
+
+
+async def _start(request: web.Request, event: DeployRequested) -> web.Response:
+    """Publish the deploy and answer with its outcome: 201 once fleet has the units."""
+    ctx = services(request)
+    service, deploy_id = event.service, event.deploy_id
 
     def outcome(e: Event) -> bool:
         return isinstance(e, (UnitsSubmitted, DeployRejected, DeployFailed)) and e.deploy_id == deploy_id

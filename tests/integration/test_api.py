@@ -325,3 +325,19 @@ async def test_etcd_down_is_a_503_and_nothing_reaches_fleet(aiohttp_client, tmp_
     finally:
         etcd.stop()
         await deployster.close()
+
+
+async def test_rollback_redeploys_the_previous_release(api: Api) -> None:
+    resp = await api.client.post(api.url("/rollback"), headers=api.auth)
+    assert resp.status == 409
+    assert "no earlier successful release" in (await resp.json())["description"]
+    v1 = await api.deployed({"version": "v1", "instance_count": 2, "env": {"COLOR": "blue"}})
+    v2 = await api.deployed({"version": "v2", "destroy_previous": True})
+    assert v2["state"] == "succeeded"
+    resp = await api.client.post(api.url("/rollback"), headers=api.auth)
+    assert resp.status == 201
+    back = (await resp.json())["deploy"]
+    assert (back["version"], back["source"], back["instance_count"], back["env"]) == ("v1", "rollback", 2, ["COLOR"])
+    assert back["timestamp"] != v1["timestamp"]
+    assert (await api.finished(back["id"]))["state"] == "succeeded"
+    assert sorted(await api.units()) == sorted(back["units"])

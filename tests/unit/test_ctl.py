@@ -432,6 +432,28 @@ def test_deploy_with_every_flag_and_the_new_record(
     }
 
 
+def test_rollback_posts_to_the_service_and_reports_the_new_deploy(
+    serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def created(request: web.Request) -> web.Response:
+        return web.json_response({"deploy": {"id": "d-9", "state": "running", "version": "v1"}}, status=201)
+
+    server = serve(web.post("/v1/services/{name}/rollback", created))
+    assert deployctl(server, "rollback", "hello-world") == 0
+    assert capsys.readouterr() == ("Rollback triggered!\nDeploy d-9 is running.\n", "")
+    assert (server.only_request.method, server.only_request.path) == ("POST", "/v1/services/hello-world/rollback")
+
+
+def test_rollback_refused_exits_1(serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str]) -> None:
+    async def refused(request: web.Request) -> web.Response:
+        return error_envelope("Service 'hello-world' has no earlier successful release to roll back to.", 409)
+
+    server = serve(web.post("/v1/services/{name}/rollback", refused))
+    assert deployctl(server, "rollback", "hello-world") == 1
+    out = capsys.readouterr().out
+    assert out.startswith("Rollback failed :(\n-- Response Status: 409 Conflict\n")
+
+
 def test_deploy_failure_prints_status_and_body(
     serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
