@@ -106,7 +106,7 @@ class Deployster:
             self.instances,
         )
         self.deploys.register()
-        services = Services(bus=self.bus, fleet=fleet, store=self.store)
+        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances)
         self.app = create_app(services, settings.username, password)
 
     @classmethod

@@ -9,6 +9,7 @@ from aiohttp import web
 from deployster.bus import EventBus
 from deployster.fleet import FleetClient
 from deployster.store import Store
+from handlers.instances import InstancesHandler
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Services:
     bus: EventBus
     fleet: FleetClient
     store: Store
+    instances: InstancesHandler  # the live view of announced instances, read-only here
     # How long the deploy POST waits for fleet to accept the units before answering 202.
     submit_timeout: float = 60.0
 

@@ -24,7 +24,7 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
-from deployster.store import DeployState, new_deploy_id
+from deployster.store import DeployRecord, DeployState, new_deploy_id
 from deployster.units import validate_env
 from deployster.web.inputs import checked, read_json, service_name
 from deployster.web.auth import USER
@@ -123,6 +123,31 @@ async def _start(request: web.Request, event: DeployRequested) -> web.Response:
     record = await ctx.store.get_deploy(service, deploy_id)
     assert record is not None
     return web.json_response({"deploy": record.public()}, status=201, headers={"Location": location})
+
+
+@routes.get("/v1/services")
+async def list_services(request: web.Request) -> web.Response:
+    """Every service with a deploy record: its live release, its latest deploy, and the health
+    of its announced instances as the probes see them now."""
+    ctx = services(request)
+    by_service: dict[str, list[DeployRecord]] = {}
+    for record in await ctx.store.list_deploys():
+        by_service.setdefault(record.service, []).append(record)
+    listed = []
+    for name, records in sorted(by_service.items()):
+        live = next((r for r in reversed(records) if r.state is DeployState.SUCCEEDED), None)
+        latest = records[-1]
+        listed.append({
+            "name": name,
+            "live": {"version": live.version, "timestamp": live.timestamp, "deploy_id": live.id} if live else None,
+            "latest_deploy": {"id": latest.id, "version": latest.version, "state": latest.state},
+            "instances": [
+                {"unit": str(i.unit), "url": i.url, "healthy": i.healthy, "routed": i.routed,
+                 "last_probe": i.describe_last_probe()}
+                for i in sorted(ctx.instances.of_service(name), key=lambda i: str(i.unit))
+            ],
+        })
+    return web.json_response({"services": listed})
 
 
 @routes.get("/v1/services/{name}/deploys")

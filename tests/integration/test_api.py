@@ -341,3 +341,25 @@ async def test_rollback_redeploys_the_previous_release(api: Api) -> None:
     assert back["timestamp"] != v1["timestamp"]
     assert (await api.finished(back["id"]))["state"] == "succeeded"
     assert sorted(await api.units()) == sorted(back["units"])
+
+
+async def test_services_list_the_live_release_and_instance_health(api: Api) -> None:
+    v1 = await api.deployed({"version": "v1", "instance_count": 2})
+    failing = await api.deploy({"version": "v2", "destroy_previous": True,
+                                "env": {"DEPLOYSTER_WORKLOAD_HEALTH": "fail"}})
+
+    async def listed() -> dict | None:
+        resp = await api.client.get("/v1/services", headers=api.auth)
+        assert resp.status == 200
+        mine = [s for s in (await resp.json())["services"] if s["name"] == api.service]
+        # Wait until the failing release's instances have been probed at least once.
+        if mine and any(i["last_probe"] == "HTTP 503" for i in mine[0]["instances"]):
+            return mine[0]
+        return None
+
+    service = await eventually(listed, timeout=20)
+    assert service["live"] == {"version": "v1", "timestamp": v1["timestamp"], "deploy_id": v1["id"]}
+    assert service["latest_deploy"]["id"] == failing["deploy"]["id"]
+    healthy = [i for i in service["instances"] if i["healthy"]]
+    assert sorted(i["unit"] for i in healthy) == sorted(v1["units"])
+    assert all(i["routed"] for i in healthy)
