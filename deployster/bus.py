@@ -80,9 +80,6 @@ class EventBus:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def queue_depth(self) -> int:
-        return sum(q.qsize() for q in self._lanes.values())
-
     async def close(self) -> None:
         """Stop the lanes and spawned work; pending events are dropped (etcd has the state)."""
         self._closed = True

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import aetcd
 import pytest
 import structlog
 
+from deployster import etcd
 from deployster.etcd import EtcdServer
 
 
@@ -35,6 +38,23 @@ def log_lines() -> Iterator[list[dict[str, object]]]:
 @pytest.fixture
 def etcd_endpoint(etcd_server: EtcdServer) -> str:
     return etcd_server.endpoint
+
+
+@pytest.fixture
+async def etcd_client(etcd_endpoint: str) -> AsyncIterator[aetcd.Client]:
+    """A connected client of the session's etcd."""
+    async with etcd.client(etcd_endpoint) as connected:
+        yield connected
+
+
+@pytest.fixture
+def private_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd of this test alone, which it may stop and start again on the same ports."""
+    server = EtcdServer(tmp_path / "etcd-data")
+    server.start(log_path=tmp_path / "etcd.log")
+    server.wait_ready()
+    yield server
+    server.stop()
 
 
 

@@ -1,10 +1,12 @@
-"""Helpers for tests: bounded waits instead of fixed sleeps."""
+"""Helpers for tests: bounded waits instead of fixed sleeps, process checks."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import subprocess
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -32,3 +34,17 @@ def process_running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def wait_http(url: str, child: subprocess.Popen[bytes], log: pathlib.Path, timeout: float = 20.0) -> None:
+    """Wait until ``url`` answers; fail with ``child``'s log if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"{child.args} exited with {child.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")

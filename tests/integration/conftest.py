@@ -6,11 +6,8 @@ import contextlib
 import secrets
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +20,7 @@ from deployster.fleet import FleetClient, FleetError
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
 from handlers.deploys import DeployConfig, service_units
-from helpers import eventually
+from helpers import eventually, wait_http
 from integration.traefik import Traefik, traefik  # noqa: F401  (a fixture for every integration test)
 
 PASSWORD = "integration-secret"
@@ -32,19 +29,6 @@ FAST_POLICY = ServicePolicy(
     health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1, unhealthy_threshold=2),
     min_healthy_time=0, drain=0, instance_deadline=20, deploy_deadline=30,
 )
-
-
-def wait_http(url: str, child: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RuntimeError(f"{child.args} exited with {child.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
 
 
 def basic_auth(user: str, password: str) -> dict[str, str]:

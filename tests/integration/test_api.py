@@ -305,10 +305,8 @@ async def test_every_log_line_of_a_deploy_names_service_and_deploy(api: Api, log
     assert "hunter2" not in repr(log_lines)
 
 
-async def test_etcd_down_is_a_503_and_nothing_reaches_fleet(aiohttp_client, tmp_path, localfleet: str) -> None:  # type: ignore[no-untyped-def]
-    etcd = EtcdServer(tmp_path / "etcd")
-    etcd.start()
-    etcd.wait_ready()
+async def test_etcd_down_is_a_503_and_nothing_reaches_fleet(aiohttp_client, private_etcd: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
+    etcd = private_etcd
     settings = Settings(etcd=etcd.endpoint, fleet_endpoint=localfleet, template="workload", password=PASSWORD)
     deployster = await Deployster.connect(settings)
     try:
@@ -323,7 +321,6 @@ async def test_etcd_down_is_a_503_and_nothing_reaches_fleet(aiohttp_client, tmp_
         resp = await client.get("/v1/services/etcd-down/deploys", headers=auth)
         assert resp.status == 503
     finally:
-        etcd.stop()
         await deployster.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aetcd
@@ -98,30 +98,22 @@ async def test_keep_lease_alive_raises_for_a_missing_lease(etcd: aetcd.Client) -
         await asyncio.wait_for(keep_lease_alive(etcd, lease.id, 1), 2)
 
 
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path / "data")
-    server.start(log_path=tmp_path / "etcd.log")
-    server.wait_ready()
-    yield server
-    server.stop()
-
 
 async def test_outage_shorter_than_ttl_keeps_the_lease(
-    own_server: EtcdServer, tmp_path: Path, key: bytes, log_lines: list[dict[str, object]]
+    private_etcd: EtcdServer, tmp_path: Path, key: bytes, log_lines: list[dict[str, object]]
 ) -> None:
     """etcd down ~1 s under a TTL of 4 s: refreshes fail and are skipped, the lease survives.
 
     (etcd restores leases on restart with a fresh TTL, so this also holds for longer outages;
     a TTL of 4 rather than 2 leaves room for etcd's own start-up time on a slow machine.)
     """
-    etcd = client(own_server.endpoint)
+    etcd = client(private_etcd.endpoint)
     async with etcd, LeaseKeeper(etcd, ttl=4) as keeper:
         await etcd.put(key, b"x", lease=keeper.lease_id)
-        await asyncio.to_thread(own_server.stop)
+        await asyncio.to_thread(private_etcd.stop)
         await asyncio.sleep(1.0)  # the outage itself
-        own_server.start(log_path=tmp_path / "etcd.log")
-        await asyncio.to_thread(own_server.wait_ready)
+        private_etcd.start(log_path=tmp_path / "etcd.log")
+        await asyncio.to_thread(private_etcd.wait_ready)
         await asyncio.sleep(4.5)  # over a whole TTL after the restart: refreshes resumed
         assert await etcd.get(key) is not None
         assert not keeper.expired.is_set()

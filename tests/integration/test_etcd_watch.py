@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aetcd
@@ -16,26 +16,17 @@ from tests.helpers import eventually
 PREFIX = "/w/"
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EtcdServer]:
-    """etcd of this test alone, so it can be stopped and started again on the same ports."""
-    server = EtcdServer(tmp_path / "data")
-    server.start(log_path=tmp_path / "etcd.log")
-    server.wait_ready()
-    yield server
-    server.stop()
-
 
 @pytest.fixture
-async def etcd(server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    async with client(server.endpoint) as c:
+async def etcd(private_etcd: EtcdServer) -> AsyncIterator[aetcd.Client]:
+    async with client(private_etcd.endpoint) as c:
         yield c
 
 
-def restart(server: EtcdServer, log: Path) -> None:
-    server.stop()
-    server.start(log_path=log)
-    server.wait_ready()
+def restart(private_etcd: EtcdServer, log: Path) -> None:
+    private_etcd.stop()
+    private_etcd.start(log_path=log)
+    private_etcd.wait_ready()
 
 
 class Recorder:
@@ -110,7 +101,7 @@ async def test_watch_from_a_past_revision_replays_history(etcd: aetcd.Client) ->
 
 
 async def test_puts_across_an_etcd_restart_arrive_exactly_once(
-    server: EtcdServer, etcd: aetcd.Client, tmp_path: Path, log_lines: list[dict[str, object]]
+    private_etcd: EtcdServer, etcd: aetcd.Client, tmp_path: Path, log_lines: list[dict[str, object]]
 ) -> None:
     rec = Recorder()
     task = rec.start(etcd)
@@ -118,7 +109,7 @@ async def test_puts_across_an_etcd_restart_arrive_exactly_once(
     for i in range(5):
         await etcd.put(f"/w/k{i}".encode(), b"x")
     await eventually(lambda: _true(len(rec.events) == 5))
-    await asyncio.to_thread(restart, server, tmp_path / "etcd.log")
+    await asyncio.to_thread(restart, private_etcd, tmp_path / "etcd.log")
     # The client reconnects by itself; the puts retry until etcd takes them.
     for i in range(5, 10):
         await eventually(lambda i=i: _put(etcd, f"/w/k{i}"), timeout=15)
@@ -131,7 +122,7 @@ async def test_puts_across_an_etcd_restart_arrive_exactly_once(
 
 
 async def test_catch_up_killed_midway_resumes_from_event_revision(
-    server: EtcdServer, etcd: aetcd.Client, tmp_path: Path, log_lines: list[dict[str, object]]
+    private_etcd: EtcdServer, etcd: aetcd.Client, tmp_path: Path, log_lines: list[dict[str, object]]
 ) -> None:
     """1500 events of catch-up: etcd stamps each batch with the *current* revision, so a
     resume from the header revision would skip most of them (reference/etcd.md §3.1)."""
@@ -148,11 +139,11 @@ async def test_catch_up_killed_midway_resumes_from_event_revision(
         if len(rec.events) == 1:
             # Kill etcd while the catch-up is in flight, and bring it back.
             seen_at_kill.append(len(rec.events))
-            assert server.process is not None
-            server.process.kill()
-            server.process.wait()
-            server.start(log_path=tmp_path / "etcd.log")
-            await asyncio.to_thread(server.wait_ready)
+            assert private_etcd.process is not None
+            private_etcd.process.kill()
+            private_etcd.process.wait()
+            private_etcd.start(log_path=tmp_path / "etcd.log")
+            await asyncio.to_thread(private_etcd.wait_ready)
 
     rec = Recorder()
     task = asyncio.create_task(watch_prefix(etcd, PREFIX, on_event, rec.on_resync, first))
@@ -205,12 +196,12 @@ async def test_cancellation_stops_the_watch_promptly_and_frees_it(etcd: aetcd.Cl
 
 
 async def test_cancellation_while_etcd_is_down_is_prompt(
-    server: EtcdServer, etcd: aetcd.Client
+    private_etcd: EtcdServer, etcd: aetcd.Client
 ) -> None:
     rec = Recorder()
     task = rec.start(etcd)
     await eventually(lambda: _true(rec.resyncs))
-    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(private_etcd.stop)
     await asyncio.sleep(0.5)  # the watch is now backing off between reconnects
     assert await stop(task) < 0.5
 

@@ -203,42 +203,37 @@ async def test_a_deploy_resumes_after_the_server_is_killed(server: ServerProcess
     assert server.stop() == 0, server.log_text()
 
 
-async def test_a_deploy_completes_across_an_etcd_restart(aiohttp_client, tmp_path: Path, localfleet: str) -> None:  # type: ignore[no-untyped-def]
-    etcd = EtcdServer(tmp_path / "etcd")
-    etcd.start(log_path=tmp_path / "etcd.log")
-    try:
-        etcd.wait_ready()
-        async with running_api(aiohttp_client, etcd.endpoint, localfleet) as api:
-            resp = await api.client.put(api.url("/policy"), headers=api.auth,
-                                        json={"policy": {**SLOW_POLICY, "min_healthy_time": 2}})
-            assert resp.status == 200, await resp.text()
-            created = (await api.deploy({"version": "v1", "instance_count": 2, "destroy_previous": True}))["deploy"]
-            assert created["state"] == "running", created
+async def test_a_deploy_completes_across_an_etcd_restart(aiohttp_client, tmp_path: Path, private_etcd: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
+    etcd = private_etcd
+    async with running_api(aiohttp_client, etcd.endpoint, localfleet) as api:
+        resp = await api.client.put(api.url("/policy"), headers=api.auth,
+                                    json={"policy": {**SLOW_POLICY, "min_healthy_time": 2}})
+        assert resp.status == 200, await resp.text()
+        created = (await api.deploy({"version": "v1", "instance_count": 2, "destroy_previous": True}))["deploy"]
+        assert created["state"] == "running", created
 
-            # Both instances announced (the announcements outlive the restart in etcd's data).
-            async def announced() -> bool:
-                return all(api.deployster.instances.get(n) is not None
-                           for n in map(UnitName.parse, created["units"]) if n is not None)
+        # Both instances announced (the announcements outlive the restart in etcd's data).
+        async def announced() -> bool:
+            return all(api.deployster.instances.get(n) is not None
+                       for n in map(UnitName.parse, created["units"]) if n is not None)
 
-            await eventually(announced, timeout=30, interval=0.05)
-            assert (await api.record(created["id"]))["state"] == "running"
+        await eventually(announced, timeout=30, interval=0.05)
+        assert (await api.record(created["id"]))["state"] == "running"
 
-            etcd.stop()
-            await asyncio.sleep(1)
-            etcd.start(log_path=tmp_path / "etcd.log")
-            await asyncio.to_thread(etcd.wait_ready)
-            restarted_at = time.monotonic()
-
-            async def record_readable() -> dict[str, Any] | None:
-                try:
-                    return await api.record(created["id"])
-                except AssertionError:
-                    return None
-
-            await eventually(record_readable, timeout=30, interval=0.2)
-            done = await api.finished(created["id"], timeout=60)
-            print(f"\n[etcd-restart] deploy ended {done['state']} {time.monotonic() - restarted_at:.1f} s after the restart")
-            assert done["state"] == "succeeded", (done["error"], done)
-            assert sorted(await api.units()) == sorted(created["units"])
-    finally:
         etcd.stop()
+        await asyncio.sleep(1)
+        etcd.start(log_path=tmp_path / "etcd.log")
+        await asyncio.to_thread(etcd.wait_ready)
+        restarted_at = time.monotonic()
+
+        async def record_readable() -> dict[str, Any] | None:
+            try:
+                return await api.record(created["id"])
+            except AssertionError:
+                return None
+
+        await eventually(record_readable, timeout=30, interval=0.2)
+        done = await api.finished(created["id"], timeout=60)
+        print(f"\n[etcd-restart] deploy ended {done['state']} {time.monotonic() - restarted_at:.1f} s after the restart")
+        assert done["state"] == "succeeded", (done["error"], done)
+        assert sorted(await api.units()) == sorted(created["units"])

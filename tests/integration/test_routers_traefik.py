@@ -18,7 +18,6 @@ from aiohttp import web
 from helpers import eventually
 from integration.traefik import Traefik
 
-from deployster import etcd
 from deployster.routers import RouterTimeout, TraefikRouter, make_router
 from deployster.testing.workload import (
     WorkloadSettings,
@@ -34,11 +33,6 @@ class Backend:
     url: str
 
 
-@pytest.fixture
-async def client(etcd_endpoint: str) -> AsyncIterator[aetcd.Client]:
-    async with etcd.client(etcd_endpoint) as connected:
-        yield connected
-
 
 @pytest.fixture
 def service() -> str:
@@ -46,8 +40,8 @@ def service() -> str:
 
 
 @pytest.fixture
-def router(client: aetcd.Client, traefik: Traefik) -> TraefikRouter:  # noqa: F811
-    made = make_router("traefik", client, root_key=traefik.root_key, api_url=traefik.api_url,
+def router(etcd_client: aetcd.Client, traefik: Traefik) -> TraefikRouter:
+    made = make_router("traefik", etcd_client, root_key=traefik.root_key, api_url=traefik.api_url,
                        entrypoint="web")
     assert isinstance(made, TraefikRouter)
     return made
@@ -75,7 +69,7 @@ async def backends(service: str) -> AsyncIterator[Callable[[int], Backend]]:
         await runner.cleanup()
 
 
-async def instances_reached(traefik: Traefik, service: str, requests: int) -> set[int]:  # noqa: F811
+async def instances_reached(traefik: Traefik, service: str, requests: int) -> set[int]:
     seen: set[int] = set()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         for _ in range(requests):
@@ -98,7 +92,7 @@ async def timed_wait(router: TraefikRouter, capsys: pytest.CaptureFixture[str], 
 
 
 async def test_traffic_follows_register_and_deregister(
-    router: TraefikRouter, traefik: Traefik, service: str,  # noqa: F811
+    router: TraefikRouter, traefik: Traefik, service: str,
     backends: Callable[[int], Backend], capsys: pytest.CaptureFixture[str],
 ) -> None:
     one, two = await backends(1), await backends(2)  # type: ignore[misc]
@@ -118,24 +112,24 @@ async def test_traffic_follows_register_and_deregister(
 
 
 async def test_a_server_on_a_revoked_lease_stops_receiving_traffic(
-    router: TraefikRouter, client: aetcd.Client, traefik: Traefik, service: str,  # noqa: F811
+    router: TraefikRouter, etcd_client: aetcd.Client, traefik: Traefik, service: str,
     backends: Callable[[int], Backend], capsys: pytest.CaptureFixture[str],
 ) -> None:
     one, two = await backends(1), await backends(2)  # type: ignore[misc]
     await router.ensure_service(service)
-    lease = await client.lease(30)
+    lease = await etcd_client.lease(30)
     await router.register(service, f"{service}-v1-t-1", one.url, lease=lease.id)
     await router.register(service, f"{service}-v1-t-2", two.url)
     await router.wait_applied(service, present=[one.url, two.url], timeout=10)
 
-    await client.revoke_lease(lease.id)
+    await etcd_client.revoke_lease(lease.id)
     await timed_wait(router, capsys, "lease revoked", service, absent=[one.url])
     assert await router.servers(service) == {f"{service}-v1-t-2": two.url}
     assert await instances_reached(traefik, service, 10) == {2}
 
 
 async def test_same_instance_number_from_two_deploys_gets_two_indexes(
-    router: TraefikRouter, client: aetcd.Client, traefik: Traefik, service: str,  # noqa: F811
+    router: TraefikRouter, etcd_client: aetcd.Client, traefik: Traefik, service: str,
 ) -> None:
     old, new = f"{service}-v1-2026.11.26-12.00.00-1", f"{service}-v2-2026.11.27-09.30.00-1"
     await router.ensure_service(service)
@@ -144,44 +138,44 @@ async def test_same_instance_number_from_two_deploys_gets_two_indexes(
     await router.register(service, old, "http://127.0.0.1:31001")  # idempotent: same index
 
     routers = f"{traefik.root_key}/http/routers/{service}/"
-    keys = {kv.key.decode(): kv.value.decode() for kv in await client.get_prefix(routers.encode())}
+    keys = {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(routers.encode())}
     assert keys == {f"{routers}rule": f"Host(`{service}.localhost`)",
                     f"{routers}service": service, f"{routers}entrypoints/0": "web"}
-    declared = await client.get(
+    declared = await etcd_client.get(
         f"{traefik.root_key}/http/services/{service}/loadbalancer/passhostheader".encode())
     assert declared is not None and declared.value == b"true"
     root = f"{traefik.root_key}/http/services/{service}/loadbalancer/servers/"
-    keys = {kv.key.decode(): kv.value.decode() for kv in await client.get_prefix(root.encode())}
+    keys = {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(root.encode())}
     assert keys == {f"{root}0/url": "http://127.0.0.1:31001", f"{root}1/url": "http://127.0.0.1:31002"}
     assert await router.servers(service) == {old: "http://127.0.0.1:31001",
                                              new: "http://127.0.0.1:31002"}
     # Traefik takes both (the API confirms), and nothing of Deployster's is under its root.
     await router.wait_applied(service, present=["http://127.0.0.1:31001", "http://127.0.0.1:31002"])
-    everything = [kv.key.decode() for kv in await client.get_prefix(traefik.root_key.encode())]
+    everything = [kv.key.decode() for kv in await etcd_client.get_prefix(traefik.root_key.encode())]
     assert all("/http/routers/" in key or "/http/services/" in key for key in everything)
 
     await router.deregister(service, old)
     await router.register(service, old, "http://127.0.0.1:31001")  # a new registration
     assert await router.servers(service) == {new: "http://127.0.0.1:31002",
                                              old: "http://127.0.0.1:31001"}
-    keys = {kv.key.decode(): kv.value.decode() for kv in await client.get_prefix(root.encode())}
+    keys = {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(root.encode())}
     assert keys == {f"{root}1/url": "http://127.0.0.1:31002", f"{root}2/url": "http://127.0.0.1:31001"}
 
 
 async def test_deregistering_server_1_keeps_server_10(
-    router: TraefikRouter, client: aetcd.Client, service: str,
+    router: TraefikRouter, etcd_client: aetcd.Client, service: str,
 ) -> None:
     await router.ensure_service(service)
     for k in range(11):
         await router.register(service, f"{service}-v1-t-{k}", f"http://127.0.0.1:{31000 + k}")
     # A weight under server 10 must survive too: the delete is by "servers/1/", not "servers/1".
     ten = router.server_prefix(service, 10) + "weight"
-    await client.put(ten.encode(), b"1")
+    await etcd_client.put(ten.encode(), b"1")
     await router.deregister(service, f"{service}-v1-t-1")
     servers = await router.servers(service)
     assert f"{service}-v1-t-1" not in servers and len(servers) == 10
     assert servers[f"{service}-v1-t-10"] == "http://127.0.0.1:31010"
-    assert await client.get(ten.encode()) is not None
+    assert await etcd_client.get(ten.encode()) is not None
 
 
 async def test_wait_applied_times_out_with_a_sentence(

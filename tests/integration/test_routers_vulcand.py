@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
 from helpers import eventually
 
-from deployster import etcd
 from deployster.routers import Router, RouterTimeout, VulcandRouter, make_router
 
 SRV1 = "web-v1-2026.11.26-12.00.00-1"
 SRV2 = "web-v1-2026.11.26-12.00.00-2"
 
-
-@pytest.fixture
-async def client(etcd_endpoint: str) -> AsyncIterator[aetcd.Client]:
-    async with etcd.client(etcd_endpoint) as connected:
-        yield connected
 
 
 @pytest.fixture
@@ -32,12 +25,12 @@ def prefix() -> str:
     return f"vulcand-test-{secrets.token_hex(4)}"
 
 
-async def dump(client: aetcd.Client, prefix: str) -> dict[str, str]:
-    return {kv.key.decode(): kv.value.decode() for kv in await client.get_prefix(prefix.encode())}
+async def dump(etcd_client: aetcd.Client, prefix: str) -> dict[str, str]:
+    return {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(prefix.encode())}
 
 
-async def test_keys_after_ensure_register_and_deregister(client: aetcd.Client, prefix: str) -> None:
-    router = make_router("vulcand", client, prefix=prefix, settle=0.0)
+async def test_keys_after_ensure_register_and_deregister(etcd_client: aetcd.Client, prefix: str) -> None:
+    router = make_router("vulcand", etcd_client, prefix=prefix, settle=0.0)
     assert isinstance(router, Router)
     await router.ensure_service("web")
     await router.ensure_service("web")  # idempotent
@@ -45,7 +38,7 @@ async def test_keys_after_ensure_register_and_deregister(client: aetcd.Client, p
     await router.register("web", SRV2, "http://127.0.0.1:31002")
     await router.deregister("web", SRV1)
 
-    keys = await dump(client, prefix)
+    keys = await dump(etcd_client, prefix)
     assert sorted(keys) == [
         f"{prefix}/backends/web~be/backend",
         f"{prefix}/backends/web~be/servers/{SRV2}",
@@ -66,39 +59,39 @@ async def test_keys_after_ensure_register_and_deregister(client: aetcd.Client, p
     assert await router.servers("web") == {SRV2: "http://127.0.0.1:31002"}
 
 
-async def test_ensure_service_writes_only_what_changed(client: aetcd.Client, prefix: str) -> None:
-    router = VulcandRouter(client, prefix=prefix)
+async def test_ensure_service_writes_only_what_changed(etcd_client: aetcd.Client, prefix: str) -> None:
+    router = VulcandRouter(etcd_client, prefix=prefix)
     await router.ensure_service("web")
-    before = await client.get(router.backend_key("web").encode())
+    before = await etcd_client.get(router.backend_key("web").encode())
     await router.ensure_service("web", rule='Host("web.example.com")')
-    after = await client.get(router.backend_key("web").encode())
+    after = await etcd_client.get(router.backend_key("web").encode())
     assert before is not None and after is not None
     assert after.mod_revision == before.mod_revision  # no needless watch event
-    frontend = await client.get(router.frontend_key("web").encode())
+    frontend = await etcd_client.get(router.frontend_key("web").encode())
     assert frontend is not None
     assert json.loads(frontend.value)["Route"] == 'Host("web.example.com")'
 
 
-async def test_write_order_is_backend_before_frontend(client: aetcd.Client, prefix: str) -> None:
-    router = VulcandRouter(client, prefix=prefix)
+async def test_write_order_is_backend_before_frontend(etcd_client: aetcd.Client, prefix: str) -> None:
+    router = VulcandRouter(etcd_client, prefix=prefix)
     await router.ensure_service("web")
-    backend = await client.get(router.backend_key("web").encode())
-    frontend = await client.get(router.frontend_key("web").encode())
+    backend = await etcd_client.get(router.backend_key("web").encode())
+    frontend = await etcd_client.get(router.frontend_key("web").encode())
     assert backend is not None and frontend is not None
     assert backend.mod_revision < frontend.mod_revision
 
 
 async def test_server_on_a_lease_disappears_when_the_lease_is_revoked(
-    client: aetcd.Client, prefix: str
+    etcd_client: aetcd.Client, prefix: str
 ) -> None:
-    router = VulcandRouter(client, prefix=prefix, settle=0.0)
+    router = VulcandRouter(etcd_client, prefix=prefix, settle=0.0)
     await router.ensure_service("web")
-    lease = await client.lease(30)
+    lease = await etcd_client.lease(30)
     await router.register("web", SRV1, "http://127.0.0.1:31001", lease=lease.id)
     await router.register("web", SRV2, "http://127.0.0.1:31002")
     assert set(await router.servers("web")) == {SRV1, SRV2}
 
-    await client.revoke_lease(lease.id)
+    await etcd_client.revoke_lease(lease.id)
     await eventually(lambda: _servers_are(router, {SRV2}), timeout=5)
     await router.wait_applied("web", present=["http://127.0.0.1:31002"],
                               absent=["http://127.0.0.1:31001"], timeout=5)
@@ -108,9 +101,9 @@ async def _servers_are(router: VulcandRouter, ids: set[str]) -> bool:
     return set(await router.servers("web")) == ids
 
 
-async def test_deregister_deletes_the_exact_key_only(client: aetcd.Client, prefix: str) -> None:
+async def test_deregister_deletes_the_exact_key_only(etcd_client: aetcd.Client, prefix: str) -> None:
     """§1.7 bug 1: vulcand's own delete is a prefix delete; srv1 must not take srv1x."""
-    router = VulcandRouter(client, prefix=prefix)
+    router = VulcandRouter(etcd_client, prefix=prefix)
     await router.ensure_service("web")
     for server_id, port in (("srv1", 1), ("srv1x", 2), ("srv10", 3), ("srv1-old", 4)):
         await router.register("web", server_id, f"http://127.0.0.1:3100{port}")
@@ -124,23 +117,23 @@ async def test_deregister_deletes_the_exact_key_only(client: aetcd.Client, prefi
 
 
 async def test_services_whose_names_share_a_prefix_keep_their_own_servers(
-    client: aetcd.Client, prefix: str
+    etcd_client: aetcd.Client, prefix: str
 ) -> None:
-    router = VulcandRouter(client, prefix=prefix)
+    router = VulcandRouter(etcd_client, prefix=prefix)
     for service in ("a", "a-be"):
         await router.ensure_service(service)
         await router.register(service, f"{service}-v1-1", f"http://127.0.0.1:3100{len(service)}")
     # What vulcand's snapshot does (§1.7 bug 2): all keys under "<backend key minus /backend>".
     backend_dir = router.backend_key("a").removesuffix("/backend")
-    under = [kv.key.decode() for kv in await client.get_prefix(backend_dir.encode())]
+    under = [kv.key.decode() for kv in await etcd_client.get_prefix(backend_dir.encode())]
     assert all(key.startswith(backend_dir + "/") for key in under), under
     assert await router.servers("a") == {"a-v1-1": "http://127.0.0.1:31001"}
 
 
 async def test_wait_applied_waits_for_the_keys_then_settles(
-    client: aetcd.Client, prefix: str
+    etcd_client: aetcd.Client, prefix: str
 ) -> None:
-    router = VulcandRouter(client, prefix=prefix, settle=0.2)
+    router = VulcandRouter(etcd_client, prefix=prefix, settle=0.2)
     await router.ensure_service("web")
     await router.register("web", SRV1, "http://127.0.0.1:31001")
     await router.wait_applied("web", present=["http://127.0.0.1:31001"], timeout=2)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_http
 
 from deployster.etcd import EtcdServer, free_port
 from deployster.routers.traefik import traefik_command
@@ -32,19 +31,6 @@ class Traefik:
     log: Path
 
 
-def wait_answers(url: str, child: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RuntimeError(f"traefik exited with {child.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout:g} s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="session")
 def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traefik]:
     """Traefik on free loopback ports, reading a root key of this test session's own."""
@@ -59,7 +45,7 @@ def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -
         )
     try:
         api_url = f"http://127.0.0.1:{api_port}"
-        wait_answers(f"{api_url}/api/version", child, log, timeout=20)
+        wait_http(f"{api_url}/api/version", child, log)
         yield Traefik(f"http://127.0.0.1:{web_port}", api_url, root_key, log)
     finally:
         child.terminate()
