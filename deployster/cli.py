@@ -35,6 +35,8 @@ SERVE_FLAGS: list[tuple[str, str]] = [
     ("traefik-root", "Traefik's providers.etcd.rootKey"),
     ("traefik-api", "Traefik's API, used to confirm that a change is live"),
     ("traefik-entrypoint", "entry point of the routers Deployster writes (default: all)"),
+    ("reconcile-interval", "seconds between passes that reconcile announcements and the router with fleet"),
+    ("history", "finished deploys kept per service (the live release and its rollback target always)"),
     ("log-format", "auto (console on a terminal, else JSON), json or console"),
 ]
 

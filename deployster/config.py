@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     traefik_root: str = "traefik"
     traefik_api: str = "http://127.0.0.1:8081"
     traefik_entrypoint: str = ""
+    reconcile_interval: float = Field(30.0, gt=0, le=3600)
+    history: int = Field(10, ge=1, le=1000)
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
 
     @field_validator("etcd")

@@ -20,6 +20,13 @@ What differs from the original, and why:
   live one again (``POST .../rollback``).
 - After ``Deploy triggered!`` it prints ``Deploy <id> is <state>.`` when the server returns the
   deploy record (the original server answered with an empty body).
+- ``deploy --wait`` / ``rollback --wait`` (new) follow the deploy's event stream (``GET
+  .../deploys/{id}/events``), print each step as it happens, and exit 0 when the deploy
+  succeeded, 2 when it failed, 3 when it was rolled back, 4 when ``--timeout`` passed first
+  (the deploy goes on). A dropped stream is resumed where it stopped (``Last-Event-ID``).
+  ``deploy --wait-for-lock`` queues behind a running deploy of the service instead of failing.
+- ``releases SERVICE`` and ``status [SERVICE]`` (new) show the deploy history and the live
+  release with the health of its instances.
 - Connection failures (server down, TLS) are one sentence naming the URL, and requests have
   timeouts (none for reading a task's stream, which may run for ten minutes).
 """
@@ -35,6 +42,7 @@ import re
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
@@ -56,6 +64,12 @@ UNIT_COLUMNS = (
     "instance", "version", "current_state", "desired_state", "machine_id", "deploy_timestamp"
 )
 TABLE_PADDING = 4
+WAIT_TIMEOUT = 900  # seconds `--wait` follows a deploy by default
+RECONNECT_DELAY = 1.0  # seconds before following a dropped event stream again
+
+# Exit codes of `deploy --wait` (1 stays "the request failed", as in the original).
+EXIT_FAILED, EXIT_ROLLED_BACK, EXIT_TIMED_OUT = 2, 3, 4
+FINAL_STATES = {"succeeded": 0, "failed": EXIT_FAILED, "rolled_back": EXIT_ROLLED_BACK}
 
 # The task trailer is `\nExited (<code>) <error>\n`; the space is there even when <error> is empty.
 _EXITED_LINE = re.compile(rb"Exited \((\d+)\) ")
@@ -112,6 +126,84 @@ def parse_env_pair(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+class SseParser:
+    """Server-Sent Events, line by line: ``feed`` returns an event at each blank line."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, str] = {}
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> dict[str, str] | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                self._fields.clear()
+                return None
+            event = {**self._fields, "data": "\n".join(self._data)}
+            self._fields, self._data = {}, []
+            return event
+        if line.startswith(":"):
+            return None  # a comment: the server's keep-alive ping
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name in ("id", "event"):
+            self._fields[name] = value
+        return None
+
+
+def progress_line(progress: Mapping[str, Any], started: float | None) -> str:
+    """One event of a deploy as ``--wait`` prints it: time since the first, kind, message."""
+    at = _epoch(progress.get("at"))
+    offset = f"+{at - started:6.1f}s" if at is not None and started is not None else " " * 8
+    return f"[{offset}] {progress.get('kind', '?')}: {progress.get('message', '')}"
+
+
+def _epoch(text: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
+        return None
+
+
+def releases_table(deploys: Sequence[Mapping[str, Any]]) -> str:
+    """``releases``: newest first, the live release marked with ``*``."""
+    live = next((d.get("id") for d in deploys if d.get("state") == "succeeded"), None)
+    rows = [("", "Deploy", "Version", "State", "Source", "Created", "Instances", "Error")]
+    for d in deploys:
+        rows.append(("*" if d.get("id") == live else "", _cell(d.get("id")), _cell(d.get("version")),
+                     _cell(d.get("state")), _cell(d.get("source")), _short_time(d.get("created_at")),
+                     str(len(d.get("units") or [])), _cell(d.get("error"))))
+    return format_table(rows, padding=2)
+
+
+def status_text(services: Sequence[Mapping[str, Any]], detail: bool) -> str:
+    """``status``: one row per service; with ``detail`` (one service) its instances too."""
+    rows = [("Service", "Live", "Latest deploy", "State", "Healthy")]
+    for svc in services:
+        live = svc.get("live") or {}
+        latest = svc.get("latest_deploy") or {}
+        instances = svc.get("instances") or []
+        healthy = sum(1 for i in instances if i.get("healthy"))
+        rows.append((_cell(svc.get("name")), _cell(live.get("version")) or "-",
+                     f"{_cell(latest.get('id'))} ({_cell(latest.get('version'))})",
+                     _cell(latest.get("state")), f"{healthy}/{len(instances)}"))
+    text = format_table(rows, padding=2)
+    if detail:
+        for svc in services:
+            rows = [("Unit", "URL", "Healthy", "Routed", "Last probe")]
+            rows += [(_cell(i.get("unit")), _cell(i.get("url")), "yes" if i.get("healthy") else "no",
+                      "yes" if i.get("routed") else "no", _cell(i.get("last_probe")))
+                     for i in svc.get("instances") or []]
+            text += "\n" + format_table(rows, padding=2)
+    return text
+
+
+def _short_time(text: Any) -> str:
+    return str(text or "")[:19].replace("T", " ")
 
 
 class TaskExitTracker:
@@ -196,6 +288,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="environment variable for the service's containers (repeatable)",
     )
+    deploy_cmd.add_argument(
+        "--wait-for-lock", action="store_true",
+        help="if another deploy of the service is running, queue behind it instead of failing",
+    )
+    _wait_flags(deploy_cmd)
     deploy_cmd.set_defaults(execute=_deploy, required=("service", "version"))
 
     run_cmd = commands.add_parser(
@@ -227,8 +324,28 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "rollback", help="Deploys the last successful release before the live one again"
     )
     rollback_cmd.add_argument("service", nargs="?", help="service name")
+    _wait_flags(rollback_cmd)
     rollback_cmd.set_defaults(execute=_rollback, required=("service",))
+
+    releases_cmd = commands.add_parser("releases", help="Shows the deploy history of a service, newest first")
+    releases_cmd.add_argument("service", nargs="?", help="service name")
+    releases_cmd.set_defaults(execute=_releases, required=("service",))
+
+    status_cmd = commands.add_parser(
+        "status", help="Shows each service's live release and instance health (one service: its instances too)"
+    )
+    status_cmd.add_argument("service", nargs="?", help="service name (default: every service)")
+    status_cmd.set_defaults(execute=_status, required=())
     return parser
+
+
+def _wait_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--wait", action="store_true",
+        help="follow the deploy until it ends; exit 0 succeeded, 2 failed, 3 rolled back, 4 timed out",
+    )
+    command.add_argument("--timeout", type=float, default=WAIT_TIMEOUT,
+                         help=f"seconds --wait follows the deploy (default {WAIT_TIMEOUT})")
 
 
 # -- talking to the server ------------------------------------------------------------------
@@ -271,22 +388,91 @@ async def _deploy(args: argparse.Namespace, api: _Api) -> int:
         deploy["instance_count"] = args.instances
     if args.env:
         deploy["env"] = dict(args.env)
+    if args.wait_for_lock:
+        deploy["wait_for_lock"] = True
     url = api.service_url(args.service, "deploys")
-    return await _start_deploy(api, url, _json_body({"deploy": deploy}), "Deploy")
+    return await _start_deploy(args, api, url, _json_body({"deploy": deploy}), "Deploy")
 
 
 async def _rollback(args: argparse.Namespace, api: _Api) -> int:
-    return await _start_deploy(api, api.service_url(args.service, "rollback"), b"", "Rollback")
+    return await _start_deploy(args, api, api.service_url(args.service, "rollback"), b"", "Rollback")
 
 
-async def _start_deploy(api: _Api, url: str, body: bytes, what: str) -> int:
-    async with api.session.post(url, data=body) as response:
-        if response.status != 201:
+async def _start_deploy(args: argparse.Namespace, api: _Api, url: str, body: bytes, what: str) -> int:
+    async with api.session.post(url, data=body, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as response:
+        # 202: queued behind another deploy, or fleet is slow to accept the units.
+        if response.status not in (201, 202):
             return await _report_failure(f"{what} failed :(", response)
         print(f"{what} triggered!")
         record = _deploy_record(await response.read())
         if record.get("id") and record.get("state"):
-            print(f"Deploy {record['id']} is {record['state']}.")
+            queued = " (queued behind another deploy)" if record.get("step") == "queued" else ""
+            print(f"Deploy {record['id']} is {record['state']}{queued}.")
+    if not args.wait:
+        return 0
+    if not record.get("id"):
+        return _error("the server did not say which deploy it started, so it cannot be followed")
+    return await _follow(api, args.service, str(record["id"]), args.timeout)
+
+
+async def _follow(api: _Api, service: str, deploy_id: str, timeout: float) -> int:
+    """Print the deploy's events as they come; the exit code tells how it ended."""
+    url = api.service_url(service, "deploys", deploy_id, "events")
+    last_id = ""
+    started: float | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                headers = {"Accept": "text/event-stream"}
+                if last_id:
+                    headers["Last-Event-ID"] = last_id
+                try:
+                    async with api.session.get(url, headers=headers) as response:
+                        if response.status != 200:
+                            return await _report_failure("Following the deploy failed :(", response)
+                        parser = SseParser()
+                        async for raw in response.content:
+                            event = parser.feed(raw.decode(errors="replace"))
+                            if event is None:
+                                continue
+                            last_id = event.get("id", last_id)
+                            progress = json.loads(event["data"])
+                            started = started if started is not None else _epoch(progress.get("at"))
+                            print(progress_line(progress, started), flush=True)
+                            kind = progress.get("kind")
+                            if kind in FINAL_STATES:
+                                print(f"Deploy {deploy_id} {str(kind).replace('_', ' ')}.")
+                                return FINAL_STATES[kind]
+                except (aiohttp.ClientError, ValueError) as error:
+                    print(f"(the event stream broke: {_connection_failure(error)}; following again)",
+                          file=sys.stderr)
+                await asyncio.sleep(RECONNECT_DELAY)
+    except TimeoutError:
+        print(f"Stopped waiting after {timeout:g} s; deploy {deploy_id} goes on "
+              f"(deployctl releases {service}).", file=sys.stderr)
+        return EXIT_TIMED_OUT
+
+
+async def _releases(args: argparse.Namespace, api: _Api) -> int:
+    async with api.session.get(api.service_url(args.service, "deploys")) as response:
+        if response.status != 200:
+            return await _report_failure("Listing releases failed :(", response)
+        payload = await response.json(content_type=None)
+    sys.stdout.write(releases_table(payload.get("deploys") or []))
+    return 0
+
+
+async def _status(args: argparse.Namespace, api: _Api) -> int:
+    async with api.session.get(api.base_url + "/v1/services") as response:
+        if response.status != 200:
+            return await _report_failure("Status failed :(", response)
+        payload = await response.json(content_type=None)
+    services = payload.get("services") or []
+    if args.service:
+        services = [s for s in services if s.get("name") == args.service]
+        if not services:
+            return _error(f"the server knows no deploy of service {args.service!r}")
+    sys.stdout.write(status_text(services, detail=bool(args.service)))
     return 0
 
 
@@ -371,8 +557,9 @@ def _connection_failure(error: BaseException) -> str:
 
 
 async def _execute(args: argparse.Namespace, ssl_context: ssl.SSLContext | bool) -> int:
-    # A task streams for up to ten minutes: only its connection gets a deadline.
-    total = None if args.execute is _run else REQUEST_TIMEOUT
+    # A task streams for up to ten minutes, `--wait` follows a deploy: only their connections
+    # get a deadline.
+    total = None if args.execute is _run or getattr(args, "wait", False) else REQUEST_TIMEOUT
     session = aiohttp.ClientSession(
         headers={
             "Authorization": basic_auth(args.username, args.password),

@@ -46,6 +46,15 @@ class DeployRequested(Event):
     env: dict[str, str] = Field(default_factory=dict, repr=False)
     source: str = "api"
     actor: str = ""
+    # When another deploy of the service runs: queue behind it instead of a 409.
+    wait_for_lock: bool = False
+
+
+class DeployQueued(Event):
+    """The deploy waits for another deploy of the service to finish (it asked to wait)."""
+
+    deploy_id: str
+    behind: str  # the deploy id holding the lock
 
 
 class DeployRejected(Event):

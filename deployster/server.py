@@ -29,6 +29,7 @@ from deployster.web.app import create_app
 from deployster.web.context import Services
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
+from handlers.reaper import Reaper
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +107,9 @@ class Deployster:
             self.instances,
         )
         self.deploys.register()
+        self.reaper = Reaper(self.bus, fleet, self.store, self.router, settings.etcd_prefix,
+                             interval=settings.reconcile_interval, keep=settings.history)
+        self.reaper.register()
         services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances)
         self.app = create_app(services, settings.username, password)
 
@@ -130,12 +134,14 @@ class Deployster:
     async def start(self) -> int:
         """Follow the instances and resume unfinished deploys; returns how many resumed."""
         await self.instances.start()
+        await self.reaper.start()
         return await self.deploys.resume()
 
     async def close(self) -> None:
         """Stop every part; a part that does not stop within 10 s is logged and left behind,
         so a shutdown never hangs."""
-        for name, part in (("bus", self.bus), ("deploys", self.deploys), ("instances", self.instances),
+        for name, part in (("bus", self.bus), ("reaper", self.reaper), ("deploys", self.deploys),
+                           ("instances", self.instances),
                            ("fleet", self.fleet), ("etcd", self.etcd)):
             try:
                 async with asyncio.timeout(10):

@@ -1,13 +1,17 @@
 """Durable records in etcd: the deploy records under ``<prefix>/deploys/<service>/<id>``.
 
 etcd is Deployster's memory: the process can be killed at any point and pick up from here.
-Records are JSON documents of pydantic models; every write replaces the whole record.
+Records are JSON documents of pydantic models; every write replaces the whole record. A
+record carries the deploy's progress events, so the events stream is the record followed
+through an etcd watch: whichever server drives the deploy, and across restarts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -15,7 +19,7 @@ from enum import StrEnum
 import aetcd
 from pydantic import BaseModel, Field
 
-from deployster.etcd import EtcdError
+from deployster.etcd import EtcdError, WatchEvent, watch_prefix
 from deployster.events import DeployRequested
 from deployster.policy import ServicePolicy
 
@@ -35,6 +39,7 @@ class DeployState(StrEnum):
 class DeployStep(StrEnum):
     """Where a running deploy is; a restarted server resumes from here."""
 
+    QUEUED = "queued"  # waiting for another deploy of the service to release its lock
     SUBMITTING = "submitting"
     WAITING = "waiting"  # for every new instance to be healthy and routed
     SWITCHING = "switching"  # deregistering, draining and destroying the previous units
@@ -44,6 +49,16 @@ class DeployStep(StrEnum):
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class Progress(BaseModel):
+    """One thing that happened in a deploy, as its events stream shows it."""
+
+    seq: int  # 1, 2, ...: the SSE event id, for a client resuming with Last-Event-ID
+    at: datetime = Field(default_factory=_now)
+    kind: str  # planned, queued, submitted, instance_ready, routed, retiring, ..., succeeded
+    message: str
+    unit: str | None = None
 
 
 def new_deploy_id() -> str:
@@ -72,7 +87,13 @@ class DeployRecord(BaseModel):
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
     finished_at: datetime | None = None
+    started_at: float = 0.0  # epoch seconds the lock was taken: the deploy deadline counts from here
     submitted_at: float = 0.0  # epoch seconds: instance deadlines count from here
+    events: list[Progress] = Field(default_factory=list)
+
+    def note(self, kind: str, message: str, unit: str | None = None) -> None:
+        """Add a progress event; it is kept (and streamed) with the record's next save."""
+        self.events.append(Progress(seq=len(self.events) + 1, kind=kind, message=message, unit=unit))
 
     @classmethod
     def from_request(
@@ -149,6 +170,37 @@ class Store:
             found = await self.etcd.get_prefix(prefix)
         records = [DeployRecord.model_validate_json(kv.value) for kv in found]
         return sorted(records, key=lambda r: (r.created_at, r.id))
+
+    async def delete_deploys(self, records: list[DeployRecord]) -> None:
+        with _etcd_errors():
+            for record in records:
+                await self.etcd.delete(self._deploy_key(record.service, record.id))
+
+    async def follow_deploy(self, service: str, deploy_id: str) -> AsyncIterator[DeployRecord]:
+        """The record now, then again each time it changes, until it is finished or deleted.
+        An etcd restart or a compaction loses nothing (the resumable watch)."""
+        key = self._deploy_key(service, deploy_id).decode()
+        changes: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def on_event(event: WatchEvent) -> None:
+            if event.key == key:
+                changes.put_nowait(event.value)
+
+        async def on_resync(snapshot: dict[str, str], _revision: int) -> None:
+            changes.put_nowait(snapshot.get(key))
+
+        watch = asyncio.create_task(watch_prefix(self.etcd, key, on_event, on_resync),
+                                    name=f"follow:{service}:{deploy_id}")
+        try:
+            while (value := await changes.get()) is not None:
+                record = DeployRecord.model_validate_json(value)
+                yield record
+                if record.state.finished:
+                    return
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
 
     def _policy_key(self, service: str) -> bytes:
         return f"{self.prefix}/services/{service}/policy".encode()

@@ -5,14 +5,16 @@ record in etcd before it starts, so a restarted server picks the deploy up where
 (``DeployResumed``), and each step is idempotent (a unit that exists already, a server that
 is not registered, a unit that is gone: none is an error).
 
-1. **Plan** with the original's rules (`reference/original-deployster.md` §2.2, §5.1): the
-   service's current units decide the instance count and whether ``destroy_previous`` can be
-   honoured; the two 400 texts are kept verbatim, double spaces included. The service's
-   policy (``PUT .../policy``) is read now and kept in the record: a policy change applies to
-   the next deploy, never to a running one.
-2. **Lock** the service (an etcd key on a kept-alive lease): a second deploy of the same
-   service while one runs is refused with 409 naming the holder. A crashed server's lock goes
-   with its lease; a resumed deploy adopts its own lock.
+1. **Lock** the service (an etcd key on a kept-alive lease): a second deploy of the same
+   service while one runs is refused with 409 naming the holder, or, when the caller asked to
+   wait (``wait_for_lock``), recorded as ``queued`` and started once the lock is free, oldest
+   queued first, within the policy's ``deploy_deadline``. A crashed server's lock goes with
+   its lease; a resumed deploy adopts its own lock.
+2. **Plan**, holding the lock, with the original's rules (`reference/original-deployster.md`
+   §2.2, §5.1): the service's current units decide the instance count and whether
+   ``destroy_previous`` can be honoured; the two 400 texts are kept verbatim, double spaces
+   included. The service's policy (``PUT .../policy``) is read now and kept in the record: a
+   policy change applies to the next deploy, never to a running one.
 3. **Record** the deploy (``pending``), then **submit** every unit (create, then launch, as
    fleetctl does). If fleet fails half-way, the units already created are destroyed again.
 4. **Wait** (start-first) until every new instance is healthy, has stayed healthy for the
@@ -23,6 +25,9 @@ is not registered, a unit that is gone: none is an error).
 5. **Switch** (with ``destroy_previous``): deregister every previous unit of the service (as a
    set, failed leftovers included, never paired by instance number), wait until the router
    applied it and the ``drain`` time passed, then destroy them.
+
+Every step also adds a progress event to the record (``DeployRecord.note``): the events
+stream of the API and ``deployctl deploy --wait`` show them.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from deployster.bus import EventBus
 from deployster.etcd import EtcdError, LeaseKeeper
 from deployster.events import (
     DeployFailed,
+    DeployQueued,
     DeployRejected,
     DeployRequested,
     DeployResumed,
@@ -80,6 +86,8 @@ class DeployConfig:
     poll_interval: float = 1.0
     # Longest wait for the router to confirm a change.
     router_timeout: float = 30.0
+    # How often a queued deploy looks whether the service's lock is free.
+    queue_poll: float = 0.5
 
 
 class DeployRejectedError(Exception):
@@ -88,6 +96,19 @@ class DeployRejectedError(Exception):
     def __init__(self, description: str, status: int = 400) -> None:
         super().__init__(description)
         self.status = status
+
+
+class LockHeld(DeployRejectedError):
+    """Another deploy of the service holds its lock."""
+
+    def __init__(self, service: str, held: LockHolder) -> None:
+        super().__init__(
+            f"Service {service!r} is being deployed by deploy {held.holder} "
+            f"({held.reason}, by {held.actor or 'unknown'}, since {held.since:%Y-%m-%d %H:%M:%S} UTC); "
+            "wait for it to finish, then deploy again.",
+            status=409,
+        )
+        self.held = held
 
 
 class RollBack(Exception):
@@ -178,38 +199,122 @@ class DeployHandler:
     # -- handlers ----------------------------------------------------------------------
 
     async def on_requested(self, event: DeployRequested) -> None:
+        record = DeployRecord.from_request(event, event.instance_count, event.destroy_previous, ServicePolicy())
         try:
-            policy = await self.store.get_policy(event.service)
-            current = await service_units(self.fleet, event.service)
-            count, destroy_previous = plan(event, [n for n, _ in current], policy.instance_count)
-            record = DeployRecord.from_request(event, count, destroy_previous, policy)
             await self._lock(record)
+        except LockHeld as exc:
+            if event.wait_for_lock:
+                await self._queue(record, exc.held)
+            else:
+                self._reject(event, exc)
+            return
+        try:
+            record = await self._plan(record)
         except DeployRejectedError as exc:
-            log.info("deploy_rejected", reason=str(exc))
-            self.bus.publish(DeployRejected(service=event.service, deploy_id=event.deploy_id,
-                                            description=str(exc), status=exc.status))
+            await self._unlock(record)
+            self._reject(event, exc)
             return
         except FleetError as exc:
+            await self._unlock(record)
             log.warning("deploy_not_started", reason=exc.message)
             self.bus.publish(DeployFailed(service=event.service, deploy_id=event.deploy_id,
                                           reason=exc.message))
             return
-        record.units = [
-            str(UnitName.build(event.service, event.version, event.timestamp, n))
-            for n in range(1, count + 1)
-        ]
-        if destroy_previous:
-            record.previous_units = [str(name) for name, _ in current]
         record = await self.store.save_deploy(record)
+        await self._submit(record)
+
+    def _reject(self, event: DeployRequested, exc: DeployRejectedError) -> None:
+        log.info("deploy_rejected", reason=str(exc))
+        self.bus.publish(DeployRejected(service=event.service, deploy_id=event.deploy_id,
+                                        description=str(exc), status=exc.status))
+
+    async def _plan(self, record: DeployRecord) -> DeployRecord:
+        """Fill in the policy, the instance count, the units and the units they replace; the
+        caller holds the service's lock, so what runs cannot change meanwhile.
+
+        ``record.instance_count`` and ``destroy_previous`` are what was asked for; the
+        returned record has what will be done. Raises DeployRejectedError for the original's
+        400s, FleetError when fleet cannot say what runs.
+        """
+        policy = await self.store.get_policy(record.service)
+        current = await service_units(self.fleet, record.service)
+        asked = DeployRequested(service=record.service, deploy_id=record.id, version=record.version,
+                                timestamp=record.timestamp, instance_count=record.instance_count,
+                                destroy_previous=record.destroy_previous)
+        count, destroy_previous = plan(asked, [n for n, _ in current], policy.instance_count)
+        record = record.model_copy(update={
+            "policy": policy,
+            "instance_count": count,
+            "destroy_previous": destroy_previous,
+            "units": [str(UnitName.build(record.service, record.version, record.timestamp, n))
+                      for n in range(1, count + 1)],
+            "previous_units": [str(name) for name, _ in current] if destroy_previous else [],
+        })
+        replacing = (f"replacing {len(record.previous_units)} previous unit(s)" if destroy_previous
+                     else "keeping the previous units")
+        record.note("planned", f"{count} instance(s) of {record.version}, {replacing}")
         log.info("deploy_planned", version=record.version, instances=count,
                  destroy_previous=destroy_previous)
-        await self._submit(record)
+        return record
+
+    async def _queue(self, record: DeployRecord, held: LockHolder) -> None:
+        """Record the deploy as queued behind the lock's holder and wait for its turn."""
+        record.step = DeployStep.QUEUED
+        record.policy = await self.store.get_policy(record.service)  # its deadline bounds the wait
+        record.note("queued", f"waiting for deploy {held.holder} ({held.reason}) to finish")
+        record = await self.store.save_deploy(record)
+        log.info("deploy_queued", behind=held.holder)
+        self.bus.publish(DeployQueued(service=record.service, deploy_id=record.id, behind=held.holder))
+        self._wait_turn(record)
+
+    def _wait_turn(self, record: DeployRecord) -> None:
+        self.bus.spawn(self._dequeue(record), name=f"queued:{record.service}:{record.id}",
+                       service=record.service, deploy_id=record.id)
+
+    async def _dequeue(self, record: DeployRecord) -> None:
+        """Poll until this deploy is the oldest queued one and the lock is free, then take the
+        lock, plan (the service changed while it waited) and submit."""
+        deadline = record.created_at.timestamp() + record.policy.deploy_deadline
+        while True:
+            try:
+                if time.time() > deadline:
+                    await self._finish(record, DeployState.FAILED,
+                                       f"the service's lock was not free within the deploy deadline "
+                                       f"of {record.policy.deploy_deadline:g} s")
+                    return
+                if await self._my_turn(record):
+                    await self._lock(record)
+                    planned = await self._plan(record)
+                    planned.step = DeployStep.SUBMITTING
+                    record = await self.store.save_deploy(planned)
+                    await self._submit(record)
+                    return
+            except LockHeld:
+                pass  # another deploy took it first
+            except DeployRejectedError as exc:
+                await self._finish(record, DeployState.FAILED, str(exc))
+                return
+            except (EtcdError, aetcd.ClientError, FleetError) as exc:
+                log.warning("deploy_queue_retrying", reason=str(exc))
+            await asyncio.sleep(self.config.queue_poll)
+
+    async def _my_turn(self, record: DeployRecord) -> bool:
+        holder = await self.store.lock_holder(record.service)
+        if holder is not None and holder.holder != record.id:
+            return False
+        queued = [r for r in await self.store.list_deploys(record.service)
+                  if r.step is DeployStep.QUEUED and not r.state.finished]
+        return bool(queued) and queued[0].id == record.id
 
     async def on_resumed(self, event: DeployResumed) -> None:
         record = await self.store.get_deploy(event.service, event.deploy_id)
         if record is None or record.state.finished:
             return
         log.info("deploy_resumed", state=record.state, step=record.step)
+        if record.step is DeployStep.QUEUED:
+            self._wait_turn(record)
+            return
+        record.note("resumed", f"a restarted server resumes the deploy at step {record.step}")
         await self._lock(record, adopt=True)
         if record.state is DeployState.PENDING:
             await self._submit(record)
@@ -240,6 +345,8 @@ class DeployHandler:
     # -- steps -------------------------------------------------------------------------
 
     async def _lock(self, record: DeployRecord, adopt: bool = False) -> None:
+        if record.id in self._leases:
+            return  # held already (a step retried after an etcd error)
         keeper = LeaseKeeper(self.store.etcd, ttl=LOCK_TTL)
         holder = await self.store.lock_holder(record.service)
         if adopt and holder is not None and holder.holder == record.id:
@@ -252,12 +359,8 @@ class DeployHandler:
             lease=keeper.lease_id))
         if held is not None and held.holder != record.id:
             await keeper.revoke()
-            raise DeployRejectedError(
-                f"Service {record.service!r} is being deployed by deploy {held.holder} "
-                f"({held.reason}, by {held.actor or 'unknown'}, since {held.since:%Y-%m-%d %H:%M:%S} UTC); "
-                "wait for it to finish, then deploy again.",
-                status=409,
-            )
+            raise LockHeld(record.service, held)
+        record.started_at = time.time()
         self._leases[record.id] = keeper
 
     async def _unlock(self, record: DeployRecord) -> None:
@@ -286,6 +389,7 @@ class DeployHandler:
             return
         record.state, record.step = DeployState.RUNNING, DeployStep.WAITING
         record.submitted_at = time.time()
+        record.note("submitted", f"fleet accepted {len(record.units)} unit(s): {', '.join(record.units)}")
         record = await self.store.save_deploy(record)
         log.info("units_submitted", units=record.units)
         self.bus.publish(UnitsSubmitted(service=record.service, deploy_id=record.id, units=record.units))
@@ -315,6 +419,7 @@ class DeployHandler:
                 await self._wait_healthy(record)
             except RollBack as exc:
                 record.step, record.error = DeployStep.ROLLING_BACK, str(exc)
+                record.note("rolling_back", str(exc))
                 record = await self.store.save_deploy(record)
             else:
                 record.step = DeployStep.SWITCHING
@@ -330,8 +435,9 @@ class DeployHandler:
         policy = record.policy
         units = [n for n in map(UnitName.parse, record.units) if n is not None]
         instance_deadline = record.submitted_at + policy.instance_deadline
-        deploy_deadline = record.created_at.timestamp() + policy.deploy_deadline
+        deploy_deadline = (record.started_at or record.created_at.timestamp()) + policy.deploy_deadline
         next_fleet_check = 0.0
+        noted = {e.unit for e in record.events if e.kind == "instance_ready"}
         while True:
             now = time.time()
             if now >= next_fleet_check:
@@ -343,6 +449,13 @@ class DeployHandler:
                 if (instance is not None and instance.routed and instance.healthy_since is not None
                         and time.monotonic() - instance.healthy_since >= policy.min_healthy_time):
                     ready.append(instance)
+            fresh = [i for i in ready if str(i.unit) not in noted]
+            for instance in fresh:
+                noted.add(str(instance.unit))
+                record.note("instance_ready", f"{instance.unit} is healthy and routed at {instance.url}",
+                            unit=str(instance.unit))
+            if fresh:
+                await self.store.save_deploy(record)
             if len(ready) == len(units):
                 break
             if now > min(instance_deadline, deploy_deadline):
@@ -355,6 +468,7 @@ class DeployHandler:
         except RouterError as exc:
             raise RollBack(f"the router did not route the new instances: {exc}") from None
         log.info("release_healthy", urls=[i.url for i in ready])
+        record.note("routed", f"the router sends traffic to all {len(ready)} new instance(s)")
 
     def _late_reason(self, late: list[UnitName], whole_deploy: bool, policy: ServicePolicy) -> str:
         unit = late[0]
@@ -378,8 +492,12 @@ class DeployHandler:
     async def _switch(self, record: DeployRecord) -> None:
         previous = [n for n in map(UnitName.parse, record.previous_units) if n is not None]
         urls = await self._retire(previous)
+        record.note("retiring", f"{len(urls)} previous instance(s) out of the router; "
+                                f"draining for {record.policy.drain:g} s")
+        await self.store.save_deploy(record)
         await asyncio.sleep(record.policy.drain)
         await self._destroy_all(record.previous_units)
+        record.note("previous_destroyed", f"destroyed {len(record.previous_units)} previous unit(s)")
         log.info("previous_units_destroyed", units=record.previous_units, drained=urls)
 
     async def _roll_back(self, record: DeployRecord) -> None:
@@ -402,6 +520,9 @@ class DeployHandler:
 
     async def _finish(self, record: DeployRecord, state: DeployState, error: str | None = None) -> None:
         record.state, record.step, record.error = state, DeployStep.DONE, error
+        summary = (f"{record.version} is live with {len(record.units)} instance(s)"
+                   if state is DeployState.SUCCEEDED else error or str(state))
+        record.note(str(state), summary)
         await self.store.save_deploy(record)
         await self._unlock(record)
         log.info("deploy_finished", state=state, error=error)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from deployster.web import deploys, meta, policies
-from deployster.web.context import SERVICES, Services
+from deployster.web.context import CLOSING, SERVICES, Services
 from deployster.web.auth import basic_auth_middleware
 from deployster.web.errors import error_middleware
 
@@ -18,6 +20,12 @@ def create_app(services: Services, username: str, password: str) -> web.Applicat
         middlewares=[error_middleware, basic_auth_middleware(username, password)],
     )
     app[SERVICES] = services
+    app[CLOSING] = asyncio.Event()
+
+    async def end_streams(app: web.Application) -> None:
+        app[CLOSING].set()
+
+    app.on_shutdown.append(end_streams)
     app.add_routes(meta.routes)
     app.add_routes(deploys.routes)
     app.add_routes(policies.routes)

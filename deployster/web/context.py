@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -23,6 +24,8 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+#: Set when the server shuts down: long-lived streams end so that shutdown does not wait.
+CLOSING = web.AppKey("closing", asyncio.Event)
 
 
 def services(request: web.Request) -> Services:

@@ -2,8 +2,11 @@
 
 ``POST /v1/services/{name}/deploys`` publishes ``DeployRequested`` and answers once fleet has
 accepted the units (201 with the deploy record, as the original answered 201 once the units
-were launched), or with the planner's 400, or a 502 naming fleet. The rest read records or
-fleet's units, or publish ``DestroyRequested``.
+were launched), or with the planner's 400, or a 502 naming fleet; a deploy that asked to wait
+for the service's lock answers 202 once queued. ``GET .../deploys/{id}/events`` streams the
+deploy's progress as Server-Sent Events: every event so far, then each new one, until the
+deploy ends (a client that reconnects with ``Last-Event-ID`` gets only what it missed). The
+rest read records or fleet's units, or publish ``DestroyRequested``.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import asyncio
 import secrets
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployster import naming
 from deployster.events import (
     DeployFailed,
+    DeployQueued,
     DeployRejected,
     DeployRequested,
     DestroyRequested,
@@ -28,7 +33,7 @@ from deployster.store import DeployRecord, DeployState, new_deploy_id
 from deployster.units import validate_env
 from deployster.web.inputs import checked, read_json, service_name
 from deployster.web.auth import USER
-from deployster.web.context import services
+from deployster.web.context import CLOSING, services
 from deployster.web.errors import ApiError
 from handlers.deploys import rollback_target, service_units
 
@@ -46,6 +51,8 @@ class DeployBody(BaseModel):
     instance_count: int = Field(0, ge=0, le=MAX_INSTANCES)
     timestamp: str = ""
     env: dict[str, str] = Field(default_factory=dict)
+    # Another deploy of the service is running: queue behind it (202) instead of a 409.
+    wait_for_lock: bool = False
 
     @field_validator("env")
     @classmethod
@@ -72,6 +79,7 @@ async def create_deploy(request: web.Request) -> web.Response:
         destroy_previous=body.destroy_previous,
         env=body.env,
         actor=request[USER],
+        wait_for_lock=body.wait_for_lock,
     )
     return await _start(request, event)
 
@@ -101,12 +109,14 @@ async def rollback(request: web.Request) -> web.Response:
 
 
 async def _start(request: web.Request, event: DeployRequested) -> web.Response:
-    """Publish the deploy and answer with its outcome: 201 once fleet has the units."""
+    """Publish the deploy and answer with its outcome: 201 once fleet has the units, 202 once
+    queued behind another deploy (or when fleet is slow: the deploy goes on)."""
     ctx = services(request)
     service, deploy_id = event.service, event.deploy_id
 
     def outcome(e: Event) -> bool:
-        return isinstance(e, (UnitsSubmitted, DeployRejected, DeployFailed)) and e.deploy_id == deploy_id
+        outcomes = (UnitsSubmitted, DeployQueued, DeployRejected, DeployFailed)
+        return isinstance(e, outcomes) and e.deploy_id == deploy_id
 
     location = f"/v1/services/{service}/deploys/{deploy_id}"
     try:
@@ -122,7 +132,8 @@ async def _start(request: web.Request, event: DeployRequested) -> web.Response:
         raise ApiError(502, f"The deploy failed: {result.reason}.")
     record = await ctx.store.get_deploy(service, deploy_id)
     assert record is not None
-    return web.json_response({"deploy": record.public()}, status=201, headers={"Location": location})
+    status = 202 if isinstance(result, DeployQueued) else 201
+    return web.json_response({"deploy": record.public()}, status=status, headers={"Location": location})
 
 
 @routes.get("/v1/services")
@@ -165,6 +176,41 @@ async def get_deploy(request: web.Request) -> web.Response:
     if record is None:
         raise ApiError(404, f"Service {service!r} has no deploy {deploy_id!r}.")
     return web.json_response({"deploy": record.public()})
+
+
+@routes.get("/v1/services/{name}/deploys/{id}/events")
+async def deploy_events(request: web.Request) -> web.StreamResponse:
+    """The deploy's progress events as Server-Sent Events (``id`` = the event's ``seq``,
+    ``event`` = its kind, ``data`` = the event as JSON); the stream ends after the last one."""
+    store = services(request).store
+    service = service_name(request)
+    deploy_id = request.match_info["id"]
+    last_seen = request.headers.get("Last-Event-ID", "0").strip() or "0"
+    if not last_seen.isdigit():
+        raise ApiError(400, "Last-Event-ID must be the number of an event of this stream.")
+    if await store.get_deploy(service, deploy_id) is None:
+        raise ApiError(404, f"Service {service!r} has no deploy {deploy_id!r}.")
+    seen = int(last_seen)
+
+    async def relay(stream: EventSourceResponse) -> None:
+        nonlocal seen
+        async for record in store.follow_deploy(service, deploy_id):
+            for progress in record.events:
+                if progress.seq > seen:
+                    await stream.send(progress.model_dump_json(), id=str(progress.seq), event=progress.kind)
+                    seen = progress.seq
+
+    async with sse_response(request) as stream:
+        # The stream ends with the deploy, or when the server shuts down.
+        relaying = asyncio.create_task(relay(stream))
+        closing = asyncio.create_task(request.app[CLOSING].wait())
+        try:
+            await asyncio.wait({relaying, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relaying, closing):
+                task.cancel()
+            await asyncio.gather(relaying, closing, return_exceptions=True)
+    return stream
 
 
 @routes.delete("/v1/services/{name}/deploys/{version}")

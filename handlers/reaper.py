@@ -1,0 +1,193 @@
+"""The reaper: level-triggered housekeeping that makes etcd and the router agree with fleet.
+
+Events can be missed: a machine dies without running its units' ``ExecStopPost`` (the
+announcement stays), a server crashed between registering a server and recording it. So
+every ``interval`` seconds one pass reads fleet's state (units, unit states, machines) and the
+announcements as they are, and:
+
+- removes an announcement whose unit is gone from fleet, whose machine left the cluster, whose
+  unit fleet moved to another machine, or whose unit systemd reports ``failed``/``inactive``
+  there. Removing it is enough: the instances watch withdraws the instance and deregisters it.
+  The delete compares the value, so a fresh announcement under the same key is never lost.
+- deregisters a router server that no announcement stands behind.
+
+A finding is acted on only when two passes in a row agree, so a unit caught between two
+states is left alone. A pass that cannot read fleet or etcd changes nothing.
+
+It also keeps the deploy history short: after each deploy of a service, and on every pass,
+only the ``keep`` newest finished deploys are kept, and always the live release and the one a
+rollback would return to; unfinished deploys are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import aetcd
+import structlog
+
+from deployster.bus import EventBus
+from deployster.etcd import EtcdError
+from deployster.events import DeployFailed, DeploySucceeded
+from deployster.fleet import FleetClient, FleetError, Machine, Unit, UnitState
+from deployster.naming import UnitName
+from deployster.routers import Router
+from deployster.store import DeployRecord, DeployState, Store
+from deployster.units import Announcement, instances_prefix, parse_announce_key
+from handlers.deploys import rollback_target
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Announced:
+    """One announcement as etcd holds it now."""
+
+    key: str
+    raw: str
+    unit: UnitName
+    announcement: Announcement
+
+
+def stale_reason(
+    found: Announced,
+    units: Mapping[str, Unit],
+    states: Iterable[UnitState],
+    machines: Iterable[Machine],
+) -> str | None:
+    """Why this announcement no longer stands for a running instance, or None if it does."""
+    name = str(found.unit)
+    machine = found.announcement.machine
+    unit = units.get(name)
+    if unit is None:
+        return f"unit {name} is gone from fleet"
+    if not any(m.matches_id(machine) for m in machines):
+        return f"machine {machine} left the cluster"
+    if unit.machine_id and unit.machine_id[:8] != machine[:8]:  # fleet's short ids match too
+        return f"fleet moved unit {name} to machine {unit.machine_id}"
+    for state in states:
+        if state.name == name and state.machine_id == machine and state.active_state in ("failed", "inactive"):
+            return f"unit {name} is {state.active_state} on machine {machine}"
+    return None
+
+
+def prunable(records: list[DeployRecord], keep: int) -> list[DeployRecord]:
+    """The records of one service to delete: finished ones beyond the ``keep`` newest, never
+    the live release or the rollback target. ``records`` are oldest first."""
+    spared = {r.id for r in (_live(records), rollback_target(records)) if r is not None}
+    finished = [r for r in records if r.state.finished]
+    return [r for r in finished[: max(0, len(finished) - keep)] if r.id not in spared]
+
+
+def _live(records: list[DeployRecord]) -> DeployRecord | None:
+    return next((r for r in reversed(records) if r.state is DeployState.SUCCEEDED), None)
+
+
+class Reaper:
+    def __init__(self, bus: EventBus, fleet: FleetClient, store: Store, router: Router, prefix: str,
+                 interval: float = 30.0, keep: int = 10) -> None:
+        self.bus = bus
+        self.fleet = fleet
+        self.store = store
+        self.router = router
+        self.prefix = prefix
+        self.interval = interval
+        self.keep = keep
+        # What the previous pass found: acted on when this pass finds it again.
+        self._suspects: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def register(self) -> None:
+        self.bus.subscribe(DeploySucceeded, self.on_deploy_finished)
+        self.bus.subscribe(DeployFailed, self.on_deploy_finished)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reaper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def on_deploy_finished(self, event: DeploySucceeded | DeployFailed) -> None:
+        await self.prune(event.service)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.reconcile()
+                await self.prune()
+            except (EtcdError, aetcd.ClientError, FleetError) as exc:
+                log.warning("reconcile_skipped", reason=str(exc))
+
+    # -- history -------------------------------------------------------------------------
+
+    async def prune(self, service: str | None = None) -> int:
+        """Delete old deploy records (of one service, or of all); returns how many."""
+        by_service: dict[str, list[DeployRecord]] = {}
+        for record in await self.store.list_deploys(service):
+            by_service.setdefault(record.service, []).append(record)
+        doomed = [r for records in by_service.values() for r in prunable(records, self.keep)]
+        if doomed:
+            await self.store.delete_deploys(doomed)
+            log.info("deploy_history_pruned", deploys=[f"{r.service}/{r.id}" for r in doomed])
+        return len(doomed)
+
+    # -- reconcile -----------------------------------------------------------------------
+
+    async def reconcile(self) -> list[str]:
+        """One pass; returns what it did, one sentence each (for logs and tests)."""
+        units = {u.name: u for u in await self.fleet.list_units()}
+        states = await self.fleet.list_states()
+        machines = await self.fleet.list_machines()
+        announced = await self._announced()
+        findings: dict[str, tuple[str, object]] = {}
+        for found in announced:
+            reason = stale_reason(found, units, states, machines)
+            if reason is not None:
+                findings[f"announcement:{found.key}:{found.raw}"] = (reason, found)
+        backed = {(a.unit.service, a.unit.container) for a in announced}
+        services = {a.unit.service for a in announced} | {r.service for r in await self.store.list_deploys()}
+        for service in sorted(services):
+            for server_id in await self.router.servers(service):
+                if (service, server_id) not in backed:
+                    findings[f"server:{service}:{server_id}"] = (
+                        f"router server {server_id} of {service} has no announced instance", (service, server_id))
+        done = []
+        for finding, (reason, subject) in findings.items():
+            if finding not in self._suspects:
+                continue
+            if isinstance(subject, Announced):
+                txn = self.store.etcd.transactions
+                removed, _ = await self.store.etcd.transaction(
+                    compare=[txn.value(subject.key.encode()) == subject.raw.encode()],
+                    success=[txn.delete(subject.key.encode())], failure=[])
+                if not removed:
+                    continue
+                done.append(f"removed the announcement of {subject.unit}: {reason}")
+            else:
+                service, server_id = subject  # type: ignore[misc]
+                await self.router.deregister(service, server_id)
+                done.append(f"deregistered {server_id}: {reason}")
+            log.warning("reconciled", action=done[-1])
+        self._suspects = {f for f in findings if f not in self._suspects}
+        return done
+
+    async def _announced(self) -> list[Announced]:
+        found = []
+        for kv in await self.store.etcd.get_prefix(instances_prefix(self.prefix).encode()):
+            key, raw = kv.key.decode(), kv.value.decode()
+            unit = parse_announce_key(self.prefix, key)
+            if unit is None:
+                continue
+            try:
+                announcement = Announcement.model_validate_json(raw)
+            except ValueError:
+                continue
+            found.append(Announced(key=key, raw=raw, unit=unit, announcement=announcement))
+        return found
