@@ -31,6 +31,7 @@ from deployster.etcd import EtcdServer, free_port
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.routers.traefik import traefik_command
 from deployster.server import Deployster
+from deployster.store import DeployRecord
 from handlers.deploys import DeployConfig
 
 SERVICE = "bench"
@@ -77,7 +78,13 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else float("nan")
 
 
-async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, float]:
+def timeline(record: DeployRecord) -> str:
+    """Where a deploy's time went: each progress event, seconds after the deploy was created."""
+    start = record.created_at.timestamp()
+    return "\n".join(f"  +{e.at.timestamp() - start:5.2f} s  {e.kind}: {e.message}" for e in record.events)
+
+
+async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, float, DeployRecord]:
     client = aiohttp.ClientSession()
     start = time.perf_counter()
     try:
@@ -91,7 +98,7 @@ async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, f
             record = await dep.store.get_deploy(SERVICE, deploy_id)
             assert record is not None
             if record.state.finished:
-                return record.state.value, time.perf_counter() - start
+                return record.state.value, time.perf_counter() - start, record
             await asyncio.sleep(0.02)
     finally:
         await client.close()
@@ -129,7 +136,7 @@ async def main(clients: int, steady: float, drain: float) -> None:
         await dep.store.save_policy(SERVICE, policy(drain))
         await dep.start()
 
-        state, first = await deploy(dep, "v1")
+        state, first, _ = await deploy(dep, "v1")
         print(f"initial 3-instance deploy: {state} in {first:.2f} s")
         load = Load(f"http://127.0.0.1:{web_port}/")
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
@@ -139,12 +146,12 @@ async def main(clients: int, steady: float, drain: float) -> None:
         load.phase = "steady"
         await asyncio.sleep(steady)
         load.phase = "version cycle v1->v2"
-        state2, cycle = await deploy(dep, "v2")
+        state2, cycle, cycled = await deploy(dep, "v2")
         load.phase = "steady after"
         await asyncio.sleep(1)
         await dep.store.save_policy(SERVICE, policy(drain).model_copy(update={"instance_deadline": 3}))
         load.phase = "rollback of v3"
-        state3, rollback = await deploy(dep, "v3", env={"DEPLOYSTER_WORKLOAD_HEALTH": "fail"})
+        state3, rollback, _ = await deploy(dep, "v3", env={"DEPLOYSTER_WORKLOAD_HEALTH": "fail"})
         load.phase = "steady end"
         await asyncio.sleep(1)
         load.stopped = True
@@ -152,6 +159,7 @@ async def main(clients: int, steady: float, drain: float) -> None:
         await session.close()
 
         print(f"version cycle v1->v2 (3 instances): {state2} in {cycle:.2f} s")
+        print(timeline(cycled))
         print(f"rollback of v3 (health fails, instance deadline 3 s): {state3} in {rollback:.2f} s")
         print(f"{'phase':<22}{'requests':>10}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}")
         total = failed = 0
