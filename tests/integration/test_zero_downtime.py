@@ -80,9 +80,10 @@ async def test_version_cycle_and_rollback_under_load(traefik_api: Api, traefik: 
         assert sorted(await api.units()) == sorted(second["units"])  # the old units are gone
         await asyncio.sleep(0.5)
 
-        # A version that never turns healthy is rolled back; v2 keeps serving throughout.
+        # A version that never turns healthy is rolled back; v2 keeps serving throughout. The
+        # deadline leaves a loaded machine time to start the instances, so the probes see 503s.
         await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(
-            update={"instance_deadline": 3, "health": HealthPolicy(interval=0.1, healthy_threshold=1)}))
+            update={"instance_deadline": 8, "health": HealthPolicy(interval=0.1, healthy_threshold=1)}))
         rolled = await api.deployed({"version": "v3", "destroy_previous": True,
                                      "env": {"DEPLOYSTER_WORKLOAD_HEALTH": "fail"}})
         assert rolled["state"] == "rolled_back", rolled
