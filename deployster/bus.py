@@ -80,6 +80,10 @@ class EventBus:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def queue_depth(self) -> int:
+        """Events waiting in every lane (a gauge: a growing number means a stuck handler)."""
+        return sum(lane.qsize() for lane in self._lanes.values())
+
     async def close(self) -> None:
         """Stop the lanes and spawned work; pending events are dropped (etcd has the state)."""
         self._closed = True

@@ -74,6 +74,7 @@ class UnitsSubmitted(Event):
 
 class DeploySucceeded(Event):
     deploy_id: str
+    duration: float = 0.0  # seconds from the request to the end
 
 
 class DeployFailed(Event):
@@ -81,6 +82,8 @@ class DeployFailed(Event):
 
     deploy_id: str
     reason: str
+    state: str = "failed"  # or "rolled_back"
+    duration: float = 0.0  # seconds from the request to the end (0: it never started)
 
 
 class DestroyRequested(Event):

@@ -22,6 +22,7 @@ from deployster.bus import EventBus
 from deployster.config import Settings
 from deployster.fleet import FleetClient
 from deployster.logs import AccessLogger
+from deployster.metrics import Metrics
 from deployster.routers import Router, TraefikRouter, VulcandRouter
 from deployster.store import Store
 from deployster.units import TemplateError, UnitTemplate, load_template
@@ -89,9 +90,12 @@ class Deployster:
         self.etcd = etcd
         self.fleet = fleet
         self.bus = EventBus()
+        self.metrics = Metrics(self.bus)
+        self.metrics.register()
         self.store = Store(etcd, settings.etcd_prefix)
         self.router = router_for(settings, etcd)
-        self.instances = InstancesHandler(self.bus, etcd, self.store, self.router, settings.etcd_prefix)
+        self.instances = InstancesHandler(self.bus, etcd, self.store, self.router, settings.etcd_prefix,
+                                          self.metrics)
         self.deploys = DeployHandler(
             self.bus,
             fleet,
@@ -110,7 +114,8 @@ class Deployster:
         self.reaper = Reaper(self.bus, fleet, self.store, self.router, settings.etcd_prefix,
                              interval=settings.reconcile_interval, keep=settings.history)
         self.reaper.register()
-        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances)
+        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances,
+                            metrics=self.metrics)
         self.app = create_app(services, settings.username, password)
 
     @classmethod

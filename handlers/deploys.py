@@ -526,11 +526,13 @@ class DeployHandler:
         await self.store.save_deploy(record)
         await self._unlock(record)
         log.info("deploy_finished", state=state, error=error)
+        duration = time.time() - record.created_at.timestamp()
         if state is DeployState.SUCCEEDED:
-            self.bus.publish(DeploySucceeded(service=record.service, deploy_id=record.id))
+            self.bus.publish(DeploySucceeded(service=record.service, deploy_id=record.id,
+                                             duration=duration))
         else:
             self.bus.publish(DeployFailed(service=record.service, deploy_id=record.id,
-                                          reason=error or state))
+                                          reason=error or state, state=state, duration=duration))
 
     async def _destroy_all(self, units: list[str]) -> None:
         for unit in units:

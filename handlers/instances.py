@@ -31,6 +31,7 @@ from deployster.bus import EventBus
 from deployster.etcd import EtcdError, WatchEvent, watch_prefix
 from deployster.events import InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn
 from deployster.health import HealthTracker, ProbeResult, Transition, probe
+from deployster.metrics import Metrics
 from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
 from deployster.routers import Router
@@ -63,12 +64,13 @@ class Instance:
 
 class InstancesHandler:
     def __init__(self, bus: EventBus, etcd: aetcd.Client, store: Store, router: Router,
-                 prefix: str) -> None:
+                 prefix: str, metrics: Metrics | None = None) -> None:
         self.bus = bus
         self.etcd = etcd
         self.store = store
         self.router = router
         self.prefix = prefix
+        self.metrics = metrics
         self._instances: dict[UnitName, Instance] = {}
         self._retired: set[UnitName] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -185,6 +187,8 @@ class InstancesHandler:
                 started = time.monotonic()
                 result = await probe(self._session, instance.url, policy.health)
                 instance.last_probe = result
+                if not result.ok and self.metrics is not None:
+                    self.metrics.probe_failed(unit.service)
                 pending = tracker.observe(result) or pending
                 try:
                     if pending is Transition.BECAME_HEALTHY:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from deployster.bus import EventBus
 from deployster.fleet import FleetClient
+from deployster.metrics import Metrics
 from deployster.store import Store
 from handlers.instances import InstancesHandler
 
@@ -19,6 +20,7 @@ class Services:
     fleet: FleetClient
     store: Store
     instances: InstancesHandler  # the live view of announced instances, read-only here
+    metrics: Metrics
     # How long the deploy POST waits for fleet to accept the units before answering 202.
     submit_timeout: float = 60.0
 
