@@ -29,6 +29,10 @@ _SERVICE_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 # A version is a Docker tag: starts with a word character, at most 128 characters.
 _VERSION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TIMESTAMP_RE = re.compile(r"\d{4}\.\d{2}\.\d{2}-\d{2}\.\d{2}\.\d{2}")
+# The same rules as JSON Schema patterns, for the API's OpenAPI document.
+SERVICE_PATTERN = f"^{_SERVICE_RE.pattern}$"
+VERSION_PATTERN = f"^{_VERSION_RE.pattern}$"
+TIMESTAMP_PATTERN = f"^{_TIMESTAMP_RE.pattern}$"
 
 
 class InvalidName(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pathlib
 import secrets
 import subprocess
 import sys
@@ -35,16 +36,15 @@ def basic_auth(user: str, password: str) -> dict[str, str]:
     return {"Authorization": encode_basic_auth(user, password)}
 
 
-@pytest.fixture(scope="session")
-def localfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """localfleet with three machines, as a real process on a loopback port."""
-    state = tmp_path_factory.mktemp("localfleet")
+@contextlib.contextmanager
+def localfleet_process(state: pathlib.Path, machines: int = 3) -> Iterator[str]:
+    """localfleet as a real process on a loopback port; yields its endpoint."""
     port = free_port()
     log = state / "localfleet.log"
     with open(log, "wb") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "deployster", "localfleet", "--listen", f"127.0.0.1:{port}",
-             "--machines", "3", "--state-dir", str(state / "state")],
+             "--machines", str(machines), "--state-dir", str(state / "state")],
             stdout=out, stderr=out,
         )
     endpoint = f"http://127.0.0.1:{port}"
@@ -54,6 +54,13 @@ def localfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         child.terminate()
         child.wait(60)
+
+
+@pytest.fixture(scope="session")
+def localfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """localfleet with three machines, shared by the session."""
+    with localfleet_process(tmp_path_factory.mktemp("localfleet")) as endpoint:
+        yield endpoint
 
 
 @dataclass
@@ -104,12 +111,12 @@ async def running_api(aiohttp_client, etcd_endpoint: str, localfleet: str, **set
     """A Deployster app on a test client with its own etcd prefix and service name."""
     prefix = f"/deployster-test-{secrets.token_hex(4)}"
     options: dict[str, object] = {"router": "vulcand", "vulcand_prefix": f"vulcand-{secrets.token_hex(4)}",
-                                  "vulcand_settle": 0, **settings}
+                                  "vulcand_settle": 0, "template": "workload", **settings}
     config = DeployConfig(image_prefix="deployster", etcd_endpoints=etcd_endpoint,
                           etcd_prefix=prefix, poll_interval=0.2, router_timeout=5)
     deployster = await Deployster.connect(
         Settings(etcd=etcd_endpoint, etcd_prefix=prefix, fleet_endpoint=localfleet,
-                 template="workload", password=PASSWORD, **options),  # type: ignore[arg-type]
+                 password=PASSWORD, **options),  # type: ignore[arg-type]
         config,
     )
     try:

@@ -1,0 +1,204 @@
+"""``GET /v1/openapi.json``: the OpenAPI 3.1 document of the API.
+
+Bodies are the pydantic models the routes validate with (and views of what they answer), so
+the schemas cannot drift from the code; the list of operations below is checked against the
+app's routes by a test, and a schemathesis run holds the server to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from deployster import __version__, naming
+from deployster.store import DeployRecord, Progress
+from deployster.web.deploys import DeployEnvelope
+from deployster.web.policies import PolicyEnvelope
+
+routes = web.RouteTableDef()
+
+
+class Error(BaseModel):
+    error: str  # a short code: invalid_request, not_found, conflict, ...
+    description: str  # a sentence that says what to do
+
+
+class Deploy(DeployRecord):
+    env: list[str]  # the names only: values are never shown
+
+
+class DeployAnswer(BaseModel):
+    deploy: Deploy
+
+
+class DeployList(BaseModel):
+    deploys: list[Deploy]
+
+
+class UnitView(BaseModel):
+    service: str
+    instance: str
+    version: str
+    current_state: str
+    desired_state: str
+    machine_id: str
+    deploy_timestamp: str
+
+
+class UnitList(BaseModel):
+    units: list[UnitView]
+
+
+class Release(BaseModel):
+    version: str
+    timestamp: str
+    deploy_id: str
+
+
+class LatestDeploy(BaseModel):
+    id: str
+    version: str
+    state: str
+
+
+class InstanceView(BaseModel):
+    unit: str
+    url: str
+    healthy: bool
+    routed: bool
+    last_probe: str
+
+
+class ServiceView(BaseModel):
+    name: str
+    live: Release | None
+    latest_deploy: LatestDeploy
+    instances: list[InstanceView]
+
+
+class ServiceList(BaseModel):
+    services: list[ServiceView]
+
+
+# Request bodies as the routes validate them; answers as the routes serialize them.
+REQUESTS: list[type[BaseModel]] = [DeployEnvelope, PolicyEnvelope]
+ANSWERS: list[type[BaseModel]] = [Error, DeployAnswer, DeployList, UnitList, ServiceList, Progress]
+
+ERRORS = {
+    400: "The request is not valid; the description says which field and why.",
+    401: "HTTP basic auth is missing or wrong.",
+    404: "No such service, deploy or version.",
+    409: "Another deploy of the service holds its lock, or there is nothing to roll back to.",
+    413: "The body is larger than 1 MiB.",
+    415: "The body is not sent as application/json.",
+    502: "fleet failed or cannot be reached.",
+    503: "etcd cannot be reached.",
+}
+NAME = {"name": "name", "in": "path", "required": True, "description": "the service",
+        "schema": {"type": "string", "pattern": naming.SERVICE_PATTERN}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _op(summary: str, ok: dict[int, dict[str, Any]], errors: tuple[int, ...], *,
+        params: tuple[dict[str, Any], ...] = (NAME,), body: type[BaseModel] | None = None,
+        public: bool = False) -> dict[str, Any]:
+    responses: dict[str, Any] = {str(status): answer for status, answer in ok.items()}
+    for status in (*errors, *(() if public else (401,)), 503):
+        responses[str(status)] = _json(Error, ERRORS[status])
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if params:
+        op["parameters"] = list(params)
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if public:
+        op["security"] = []
+    return op
+
+
+def _path_param(name: str, description: str, pattern: str | None = None) -> dict[str, Any]:
+    schema = {"type": "string", **({"pattern": pattern} if pattern else {})}
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": schema}
+
+
+def _text(description: str, content_type: str = "text/plain") -> dict[str, Any]:
+    return {"description": description, "content": {content_type: {"schema": {"type": "string"}}}}
+
+
+def paths() -> dict[str, dict[str, Any]]:
+    deploy_id = _path_param("id", "the deploy's id")
+    version = _path_param("version", "a version (image tag)", naming.VERSION_PATTERN)
+    started = {201: _json(DeployAnswer, "fleet accepted the units; the deploy goes on"),
+               202: _json(DeployAnswer, "queued behind another deploy, or fleet is slow: the deploy goes on")}
+    return {
+        "/v1/version": {"get": _op("Deployster's version", {200: _text("the version")}, (), params=())},
+        "/v1/openapi.json": {"get": _op("This document", {200: {"description": "OpenAPI 3.1",
+                                                                 "content": {"application/json": {}}}},
+                                        (), params=())},
+        "/metrics": {"get": _op("Prometheus metrics", {200: _text("the text exposition format")}, (), params=())},
+        "/v1/services": {"get": _op("Every service with its live release and instance health",
+                                    {200: _json(ServiceList, "the services")}, (), params=())},
+        "/v1/services/{name}/deploys": {
+            "post": _op("Deploy a version", started, (400, 409, 413, 415, 502), body=DeployEnvelope),
+            "get": _op("The deploy history, newest first", {200: _json(DeployList, "the deploys")}, (400,)),
+        },
+        "/v1/services/{name}/deploys/{id}": {
+            "get": _op("One deploy's record", {200: _json(DeployAnswer, "the record")}, (400, 404),
+                       params=(NAME, deploy_id)),
+        },
+        "/v1/services/{name}/deploys/{id}/events": {
+            "get": _op("The deploy's progress as Server-Sent Events (data: Progress), from the "
+                       "first (or after Last-Event-ID), then live, until the deploy ends",
+                       {200: _text("the events", "text/event-stream")}, (400, 404),
+                       params=(NAME, deploy_id, {"name": "Last-Event-ID", "in": "header", "required": False,
+                                                 "schema": {"type": "string"}})),
+        },
+        "/v1/services/{name}/deploys/{version}": {
+            "delete": _op("Destroy the units of a version", {204: {"description": "destroyed"}},
+                          (400, 404, 502),
+                          params=(NAME, version, {"name": "timestamp", "in": "query", "required": False,
+                                                  "schema": {"type": "string"}})),
+        },
+        "/v1/services/{name}/units": {
+            "get": _op("The service's units in fleet", {200: _json(UnitList, "the units")}, (400, 502)),
+        },
+        "/v1/services/{name}/rollback": {
+            "post": _op("Deploy the last successful release before the live one again", started,
+                        (400, 409, 502)),
+        },
+        "/v1/services/{name}/policy": {
+            "get": _op("The service's policy", {200: _json(PolicyEnvelope, "the policy")}, (400,)),
+            "put": _op("Set the service's policy (missing fields take the defaults)",
+                       {200: _json(PolicyEnvelope, "the policy now in force")}, (400, 413, 415),
+                       body=PolicyEnvelope),
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    _, schemas = models_json_schema(
+        [*((m, "validation") for m in REQUESTS), *((m, "serialization") for m in ANSWERS)],
+        ref_template="#/components/schemas/{model}")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Deployster", "version": __version__,
+                 "description": "Zero-downtime deploys of Docker images onto a fleet cluster."},
+        "security": [{"basic": []}],
+        "paths": paths(),
+        "components": {"schemas": schemas.get("$defs", {}),
+                       "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}}},
+    }
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(_: web.Request) -> web.Response:
+    return web.json_response(document())

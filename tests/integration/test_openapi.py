@@ -1,0 +1,81 @@
+"""The OpenAPI document: it lists exactly the app's routes, and the live server keeps to it
+under schemathesis (no 5xx, every answer as documented)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from deployster.web.openapi import document
+from integration.conftest import PASSWORD, Api, localfleet_process, running_api
+
+# Units of this template are never scheduled (no machine has the metadata), so the fuzzed
+# deploys start no process anywhere: they wait, hold their locks, and go with the server.
+UNSCHEDULABLE = """\
+[Unit]
+Description={{ description }}
+
+[Service]
+ExecStart=/bin/sleep 600
+
+[X-Fleet]
+MachineMetadata=deployster-test=never
+"""
+
+
+def routes(api: Api) -> set[tuple[str, str]]:
+    found = set()
+    for route in api.deployster.app.router.routes():
+        if route.method != "HEAD":
+            found.add((route.method, route.resource.canonical))  # type: ignore[union-attr]
+    return found
+
+
+def documented() -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, ops in document()["paths"].items() for method in ops}
+
+
+async def test_the_document_lists_exactly_the_routes(api: Api) -> None:
+    assert documented() == routes(api)
+
+
+async def test_the_document_is_served(api: Api) -> None:
+    resp = await api.client.get("/v1/openapi.json", headers=api.auth)
+    assert resp.status == 200
+    assert await resp.json() == json.loads(json.dumps(document()))
+
+
+@pytest.fixture
+async def fuzzed_api(aiohttp_client, etcd_endpoint: str, tmp_path: pathlib.Path) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
+    template = tmp_path / "unschedulable.service"
+    template.write_text(UNSCHEDULABLE)
+    with localfleet_process(tmp_path, machines=1) as fleet:
+        async with running_api(aiohttp_client, etcd_endpoint, fleet, template=str(template)) as running:
+            yield running
+
+
+async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document(
+    fuzzed_api: Api, tmp_path: pathlib.Path
+) -> None:
+    schema = tmp_path / "openapi.json"
+    schema.write_text(json.dumps(document()))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "schemathesis.cli", "run", str(schema),
+        "--url", str(fuzzed_api.client.make_url("")).rstrip("/"), "--auth", f"deployster:{PASSWORD}",
+        "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+                    "response_schema_conformance",
+        "--phases", "examples,coverage,fuzzing", "--max-examples", "25", "--seed", "1",
+        # A stream lasts as long as its deploy: tests/integration/test_deploy_events.py has it.
+        "--exclude-path", "/v1/services/{name}/deploys/{id}/events",
+        "--generation-database", "none", "--request-timeout", "70", "--no-color", "--workers", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
+    )
+    out, _ = await asyncio.wait_for(child.communicate(), 170)
+    report = out.decode(errors="replace")
+    assert child.returncode == 0, report[-6000:]
+    assert "No issues found" in report and " 0 passed" not in report, report[-3000:]
