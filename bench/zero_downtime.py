@@ -30,6 +30,7 @@ from deployster.config import Settings
 from deployster.etcd import EtcdServer, free_port
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.routers.traefik import traefik_command
+from deployster.naming import UnitName
 from deployster.server import Deployster
 from deployster.store import DeployRecord
 from handlers.deploys import DeployConfig
@@ -160,6 +161,11 @@ async def main(clients: int, steady: float, drain: float) -> None:
 
         print(f"version cycle v1->v2 (3 instances): {state2} in {cycle:.2f} s")
         print(timeline(cycled))
+        # The workload's own start (process, imports, listen, announce) is not Deployster's time.
+        announced = [dep.instances.get(UnitName.parse(u)).announced_at for u in cycled.units]  # type: ignore[arg-type, union-attr]
+        starting = max(announced) - cycled.submitted_at
+        print(f"  instances starting (submitted -> last announcement): {starting:.2f} s; "
+              f"Deployster's own time: {cycle - starting:.2f} s")
         print(f"rollback of v3 (health fails, instance deadline 3 s): {state3} in {rollback:.2f} s")
         print(f"{'phase':<22}{'requests':>10}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}")
         total = failed = 0

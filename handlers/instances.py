@@ -50,6 +50,7 @@ class Instance:
     machine: str
     healthy: bool = False
     healthy_since: float | None = None  # monotonic time of the last healthy transition
+    announced_at: float = field(default_factory=time.time)  # epoch seconds this process saw it
     routed: bool = False
     last_probe: ProbeResult | None = None
     prober: asyncio.Task[None] | None = field(default=None, repr=False)
