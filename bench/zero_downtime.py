@@ -85,6 +85,20 @@ def timeline(record: DeployRecord) -> str:
     return "\n".join(f"  +{e.at.timestamp() - start:5.2f} s  {e.kind}: {e.message}" for e in record.events)
 
 
+def cost_split(dep: Deployster, record: DeployRecord, wall: float) -> str:
+    """The workload's own start (process, imports, listen, announce) is not Deployster's time."""
+    announced = []
+    for unit in record.units:
+        instance = dep.instances.get(UnitName.parse(unit))  # type: ignore[arg-type]
+        if instance is not None:
+            announced.append(instance.announced_at)
+    if len(announced) < len(record.units):
+        return "  (the new instances are gone: no split)"
+    starting = max(announced) - record.submitted_at
+    return (f"  instances starting (submitted -> last announcement): {starting:.2f} s; "
+            f"Deployster's own time: {wall - starting:.2f} s")
+
+
 async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, float, DeployRecord]:
     client = aiohttp.ClientSession()
     start = time.perf_counter()
@@ -148,6 +162,7 @@ async def main(clients: int, steady: float, drain: float) -> None:
         await asyncio.sleep(steady)
         load.phase = "version cycle v1->v2"
         state2, cycle, cycled = await deploy(dep, "v2")
+        cycle_split = cost_split(dep, cycled, cycle)
         load.phase = "steady after"
         await asyncio.sleep(1)
         await dep.store.save_policy(SERVICE, policy(drain).model_copy(update={"instance_deadline": 3}))
@@ -158,15 +173,17 @@ async def main(clients: int, steady: float, drain: float) -> None:
         load.stopped = True
         await asyncio.gather(*tasks)
         await session.close()
+        # The cycle alone: what a deploy costs when the machine is not also serving the load.
+        state4, quiet, quieted = await deploy(dep, "v4")
+        quiet_split = cost_split(dep, quieted, quiet)
 
         print(f"version cycle v1->v2 (3 instances): {state2} in {cycle:.2f} s")
         print(timeline(cycled))
-        # The workload's own start (process, imports, listen, announce) is not Deployster's time.
-        announced = [dep.instances.get(UnitName.parse(u)).announced_at for u in cycled.units]  # type: ignore[arg-type, union-attr]
-        starting = max(announced) - cycled.submitted_at
-        print(f"  instances starting (submitted -> last announcement): {starting:.2f} s; "
-              f"Deployster's own time: {cycle - starting:.2f} s")
+        print(cycle_split)
         print(f"rollback of v3 (health fails, instance deadline 3 s): {state3} in {rollback:.2f} s")
+        print(f"version cycle v3->v4 without load: {state4} in {quiet:.2f} s")
+        print(timeline(quieted))
+        print(quiet_split)
         print(f"{'phase':<22}{'requests':>10}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}")
         total = failed = 0
         for phase in ["steady", "version cycle v1->v2", "steady after", "rollback of v3", "steady end"]:
