@@ -36,6 +36,11 @@ SERVE_FLAGS: list[tuple[str, str]] = [
     ("traefik-api", "Traefik's API, used to confirm that a change is live"),
     ("traefik-entrypoint", "entry point of the routers Deployster writes (default: all)"),
     ("log-format", "auto (console on a terminal, else JSON), json or console"),
+    ("webhook-secret", "secret of the push webhooks (all sources); none: the webhooks are off"),
+    ("webhook-secret-dockerhub", "Docker Hub's webhook token (the last part of its URL), instead of -webhook-secret"),
+    ("webhook-secret-registry", "the registry notifications' Bearer secret, instead of -webhook-secret"),
+    ("webhook-secret-harbor", "Harbor's Auth Header secret, instead of -webhook-secret"),
+    ("webhook-secret-ghcr", "the GitHub webhook's signing secret, instead of -webhook-secret"),
 ]
 
 

@@ -27,8 +27,10 @@ from deployster.store import Store
 from deployster.units import TemplateError, UnitTemplate, load_template
 from deployster.web.app import create_app
 from deployster.web.context import Services
+from deployster.webhooks import SOURCES as WEBHOOK_SOURCES
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
+from handlers.webhooks import WebhookHandler
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +108,11 @@ class Deployster:
             self.instances,
         )
         self.deploys.register()
-        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances)
+        self.webhooks = WebhookHandler(self.bus, self.store, settings.image_prefix,
+                                       settings.webhook_secrets(WEBHOOK_SOURCES))
+        self.webhooks.register()
+        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances,
+                            webhooks=self.webhooks)
         self.app = create_app(services, settings.username, password)
 
     @classmethod
@@ -130,12 +136,17 @@ class Deployster:
     async def start(self) -> int:
         """Follow the instances and resume unfinished deploys; returns how many resumed."""
         await self.instances.start()
-        return await self.deploys.resume()
+        resumed = await self.deploys.resume()
+        if self.webhooks.enabled:
+            log.info("webhooks_on", sources=self.webhooks.enabled, queued_pushes=await self.webhooks.start())
+        else:
+            log.warning("webhooks_off", reason="no --webhook-secret is set: the webhook endpoints answer 404")
+        return resumed
 
     async def close(self) -> None:
         """Stop every part; a part that does not stop within 10 s is logged and left behind,
         so a shutdown never hangs."""
-        for name, part in (("bus", self.bus), ("deploys", self.deploys), ("instances", self.instances),
+        for name, part in (("bus", self.bus), ("webhooks", self.webhooks), ("deploys", self.deploys), ("instances", self.instances),
                            ("fleet", self.fleet), ("etcd", self.etcd)):
             try:
                 async with asyncio.timeout(10):

@@ -10,6 +10,7 @@ from deployster.bus import EventBus
 from deployster.fleet import FleetClient
 from deployster.store import Store
 from handlers.instances import InstancesHandler
+from handlers.webhooks import WebhookHandler
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Services:
     instances: InstancesHandler  # the live view of announced instances, read-only here
     # How long the deploy POST waits for fleet to accept the units before answering 202.
     submit_timeout: float = 60.0
+    webhooks: WebhookHandler | None = None  # push decisions and the webhook secrets
 
 
 SERVICES = web.AppKey("services", Services)
