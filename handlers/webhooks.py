@@ -404,7 +404,7 @@ class WebhookHandler:
                     log.warning("dockerhub_callback_failed", host=host, status=resp.status)
                     return
             log.info("dockerhub_callback_sent", host=host, state=state)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # best effort: whatever goes wrong stays here
             log.warning("dockerhub_callback_failed", host=host, reason=repr(exc))
 
     def _about(self, event: ImagePushed, kind: DecisionKind, reason: str, deploy_id: str = "") -> Decision:
