@@ -212,3 +212,11 @@ def test_service_of_repository(prefix: str, repository: str, service: str | None
     assert service_of_repository(prefix, repository) == service
     if service:  # the inverse of the convention
         assert image_name(prefix, service, "v1").endswith(f"{repository}:v1")
+
+
+def test_the_dockerhub_token_in_a_logged_path_is_masked() -> None:
+    from deployster.logs import _mask_secrets
+
+    line = _mask_secrets(None, "info", {"event": "http_request", "path": "/v1/webhooks/dockerhub/s3cret-token"})
+    assert line["path"] == "/v1/webhooks/dockerhub/***"
+    assert _mask_secrets(None, "info", {"path": "/v1/webhooks/registry"})["path"] == "/v1/webhooks/registry"
