@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -259,7 +260,9 @@ class WebhookHandler:
         lane.pending = event
         lane.wake.set()
         if lane.task is None or lane.task.done():
-            lane.task = asyncio.create_task(self._work(event.service, lane), name=f"webhooks:{event.service}")
+            # A context of its own: not the log context of the push that happened to start it.
+            lane.task = asyncio.create_task(self._work(event.service, lane), name=f"webhooks:{event.service}",
+                                            context=contextvars.Context())
 
     async def on_deploy_ended(self, event: DeploySucceeded | DeployFailed) -> None:
         lane = self._lanes.get(event.service)
@@ -278,7 +281,7 @@ class WebhookHandler:
             lane.wake.clear()
             while lane.pending is not None:
                 push = lane.pending
-                with structlog.contextvars.bound_contextvars(service=service, event_id=push.event_id):
+                with structlog.contextvars.bound_contextvars(service=service, event_id=push.event_id, tag=push.tag):
                     try:
                         await self._wait_until_free(service, lane)
                         push = lane.pending or push  # the latest push wins
@@ -291,7 +294,7 @@ class WebhookHandler:
                         backoff = min(backoff * 2, RETRY_MAX)
                         requeue = True
                     except Exception:
-                        log.exception("webhook_deploy_crashed", tag=push.tag)
+                        log.exception("webhook_deploy_crashed")
                         requeue = False
                 if requeue and lane.pending is None:
                     lane.pending = push
