@@ -293,11 +293,15 @@ class WebhookHandler:
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, RETRY_MAX)
                         requeue = True
-                    except Exception:
+                    except Exception as exc:
                         log.exception("webhook_deploy_crashed")
+                        self._note(self._about(push, "failed", f"Deployster failed to deploy it: {exc!r}"))
                         requeue = False
-                if requeue and lane.pending is None:
-                    lane.pending = push
+                if requeue and lane.pending is not push:  # not taken yet if the lock check failed
+                    if lane.pending is None:
+                        lane.pending = push
+                    else:
+                        self._note(self._about(push, "ignored", f"superseded by {lane.pending.tag}, pushed later"))
 
     async def _wait_until_free(self, service: str, lane: _Lane) -> None:
         while True:
@@ -368,7 +372,11 @@ class WebhookHandler:
                 try:
                     return await asyncio.wait_for(asyncio.shield(ended), self.lock_poll)
                 except asyncio.TimeoutError:
-                    record = await self.store.get_deploy(service, deploy_id)
+                    try:
+                        record = await self.store.get_deploy(service, deploy_id)
+                    except EtcdError as exc:  # the deploy is started: never start it again
+                        log.warning("webhook_deploy_unreadable", deploy_id=deploy_id, reason=str(exc))
+                        continue
                     if record is not None and record.state.finished:
                         if record.state is DeployState.SUCCEEDED:
                             return DeploySucceeded(service=service, deploy_id=deploy_id)
