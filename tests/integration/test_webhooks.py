@@ -305,3 +305,26 @@ async def test_dockerhub_push_deploys_and_answers_the_callback(hooks: Api, log_l
 
 async def _logged(lines: list[dict[str, object]], event: str) -> bool:
     return any(line["event"] == event for line in lines)
+
+
+async def test_a_push_whose_deploy_rolls_back_answers_failure(hooks: Api) -> None:
+    api = hooks
+    body = {"policy": {**FAST_POLICY.model_dump(mode="json", exclude={"auto_deploy"}),
+                       "health": {"path": "/not-served", "interval": 0.1, "timeout": 1.0},
+                       "instance_deadline": 1,
+                       "auto_deploy": {"enabled": True, "policy": "glob:*"}}}
+    assert (await api.client.put(api.url("/policy"), json=body, headers=api.auth)).status == 200
+    with aioresponses(passthrough=["http://127.0.0.1"]) as mocked:
+        mocked.post(CALLBACK, status=200)
+        resp = await api.client.post(f"/v1/webhooks/dockerhub/{SECRET}", data=dockerhub(repository(api), "v9", CALLBACK),
+                                     headers={"Content-Type": "application/json"})
+        assert (await resp.json())["decisions"][0]["decision"] == "queued"
+        record = await finished_webhook_deploy(api)
+        assert record.state == "rolled_back"
+
+        async def called() -> list[Any]:
+            return list(mocked.requests.get(("POST", URL(CALLBACK)), []))
+
+        [call] = await eventually(called)
+        assert call.kwargs["json"]["state"] == "failure"
+        assert call.kwargs["json"]["description"] == f"The deploy of v9 failed (deploy {record.id})."
