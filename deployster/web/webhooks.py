@@ -30,7 +30,8 @@ Parse = Callable[[web.Request, bytes], webhooks.Delivery]
 
 def _handler(request: web.Request) -> WebhookHandler:
     handler = services(request).webhooks
-    assert handler is not None
+    if handler is None:  # an app wired without the webhooks handler
+        raise ApiError(404, "This server has no webhooks.")
     return handler
 
 
