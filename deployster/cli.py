@@ -38,6 +38,11 @@ SERVE_FLAGS: list[tuple[str, str]] = [
     ("reconcile-interval", "seconds between passes that reconcile announcements and the router with fleet"),
     ("history", "finished deploys kept per service (the live release and its rollback target always)"),
     ("log-format", "auto (console on a terminal, else JSON), json or console"),
+    ("webhook-secret", "secret of the push webhooks (all sources); none: the webhooks are off"),
+    ("webhook-secret-dockerhub", "Docker Hub's webhook token (the last part of its URL), instead of -webhook-secret"),
+    ("webhook-secret-registry", "the registry notifications' Bearer secret, instead of -webhook-secret"),
+    ("webhook-secret-harbor", "Harbor's Auth Header secret, instead of -webhook-secret"),
+    ("webhook-secret-ghcr", "the GitHub webhook's signing secret, instead of -webhook-secret"),
 ]
 
 

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(30.0, gt=0, le=3600)
     history: int = Field(10, ge=1, le=1000)
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
+    # Webhooks: one secret for every source, or one per source; none turns an endpoint off.
+    webhook_secret: SecretStr | None = None
+    webhook_secret_dockerhub: SecretStr | None = None
+    webhook_secret_registry: SecretStr | None = None
+    webhook_secret_harbor: SecretStr | None = None
+    webhook_secret_ghcr: SecretStr | None = None
 
     @field_validator("etcd")
     @classmethod
@@ -65,6 +71,15 @@ class Settings(BaseSettings):
     def image_prefix(self) -> str:
         """``-registry-url`` when set, else ``-docker-hub-username`` (as the original)."""
         return self.registry_url.rstrip("/") or self.docker_hub_username
+
+    def webhook_secrets(self, sources: tuple[str, ...]) -> dict[str, str]:
+        """The secret of each source that has one: its own, else ``webhook_secret``."""
+        found = {}
+        for source in sources:
+            secret = getattr(self, f"webhook_secret_{source}") or self.webhook_secret
+            if secret is not None and secret.get_secret_value():
+                found[source] = secret.get_secret_value()
+        return found
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

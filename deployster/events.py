@@ -127,3 +127,26 @@ class InstanceWithdrawn(Event):
 
     unit: str
     url: str
+
+
+class ImagePushed(Event):
+    """A registry reported a push of ``repository:tag`` (a webhook, authenticated by its
+    secret), and ``repository`` names this service's image. Whether it deploys is the
+    webhooks handler's decision (the service's auto-deploy policy)."""
+
+    source: str  # dockerhub, registry, harbor, ghcr
+    repository: str
+    tag: str
+    digest: str = ""
+    event_id: str  # the provider's delivery or event id: the de-duplication key
+    # Docker Hub only: where to report the deploy's outcome.
+    callback_url: str = Field("", repr=False)
+
+
+class PushDecided(Event):
+    """What came of an ``ImagePushed``: ``queued`` (a deploy follows when the service is
+    free) or ``ignored``, with the reason in a sentence."""
+
+    push_id: str  # the ImagePushed event's id
+    decision: str
+    reason: str

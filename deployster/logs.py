@@ -18,12 +18,16 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 _SECRET_FIELD = re.compile(r"pass(word)?|secret|token|authorization|credential|env$", re.I)
+# Docker Hub's webhook URL carries its secret as the last path segment.
+_SECRET_PATH = re.compile(r"^(/v1/webhooks/dockerhub/)[^/]+")
 
 
 def _mask_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     for key in event_dict:
         if key != "event" and _SECRET_FIELD.search(key):
             event_dict[key] = "***"
+        elif key == "path" and isinstance(event_dict[key], str):
+            event_dict[key] = _SECRET_PATH.sub(r"\1***", event_dict[key])
     return event_dict
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployster.tagpolicy import TagPolicy
+
 DAY = 86400.0
 
 
@@ -31,6 +33,32 @@ class HealthPolicy(BaseModel):
         return value
 
 
+class AutoDeployPolicy(BaseModel):
+    """Which pushed tags deploy the service by themselves (webhooks); off unless enabled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # all | major | minor | patch | glob:<pattern> | regexp:<pattern> | exact:<tag>
+    policy: str = "all"
+    prerelease: bool = False
+    # A push replaces the live release, unlike an API deploy (whose default is false).
+    destroy_previous: bool = True
+    # The image repository whose pushes deploy this service, when it is not the image-name
+    # convention's ``<prefix>/<service>`` (e.g. "acme/web" for service "web").
+    repository: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[a-z0-9][a-z0-9._/-]*$")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        TagPolicy.parse(value)
+        return value
+
+    @property
+    def tag_policy(self) -> TagPolicy:
+        return TagPolicy.parse(self.policy)
+
+
 class ServicePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,3 +69,4 @@ class ServicePolicy(BaseModel):
     drain: float = Field(10.0, ge=0, lt=DAY)
     # 0: the original's rule (as many as the running release has, else 1).
     instance_count: int = Field(0, ge=0, le=100)
+    auto_deploy: AutoDeployPolicy = Field(default_factory=AutoDeployPolicy)

@@ -28,9 +28,11 @@ from deployster.store import Store
 from deployster.units import TemplateError, UnitTemplate, load_template
 from deployster.web.app import create_app
 from deployster.web.context import Services
+from deployster.webhooks import SOURCES as WEBHOOK_SOURCES
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
 from handlers.reaper import Reaper
+from handlers.webhooks import WebhookHandler
 
 log = structlog.get_logger(__name__)
 
@@ -114,8 +116,11 @@ class Deployster:
         self.reaper = Reaper(self.bus, fleet, self.store, self.router, settings.etcd_prefix,
                              interval=settings.reconcile_interval, keep=settings.history)
         self.reaper.register()
+        self.webhooks = WebhookHandler(self.bus, self.store, settings.image_prefix,
+                                       settings.webhook_secrets(WEBHOOK_SOURCES))
+        self.webhooks.register()
         services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances,
-                            metrics=self.metrics)
+                            metrics=self.metrics, webhooks=self.webhooks)
         self.app = create_app(services, settings.username, password)
 
     @classmethod
@@ -140,13 +145,18 @@ class Deployster:
         """Follow the instances and resume unfinished deploys; returns how many resumed."""
         await self.instances.start()
         await self.reaper.start()
-        return await self.deploys.resume()
+        resumed = await self.deploys.resume()
+        if self.webhooks.enabled:
+            log.info("webhooks_on", sources=self.webhooks.enabled, queued_pushes=await self.webhooks.start())
+        else:
+            log.warning("webhooks_off", reason="no --webhook-secret is set: the webhook endpoints answer 404")
+        return resumed
 
     async def close(self) -> None:
         """Stop every part; a part that does not stop within 10 s is logged and left behind,
         so a shutdown never hangs."""
-        for name, part in (("bus", self.bus), ("reaper", self.reaper), ("deploys", self.deploys),
-                           ("instances", self.instances),
+        for name, part in (("bus", self.bus), ("webhooks", self.webhooks), ("reaper", self.reaper),
+                           ("deploys", self.deploys), ("instances", self.instances),
                            ("fleet", self.fleet), ("etcd", self.etcd)):
             try:
                 async with asyncio.timeout(10):

@@ -253,3 +253,59 @@ class Store:
                 return
             await self.etcd.transaction(compare=[txn.value(key) == kv.value],
                                         success=[txn.delete(key)], failure=[])
+
+    # -- webhooks: policies by service, de-duplication, queued pushes ----------------------
+
+    async def list_policies(self) -> dict[str, ServicePolicy]:
+        """Every stored policy by service (a webhook's repository may map to any of them)."""
+        base = f"{self.prefix}/services/"
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(base.encode())
+        policies = {}
+        for kv in found:
+            service, _, rest = kv.key.decode()[len(base):].partition("/")
+            if rest == "policy":
+                policies[service] = ServicePolicy.model_validate_json(kv.value)
+        return policies
+
+    async def first_seen(self, key: str, value: str, ttl: int) -> bool:
+        """Remember ``key`` under ``<prefix>/webhooks/seen/`` for ``ttl`` seconds: True the first
+        time, False while it is remembered (one etcd transaction, so two deliveries at once
+        cannot both be first)."""
+        full = f"{self.prefix}/webhooks/seen/{key}".encode()
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            lease = await self.etcd.lease(ttl)
+            first, _ = await self.etcd.transaction(
+                compare=[txn.version(full) == 0],
+                success=[txn.put(full, value.encode(), lease=lease.id)],
+                failure=[],
+            )
+            if not first:
+                await self.etcd.revoke_lease(lease.id)
+        return bool(first)
+
+    async def forget_seen(self, key: str) -> None:
+        with _etcd_errors():
+            await self.etcd.delete(f"{self.prefix}/webhooks/seen/{key}".encode())
+
+    def _queued_key(self, service: str) -> bytes:
+        return f"{self.prefix}/webhooks/queued/{service}".encode()
+
+    async def save_queued_push(self, service: str, push_json: str) -> None:
+        """The push waiting to deploy ``service`` (one per service: the latest wins)."""
+        with _etcd_errors():
+            await self.etcd.put(self._queued_key(service), push_json.encode())
+
+    async def delete_queued_push(self, service: str, push_json: str) -> None:
+        """Forget the queued push of ``service`` if it is still ``push_json``."""
+        key = self._queued_key(service)
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            await self.etcd.transaction(compare=[txn.value(key) == push_json.encode()],
+                                        success=[txn.delete(key)], failure=[])
+
+    async def list_queued_pushes(self) -> list[str]:
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(f"{self.prefix}/webhooks/queued/".encode())
+        return [kv.value.decode() for kv in found]

@@ -156,6 +156,21 @@ def image_name(prefix: str, service: str, version: str) -> str:
     return f"{prefix.rstrip('/')}/{service}:{version}"
 
 
+def service_of_repository(prefix: str, repository: str) -> str | None:
+    """The service whose images are ``repository`` by the convention of :func:`image_name`,
+    else None. ``repository`` is a registry path without host or tag (``acme/hello``); the
+    host part of ``prefix`` (``-registry-url`` ``host:port[/path]``) is not in it."""
+    first, _, rest = prefix.strip("/").partition("/")
+    if "." in first or ":" in first or first == "localhost":
+        first, rest = rest, ""  # a registry host, not a namespace
+    namespace = "/".join(p for p in (first, rest) if p)
+    if namespace:
+        if not repository.startswith(namespace + "/"):
+            return None
+        repository = repository[len(namespace) + 1 :]
+    return repository if repository and "/" not in repository else None
+
+
 def validate_env(env: Mapping[str, str]) -> dict[str, str]:
     """Check a deploy's environment; raise ValueError with a sentence the API can return."""
     checked: dict[str, str] = {}

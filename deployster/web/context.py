@@ -12,6 +12,7 @@ from deployster.fleet import FleetClient
 from deployster.metrics import Metrics
 from deployster.store import Store
 from handlers.instances import InstancesHandler
+from handlers.webhooks import WebhookHandler
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Services:
     metrics: Metrics
     # How long the deploy POST waits for fleet to accept the units before answering 202.
     submit_timeout: float = 60.0
+    webhooks: WebhookHandler | None = None  # push decisions and the webhook secrets
 
 
 SERVICES = web.AppKey("services", Services)

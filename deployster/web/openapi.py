@@ -13,10 +13,11 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from deployster import __version__, naming
+from deployster import __version__, naming, webhooks
 from deployster.store import DeployRecord, Progress
 from deployster.web.deploys import DeployEnvelope
 from deployster.web.policies import PolicyEnvelope
+from handlers.webhooks import Decision
 
 routes = web.RouteTableDef()
 
@@ -83,14 +84,24 @@ class ServiceList(BaseModel):
     services: list[ServiceView]
 
 
+class WebhookAnswer(BaseModel):
+    decisions: list[Decision]
+
+
+class WebhookLog(BaseModel):
+    enabled: list[str]  # the sources with a secret
+    events: list[Decision]  # the last 100 decisions, newest first
+
+
 # Request bodies as the routes validate them; answers as the routes serialize them.
 REQUESTS: list[type[BaseModel]] = [DeployEnvelope, PolicyEnvelope]
-ANSWERS: list[type[BaseModel]] = [Error, DeployAnswer, DeployList, UnitList, ServiceList, Progress]
+ANSWERS: list[type[BaseModel]] = [Error, DeployAnswer, DeployList, UnitList, ServiceList, Progress,
+                                  WebhookAnswer, WebhookLog]
 
 ERRORS = {
     400: "The request is not valid; the description says which field and why.",
-    401: "HTTP basic auth is missing or wrong.",
-    404: "No such service, deploy or version.",
+    401: "HTTP basic auth is missing or wrong (a webhook: its secret is).",
+    404: "No such service, deploy or version (a webhook: it is off, no secret is set).",
     409: "Another deploy of the service holds its lock, or there is nothing to roll back to.",
     413: "The body is larger than 1 MiB.",
     415: "The body is not sent as application/json.",
@@ -110,19 +121,30 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
 
 
 def _op(summary: str, ok: dict[int, dict[str, Any]], errors: tuple[int, ...], *,
-        params: tuple[dict[str, Any], ...] = (NAME,), body: type[BaseModel] | None = None,
+        params: tuple[dict[str, Any], ...] = (NAME,), body: type[BaseModel] | dict[str, Any] | None = None,
         public: bool = False) -> dict[str, Any]:
     responses: dict[str, Any] = {str(status): answer for status, answer in ok.items()}
-    for status in (*errors, *(() if public else (401,)), 503):
+    for status in (*errors, 401, 503):
         responses[str(status)] = _json(Error, ERRORS[status])
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if params:
         op["parameters"] = list(params)
-    if body is not None:
+    if isinstance(body, dict):
+        op["requestBody"] = {"required": True, "content": body}
+    elif body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
     if public:
-        op["security"] = []
+        op["security"] = []  # the route checks its own secret
     return op
+
+
+def _webhook(provider: str, secret: str, content_types: tuple[str, ...],
+             params: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    return {"post": _op(
+        f"A push notification from {provider} (no basic auth: {secret}); 202 with the decision "
+        "for each event, also when nothing is deployed",
+        {202: _json(WebhookAnswer, "the decisions, each with its reason")}, (400, 404, 413, 415),
+        params=params, body={t: {"schema": {"type": "object"}} for t in content_types}, public=True)}
 
 
 def _path_param(name: str, description: str, pattern: str | None = None) -> dict[str, Any]:
@@ -175,6 +197,17 @@ def paths() -> dict[str, dict[str, Any]]:
             "post": _op("Deploy the last successful release before the live one again", started,
                         (400, 409, 502)),
         },
+        "/v1/webhooks/dockerhub/{token}": _webhook(
+            "Docker Hub", "the token in the path is the secret", ("application/json",),
+            (_path_param("token", "the Docker Hub webhook secret"),)),
+        "/v1/webhooks/registry": _webhook(
+            "a Docker registry", "Authorization: Bearer <secret>", webhooks.REGISTRY_CONTENT_TYPES),
+        "/v1/webhooks/harbor": _webhook(
+            "Harbor", "its auth header holds the secret", webhooks.HARBOR_CONTENT_TYPES),
+        "/v1/webhooks/ghcr": _webhook(
+            "GitHub (package events)", "X-Hub-Signature-256 signs the body", webhooks.GITHUB_CONTENT_TYPES),
+        "/v1/webhooks/events": {"get": _op("The last 100 webhook decisions, newest first",
+                                           {200: _json(WebhookLog, "the decisions")}, (404,), params=())},
         "/v1/services/{name}/policy": {
             "get": _op("The service's policy", {200: _json(PolicyEnvelope, "the policy")}, (400,)),
             "put": _op("Set the service's policy (missing fields take the defaults)",
