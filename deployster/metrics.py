@@ -33,6 +33,9 @@ class Metrics:
         self.probe_failures = Counter("deployster_health_probe_failures",
                                       "Health probes that failed, by service.", ["service"],
                                       registry=self.registry)
+        self.webhooks = Counter("deployster_webhooks", "Webhook decisions, by source and result "
+                                "(queued, deployed, ignored, rejected, failed).", ["source", "result"],
+                                registry=self.registry)
         queue_depth = Gauge("deployster_bus_queue_depth", "Events waiting in the event bus.",
                             registry=self.registry)
         queue_depth.set_function(bus.queue_depth)
@@ -53,6 +56,9 @@ class Metrics:
 
     def probe_failed(self, service: str) -> None:
         self.probe_failures.labels(service).inc()
+
+    def webhook_decided(self, source: str, result: str) -> None:
+        self.webhooks.labels(source, result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

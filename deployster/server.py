@@ -117,7 +117,7 @@ class Deployster:
                              interval=settings.reconcile_interval, keep=settings.history)
         self.reaper.register()
         self.webhooks = WebhookHandler(self.bus, self.store, settings.image_prefix,
-                                       settings.webhook_secrets(WEBHOOK_SOURCES))
+                                       settings.webhook_secrets(WEBHOOK_SOURCES), metrics=self.metrics)
         self.webhooks.register()
         services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances,
                             metrics=self.metrics, webhooks=self.webhooks)

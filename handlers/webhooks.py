@@ -53,6 +53,7 @@ from deployster.events import (
     PushDecided,
     UnitsSubmitted,
 )
+from deployster.metrics import Metrics
 from deployster.store import DeployState, Store, new_deploy_id
 from deployster.tagpolicy import parse_version
 from deployster.units import service_of_repository
@@ -101,8 +102,10 @@ class _Lane:
 
 class WebhookHandler:
     def __init__(self, bus: EventBus, store: Store, image_prefix: str, secrets: dict[str, str],
-                 submit_timeout: float = 60.0, lock_poll: float = LOCK_POLL) -> None:
+                 submit_timeout: float = 60.0, lock_poll: float = LOCK_POLL,
+                 metrics: Metrics | None = None) -> None:
         self.bus = bus
+        self.metrics = metrics
         self.store = store
         self.image_prefix = image_prefix
         self._secrets = {source: secret for source, secret in secrets.items() if secret}
@@ -432,6 +435,8 @@ class WebhookHandler:
         self._decisions.append(decision)
         fields = decision.model_dump(exclude={"at"}, exclude_defaults=True)
         log.info("webhook_decision", **fields)
+        if self.metrics is not None:
+            self.metrics.webhook_decided(decision.source, decision.decision)
         return decision
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from integration.conftest import FAST_POLICY, Api
+from collections.abc import AsyncIterator
+
+import pytest
+
+from integration.conftest import FAST_POLICY, Api, running_api
 
 
 async def scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -44,3 +48,21 @@ async def test_metrics_count_deploys_by_result_and_failed_probes(api: Api) -> No
 async def test_metrics_need_auth(api: Api) -> None:
     resp = await api.client.get("/metrics")
     assert resp.status == 401
+
+
+@pytest.fixture
+async def hooked_api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
+    async with running_api(aiohttp_client, etcd_endpoint, localfleet, webhook_secret="hook-secret") as running:
+        yield running
+
+
+async def test_metrics_count_webhook_decisions_by_source_and_result(hooked_api: Api) -> None:
+    api = hooked_api
+    resp = await api.client.post("/v1/webhooks/registry", data=b"{}", headers={
+        "Authorization": "Bearer wrong", "Content-Type": "application/vnd.docker.distribution.events.v2+json"})
+    assert resp.status == 401
+    resp = await api.client.post("/v1/webhooks/registry", data=b'{"events": []}', headers={
+        "Authorization": "Bearer hook-secret", "Content-Type": "application/vnd.docker.distribution.events.v2+json"})
+    assert resp.status == 202
+    samples = await scrape(api)
+    assert samples[("deployster_webhooks_total", (("result", "rejected"), ("source", "registry")))] == 1
