@@ -1,4 +1,5 @@
-"""HTTP basic auth in front of every path, unknown ones included.
+"""HTTP basic auth in front of every path, unknown ones included, except the routes listed in
+``PUBLIC_ROUTES``.
 
 The original answered its 404 and 405 before auth; here nothing is said to a caller that has
 not authenticated. Both parts are compared in constant time.
@@ -20,6 +21,19 @@ USER = web.RequestKey("user", str)
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="Deployster"'}
 
+#: The only routes served without credentials, by their route template (the resource's
+#: canonical path, e.g. ``/hooks/{source}``): what matched the request decides, so an unknown
+#: path or one that merely starts like a public one still needs auth. Keep this list short.
+PUBLIC_ROUTES: frozenset[str] = frozenset({
+    "/healthz",  # liveness probe
+    "/readyz",  # readiness probe
+})
+
+
+def is_public(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in PUBLIC_ROUTES
+
 
 def basic_auth_middleware(username: str, password: str) -> Any:
     expected_user = username.encode()
@@ -27,6 +41,8 @@ def basic_auth_middleware(username: str, password: str) -> Any:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+        if is_public(request):
+            return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic" or not encoded:
