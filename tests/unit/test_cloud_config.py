@@ -180,6 +180,7 @@ def test_credentials_come_from_environment_files() -> None:
     config = units(load())
     deployster = UnitFile.parse(config["deployster.service"]["content"])
     assert deployster.values("Service", "EnvironmentFile") == ["/etc/deployster/env"]  # required: no "-"
+    assert deployster.values("Unit", "ConditionPathExists") == ["/etc/deployster/env"]
     argv = shlex.split(deployster.values("Service", "ExecStart")[0])
     assert argv[argv.index("--env-file") + 1] == "/etc/deployster/env"
     assert not {"-password", "--password", "-username", "--username"} & set(argv)
