@@ -43,5 +43,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["pyt
 import os, ssl, urllib.request; \
 port = os.environ.get('DEPLOYSTER_LISTEN', '0.0.0.0:3000').rpartition(':')[2]; \
 scheme = 'https' if os.environ.get('DEPLOYSTER_CERT') else 'http'; \
-urllib.request.urlopen(f'{scheme}://127.0.0.1:{port}/healthz', timeout=4, context=ssl._create_unverified_context())"]
+context = ssl.create_default_context(); context.check_hostname = False; context.verify_mode = ssl.CERT_NONE; \
+urllib.request.urlopen(f'{scheme}://127.0.0.1:{port}/healthz', timeout=4, context=context)"]
 ENTRYPOINT ["deployster", "serve"]

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -162,23 +163,40 @@ def test_the_image_is_small_non_root_with_a_healthcheck(image: str, base_image: 
     assert "pip" not in listing.split() and listing.strip().endswith("clean")
 
 
+def run_container(image: str, name: str, log: Path, env: dict[str, str], *options: str,
+                  args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``podman run`` in the foreground on the host network (the session's etcd is on
+    loopback), its output in ``log``; ``args`` go to ``deployster serve``."""
+    flags = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
+    with open(log, "wb") as out:
+        return subprocess.Popen(["podman", "run", "--name", name, "--network", "host", *flags, *options, image, *args],
+                                stdout=out, stderr=out)
+
+
+def wait_https(url: str, context: ssl.SSLContext | None, child: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert child.poll() is None and time.monotonic() < deadline, log.read_text()
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+
+
 def test_the_container_serves_the_api(image: str, container: str, etcd_server: EtcdServer, fleet_socket: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # Host networking reaches the session's etcd on loopback; fleet comes through its socket.
     log = fleet_socket.parent / "container.log"
-    with open(log, "wb") as out:
-        child = subprocess.Popen(
-            ["podman", "run", "--name", container, "--network", "host",
-             "--env", f"DEPLOYSTER_ETCD={etcd_server.endpoint}", "--env", f"DEPLOYSTER_LISTEN=127.0.0.1:{port}",
-             "--env", f"DEPLOYSTER_ETCD_PREFIX=/deployster-e2e-{RUN_ID}", "--env", f"DEPLOYSTER_PASSWORD={PASSWORD}",
-             "--volume", f"{fleet_socket}:/var/run/fleet.sock", image],
-            stdout=out, stderr=out,
-        )
+    child = run_container(image, container, log,
+                          {"DEPLOYSTER_ETCD": etcd_server.endpoint, "DEPLOYSTER_LISTEN": f"127.0.0.1:{port}",
+                           "DEPLOYSTER_ETCD_PREFIX": f"/deployster-e2e-{RUN_ID}", "DEPLOYSTER_PASSWORD": PASSWORD},
+                          "--volume", f"{fleet_socket}:/var/run/fleet.sock")
     try:
         wait_http(f"{url}/healthz", child, log, timeout=60)
         assert get(f"{url}/v1/version") == (200, f"{__version__}\n")
         assert get(f"{url}/v1/version", auth=False)[0] == 401
+        # fleet through the mounted socket, etcd over the host network.
         status, body = get(f"{url}/readyz", auth=False)
         assert (status, json.loads(body)) == (200, {"status": "ready", "etcd": "ok", "fleet": "ok"})
         assert sh("podman", "exec", container, "id", "-u").stdout.strip() == "10001"
@@ -196,6 +214,49 @@ def test_the_container_serves_the_api(image: str, container: str, etcd_server: E
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_the_health_check_follows_https(image: str, container: str, etcd_server: EtcdServer, tmp_path: Path) -> None:
+    # The certificate as README's TLS section says: in /etc/deployster/tls, readable by uid 10001.
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+       "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", tls / "key.pem", "-out", tls / "cert.pem")
+    for pem in tls.iterdir():
+        os.chown(pem, 10001, 10001)
+        pem.chmod(0o400)
+    port = free_port()
+    log = tmp_path / "container.log"
+    child = run_container(image, container, log,
+                          {"DEPLOYSTER_ETCD": etcd_server.endpoint, "DEPLOYSTER_LISTEN": f"127.0.0.1:{port}",
+                           "DEPLOYSTER_PASSWORD": PASSWORD, "DEPLOYSTER_CERT": "/etc/deployster/tls/cert.pem",
+                           "DEPLOYSTER_KEY": "/etc/deployster/tls/key.pem"},
+                          "--volume", f"{tls}:/etc/deployster/tls:ro")
+    try:
+        wait_https(f"https://127.0.0.1:{port}/healthz", ssl.create_default_context(cafile=str(tls / "cert.pem")),
+                   child, log)
+        assert sh("podman", "healthcheck", "run", container, check=False).returncode == 0
+    finally:
+        podman_remove("rm", container)
+        child.wait(30)
+
+
+def test_the_health_check_fails_when_nothing_answers_where_it_looks(
+        image: str, container: str, etcd_server: EtcdServer, tmp_path: Path) -> None:
+    """It probes the port of DEPLOYSTER_LISTEN: a -listen flag elsewhere leaves it unhealthy."""
+    port = free_port()
+    log = tmp_path / "container.log"
+    child = run_container(image, container, log,
+                          {"DEPLOYSTER_ETCD": etcd_server.endpoint, "DEPLOYSTER_PASSWORD": PASSWORD,
+                           "DEPLOYSTER_LISTEN": f"127.0.0.1:{free_port()}"},
+                          args=("-listen", f"127.0.0.1:{port}"))
+    try:
+        wait_https(f"http://127.0.0.1:{port}/healthz", None, child, log)
+        checked = sh("podman", "healthcheck", "run", container, check=False)
+        assert checked.returncode != 0 and "unhealthy" in checked.stdout + checked.stderr
+    finally:
+        podman_remove("rm", container)
+        child.wait(30)
 
 
 def test_the_container_refuses_to_start_without_etcd(image: str, container: str) -> None:
