@@ -95,8 +95,15 @@ def image(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     wheels = work / "wheels"
     started = time.monotonic()
     # Wheels of Deployster, its dependencies and its build backend, made with this machine's
-    # pip configuration; inside the build pip reads only them.
-    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", wheels, REPO, "setuptools>=68")
+    # pip configuration (from a copy: setuptools leaves build/ beside the sources); inside the
+    # build pip reads only them.
+    src = work / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):  # what the Dockerfile copies
+        shutil.copy(REPO / name, src / name)
+    for name in ("deployster", "handlers"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", wheels, src, "setuptools>=68")
     (work / "pip.conf").write_text("[global]\nno-index = true\nfind-links = /wheels\n")
     name = f"localhost/deployster-e2e-{RUN_ID}:test"
     try:
