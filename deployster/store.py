@@ -145,6 +145,11 @@ class Store:
         self.etcd = etcd
         self.prefix = prefix.rstrip("/")
 
+    async def ping(self) -> None:
+        """Raises ``EtcdError`` unless etcd answers a status request."""
+        with _etcd_errors():
+            await self.etcd.status()
+
     def _deploy_key(self, service: str, deploy_id: str = "") -> bytes:
         return f"{self.prefix}/deploys/{service}/{deploy_id}".encode()
 

@@ -1,4 +1,5 @@
-"""HTTP basic auth in front of every path, unknown ones included.
+"""HTTP basic auth in front of every path, unknown ones included, except the routes listed in
+``PUBLIC_ROUTES``.
 
 The original answered its 404 and 405 before auth; here nothing is said to a caller that has
 not authenticated. Both parts are compared in constant time.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import binascii
 import hmac
 from base64 import b64decode
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,14 +21,23 @@ USER = web.RequestKey("user", str)
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="Deployster"'}
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: The only routes served without credentials, by their route template (the resource's
+#: canonical path, e.g. ``/hooks/{source}``): what matched the request decides, so an unknown
+#: path or one that merely starts like a public one still needs auth. Keep this list short.
+PUBLIC_ROUTES: frozenset[str] = frozenset({
+    "/healthz",  # liveness probe
+    "/readyz",  # readiness probe
+    # Webhooks: each source proves it knows its own secret (deployster/web/webhooks.py).
+    "/v1/webhooks/dockerhub/{token}",
+    "/v1/webhooks/registry",
+    "/v1/webhooks/harbor",
+    "/v1/webhooks/ghcr",
+})
 
 
-def own_authentication(handler: Handler) -> Handler:
-    """Mark a route that authenticates its callers itself, outside basic auth (the webhooks:
-    each source proves it knows its own secret)."""
-    setattr(handler, "own_authentication", True)
-    return handler
+def is_public(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in PUBLIC_ROUTES
 
 
 def basic_auth_middleware(username: str, password: str) -> Any:
@@ -37,7 +46,7 @@ def basic_auth_middleware(username: str, password: str) -> Any:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
-        if getattr(request.match_info.handler, "own_authentication", False):
+        if is_public(request):
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, encoded = header.partition(" ")

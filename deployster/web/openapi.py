@@ -124,7 +124,7 @@ def _op(summary: str, ok: dict[int, dict[str, Any]], errors: tuple[int, ...], *,
         params: tuple[dict[str, Any], ...] = (NAME,), body: type[BaseModel] | dict[str, Any] | None = None,
         public: bool = False) -> dict[str, Any]:
     responses: dict[str, Any] = {str(status): answer for status, answer in ok.items()}
-    for status in (*errors, 401, 503):
+    for status in (*errors, *(() if public else (401,)), 503):
         responses[str(status)] = _json(Error, ERRORS[status])
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if params:
@@ -143,13 +143,18 @@ def _webhook(provider: str, secret: str, content_types: tuple[str, ...],
     return {"post": _op(
         f"A push notification from {provider} (no basic auth: {secret}); 202 with the decision "
         "for each event, also when nothing is deployed",
-        {202: _json(WebhookAnswer, "the decisions, each with its reason")}, (400, 404, 413, 415),
+        {202: _json(WebhookAnswer, "the decisions, each with its reason")}, (400, 401, 404, 413, 415),
         params=params, body={t: {"schema": {"type": "object"}} for t in content_types}, public=True)}
 
 
 def _path_param(name: str, description: str, pattern: str | None = None) -> dict[str, Any]:
     schema = {"type": "string", **({"pattern": pattern} if pattern else {})}
     return {"name": name, "in": "path", "required": True, "description": description, "schema": schema}
+
+
+def _object(description: str, properties: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties, "required": list(properties)}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def _text(description: str, content_type: str = "text/plain") -> dict[str, Any]:
@@ -163,6 +168,12 @@ def paths() -> dict[str, dict[str, Any]]:
                202: _json(DeployAnswer, "queued behind another deploy, or fleet is slow: the deploy goes on")}
     return {
         "/v1/version": {"get": _op("Deployster's version", {200: _text("the version")}, (), params=())},
+        "/healthz": {"get": _op("Liveness: the process answers (no credentials)",
+                                {200: _object("alive", {"status": {"const": "ok"}})}, (), params=(), public=True)},
+        "/readyz": {"get": _op("Readiness: etcd and fleet answer (no credentials); 503 names what is down",
+                               {200: _object("ready", {"status": {"const": "ready"}, "etcd": {"const": "ok"},
+                                                       "fleet": {"const": "ok"}})},
+                               (), params=(), public=True)},
         "/v1/openapi.json": {"get": _op("This document", {200: {"description": "OpenAPI 3.1",
                                                                  "content": {"application/json": {}}}},
                                         (), params=())},

@@ -1,7 +1,7 @@
 """Webhook routes: ``POST /v1/webhooks/{dockerhub/{token},registry,harbor,ghcr}`` and
 ``GET /v1/webhooks/events``.
 
-The POST routes sit outside basic auth (``own_authentication``): each checks its source's
+The POST routes sit outside basic auth (``PUBLIC_ROUTES``): each checks its source's
 own secret (``deployster/webhooks.py``) before reading the payload, and answers 404 while no
 secret is configured for its source. A bad secret is a 401, a body that is not the
 provider's format a 400, and everything else a 202 with the decision for each event, the
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from aiohttp import web
 
 from deployster import webhooks
-from deployster.web.auth import own_authentication
 from deployster.web.context import services
 from deployster.web.errors import ApiError
 from handlers.webhooks import WebhookHandler
@@ -61,7 +60,6 @@ async def _receive(request: web.Request, source: str, check: Check, parse: Parse
 
 
 @routes.post("/v1/webhooks/dockerhub/{token}")
-@own_authentication
 async def dockerhub(request: web.Request) -> web.Response:
     return await _receive(
         request, "dockerhub",
@@ -71,7 +69,6 @@ async def dockerhub(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/webhooks/registry")
-@own_authentication
 async def registry(request: web.Request) -> web.Response:
     return await _receive(
         request, "registry",
@@ -81,7 +78,6 @@ async def registry(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/webhooks/harbor")
-@own_authentication
 async def harbor(request: web.Request) -> web.Response:
     return await _receive(
         request, "harbor",
@@ -91,7 +87,6 @@ async def harbor(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/webhooks/ghcr")
-@own_authentication
 async def ghcr(request: web.Request) -> web.Response:
     return await _receive(
         request, "ghcr",

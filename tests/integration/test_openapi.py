@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from deployster.web.auth import PUBLIC_ROUTES
 from deployster.web.openapi import document
 from integration.conftest import PASSWORD, Api, localfleet_process, running_api
 
@@ -43,6 +44,12 @@ def documented() -> set[tuple[str, str]]:
 
 async def test_the_document_lists_exactly_the_routes(api: Api) -> None:
     assert documented() == routes(api)
+
+
+def test_the_operations_without_credentials_are_exactly_the_public_routes() -> None:
+    public = {path for path, ops in document()["paths"].items()
+              for op in ops.values() if op.get("security") == []}
+    assert public == PUBLIC_ROUTES
 
 
 async def test_the_document_is_served(api: Api) -> None:
