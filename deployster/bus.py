@@ -14,12 +14,12 @@ waiter gets the exception at once instead of waiting for an answer that will nev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
 
+from deployster.aio import cancel_and_wait
 from deployster.events import Event
 
 log = structlog.get_logger(__name__)
@@ -87,12 +87,7 @@ class EventBus:
     async def close(self) -> None:
         """Stop the lanes and spawned work; pending events are dropped (etcd has the state)."""
         self._closed = True
-        tasks = [*self._workers.values(), *self._tasks]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._workers.values(), *self._tasks)
 
     async def _run_lane(self, service: str, lane: asyncio.Queue[Event]) -> None:
         while True:

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 import aetcd
 import structlog
 
+from deployster.aio import cancel_and_wait
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 
 # gRPC backs off up to 120 s between reconnect attempts by default, so after a long etcd
@@ -371,9 +373,7 @@ class LeaseKeeper:
     async def stop(self) -> None:
         """Stop refreshing without revoking: the keys live on until the TTL runs out."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])  # never raises, so our own cancellation still works
+        await cancel_and_wait(task)
 
     async def revoke(self) -> None:
         """Stop refreshing and revoke the lease: its keys are deleted at once."""

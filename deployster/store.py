@@ -9,7 +9,6 @@ through an etcd watch: whichever server drives the deploy, and across restarts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from enum import StrEnum
 import aetcd
 from pydantic import BaseModel, Field
 
+from deployster.aio import cancel_and_wait
 from deployster.etcd import EtcdError, WatchEvent, watch_prefix
 from deployster.events import DeployRequested
 from deployster.policy import ServicePolicy
@@ -203,9 +203,7 @@ class Store:
                 if record.state.finished:
                     return
         finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+            await cancel_and_wait(watch)
 
     def _policy_key(self, service: str) -> bytes:
         return f"{self.prefix}/services/{service}/policy".encode()

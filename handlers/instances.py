@@ -19,7 +19,6 @@ that a late successful probe never puts them back into rotation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ import aetcd
 import aiohttp
 import structlog
 
+from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
 from deployster.etcd import EtcdError, WatchEvent, watch_prefix
 from deployster.events import InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn
@@ -115,12 +115,7 @@ class InstancesHandler:
         )
 
     async def close(self) -> None:
-        tasks = [t for t in [self._task, *(i.prober for i in self._instances.values())] if t]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._task, *(i.prober for i in self._instances.values()))
         if self._session is not None:
             await self._session.close()
 

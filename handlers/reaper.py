@@ -22,13 +22,13 @@ rollback would return to; unfinished deploys are never touched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import aetcd
 import structlog
 
+from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
 from deployster.etcd import EtcdError
 from deployster.events import DeployFailed, DeploySucceeded
@@ -108,10 +108,7 @@ class Reaper:
         self._task = asyncio.create_task(self._loop(), name="reaper")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def on_deploy_finished(self, event: DeploySucceeded | DeployFailed) -> None:
         await self.prune(event.service)

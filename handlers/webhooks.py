@@ -40,6 +40,7 @@ import aiohttp
 import structlog
 from pydantic import BaseModel, Field
 
+from deployster.aio import cancel_and_wait
 from deployster import naming
 from deployster.bus import EventBus
 from deployster.etcd import EtcdError
@@ -144,12 +145,7 @@ class WebhookHandler:
         return len(queued)
 
     async def close(self) -> None:
-        tasks = [lane.task for lane in self._lanes.values() if lane.task] + list(self._callbacks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*(lane.task for lane in self._lanes.values()), *self._callbacks)
         if self._session is not None:
             await self._session.close()
 

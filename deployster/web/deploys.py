@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployster.aio import cancel_and_wait
 from deployster import naming
 from deployster.events import (
     DeployFailed,
@@ -207,9 +208,7 @@ async def deploy_events(request: web.Request) -> web.StreamResponse:
         try:
             await asyncio.wait({relaying, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (relaying, closing):
-                task.cancel()
-            await asyncio.gather(relaying, closing, return_exceptions=True)
+            await cancel_and_wait(relaying, closing)
     return stream
 
 
