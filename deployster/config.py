@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     traefik_api: str = "http://127.0.0.1:8081"
     traefik_entrypoint: str = ""
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
+    docker_endpoint: str = "unix:///var/run/docker.sock"
+    task_max_timeout: float = Field(600.0, gt=0)
 
     @field_validator("etcd")
     @classmethod

@@ -20,15 +20,17 @@ from deployster import __version__
 from deployster import etcd as etcd_adapter
 from deployster.bus import EventBus
 from deployster.config import Settings
+from deployster.docker import DockerClient, parse_endpoint
 from deployster.fleet import FleetClient
 from deployster.logs import AccessLogger
 from deployster.routers import Router, TraefikRouter, VulcandRouter
-from deployster.store import Store
+from deployster.store import Store, TaskStore
 from deployster.units import TemplateError, UnitTemplate, load_template
 from deployster.web.app import create_app
 from deployster.web.context import Services
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
+from handlers.tasks import TaskConfig, TaskRunner
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +108,15 @@ class Deployster:
             self.instances,
         )
         self.deploys.register()
-        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances)
+        self.tasks = TaskRunner(
+            DockerClient(settings.docker_endpoint),
+            TaskStore(etcd, settings.etcd_prefix),
+            self.store,
+            TaskConfig(image_prefix=settings.image_prefix, etcd_prefix=settings.etcd_prefix,
+                       max_timeout=settings.task_max_timeout),
+        )
+        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances,
+                            tasks=self.tasks)
         self.app = create_app(services, settings.username, password)
 
     @classmethod
@@ -121,6 +131,11 @@ class Deployster:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
+            parse_endpoint(settings.docker_endpoint)
+        except ValueError as exc:
+            await fleet.close()
+            raise StartupError(str(exc)) from None
+        try:
             etcd = await connect_etcd(settings.etcd)
         except StartupError:
             await fleet.close()
@@ -128,14 +143,16 @@ class Deployster:
         return cls(settings, etcd, fleet, template, deploy_config)
 
     async def start(self) -> int:
-        """Follow the instances and resume unfinished deploys; returns how many resumed."""
+        """Follow the instances, adopt the task containers a previous run left, and resume
+        unfinished deploys; returns how many deploys resumed."""
         await self.instances.start()
+        await self.tasks.start()
         return await self.deploys.resume()
 
     async def close(self) -> None:
         """Stop every part; a part that does not stop within 10 s is logged and left behind,
         so a shutdown never hangs."""
-        for name, part in (("bus", self.bus), ("deploys", self.deploys), ("instances", self.instances),
+        for name, part in (("tasks", self.tasks), ("bus", self.bus), ("deploys", self.deploys), ("instances", self.instances),
                            ("fleet", self.fleet), ("etcd", self.etcd)):
             try:
                 async with asyncio.timeout(10):

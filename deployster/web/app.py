@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from deployster.web import deploys, meta, policies
+from deployster.web import deploys, meta, policies, tasks
 from deployster.web.context import SERVICES, Services
 from deployster.web.auth import basic_auth_middleware
 from deployster.web.errors import error_middleware
@@ -21,4 +21,5 @@ def create_app(services: Services, username: str, password: str) -> web.Applicat
     app.add_routes(meta.routes)
     app.add_routes(deploys.routes)
     app.add_routes(policies.routes)
+    app.add_routes(tasks.routes)
     return app

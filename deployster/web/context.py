@@ -10,6 +10,7 @@ from deployster.bus import EventBus
 from deployster.fleet import FleetClient
 from deployster.store import Store
 from handlers.instances import InstancesHandler
+from handlers.tasks import TaskRunner
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Services:
     instances: InstancesHandler  # the live view of announced instances, read-only here
     # How long the deploy POST waits for fleet to accept the units before answering 202.
     submit_timeout: float = 60.0
+    tasks: TaskRunner | None = None  # runs one-off tasks; None: this server runs none
 
 
 SERVICES = web.AppKey("services", Services)
