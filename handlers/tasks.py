@@ -433,16 +433,17 @@ class TaskRunner:
         assert record.started_at is not None
         deadline = record.started_at.timestamp() + record.timeout
         pump = asyncio.create_task(self._pump(run, container))
+        # The outcome reaches the record only once the output is in and the container gone,
+        # so that a reader never sees a finished record without its output.
+        state, exit_code, error = TaskState.ERROR, None, ""
         try:
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.time())):
                     status = await self.docker.wait(container)
-                record.exit_code = status.code
-                record.error = status.error
-                record.state = TaskState.SUCCEEDED if status.code == 0 else TaskState.FAILED
+                state = TaskState.SUCCEEDED if status.code == 0 else TaskState.FAILED
+                exit_code, error = status.code, status.error
             except TimeoutError:
-                record.state = TaskState.TIMED_OUT
-                record.exit_code = TIMEOUT_EXIT_CODE
+                state, exit_code = TaskState.TIMED_OUT, TIMEOUT_EXIT_CODE
                 log.warning("task_timed_out", timeout=record.timeout)
                 try:
                     await self.docker.kill(container)
@@ -451,9 +452,8 @@ class TaskRunner:
             # The output still on its way ends with the container's stream.
             await asyncio.wait([pump], timeout=self.config.drain_timeout)
         except DockerError as exc:
-            record.state = TaskState.ERROR
-            record.exit_code = None
-            record.error = f"Docker failed while the task ran: {exc.message}"
+            state, exit_code = TaskState.ERROR, None
+            error = f"Docker failed while the task ran: {exc.message}"
             log.warning("task_lost", reason=exc.message)
         except asyncio.CancelledError:
             pump.cancel()
@@ -469,6 +469,7 @@ class TaskRunner:
             log.warning("task_container_not_removed", container=record.container, reason=exc.message)
         record.output = run.output.text()
         record.output_truncated = run.output.truncated
+        record.state, record.exit_code, record.error = state, exit_code, error
         await self._save(record)
         log.info("task_finished", state=record.state, exit_code=record.exit_code)
         await self._end(run)
