@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,6 +23,7 @@ from deployster.web.errors import ApiError
 from deployster.web.inputs import checked, read_json, service_name
 from handlers.tasks import TaskRejected, TaskRunner, TaskRun, TaskSpec, trailer
 
+log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -75,10 +77,13 @@ async def _stream(request: web.Request, run: TaskRun) -> web.StreamResponse:
         headers={"Content-Type": "text/plain", "X-Task-Id": run.record.id, "Location": run.url},
     )
     await response.prepare(request)
-    # A client that goes away stops reading; the task goes on (handlers/tasks.py).
-    async for chunk in run.follow():
-        await response.write(chunk)
-    await response.write_eof()
+    try:
+        async for chunk in run.follow():
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        # The client went away; the task goes on (handlers/tasks.py) and can be followed again.
+        log.info("task_follower_gone", service=run.record.service, task_id=run.record.id)
     return response
 
 
