@@ -188,6 +188,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        # Task streams end now (their tasks run on, to be adopted); aiohttp would wait for them.
+        await deployster.tasks.close()
         await runner.cleanup()
         await deployster.close()
     log.info("server_stopped")

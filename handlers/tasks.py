@@ -341,7 +341,7 @@ class TaskRunner:
         return len(adopted)
 
     async def close(self) -> None:
-        """Stop following (the containers run on, for the next start to adopt)."""
+        """Stop following (the containers run on, for the next start to adopt); idempotent."""
         work = list(self._work)
         for task in work:
             task.cancel()

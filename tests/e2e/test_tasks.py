@@ -212,6 +212,21 @@ async def test_a_restarted_server_adopts_and_reaps_its_task_containers(
         assert podman.containers(f"deployster.etcd-prefix={etcd_prefix}") == []
 
 
+ENV = {**os.environ, "DEPLOYSTER_PASSWORD": PASSWORD}
+
+
+def serve(tmp_path: Any, port: int, etcd_server: EtcdServer, podman: Podman, images: Images,
+          etcd_prefix: str) -> subprocess.Popen[bytes]:
+    """`deployster serve` as a user starts it, with its log in tmp_path/serve.log."""
+    with open(tmp_path / "serve.log", "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deployster", "serve", "--listen", f"127.0.0.1:{port}",
+             "--etcd", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--template", "workload",
+             "--fleet-endpoint", "http://127.0.0.1:9", "-registry-url", images.prefix,
+             "--docker-endpoint", podman.endpoint, "--log-format", "json"],
+            stdout=out, stderr=out, env=ENV)
+
+
 def _wait_port(port: int, child: subprocess.Popen[bytes], log: Any, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -234,23 +249,15 @@ async def test_output_streams_live_over_more_than_a_minute(
     service = f"svc-{secrets.token_hex(3)}"
     images.publish(service, "v1")
     port = free_port()
-    log = tmp_path / "serve.log"
-    env = {**os.environ, "DEPLOYSTER_PASSWORD": PASSWORD}
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "deployster", "serve", "--listen", f"127.0.0.1:{port}",
-             "--etcd", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--template", "workload",
-             "--fleet-endpoint", "http://127.0.0.1:9", "-registry-url", images.prefix,
-             "--docker-endpoint", podman.endpoint, "--log-format", "json"],
-            stdout=out, stderr=out, env=env)
+    server = serve(tmp_path, port, etcd_server, podman, images, etcd_prefix)
     try:
-        _wait_port(port, server, log)
+        _wait_port(port, server, tmp_path / "serve.log")
         script = "i=0; while [ $i -lt 13 ]; do i=$((i+1)); echo tick $i; sleep 5; done; exit 3"
         started = time.monotonic()
         ctl = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "deployster.ctl", "--url", f"http://127.0.0.1:{port}",
             "run", "--timeout", "120", service, "v1", script,
-            stdout=asyncio.subprocess.PIPE, env=env)
+            stdout=asyncio.subprocess.PIPE, env=ENV)
         assert ctl.stdout is not None
         arrivals: list[tuple[float, bytes]] = []
         while line := await ctl.stdout.readline():
@@ -267,3 +274,33 @@ async def test_output_streams_live_over_more_than_a_minute(
     for i, at in enumerate(ticks):  # each line when written (every 5 s), not at the end
         assert at - ticks[0] == pytest.approx(5 * i, abs=2.5), [round(t, 1) for t in ticks]
     assert arrivals[-1][0] - ticks[0] > 60
+
+
+async def test_stopping_the_server_ends_streams_at_once_and_leaves_the_task_running(
+    tmp_path: Any, etcd_server: EtcdServer, podman: Podman, images: Images, etcd_prefix: str,
+) -> None:
+    service = f"svc-{secrets.token_hex(3)}"
+    images.publish(service, "v1")
+    port = free_port()
+    server = serve(tmp_path, port, etcd_server, podman, images, etcd_prefix)
+    try:
+        _wait_port(port, server, tmp_path / "serve.log")
+        ctl = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "deployster.ctl", "--url", f"http://127.0.0.1:{port}",
+            "run", service, "v1", "echo working; sleep 60",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV)
+        assert ctl.stdout is not None
+        assert await asyncio.wait_for(ctl.stdout.readline(), 30) == b"working\n"
+        stopping = time.monotonic()
+        server.terminate()
+        assert await asyncio.wait_for(ctl.wait(), 20) == 1  # no trailer: the outcome is unknown
+        assert server.wait(20) == 0
+        assert time.monotonic() - stopping < 15
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    # The task itself runs on, for the next start to adopt.
+    [container] = podman.containers(f"deployster.etcd-prefix={etcd_prefix}")
+    assert container["State"] == "running"
+    podman.cli("rm", "--force", "--time", "0", str(container["Id"]))
