@@ -43,6 +43,8 @@ SERVE_FLAGS: list[tuple[str, str]] = [
     ("webhook-secret-registry", "the registry notifications' Bearer secret, instead of -webhook-secret"),
     ("webhook-secret-harbor", "Harbor's Auth Header secret, instead of -webhook-secret"),
     ("webhook-secret-ghcr", "the GitHub webhook's signing secret, instead of -webhook-secret"),
+    ("docker-endpoint", "Docker Engine API for tasks: unix:///PATH, http://HOST:PORT or https://HOST:PORT"),
+    ("task-max-timeout", "the longest time limit in seconds a task may ask for"),
 ]
 
 
@@ -74,6 +76,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--traefik-api-listen", default="127.0.0.1:8081",
                         help="Traefik's API, for Deployster to confirm changes (default 127.0.0.1:8081)")
     parser.add_argument("--etcd-listen", default="127.0.0.1:2379", help="etcd client address (default 127.0.0.1:2379)")
+    parser.add_argument("--docker-endpoint", default="unix:///var/run/docker.sock",
+                        help="Docker Engine API that runs tasks (default unix:///var/run/docker.sock)")
     parser.add_argument("--machines", type=int, default=3,
                         help="machine ids localfleet presents (default 3, so that the docker "
                         "template's Conflicts= can spread a 3-instance deploy)")

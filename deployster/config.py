@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     webhook_secret_registry: SecretStr | None = None
     webhook_secret_harbor: SecretStr | None = None
     webhook_secret_ghcr: SecretStr | None = None
+    docker_endpoint: str = "unix:///var/run/docker.sock"
+    task_max_timeout: float = Field(600.0, gt=0)
 
     @field_validator("etcd")
     @classmethod

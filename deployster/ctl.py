@@ -16,6 +16,9 @@ What differs from the original, and why:
   the service's containers (a field the new server adds). ``destroy --timestamp TS`` sends the
   ``?timestamp=`` query the original server already accepted, to destroy one deploy's units.
   Without these flags the requests are the original's, byte for byte.
+- ``run --timeout SECONDS --env KEY=VALUE --argv`` (before the service) send the new task
+  fields: a time limit, environment variables, and the command as an argument list instead
+  of one string joined with spaces.
 - ``rollback SERVICE`` (new) asks the server to deploy the last successful release before the
   live one again (``POST .../rollback``).
 - After ``Deploy triggered!`` it prints ``Deploy <id> is <state>.`` when the server returns the
@@ -298,6 +301,23 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     run_cmd = commands.add_parser(
         "run", aliases=["r"], help="Runs a task for a given service and version"
     )
+    # The flags go before the service: everything after the version is the task's command.
+    run_cmd.add_argument(
+        "--timeout", type=float, help="seconds before the task is killed (exit 124; server default 600)"
+    )
+    run_cmd.add_argument(
+        "--env",
+        type=parse_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the task's container (repeatable)",
+    )
+    run_cmd.add_argument(
+        "--argv",
+        action="store_true",
+        help="send the command as an argument list, run as is (no shell, no joining with spaces)",
+    )
     run_cmd.add_argument("service", nargs="?", help="service name")
     run_cmd.add_argument("version", nargs="?", help="version (image tag)")
     # Everything after the version is the task's command, its own dashed options included.
@@ -487,7 +507,15 @@ def _deploy_record(body: bytes) -> Mapping[str, Any]:
 
 
 async def _run(args: argparse.Namespace, api: _Api) -> int:
-    task = {"version": args.version, "command": " ".join(args.command)}
+    # Without the new flags the body is the original's, byte for byte.
+    task: dict[str, Any] = {
+        "version": args.version,
+        "command": list(args.command) if args.argv else " ".join(args.command),
+    }
+    if args.timeout is not None:
+        task["timeout"] = int(args.timeout) if args.timeout.is_integer() else args.timeout
+    if args.env:
+        task["env"] = dict(args.env)
     url = api.service_url(args.service, "tasks")
     tracker = TaskExitTracker()
     async with api.session.post(url, data=_json_body({"task": task})) as response:

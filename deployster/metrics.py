@@ -36,6 +36,9 @@ class Metrics:
         self.webhooks = Counter("deployster_webhooks", "Webhook decisions, by source and result "
                                 "(queued, deployed, ignored, rejected, failed).", ["source", "result"],
                                 registry=self.registry)
+        self.tasks = Counter("deployster_tasks", "Tasks that ended, by state and exit code "
+                             "(124: killed at the time limit; none: no exit code).",
+                             ["state", "exit_code"], registry=self.registry)
         queue_depth = Gauge("deployster_bus_queue_depth", "Events waiting in the event bus.",
                             registry=self.registry)
         queue_depth.set_function(bus.queue_depth)
@@ -59,6 +62,9 @@ class Metrics:
 
     def webhook_decided(self, source: str, result: str) -> None:
         self.webhooks.labels(source, result).inc()
+
+    def task_ended(self, state: str, exit_code: int | None) -> None:
+        self.tasks.labels(state, "none" if exit_code is None else str(exit_code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

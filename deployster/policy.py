@@ -70,3 +70,5 @@ class ServicePolicy(BaseModel):
     # 0: the original's rule (as many as the running release has, else 1).
     instance_count: int = Field(0, ge=0, le=100)
     auto_deploy: AutoDeployPolicy = Field(default_factory=AutoDeployPolicy)
+    # Tasks of this service may not overlap (migrations): a second one is refused with 409.
+    exclusive_tasks: bool = False

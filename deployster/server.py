@@ -20,11 +20,12 @@ from deployster import __version__
 from deployster import etcd as etcd_adapter
 from deployster.bus import EventBus
 from deployster.config import Settings
+from deployster.docker import DockerClient, parse_endpoint
 from deployster.fleet import FleetClient
 from deployster.logs import AccessLogger
 from deployster.metrics import Metrics
 from deployster.routers import Router, TraefikRouter, VulcandRouter
-from deployster.store import Store
+from deployster.store import Store, TaskStore
 from deployster.units import TemplateError, UnitTemplate, load_template
 from deployster.web.app import create_app
 from deployster.web.context import Services
@@ -32,6 +33,7 @@ from deployster.webhooks import SOURCES as WEBHOOK_SOURCES
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
 from handlers.reaper import Reaper
+from handlers.tasks import TaskConfig, TaskRunner
 from handlers.webhooks import WebhookHandler
 
 log = structlog.get_logger(__name__)
@@ -119,9 +121,23 @@ class Deployster:
         self.webhooks = WebhookHandler(self.bus, self.store, settings.image_prefix,
                                        settings.webhook_secrets(WEBHOOK_SOURCES), metrics=self.metrics)
         self.webhooks.register()
+        self.tasks = TaskRunner(
+            DockerClient(settings.docker_endpoint),
+            TaskStore(etcd, settings.etcd_prefix),
+            self.store,
+            TaskConfig(image_prefix=settings.image_prefix, etcd_prefix=settings.etcd_prefix,
+                       max_timeout=settings.task_max_timeout),
+            metrics=self.metrics,
+        )
         services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances,
-                            metrics=self.metrics, webhooks=self.webhooks)
+                            metrics=self.metrics, webhooks=self.webhooks, tasks=self.tasks)
         self.app = create_app(services, settings.username, password)
+        self.app.on_shutdown.append(self._end_task_streams)
+
+    async def _end_task_streams(self, _: web.Application) -> None:
+        """At shutdown, before aiohttp waits for open answers: task streams end now (aiohttp
+        would wait 60 s for them); the tasks run on, for the next start to adopt."""
+        await self.tasks.close()
 
     @classmethod
     async def connect(cls, settings: Settings, deploy_config: DeployConfig | None = None) -> Deployster:
@@ -135,6 +151,11 @@ class Deployster:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
+            parse_endpoint(settings.docker_endpoint)
+        except ValueError as exc:
+            await fleet.close()
+            raise StartupError(str(exc)) from None
+        try:
             etcd = await connect_etcd(settings.etcd)
         except StartupError:
             await fleet.close()
@@ -142,9 +163,11 @@ class Deployster:
         return cls(settings, etcd, fleet, template, deploy_config)
 
     async def start(self) -> int:
-        """Follow the instances and resume unfinished deploys; returns how many resumed."""
+        """Follow the instances, adopt the task containers a previous run left, and resume
+        unfinished deploys; returns how many deploys resumed."""
         await self.instances.start()
         await self.reaper.start()
+        await self.tasks.start()
         resumed = await self.deploys.resume()
         if self.webhooks.enabled:
             log.info("webhooks_on", sources=self.webhooks.enabled, queued_pushes=await self.webhooks.start())
@@ -155,7 +178,7 @@ class Deployster:
     async def close(self) -> None:
         """Stop every part; a part that does not stop within 10 s is logged and left behind,
         so a shutdown never hangs."""
-        for name, part in (("bus", self.bus), ("webhooks", self.webhooks), ("reaper", self.reaper),
+        for name, part in (("tasks", self.tasks), ("bus", self.bus), ("webhooks", self.webhooks), ("reaper", self.reaper),
                            ("deploys", self.deploys), ("instances", self.instances),
                            ("fleet", self.fleet), ("etcd", self.etcd)):
             try:

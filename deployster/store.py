@@ -312,3 +312,115 @@ class Store:
         with _etcd_errors():
             found = await self.etcd.get_prefix(f"{self.prefix}/webhooks/queued/".encode())
         return [kv.value.decode() for kv in found]
+
+# -- tasks --------------------------------------------------------------------------------
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"  # pulling the image, creating the container
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # exit code 0
+    FAILED = "failed"  # any other exit code
+    TIMED_OUT = "timed_out"  # killed at its limit: exit code 124
+    ERROR = "error"  # never started, or lost (the sentence in ``error`` says which)
+
+    @property
+    def finished(self) -> bool:
+        return self not in (TaskState.PENDING, TaskState.RUNNING)
+
+
+def new_task_id() -> str:
+    """Sortable by creation time (newest last), unique without coordination."""
+    return _now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(4)
+
+
+class TaskRecord(BaseModel):
+    """One one-off task: what ran, how it ended, and the end of its output."""
+
+    id: str
+    service: str
+    version: str
+    image: str
+    command: list[str]  # the container's Cmd
+    timeout: float
+    # Only the names: the values may be secrets.
+    env: list[str] = Field(default_factory=list)
+    container: str = ""  # the container's name, unique per task
+    actor: str = ""
+    state: TaskState = TaskState.PENDING
+    exit_code: int | None = None
+    error: str = ""
+    cleanup_error: str = ""  # the container could not be removed
+    output: str = ""  # the last bytes of stdout and stderr, as they interleaved
+    output_truncated: bool = False  # earlier output was dropped from ``output``
+    created_at: datetime = Field(default_factory=_now)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    def public(self) -> dict[str, object]:
+        return self.model_dump(mode="json")
+
+
+class TaskStore:
+    """Task records under ``<prefix>/tasks/<service>/<id>`` and the per-service task lock
+    under ``<prefix>/task-locks/<service>``; etcd failures come out as ``EtcdError``."""
+
+    def __init__(self, etcd: aetcd.Client, prefix: str) -> None:
+        self.etcd = etcd
+        self.prefix = prefix.rstrip("/")
+
+    def _key(self, service: str, task_id: str = "") -> bytes:
+        return f"{self.prefix}/tasks/{service}/{task_id}".encode()
+
+    async def save(self, record: TaskRecord) -> None:
+        if record.state.finished and record.finished_at is None:
+            record.finished_at = _now()
+        with _etcd_errors():
+            await self.etcd.put(self._key(record.service, record.id), record.model_dump_json().encode())
+
+    async def get(self, service: str, task_id: str) -> TaskRecord | None:
+        with _etcd_errors():
+            kv = await self.etcd.get(self._key(service, task_id))
+        return None if kv is None else TaskRecord.model_validate_json(kv.value)
+
+    async def list_tasks(self, service: str | None = None) -> list[TaskRecord]:
+        """Records, oldest first; every service's when ``service`` is None."""
+        prefix = self._key(service) if service else f"{self.prefix}/tasks/".encode()
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(prefix)
+        records = [TaskRecord.model_validate_json(kv.value) for kv in found]
+        return sorted(records, key=lambda r: (r.created_at, r.id))
+
+    async def prune(self, service: str, keep: int) -> int:
+        """Delete the oldest finished records of ``service`` beyond ``keep``; how many went."""
+        finished = [r for r in await self.list_tasks(service) if r.state.finished]
+        doomed = finished[: max(0, len(finished) - keep)]
+        with _etcd_errors():
+            for record in doomed:
+                await self.etcd.delete(self._key(service, record.id))
+        return len(doomed)
+
+    def _lock_key(self, service: str) -> bytes:
+        return f"{self.prefix}/task-locks/{service}".encode()
+
+    async def acquire_lock(self, service: str, holder: LockHolder) -> LockHolder | None:
+        """Take the task lock of ``service``: ``None`` when taken, else who holds it."""
+        key = self._lock_key(service)
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            taken, _ = await self.etcd.transaction(
+                compare=[txn.version(key) == 0],
+                success=[txn.put(key, holder.model_dump_json().encode(), lease=holder.lease)],
+                failure=[],
+            )
+            if taken:
+                return None
+            kv = await self.etcd.get(key)
+        if kv is None:  # released between the two calls: try again
+            return await self.acquire_lock(service, holder)
+        return LockHolder.model_validate_json(kv.value)
+
+    async def lock_holder(self, service: str) -> LockHolder | None:
+        with _etcd_errors():
+            kv = await self.etcd.get(self._lock_key(service))
+        return None if kv is None else LockHolder.model_validate_json(kv.value)

@@ -133,7 +133,8 @@ def up(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "deployster", "serve", "--listen", args.listen,
              "--etcd", etcd.endpoint, "--fleet-endpoint", f"unix://{socket_path}",
              "--template", args.template, "--log-format", "json", "--router", args.router,
-             "--traefik-api", f"http://{args.traefik_api_listen}", "--traefik-entrypoint", "web"],
+             "--traefik-api", f"http://{args.traefik_api_listen}", "--traefik-entrypoint", "web",
+             "--docker-endpoint", args.docker_endpoint],
             logs_dir / "server.log",
             # Through the environment, not argv: other users can read a process's argv.
             env={"DEPLOYSTER_PASSWORD": password},

@@ -13,6 +13,7 @@ from deployster.metrics import Metrics
 from deployster.store import Store
 from handlers.instances import InstancesHandler
 from handlers.webhooks import WebhookHandler
+from handlers.tasks import TaskRunner
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Services:
     # How long the deploy POST waits for fleet to accept the units before answering 202.
     submit_timeout: float = 60.0
     webhooks: WebhookHandler | None = None  # push decisions and the webhook secrets
+    tasks: TaskRunner | None = None  # runs one-off tasks; None: this server runs none
 
 
 SERVICES = web.AppKey("services", Services)

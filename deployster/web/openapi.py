@@ -14,9 +14,10 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from deployster import __version__, naming, webhooks
-from deployster.store import DeployRecord, Progress
+from deployster.store import DeployRecord, Progress, TaskRecord
 from deployster.web.deploys import DeployEnvelope
 from deployster.web.policies import PolicyEnvelope
+from deployster.web.tasks import TaskEnvelope
 from handlers.webhooks import Decision
 
 routes = web.RouteTableDef()
@@ -84,6 +85,14 @@ class ServiceList(BaseModel):
     services: list[ServiceView]
 
 
+class TaskAnswer(BaseModel):
+    task: TaskRecord
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskRecord]
+
+
 class WebhookAnswer(BaseModel):
     decisions: list[Decision]
 
@@ -94,18 +103,19 @@ class WebhookLog(BaseModel):
 
 
 # Request bodies as the routes validate them; answers as the routes serialize them.
-REQUESTS: list[type[BaseModel]] = [DeployEnvelope, PolicyEnvelope]
+REQUESTS: list[type[BaseModel]] = [DeployEnvelope, PolicyEnvelope, TaskEnvelope]
 ANSWERS: list[type[BaseModel]] = [Error, DeployAnswer, DeployList, UnitList, ServiceList, Progress,
-                                  WebhookAnswer, WebhookLog]
+                                  WebhookAnswer, WebhookLog, TaskAnswer, TaskList]
 
 ERRORS = {
     400: "The request is not valid; the description says which field and why.",
     401: "HTTP basic auth is missing or wrong (a webhook: its secret is).",
     404: "No such service, deploy or version (a webhook: it is off, no secret is set).",
-    409: "Another deploy of the service holds its lock, or there is nothing to roll back to.",
+    409: "Another deploy (or exclusive task) of the service holds its lock, or there is nothing "
+         "to roll back to.",
     413: "The body is larger than 1 MiB.",
     415: "The body is not sent as application/json.",
-    502: "fleet failed or cannot be reached.",
+    502: "fleet (or, for tasks, the Docker engine or the image's registry) failed or cannot be reached.",
     503: "etcd cannot be reached.",
 }
 NAME = {"name": "name", "in": "path", "required": True, "description": "the service",
@@ -207,6 +217,25 @@ def paths() -> dict[str, dict[str, Any]]:
         "/v1/services/{name}/rollback": {
             "post": _op("Deploy the last successful release before the live one again", started,
                         (400, 409, 502)),
+        },
+        "/v1/services/{name}/tasks": {
+            "post": _op("Run a one-off task from the service's image: the output as it comes, then the "
+                        "original's trailer `Exited (N) ...` (124: killed at the time limit)",
+                        {200: {**_text("the output and the trailer"), "headers": {
+                            "X-Task-Id": {"schema": {"type": "string"}, "description": "the task's id"},
+                            "Location": {"schema": {"type": "string"}, "description": "its record"}}}},
+                        (400, 409, 413, 415, 502), body=TaskEnvelope),
+            "get": _op("The service's tasks, newest first", {200: _json(TaskList, "the records")}, (400,)),
+        },
+        "/v1/services/{name}/tasks/{id}": {
+            "get": _op("One task's record; with ?follow=1 its output as it comes and the trailer",
+                       {200: {"description": "the record, or with follow=1 the output",
+                              "content": {"application/json": {"schema": _ref(TaskAnswer)},
+                                          "text/plain": {"schema": {"type": "string"}}}}},
+                       (400, 404, 409),
+                       params=(NAME, _path_param("id", "the task's id"),
+                               {"name": "follow", "in": "query", "required": False,
+                                "schema": {"type": "string"}})),
         },
         "/v1/webhooks/dockerhub/{token}": _webhook(
             "Docker Hub", "the token in the path is the secret", ("application/json",),

@@ -1,10 +1,10 @@
-"""The Debian ``docker-registry`` with push notifications, and images pushed to it without a
-container engine: an OCI layout made with umoci, copied with skopeo
+"""The Debian ``docker-registry`` of the e2e tier, and images pushed to it with skopeo: from
+an OCI layout made with umoci (no container engine), or from podman's storage
 (`reference/containers.md` §9).
 
-The registry is configured by :func:`start_registry` in a directory of the test's own, on a
-free loopback port, notifying one endpoint with a Bearer secret. Its log level is ``warn``:
-at ``info`` the registry prints the endpoint's headers, the secret included, in clear text
+:func:`start_registry` configures it in a directory of the test's own, on a loopback port,
+optionally notifying one endpoint with a Bearer secret. Its log level is ``warn``: at ``info``
+the registry prints the endpoint's headers, the secret included, in clear text
 (`reference/webhooks.md` §2.1).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from deployster.etcd import free_port
 from helpers import wait_http
 
 TOOLS = ("docker-registry", "skopeo", "umoci")
@@ -37,6 +38,13 @@ class Registry:
     process: subprocess.Popen[bytes]
     log: Path
 
+    def push_local(self, local_image: str, repository: str) -> str:
+        """Copy ``local_image`` from podman's storage to ``<host>/<repository>``; returns it."""
+        destination = f"{self.host}/{repository}"
+        _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+             f"containers-storage:{local_image}", f"docker://{destination}")
+        return destination
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -47,23 +55,28 @@ class Registry:
                 self.process.wait(10)
 
 
-def start_registry(workdir: Path, port: int, notify_url: str, secret: str) -> Registry:
-    host = f"127.0.0.1:{port}"
-    config = {  # YAML is a superset of JSON: no YAML writer needed
+def start_registry(workdir: Path, port: int | None = None, notify_url: str | None = None,
+                   secret: str = "") -> Registry:
+    """A registry on ``port`` (default: a free one), notifying ``notify_url`` if given."""
+    require_tools()
+    workdir.mkdir(parents=True, exist_ok=True)
+    host = f"127.0.0.1:{port or free_port()}"
+    config: dict[str, object] = {  # YAML is a superset of JSON: no YAML writer needed
         "version": 0.1,
         "log": {"level": "warn", "formatter": "text", "fields": {"service": "registry"}},
         "storage": {"filesystem": {"rootdirectory": str(workdir / "reg-data")}, "delete": {"enabled": True},
                     "cache": {"blobdescriptor": "inmemory"}},
         "http": {"addr": host, "secret": "deployster-e2e", "headers": {"X-Content-Type-Options": ["nosniff"]}},
-        "notifications": {
+    }
+    if notify_url is not None:
+        config["notifications"] = {
             "events": {"includereferences": True},
             "endpoints": [{
                 "name": "deployster", "url": notify_url,
                 "headers": {"Authorization": [f"Bearer {secret}"]},
                 "timeout": "2s", "threshold": 5, "backoff": "1s",
             }],
-        },
-    }
+        }
     path = workdir / "registry.yml"
     path.write_text(json.dumps(config, indent=2))
     log = workdir / "registry.log"

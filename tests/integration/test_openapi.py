@@ -68,19 +68,15 @@ async def fuzzed_api(aiohttp_client, etcd_endpoint: str, tmp_path: pathlib.Path)
             yield running
 
 
-async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document(
-    fuzzed_api: Api, tmp_path: pathlib.Path
-) -> None:
+async def schemathesis(api: Api, tmp_path: pathlib.Path, checks: str, *selection: str) -> int:
+    """Run schemathesis against the live server; returns how many cases passed (all must)."""
     schema = tmp_path / "openapi.json"
     schema.write_text(json.dumps(document()))
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "schemathesis.cli", "run", str(schema),
-        "--url", str(fuzzed_api.client.make_url("")).rstrip("/"), "--auth", f"deployster:{PASSWORD}",
-        "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
-                    "response_schema_conformance",
+        "--url", str(api.client.make_url("")).rstrip("/"), "--auth", f"deployster:{PASSWORD}",
+        "--checks", checks, *selection,
         "--phases", "examples,coverage,fuzzing", "--max-examples", "25", "--seed", "1",
-        # A stream lasts as long as its deploy: tests/integration/test_deploy_events.py has it.
-        "--exclude-path", "/v1/services/{name}/deploys/{id}/events",
         "--generation-database", "none", "--request-timeout", "70", "--no-color", "--workers", "1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
     )
@@ -88,4 +84,24 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document
     report = out.decode(errors="replace")
     assert child.returncode == 0, report[-6000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", report)
-    assert counts and counts[1] == counts[2] and int(counts[1]) > 100, report[-3000:]
+    assert counts and counts[1] == counts[2], report[-3000:]
+    return int(counts[1])
+
+
+CONFORMANCE = "status_code_conformance,content_type_conformance,response_schema_conformance"
+TASKS = "/v1/services/{name}/tasks"
+
+
+async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document(
+    fuzzed_api: Api, tmp_path: pathlib.Path
+) -> None:
+    passed = await schemathesis(
+        fuzzed_api, tmp_path, f"not_a_server_error,{CONFORMANCE}",
+        # A stream lasts as long as its deploy: tests/integration/test_deploy_events.py has it.
+        "--exclude-path", "/v1/services/{name}/deploys/{id}/events",
+        # No Docker engine in this tier: a task that passes validation meets a 502 by design.
+        "--exclude-path", TASKS)
+    assert passed > 100
+    # The tasks still answer only as documented, a 500 included (it is not), and
+    # tests/e2e/test_tasks.py runs real tasks.
+    assert await schemathesis(fuzzed_api, tmp_path, CONFORMANCE, "--include-path", TASKS) > 10

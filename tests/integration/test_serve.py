@@ -75,6 +75,8 @@ def stop(child: subprocess.Popen[str]) -> tuple[str, str]:
     (["--template", "/nonexistent/unit.service"], "/nonexistent/unit.service"),
     (["--fleet-endpoint", "ftp://fleet"], "fleet endpoint 'ftp://fleet' is not valid"),
     (["--etcd", "not a url://"], "-etcd"),
+    (["--docker-endpoint", "ftp://docker"], "Docker endpoint 'ftp://docker' is not valid"),
+    (["-task-max-timeout", "0"], "-task-max-timeout: Input should be greater than 0"),
 ])
 def test_bad_configuration_stops_the_start_with_a_sentence(serve, flags: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
     child = serve("-password", "x", *flags)

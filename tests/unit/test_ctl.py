@@ -597,6 +597,23 @@ def test_run_streams_the_output_and_exits_with_the_tasks_code(
     assert_original_headers(request)
 
 
+@pytest.mark.parametrize(
+    ("flags", "body"),
+    [
+        (["--timeout", "120"], b'{"task":{"version":"v1","command":"rake db:migrate","timeout":120}}'),
+        (["--timeout", "2.5", "--env", "A=1", "--env", "B=x=y"],
+         b'{"task":{"version":"v1","command":"rake db:migrate","timeout":2.5,"env":{"A":"1","B":"x=y"}}}'),
+        (["--argv"], b'{"task":{"version":"v1","command":["rake","db:migrate"]}}'),
+    ],
+)
+def test_run_sends_the_new_task_fields(
+    flags: list[str], body: bytes, serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = serve(web.post("/v1/services/{name}/tasks", task_stream(TIMEOUT_TRAILER)))
+    assert deployctl(server, "run", *flags, "svc", "v1", "rake", "db:migrate") == 124
+    assert server.only_request.body == body
+
+
 def test_run_writes_output_before_the_task_ends(
     serve: Callable[..., LocalServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
