@@ -138,12 +138,59 @@ class LockHolder(BaseModel):
     lease: int
 
 
+class LeaseLocks:
+    """Per-service locks, one etcd key each under ``<base>/<service>``, bound to the holder's
+    lease: a holder that dies releases its lock with its lease. etcd failures come out as
+    ``EtcdError``."""
+
+    def __init__(self, etcd: aetcd.Client, base: str) -> None:
+        self.etcd = etcd
+        self.base = base
+
+    def _key(self, service: str) -> bytes:
+        return f"{self.base}/{service}".encode()
+
+    async def acquire(self, service: str, holder: LockHolder) -> LockHolder | None:
+        """Take the lock of ``service``: ``None`` when taken, else who holds it."""
+        key = self._key(service)
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            taken, _ = await self.etcd.transaction(
+                compare=[txn.version(key) == 0],
+                success=[txn.put(key, holder.model_dump_json().encode(), lease=holder.lease)],
+                failure=[],
+            )
+            if taken:
+                return None
+            kv = await self.etcd.get(key)
+        if kv is None:  # released between the two calls: try again
+            return await self.acquire(service, holder)
+        return LockHolder.model_validate_json(kv.value)
+
+    async def holder(self, service: str) -> LockHolder | None:
+        with _etcd_errors():
+            kv = await self.etcd.get(self._key(service))
+        return None if kv is None else LockHolder.model_validate_json(kv.value)
+
+    async def release(self, service: str, holder: str) -> None:
+        """Release the lock if ``holder`` (a deploy or task id) still holds it."""
+        key = self._key(service)
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            kv = await self.etcd.get(key)
+            if kv is None or LockHolder.model_validate_json(kv.value).holder != holder:
+                return
+            await self.etcd.transaction(compare=[txn.value(key) == kv.value],
+                                        success=[txn.delete(key)], failure=[])
+
+
 class Store:
     """Records in etcd. etcd failures come out as ``EtcdError`` (the API answers 503)."""
 
     def __init__(self, etcd: aetcd.Client, prefix: str) -> None:
         self.etcd = etcd
         self.prefix = prefix.rstrip("/")
+        self.locks = LeaseLocks(etcd, f"{self.prefix}/locks")  # one deploy per service
 
     async def ping(self) -> None:
         """Raises ``EtcdError`` unless etcd answers a status request."""
@@ -217,45 +264,6 @@ class Store:
         with _etcd_errors():
             kv = await self.etcd.get(self._policy_key(service))
         return ServicePolicy() if kv is None else ServicePolicy.model_validate_json(kv.value)
-
-    def _lock_key(self, service: str) -> bytes:
-        return f"{self.prefix}/locks/{service}".encode()
-
-    async def acquire_lock(self, service: str, holder: LockHolder) -> LockHolder | None:
-        """Take the deploy lock of ``service``: ``None`` when taken, else who holds it.
-
-        The key is bound to ``holder.lease``: if the holder dies, the lock goes with its lease.
-        """
-        key = self._lock_key(service)
-        txn = self.etcd.transactions
-        with _etcd_errors():
-            taken, _ = await self.etcd.transaction(
-                compare=[txn.version(key) == 0],
-                success=[txn.put(key, holder.model_dump_json().encode(), lease=holder.lease)],
-                failure=[],
-            )
-            if taken:
-                return None
-            kv = await self.etcd.get(key)
-        if kv is None:  # released between the two calls: try again
-            return await self.acquire_lock(service, holder)
-        return LockHolder.model_validate_json(kv.value)
-
-    async def lock_holder(self, service: str) -> LockHolder | None:
-        with _etcd_errors():
-            kv = await self.etcd.get(self._lock_key(service))
-        return None if kv is None else LockHolder.model_validate_json(kv.value)
-
-    async def release_lock(self, service: str, holder: str) -> None:
-        """Release the lock if ``holder`` (a deploy id) still holds it."""
-        key = self._lock_key(service)
-        txn = self.etcd.transactions
-        with _etcd_errors():
-            kv = await self.etcd.get(key)
-            if kv is None or LockHolder.model_validate_json(kv.value).holder != holder:
-                return
-            await self.etcd.transaction(compare=[txn.value(key) == kv.value],
-                                        success=[txn.delete(key)], failure=[])
 
     # -- webhooks: policies by service, de-duplication, queued pushes ----------------------
 
@@ -368,6 +376,7 @@ class TaskStore:
     def __init__(self, etcd: aetcd.Client, prefix: str) -> None:
         self.etcd = etcd
         self.prefix = prefix.rstrip("/")
+        self.locks = LeaseLocks(etcd, f"{self.prefix}/task-locks")  # exclusive tasks
 
     def _key(self, service: str, task_id: str = "") -> bytes:
         return f"{self.prefix}/tasks/{service}/{task_id}".encode()
@@ -399,28 +408,3 @@ class TaskStore:
             for record in doomed:
                 await self.etcd.delete(self._key(service, record.id))
         return len(doomed)
-
-    def _lock_key(self, service: str) -> bytes:
-        return f"{self.prefix}/task-locks/{service}".encode()
-
-    async def acquire_lock(self, service: str, holder: LockHolder) -> LockHolder | None:
-        """Take the task lock of ``service``: ``None`` when taken, else who holds it."""
-        key = self._lock_key(service)
-        txn = self.etcd.transactions
-        with _etcd_errors():
-            taken, _ = await self.etcd.transaction(
-                compare=[txn.version(key) == 0],
-                success=[txn.put(key, holder.model_dump_json().encode(), lease=holder.lease)],
-                failure=[],
-            )
-            if taken:
-                return None
-            kv = await self.etcd.get(key)
-        if kv is None:  # released between the two calls: try again
-            return await self.acquire_lock(service, holder)
-        return LockHolder.model_validate_json(kv.value)
-
-    async def lock_holder(self, service: str) -> LockHolder | None:
-        with _etcd_errors():
-            kv = await self.etcd.get(self._lock_key(service))
-        return None if kv is None else LockHolder.model_validate_json(kv.value)

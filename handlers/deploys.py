@@ -299,7 +299,7 @@ class DeployHandler:
             await asyncio.sleep(self.config.queue_poll)
 
     async def _my_turn(self, record: DeployRecord) -> bool:
-        holder = await self.store.lock_holder(record.service)
+        holder = await self.store.locks.holder(record.service)
         if holder is not None and holder.holder != record.id:
             return False
         queued = [r for r in await self.store.list_deploys(record.service)
@@ -348,13 +348,13 @@ class DeployHandler:
         if record.id in self._leases:
             return  # held already (a step retried after an etcd error)
         keeper = LeaseKeeper(self.store.etcd, ttl=LOCK_TTL)
-        holder = await self.store.lock_holder(record.service)
+        holder = await self.store.locks.holder(record.service)
         if adopt and holder is not None and holder.holder == record.id:
             keeper.adopt(holder.lease)
             self._leases[record.id] = keeper
             return
         await keeper.grant()
-        held = await self.store.acquire_lock(record.service, LockHolder(
+        held = await self.store.locks.acquire(record.service, LockHolder(
             holder=record.id, actor=record.actor, reason=f"deploy of {record.version}",
             lease=keeper.lease_id))
         if held is not None and held.holder != record.id:
@@ -364,7 +364,7 @@ class DeployHandler:
         self._leases[record.id] = keeper
 
     async def _unlock(self, record: DeployRecord) -> None:
-        await self.store.release_lock(record.service, record.id)
+        await self.store.locks.release(record.service, record.id)
         keeper = self._leases.pop(record.id, None)
         if keeper is not None:
             await keeper.revoke()

@@ -531,13 +531,13 @@ class TaskRunner:
     async def _lock(self, record: TaskRecord, adopt: bool = False) -> None:
         keeper = LeaseKeeper(self.store.etcd, ttl=LOCK_TTL)
         if adopt:
-            holder = await self.store.lock_holder(record.service)
+            holder = await self.store.locks.holder(record.service)
             if holder is not None and holder.holder == record.id:
                 keeper.adopt(holder.lease)
                 self._leases[record.id] = keeper
                 return
         await keeper.grant()
-        held = await self.store.acquire_lock(record.service, LockHolder(
+        held = await self.store.locks.acquire(record.service, LockHolder(
             holder=record.id, actor=record.actor, reason=f"a task of version {record.version}",
             lease=keeper.lease_id))
         if held is None:

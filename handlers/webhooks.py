@@ -305,7 +305,7 @@ class WebhookHandler:
     async def _wait_until_free(self, service: str, lane: _Lane) -> None:
         while True:
             lane.ended.clear()  # before reading the lock: an end in between is not missed
-            holder = await self.store.lock_holder(service)
+            holder = await self.store.locks.holder(service)
             if holder is None:
                 return
             log.info("webhook_push_waiting", holder=holder.holder, lock_reason=holder.reason)

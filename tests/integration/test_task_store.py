@@ -35,9 +35,9 @@ async def test_records_prune_and_lock(etcd_client: aetcd.Client) -> None:
     assert [r.id for r in await store.list_tasks("other")] == ["20260101-000009-other"]
 
     async with LeaseKeeper(etcd_client, ttl=10) as keeper:
-        assert await store.acquire_lock("svc", LockHolder(holder=ids[0], lease=keeper.lease_id)) is None
+        assert await store.locks.acquire("svc", LockHolder(holder=ids[0], lease=keeper.lease_id)) is None
         async with LeaseKeeper(etcd_client, ttl=10) as other:
-            held = await store.acquire_lock("svc", LockHolder(holder="second", lease=other.lease_id))
+            held = await store.locks.acquire("svc", LockHolder(holder="second", lease=other.lease_id))
         assert held is not None and held.holder == ids[0]
     # Revoking the holder's lease releases the lock.
-    assert await store.lock_holder("svc") is None
+    assert await store.locks.holder("svc") is None

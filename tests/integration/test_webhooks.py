@@ -224,7 +224,7 @@ async def test_pushes_wait_for_the_running_deploy_and_only_the_latest_deploys(ho
     answers = [(await push_registry(api, tag))[0] for tag in ("v1.1.0", "v1.3.0", "v1.2.0", "v1.4.0")]
     assert [a["decision"] for a in answers] == ["queued", "queued", "ignored", "queued"]
     assert answers[2]["reason"] == "the newer version v1.3.0 is queued already"
-    assert (await api.deployster.store.lock_holder(api.service)).holder == running["id"]
+    assert (await api.deployster.store.locks.holder(api.service)).holder == running["id"]
 
     record = await finished_webhook_deploy(api, timeout=60)
     assert (record.state, record.version) == ("succeeded", "v1.4.0")
@@ -246,7 +246,7 @@ async def test_a_queued_push_survives_a_restart(hooks: Api) -> None:
     # Hold the lock as a running deploy would, so that the push stays queued; then restart.
     keeper = LeaseKeeper(api.deployster.etcd, ttl=15)
     await keeper.grant()
-    assert await api.deployster.store.acquire_lock(
+    assert await api.deployster.store.locks.acquire(
         api.service, LockHolder(holder="other", reason="a test", lease=keeper.lease_id)) is None
     [queued] = await push_registry(api, "v7")
     assert queued["decision"] == "queued"
