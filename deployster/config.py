@@ -18,6 +18,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from deployster.etcd import Endpoint
 
 
+def generate_password() -> str:
+    """A random password (144 bits) that never starts with '-', which a command line such as
+    ``deployctl --password ...`` would take for a flag."""
+    while (password := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return password
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEPLOYSTER_", extra="ignore")
 
@@ -94,5 +102,5 @@ class Settings(BaseSettings):
         """These settings with a password; generate one when none was given (True then)."""
         if self.password is not None and self.password.get_secret_value():
             return self, False
-        generated = SecretStr(secrets.token_urlsafe(18))
+        generated = SecretStr(generate_password())
         return self.model_copy(update={"password": generated}), True

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from types import FrameType
 
 import aiohttp
 
+from deployster.config import generate_password
 from deployster.etcd import EtcdError, EtcdServer
 from deployster.routers import RouterError
 from deployster.routers.traefik import traefik_command
@@ -40,7 +40,7 @@ def _password(args: argparse.Namespace, state_dir: Path) -> str:
     stored = state_dir / "password"
     if stored.exists():
         return stored.read_text().strip()
-    password = secrets.token_urlsafe(18)
+    password = generate_password()
     stored.touch(mode=0o600)
     stored.write_text(password + "\n")
     return password

@@ -437,23 +437,28 @@ class DeployHandler:
         instance_deadline = record.submitted_at + policy.instance_deadline
         deploy_deadline = (record.started_at or record.created_at.timestamp()) + policy.deploy_deadline
         next_fleet_check = 0.0
-        noted = {e.unit for e in record.events if e.kind == "instance_ready"}
+        noted = {(e.kind, e.unit) for e in record.events}
         while True:
             now = time.time()
             if now >= next_fleet_check:
                 next_fleet_check = now + self.config.poll_interval
                 await self._check_not_failed(record)
-            ready = []
+            ready, progress = [], []
             for unit in units:
                 instance = self.instances.get(unit)
-                if (instance is not None and instance.routed and instance.healthy_since is not None
-                        and time.monotonic() - instance.healthy_since >= policy.min_healthy_time):
+                if instance is None or not instance.routed or instance.healthy_since is None:
+                    continue
+                if time.monotonic() - instance.healthy_since >= policy.min_healthy_time:
                     ready.append(instance)
-            fresh = [i for i in ready if str(i.unit) not in noted]
-            for instance in fresh:
-                noted.add(str(instance.unit))
-                record.note("instance_ready", f"{instance.unit} is healthy and routed at {instance.url}",
-                            unit=str(instance.unit))
+                    progress.append(("instance_ready", unit, f"{unit} is healthy and routed at {instance.url}"))
+                else:
+                    progress.append(("instance_healthy", unit,
+                                     f"{unit} passes its health check and is routed at {instance.url}; "
+                                     f"ready once healthy for {policy.min_healthy_time:g} s"))
+            fresh = [(kind, unit, message) for kind, unit, message in progress if (kind, str(unit)) not in noted]
+            for kind, unit, message in fresh:
+                noted.add((kind, str(unit)))
+                record.note(kind, message, unit=str(unit))
             if fresh:
                 await self.store.save_deploy(record)
             if len(ready) == len(units):

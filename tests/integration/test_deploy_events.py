@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 import os
 import sys
 from typing import Any
@@ -48,6 +49,19 @@ async def test_the_stream_follows_a_deploy_live_and_replays_it_afterwards(api: A
     assert await read_events(api, deploy_id, last_event_id="4") == live[4:]
     record = await api.record(deploy_id)
     assert [e["kind"] for e in record["events"]] == kinds
+
+
+async def test_with_a_min_healthy_time_each_instance_shows_healthy_then_ready(api: Api) -> None:
+    await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(update={"min_healthy_time": 1.0}))
+    deploy_id = (await api.deploy({"version": "v1", "instance_count": 2}))["deploy"]["id"]
+    events = await read_events(api, deploy_id)
+    for unit in await api.units():
+        kinds = [e["kind"] for e in events if e["unit"] == unit]
+        assert kinds == ["instance_healthy", "instance_ready"], events
+        healthy, ready = (e for e in events if e["unit"] == unit)
+        assert "ready once healthy for 1 s" in healthy["message"]
+        gap = datetime.fromisoformat(ready["at"]) - datetime.fromisoformat(healthy["at"])
+        assert gap.total_seconds() >= 0.9
 
 
 async def test_a_rolled_back_deploy_streams_its_reason(api: Api) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from deployster.cli import build_parser
-from deployster.config import Settings
+from deployster.config import Settings, generate_password
 from deployster.server import StartupError, tls_context
 
 
@@ -68,3 +68,11 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="cannot be loaded"):
         tls_context(Settings(cert=tmp_path / "c.pem", key=tmp_path / "k.pem"))
     assert tls_context(Settings()) is None
+
+
+def test_generated_passwords_never_look_like_a_flag() -> None:
+    # One token in 64 starts with '-': in 2,000 draws an unguarded generator shows one.
+    passwords = {generate_password() for _ in range(2000)}
+    assert len(passwords) == 2000
+    assert not any(p.startswith("-") for p in passwords)
+    assert all(len(p) == 24 for p in passwords)
