@@ -158,7 +158,7 @@ def up(args: argparse.Namespace) -> int:
         + (f"  traffic   http://{args.http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
            if args.router == "traefik" else "  router    vulcand (not started here)\n")
         + f"  logs      {logs_dir}\n"
-        f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3\n"
+        f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3 --wait\n"
         f"Press Ctrl-C to stop.",
         flush=True,
     )
