@@ -19,9 +19,10 @@ import aetcd
 from pydantic import BaseModel, Field
 
 from deployster.aio import cancel_and_wait
-from deployster.etcd import EtcdError, WatchEvent, watch_prefix
+from deployster.etcd import EtcdError, LeaseKeeper, WatchEvent, watch_prefix
 from deployster.events import DeployRequested
 from deployster.policy import ServicePolicy
+from deployster.units import instances_prefix
 
 
 class DeployState(StrEnum):
@@ -172,6 +173,27 @@ class LeaseLocks:
             kv = await self.etcd.get(self._key(service))
         return None if kv is None else LockHolder.model_validate_json(kv.value)
 
+    async def take(self, service: str, holder: str, actor: str, reason: str, ttl: float,
+                   adopt: bool = False) -> LeaseKeeper | LockHolder:
+        """Take the lock on a new lease kept alive by the returned keeper; with ``adopt``, a
+        lock ``holder`` already holds (a previous run of this server) is kept on its lease.
+        When someone else holds it: who, and no lease is left behind."""
+        keeper = LeaseKeeper(self.etcd, ttl=ttl)
+        if adopt:
+            current = await self.holder(service)
+            if current is not None and current.holder == holder:
+                keeper.adopt(current.lease)
+                return keeper
+        with _etcd_errors():
+            await keeper.grant()
+        held = await self.acquire(service, LockHolder(holder=holder, actor=actor, reason=reason,
+                                                      lease=keeper.lease_id))
+        if held is None or held.holder == holder:
+            return keeper
+        with _etcd_errors():
+            await keeper.revoke()
+        return held
+
     async def release(self, service: str, holder: str) -> None:
         """Release the lock if ``holder`` (a deploy or task id) still holds it."""
         key = self._key(service)
@@ -227,6 +249,22 @@ class Store:
         with _etcd_errors():
             for record in records:
                 await self.etcd.delete(self._deploy_key(record.service, record.id))
+
+    async def announcements(self) -> dict[str, str]:
+        """Every instance announcement now: key to its JSON value."""
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(instances_prefix(self.prefix).encode())
+        return {kv.key.decode(): kv.value.decode() for kv in found}
+
+    async def withdraw_announcement(self, key: str, value: str) -> bool:
+        """Delete an announcement if it still holds ``value``, so that a fresh one under the same
+        key is never lost; True when it was deleted."""
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            deleted, _ = await self.etcd.transaction(
+                compare=[txn.value(key.encode()) == value.encode()],
+                success=[txn.delete(key.encode())], failure=[])
+        return bool(deleted)
 
     async def follow_deploy(self, service: str, deploy_id: str) -> AsyncIterator[DeployRecord]:
         """The record now, then again each time it changes, until it is finished or deleted.

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd
 import structlog
@@ -265,11 +267,8 @@ class DeployHandler:
         record = await self.store.save_deploy(record)
         log.info("deploy_queued", behind=held.holder)
         self.bus.publish(DeployQueued(service=record.service, deploy_id=record.id, behind=held.holder))
-        self._wait_turn(record)
+        self._spawn(record, self._dequeue(record))
 
-    def _wait_turn(self, record: DeployRecord) -> None:
-        self.bus.spawn(self._dequeue(record), name=f"queued:{record.service}:{record.id}",
-                       service=record.service, deploy_id=record.id)
 
     async def _dequeue(self, record: DeployRecord) -> None:
         """Poll until this deploy is the oldest queued one and the lock is free, then take the
@@ -312,14 +311,14 @@ class DeployHandler:
             return
         log.info("deploy_resumed", state=record.state, step=record.step)
         if record.step is DeployStep.QUEUED:
-            self._wait_turn(record)
+            self._spawn(record, self._dequeue(record))
             return
         record.note("resumed", f"a restarted server resumes the deploy at step {record.step}")
         await self._lock(record, adopt=True)
         if record.state is DeployState.PENDING:
             await self._submit(record)
         else:
-            self._drive(record)
+            self._spawn(record, self._run(record))
 
     async def on_destroy_requested(self, event: DestroyRequested) -> None:
         destroyed: list[str] = []
@@ -347,21 +346,13 @@ class DeployHandler:
     async def _lock(self, record: DeployRecord, adopt: bool = False) -> None:
         if record.id in self._leases:
             return  # held already (a step retried after an etcd error)
-        keeper = LeaseKeeper(self.store.etcd, ttl=LOCK_TTL)
-        holder = await self.store.locks.holder(record.service)
-        if adopt and holder is not None and holder.holder == record.id:
-            keeper.adopt(holder.lease)
-            self._leases[record.id] = keeper
-            return
-        await keeper.grant()
-        held = await self.store.locks.acquire(record.service, LockHolder(
-            holder=record.id, actor=record.actor, reason=f"deploy of {record.version}",
-            lease=keeper.lease_id))
-        if held is not None and held.holder != record.id:
-            await keeper.revoke()
-            raise LockHeld(record.service, held)
-        record.started_at = time.time()
-        self._leases[record.id] = keeper
+        taken = await self.store.locks.take(record.service, record.id, record.actor,
+                                            f"deploy of {record.version}", LOCK_TTL, adopt=adopt)
+        if isinstance(taken, LockHolder):
+            raise LockHeld(record.service, taken)
+        if not record.started_at:
+            record.started_at = time.time()
+        self._leases[record.id] = taken
 
     async def _unlock(self, record: DeployRecord) -> None:
         await self.store.locks.release(record.service, record.id)
@@ -393,10 +384,11 @@ class DeployHandler:
         record = await self.store.save_deploy(record)
         log.info("units_submitted", units=record.units)
         self.bus.publish(UnitsSubmitted(service=record.service, deploy_id=record.id, units=record.units))
-        self._drive(record)
+        self._spawn(record, self._run(record))
 
-    def _drive(self, record: DeployRecord) -> None:
-        self.bus.spawn(self._run(record), name=f"deploy:{record.service}:{record.id}",
+    def _spawn(self, record: DeployRecord, work: Coroutine[Any, Any, None]) -> None:
+        """Follow the deploy beside the bus's lanes: waiting its turn, or driving it to its end."""
+        self.bus.spawn(work, name=f"deploy:{record.service}:{record.id}",
                        service=record.service, deploy_id=record.id)
 
     async def _run(self, record: DeployRecord) -> None:

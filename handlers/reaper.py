@@ -36,7 +36,7 @@ from deployster.fleet import FleetClient, FleetError, Machine, Unit, UnitState
 from deployster.naming import UnitName
 from deployster.routers import Router
 from deployster.store import DeployRecord, DeployState, Store
-from deployster.units import Announcement, instances_prefix, parse_announce_key
+from deployster.units import Announcement, parse_announce_key
 from handlers.deploys import rollback_target
 
 log = structlog.get_logger(__name__)
@@ -117,17 +117,21 @@ class Reaper:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                await self.reconcile()
-                await self.prune()
+                records = await self.store.list_deploys()
+                await self.reconcile({r.service for r in records})
+                await self._prune(records)
             except (EtcdError, aetcd.ClientError, FleetError) as exc:
                 log.warning("reconcile_skipped", reason=str(exc))
 
     # -- history -------------------------------------------------------------------------
 
-    async def prune(self, service: str | None = None) -> int:
-        """Delete old deploy records (of one service, or of all); returns how many."""
+    async def prune(self, service: str) -> int:
+        """Delete the service's old deploy records; returns how many."""
+        return await self._prune(await self.store.list_deploys(service))
+
+    async def _prune(self, records: list[DeployRecord]) -> int:
         by_service: dict[str, list[DeployRecord]] = {}
-        for record in await self.store.list_deploys(service):
+        for record in records:
             by_service.setdefault(record.service, []).append(record)
         doomed = [r for records in by_service.values() for r in prunable(records, self.keep)]
         if doomed:
@@ -137,48 +141,41 @@ class Reaper:
 
     # -- reconcile -----------------------------------------------------------------------
 
-    async def reconcile(self) -> list[str]:
-        """One pass; returns what it did, one sentence each (for logs and tests)."""
+    async def reconcile(self, services: set[str]) -> list[str]:
+        """One pass over the announcements and over the router servers of ``services`` (and of
+        every announced service); returns what it did, one sentence each."""
         units = {u.name: u for u in await self.fleet.list_units()}
         states = await self.fleet.list_states()
         machines = await self.fleet.list_machines()
         announced = await self._announced()
-        findings: dict[str, tuple[str, object]] = {}
+        stale = {}
         for found in announced:
             reason = stale_reason(found, units, states, machines)
             if reason is not None:
-                findings[f"announcement:{found.key}:{found.raw}"] = (reason, found)
+                stale[f"announcement:{found.key}:{found.raw}"] = (found, reason)
         backed = {(a.unit.service, a.unit.container) for a in announced}
-        services = {a.unit.service for a in announced} | {r.service for r in await self.store.list_deploys()}
-        for service in sorted(services):
+        orphans = {}
+        for service in sorted(services | {a.unit.service for a in announced}):
             for server_id in await self.router.servers(service):
                 if (service, server_id) not in backed:
-                    findings[f"server:{service}:{server_id}"] = (
-                        f"router server {server_id} of {service} has no announced instance", (service, server_id))
+                    orphans[f"server:{service}:{server_id}"] = (service, server_id)
         done = []
-        for finding, (reason, subject) in findings.items():
-            if finding not in self._suspects:
-                continue
-            if isinstance(subject, Announced):
-                txn = self.store.etcd.transactions
-                removed, _ = await self.store.etcd.transaction(
-                    compare=[txn.value(subject.key.encode()) == subject.raw.encode()],
-                    success=[txn.delete(subject.key.encode())], failure=[])
-                if not removed:
-                    continue
-                done.append(f"removed the announcement of {subject.unit}: {reason}")
-            else:
-                service, server_id = subject  # type: ignore[misc]
+        for finding, (found, reason) in stale.items():
+            if finding in self._suspects and await self.store.withdraw_announcement(found.key, found.raw):
+                done.append(f"removed the announcement of {found.unit}: {reason}")
+        for finding, (service, server_id) in orphans.items():
+            if finding in self._suspects:
                 await self.router.deregister(service, server_id)
-                done.append(f"deregistered {server_id}: {reason}")
-            log.warning("reconciled", action=done[-1])
-        self._suspects = {f for f in findings if f not in self._suspects}
+                done.append(f"deregistered {server_id} of {service}: no announced instance stands behind it")
+        for action in done:
+            log.warning("reconciled", action=action)
+        # Acted on now, or seen for the first time: the next pass confirms the latter.
+        self._suspects = (stale.keys() | orphans.keys()) - self._suspects
         return done
 
     async def _announced(self) -> list[Announced]:
         found = []
-        for kv in await self.store.etcd.get_prefix(instances_prefix(self.prefix).encode()):
-            key, raw = kv.key.decode(), kv.value.decode()
+        for key, raw in (await self.store.announcements()).items():
             unit = parse_announce_key(self.prefix, key)
             if unit is None:
                 continue

@@ -49,7 +49,7 @@ from deployster.aio import cancel_and_wait
 from deployster.docker import ContainerSpec, DockerClient, DockerError, DockerUnreachable, PullError
 from deployster.etcd import EtcdError, LeaseKeeper
 from deployster.metrics import Metrics
-from deployster.store import LockHolder, Store, TaskRecord, TaskState, TaskStore, new_task_id
+from deployster.store import Store, TaskRecord, TaskState, TaskStore, new_task_id
 from deployster.units import image_name
 
 log = structlog.get_logger(__name__)
@@ -529,21 +529,11 @@ class TaskRunner:
     # -- the per-service task lock ------------------------------------------------------
 
     async def _lock(self, record: TaskRecord, adopt: bool = False) -> None:
-        keeper = LeaseKeeper(self.store.etcd, ttl=LOCK_TTL)
-        if adopt:
-            holder = await self.store.locks.holder(record.service)
-            if holder is not None and holder.holder == record.id:
-                keeper.adopt(holder.lease)
-                self._leases[record.id] = keeper
-                return
-        await keeper.grant()
-        held = await self.store.locks.acquire(record.service, LockHolder(
-            holder=record.id, actor=record.actor, reason=f"a task of version {record.version}",
-            lease=keeper.lease_id))
-        if held is None:
-            self._leases[record.id] = keeper
+        held = await self.store.locks.take(record.service, record.id, record.actor,
+                                           f"a task of version {record.version}", LOCK_TTL, adopt=adopt)
+        if isinstance(held, LeaseKeeper):
+            self._leases[record.id] = held
             return
-        await keeper.revoke()
         if adopt:  # it runs already: nothing to refuse
             log.warning("task_lock_held_elsewhere", holder=held.holder)
             return

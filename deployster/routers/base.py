@@ -9,8 +9,11 @@ name the router would mis-parse never reaches etcd.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -55,6 +58,37 @@ class Router(Protocol):
         timeout: float = 10.0,
     ) -> None:
         """Return once the router serves the ``present`` URLs and none of the ``absent`` ones."""
+
+
+@dataclass(frozen=True)
+class Unapplied:
+    """What a router still did not show when the time ran out."""
+
+    missing: list[str]  # present URLs it does not serve
+    extra: list[str]  # absent URLs it still serves
+    answered: bool  # False: it never told what it serves
+
+
+async def poll_applied(
+    observe: Callable[[], Awaitable[set[str] | None]],
+    present: Iterable[str],
+    absent: Iterable[str],
+    timeout: float,
+    interval: float,
+) -> Unapplied | None:
+    """Ask ``observe`` for the URLs the router serves (None: no answer) every ``interval`` s
+    until it serves every ``present`` URL and no ``absent`` one: None then, or what was still
+    wrong once ``timeout`` passed. Each adapter says what it observes and what a timeout means."""
+    want, unwanted = set(present), set(absent)
+    deadline = time.monotonic() + timeout
+    while True:
+        urls = await observe()
+        missing, extra = want - (urls or set()), unwanted & (urls or set())
+        if urls is not None and not missing and not extra:
+            return None
+        if time.monotonic() >= deadline:
+            return Unapplied(sorted(missing), sorted(extra), urls is not None)
+        await asyncio.sleep(interval)
 
 
 def check_service(service: str) -> str:

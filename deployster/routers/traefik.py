@@ -54,6 +54,7 @@ from deployster.routers.base import (
     check_server_id,
     check_service,
     check_url,
+    poll_applied,
 )
 
 DEFAULT_ROOT_KEY = "traefik"
@@ -241,36 +242,27 @@ class TraefikRouter:
         absent: Iterable[str] = (),
         timeout: float = 10.0,
     ) -> None:
-        want, unwanted = set(present), set(absent)
         started = time.monotonic()
-        deadline = started + timeout
         where = f"Traefik at {self.api_url}" if self.api_url else "Traefik's keys"
         timeouts = aiohttp.ClientTimeout(total=self.request_timeout)
         async with aiohttp.ClientSession(timeout=timeouts) as session:
-            while True:
+            async def served() -> set[str] | None:
                 if self.api_url:
-                    urls = await self.served_urls(service, session)
-                else:
-                    urls = set((await self.servers(service)).values())
-                missing = want - (urls or set())
-                extra = unwanted & (urls or set())
-                if urls is not None and not missing and not extra:
-                    break
-                if time.monotonic() >= deadline:
-                    log.warning("router_apply_timeout", router="traefik", service=service,
-                                missing=sorted(missing), extra=sorted(extra),
-                                api_answered=urls is not None)
-                    state = (
-                        f"still missing {sorted(missing)}, still serving {sorted(extra)}"
-                        if urls is not None else "its API did not answer"
-                    )
-                    raise RouterTimeout(
-                        f"{where} did not apply the change to service {service!r} within "
-                        f"{timeout:g} s: {state}. Check that Traefik watches etcd under rootKey "
-                        f"{self.root_key!r} and that its providersThrottleDuration is well below "
-                        "the timeout."
-                    )
-                await asyncio.sleep(self.poll_interval)
+                    return await self.served_urls(service, session)
+                return set((await self.servers(service)).values())
+
+            unapplied = await poll_applied(served, present, absent, timeout, self.poll_interval)
+        if unapplied is not None:
+            log.warning("router_apply_timeout", router="traefik", service=service,
+                        missing=unapplied.missing, extra=unapplied.extra, api_answered=unapplied.answered)
+            state = (f"still missing {unapplied.missing}, still serving {unapplied.extra}"
+                     if unapplied.answered else "its API did not answer")
+            raise RouterTimeout(
+                f"{where} did not apply the change to service {service!r} within "
+                f"{timeout:g} s: {state}. Check that Traefik watches etcd under rootKey "
+                f"{self.root_key!r} and that its providersThrottleDuration is well below "
+                "the timeout."
+            )
         if not self.api_url:
             await asyncio.sleep(self.settle)  # no confirmation without the API (§2.6)
         log.info("router_applied", router="traefik", service=service,

@@ -44,6 +44,7 @@ from deployster.routers.base import (
     check_server_id,
     check_service,
     check_url,
+    poll_applied,
 )
 
 DEFAULT_PREFIX = "vulcand"
@@ -183,22 +184,19 @@ class VulcandRouter:
         absent: Iterable[str] = (),
         timeout: float = 10.0,
     ) -> None:
-        want, unwanted = set(present), set(absent)
         started = time.monotonic()
-        deadline = started + timeout
-        while True:
-            urls = set((await self.servers(service)).values())
-            missing, extra = want - urls, unwanted & urls
-            if not missing and not extra:
-                break
-            if time.monotonic() >= deadline:
-                log.warning("router_apply_timeout", router="vulcand", service=service,
-                            missing=sorted(missing), extra=sorted(extra))
-                raise RouterTimeout(
-                    f"vulcand's keys for service {service!r} were not as wanted within "
-                    f"{timeout:g} s: missing {sorted(missing)}, still present {sorted(extra)}."
-                )
-            await asyncio.sleep(self.poll_interval)
+
+        async def keys() -> set[str]:
+            return set((await self.servers(service)).values())
+
+        unapplied = await poll_applied(keys, present, absent, timeout, self.poll_interval)
+        if unapplied is not None:
+            log.warning("router_apply_timeout", router="vulcand", service=service,
+                        missing=unapplied.missing, extra=unapplied.extra)
+            raise RouterTimeout(
+                f"vulcand's keys for service {service!r} were not as wanted within "
+                f"{timeout:g} s: missing {unapplied.missing}, still present {unapplied.extra}."
+            )
         # No acknowledgement exists (§1.6): give the watch time to reach every vulcand.
         await asyncio.sleep(self.settle)
         log.info("router_applied", router="vulcand", service=service,

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from deployster.policy import ServicePolicy
 from deployster.store import TaskRecord, TaskState
 from e2e.conftest import PASSWORD, Images, TasksApi, settings_for, tasks_api_for
 from e2e.podman import Podman
-from helpers import eventually
+from helpers import eventually, wait_http
 
 async def test_exit_code_output_and_record(tasks_api: TasksApi, podman: Podman) -> None:
     status, body = await tasks_api.run(
@@ -229,18 +228,6 @@ def serve(tmp_path: Any, port: int, etcd_server: EtcdServer, podman: Podman, ima
             stdout=out, stderr=out, env=ENV)
 
 
-def _wait_port(port: int, child: subprocess.Popen[bytes], log: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RuntimeError(f"deployster serve exited with {child.returncode}:\n{log.read_text()}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"deployster serve did not listen within {timeout} s:\n{log.read_text()}")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_output_streams_live_over_more_than_a_minute(
@@ -253,7 +240,7 @@ async def test_output_streams_live_over_more_than_a_minute(
     port = free_port()
     server = serve(tmp_path, port, etcd_server, podman, images, etcd_prefix)
     try:
-        _wait_port(port, server, tmp_path / "serve.log")
+        wait_http(f"http://127.0.0.1:{port}/healthz", server, tmp_path / "serve.log", timeout=30)
         script = "i=0; while [ $i -lt 13 ]; do i=$((i+1)); echo tick $i; sleep 5; done; exit 3"
         started = time.monotonic()
         ctl = await asyncio.create_subprocess_exec(
@@ -286,7 +273,7 @@ async def test_stopping_the_server_ends_streams_at_once_and_leaves_the_task_runn
     port = free_port()
     server = serve(tmp_path, port, etcd_server, podman, images, etcd_prefix)
     try:
-        _wait_port(port, server, tmp_path / "serve.log")
+        wait_http(f"http://127.0.0.1:{port}/healthz", server, tmp_path / "serve.log", timeout=30)
         ctl = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "deployster.ctl", "--url", f"http://127.0.0.1:{port}",
             "run", service, "v1", "echo working; sleep 60",
