@@ -75,8 +75,9 @@ async def main(count: int) -> None:
         async def ignore(snapshot: dict[str, str], revision: int) -> None:
             return None
 
-        key_watch = asyncio.create_task(etcd_adapter.watch_prefix(
-            watcher, "vulcand/backends/", on_key, ignore))
+        key_watch = asyncio.create_task(
+            etcd_adapter.watch_prefix(watcher, "vulcand/backends/", on_key, ignore)
+        )
         await asyncio.sleep(0.5)
         total, probes = [], []
         for n in range(1, count + 1):

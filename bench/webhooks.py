@@ -54,13 +54,27 @@ def pct(values: list[float], q: int) -> float:
 def notification(repository: str, tag: str) -> bytes:
     """The live-captured envelope (webhooks.md §2.7), retargeted."""
     event = {
-        "id": secrets.token_hex(16), "timestamp": "2026-11-26T11:07:16.127186852Z", "action": "push",
-        "target": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 348,
-                   "digest": f"sha256:{secrets.token_hex(32)}", "length": 348, "repository": repository,
-                   "url": f"http://127.0.0.1:5000/v2/{repository}/manifests/sha256:0", "tag": tag},
-        "request": {"id": secrets.token_hex(8), "addr": "127.0.0.1:54454", "host": "127.0.0.1:5000",
-                    "method": "PUT", "useragent": "skopeo/1.9.3"},
-        "actor": {}, "source": {"addr": "vm:5000", "instanceID": secrets.token_hex(8)},
+        "id": secrets.token_hex(16),
+        "timestamp": "2026-11-26T11:07:16.127186852Z",
+        "action": "push",
+        "target": {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "size": 348,
+            "digest": f"sha256:{secrets.token_hex(32)}",
+            "length": 348,
+            "repository": repository,
+            "url": f"http://127.0.0.1:5000/v2/{repository}/manifests/sha256:0",
+            "tag": tag,
+        },
+        "request": {
+            "id": secrets.token_hex(8),
+            "addr": "127.0.0.1:54454",
+            "host": "127.0.0.1:5000",
+            "method": "PUT",
+            "useragent": "skopeo/1.9.3",
+        },
+        "actor": {},
+        "source": {"addr": "vm:5000", "instanceID": secrets.token_hex(8)},
     }
     return json.dumps({"events": [event]}).encode()
 
@@ -73,14 +87,35 @@ async def main(pushes: int) -> None:
     etcd.wait_ready()
     fleet_port = free_port()
     with open(work / "localfleet.log", "wb") as out:
-        fleet = subprocess.Popen([sys.executable, "-m", "deployster", "localfleet", "--listen",
-                                  f"127.0.0.1:{fleet_port}", "--machines", "3", "--state-dir", str(work / "fleet")],
-                                 stdout=out, stderr=out)
+        fleet = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deployster",
+                "localfleet",
+                "--listen",
+                f"127.0.0.1:{fleet_port}",
+                "--machines",
+                "3",
+                "--state-dir",
+                str(work / "fleet"),
+            ],
+            stdout=out,
+            stderr=out,
+        )
     (work / "sleep.service").write_text(TEMPLATE)
     port = free_port()
-    settings = Settings(etcd=etcd.endpoint, etcd_prefix=PREFIX, fleet_endpoint=f"http://127.0.0.1:{fleet_port}",
-                        template=str(work / "sleep.service"), password=secrets.token_hex(8), router="vulcand",
-                        vulcand_settle=0, webhook_secret=SECRET, listen=f"127.0.0.1:{port}")  # type: ignore[arg-type]
+    settings = Settings(
+        etcd=etcd.endpoint,
+        etcd_prefix=PREFIX,
+        fleet_endpoint=f"http://127.0.0.1:{fleet_port}",
+        template=str(work / "sleep.service"),
+        password=secrets.token_hex(8),
+        router="vulcand",
+        vulcand_settle=0,
+        webhook_secret=SECRET,
+        listen=f"127.0.0.1:{port}",
+    )  # type: ignore[arg-type]
     deployster = None
     runner = None
     try:
@@ -97,14 +132,21 @@ async def main(pushes: int) -> None:
             arrived.setdefault(event.service, asyncio.Event()).set()
 
         deployster.bus.subscribe(UnitsSubmitted, on_submitted)
-        policy = ServicePolicy(instance_deadline=1, deploy_deadline=5, drain=0, instance_count=1,
-                               auto_deploy=AutoDeployPolicy(enabled=True, policy="all"))
+        policy = ServicePolicy(
+            instance_deadline=1,
+            deploy_deadline=5,
+            drain=0,
+            instance_count=1,
+            auto_deploy=AutoDeployPolicy(enabled=True, policy="all"),
+        )
         services = [f"bench-{n}" for n in range(pushes)]
         for service in services:
             await deployster.store.save_policy(service, policy)
         url = f"http://127.0.0.1:{port}/v1/webhooks/registry"
-        headers = {"Content-Type": "application/vnd.docker.distribution.events.v1+json",
-                   "Authorization": f"Bearer {SECRET}"}
+        headers = {
+            "Content-Type": "application/vnd.docker.distribution.events.v1+json",
+            "Authorization": f"Bearer {SECRET}",
+        }
         for _ in range(100):  # until localfleet answers
             try:
                 await deployster.fleet.list_units()
@@ -125,8 +167,12 @@ async def main(pushes: int) -> None:
                 total.append(submitted[service] - start)
         print(f"{pushes} registry push notifications, one after another, each for its own service")
         print(f"{'':<34}{'p50 ms':>9}{'p99 ms':>9}")
-        print(f"{'webhook received -> 202 answer':<34}{pct(answered, 50):>9.2f}{pct(answered, 99):>9.2f}")
-        print(f"{'webhook received -> units submitted':<34}{pct(total, 50):>9.2f}{pct(total, 99):>9.2f}")
+        print(
+            f"{'webhook received -> 202 answer':<34}{pct(answered, 50):>9.2f}{pct(answered, 99):>9.2f}"
+        )
+        print(
+            f"{'webhook received -> units submitted':<34}{pct(total, 50):>9.2f}{pct(total, 99):>9.2f}"
+        )
     finally:
         if runner is not None:
             await runner.cleanup()

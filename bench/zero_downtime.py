@@ -28,17 +28,24 @@ from aiohttp import web
 
 from deployster.config import Settings
 from deployster.etcd import EtcdServer, free_port
+from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.routers.traefik import traefik_command
-from deployster.naming import UnitName
 from deployster.server import Deployster
 from deployster.store import DeployRecord
 from handlers.deploys import DeployConfig
 
 SERVICE = "bench"
+
+
 def policy(drain: float) -> ServicePolicy:
-    return ServicePolicy(health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1),
-                         min_healthy_time=0, drain=drain, instance_deadline=5, deploy_deadline=60)
+    return ServicePolicy(
+        health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1),
+        min_healthy_time=0,
+        drain=drain,
+        instance_deadline=5,
+        deploy_deadline=60,
+    )
 
 
 class Load:
@@ -56,7 +63,7 @@ class Load:
                 async with session.get(self.url, headers={"Host": f"{SERVICE}.localhost"}) as resp:
                     await resp.read()
                     ok = resp.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 ok = False
             if ok:
                 self.samples.setdefault(phase, []).append(time.perf_counter() - start)
@@ -82,7 +89,9 @@ def percentile(values: list[float], q: float) -> float:
 def timeline(record: DeployRecord) -> str:
     """Where a deploy's time went: each progress event, seconds after the deploy was created."""
     start = record.created_at.timestamp()
-    return "\n".join(f"  +{e.at.timestamp() - start:5.2f} s  {e.kind}: {e.message}" for e in record.events)
+    return "\n".join(
+        f"  +{e.at.timestamp() - start:5.2f} s  {e.kind}: {e.message}" for e in record.events
+    )
 
 
 def cost_split(dep: Deployster, record: DeployRecord, wall: float) -> str:
@@ -95,8 +104,10 @@ def cost_split(dep: Deployster, record: DeployRecord, wall: float) -> str:
     if len(announced) < len(record.units):
         return "  (the new instances are gone: no split)"
     starting = max(announced) - record.submitted_at
-    return (f"  instances starting (submitted -> last announcement): {starting:.2f} s; "
-            f"Deployster's own time: {wall - starting:.2f} s")
+    return (
+        f"  instances starting (submitted -> last announcement): {starting:.2f} s; "
+        f"Deployster's own time: {wall - starting:.2f} s"
+    )
 
 
 async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, float, DeployRecord]:
@@ -105,9 +116,12 @@ async def deploy(dep: Deployster, version: str, **extra: object) -> tuple[str, f
     try:
         app_url = dep.bench_url  # type: ignore[attr-defined]
         auth = aiohttp.encode_basic_auth("deployster", "bench")
-        body = {"deploy": {"version": version, "destroy_previous": True, "instance_count": 3, **extra}}
-        async with client.post(f"{app_url}/v1/services/{SERVICE}/deploys", json=body,
-                               headers={"Authorization": auth}) as resp:
+        body = {
+            "deploy": {"version": version, "destroy_previous": True, "instance_count": 3, **extra}
+        }
+        async with client.post(
+            f"{app_url}/v1/services/{SERVICE}/deploys", json=body, headers={"Authorization": auth}
+        ) as resp:
             deploy_id = (await resp.json())["deploy"]["id"]
         while True:
             record = await dep.store.get_deploy(SERVICE, deploy_id)
@@ -126,24 +140,55 @@ async def main(clients: int, steady: float, drain: float) -> None:
     etcd.wait_ready()
     fleet_port, web_port, api, app_port = free_port(), free_port(), free_port(), free_port()
     children = [
-        subprocess.Popen([sys.executable, "-m", "deployster", "localfleet", "--listen",
-                          f"127.0.0.1:{fleet_port}", "--machines", "3"],
-                         stdout=subprocess.DEVNULL, stderr=open(work / "localfleet.log", "wb")),
-        subprocess.Popen(traefik_command(etcd.endpoint, "traefik", f"127.0.0.1:{web_port}",
-                                         f"127.0.0.1:{api}", throttle="100ms"),
-                         stdout=subprocess.DEVNULL, stderr=open(work / "traefik.log", "wb")),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deployster",
+                "localfleet",
+                "--listen",
+                f"127.0.0.1:{fleet_port}",
+                "--machines",
+                "3",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "localfleet.log", "wb"),
+        ),
+        subprocess.Popen(
+            traefik_command(
+                etcd.endpoint,
+                "traefik",
+                f"127.0.0.1:{web_port}",
+                f"127.0.0.1:{api}",
+                throttle="100ms",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "traefik.log", "wb"),
+        ),
     ]
     try:
         wait_url(f"http://127.0.0.1:{fleet_port}/fleet/v1/machines")
         wait_url(f"http://127.0.0.1:{api}/api/version")
-        settings = Settings(etcd=etcd.endpoint, fleet_endpoint=f"http://127.0.0.1:{fleet_port}",
-                            template="workload", password="bench", router="traefik",
-                            traefik_api=f"http://127.0.0.1:{api}", log_format="json")
+        settings = Settings(
+            etcd=etcd.endpoint,
+            fleet_endpoint=f"http://127.0.0.1:{fleet_port}",
+            template="workload",
+            password="bench",
+            router="traefik",
+            traefik_api=f"http://127.0.0.1:{api}",
+            log_format="json",
+        )
         # Only warnings: the figures are what this prints.
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-        dep = await Deployster.connect(settings, DeployConfig(
-            image_prefix="deployster", etcd_endpoints=etcd.endpoint, etcd_prefix="/deployster",
-            poll_interval=0.2))
+        dep = await Deployster.connect(
+            settings,
+            DeployConfig(
+                image_prefix="deployster",
+                etcd_endpoints=etcd.endpoint,
+                etcd_prefix="/deployster",
+                poll_interval=0.2,
+            ),
+        )
         runner = web.AppRunner(dep.app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", app_port).start()
@@ -154,8 +199,9 @@ async def main(clients: int, steady: float, drain: float) -> None:
         state, first, _ = await deploy(dep, "v1")
         print(f"initial 3-instance deploy: {state} in {first:.2f} s")
         load = Load(f"http://127.0.0.1:{web_port}/")
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
-                                        connector=aiohttp.TCPConnector(limit=clients))
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=10), connector=aiohttp.TCPConnector(limit=clients)
+        )
         tasks = [asyncio.create_task(load.client(session)) for _ in range(clients)]
         await asyncio.sleep(1)
         load.phase = "steady"
@@ -165,7 +211,9 @@ async def main(clients: int, steady: float, drain: float) -> None:
         cycle_split = cost_split(dep, cycled, cycle)
         load.phase = "steady after"
         await asyncio.sleep(1)
-        await dep.store.save_policy(SERVICE, policy(drain).model_copy(update={"instance_deadline": 3}))
+        await dep.store.save_policy(
+            SERVICE, policy(drain).model_copy(update={"instance_deadline": 3})
+        )
         load.phase = "rollback of v3"
         state3, rollback, _ = await deploy(dep, "v3", env={"DEPLOYSTER_WORKLOAD_HEALTH": "fail"})
         load.phase = "steady end"
@@ -186,13 +234,21 @@ async def main(clients: int, steady: float, drain: float) -> None:
         print(quiet_split)
         print(f"{'phase':<22}{'requests':>10}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}")
         total = failed = 0
-        for phase in ["steady", "version cycle v1->v2", "steady after", "rollback of v3", "steady end"]:
+        for phase in [
+            "steady",
+            "version cycle v1->v2",
+            "steady after",
+            "rollback of v3",
+            "steady end",
+        ]:
             samples = load.samples.get(phase, [])
             fails = load.failures.get(phase, 0)
             total += len(samples) + fails
             failed += fails
-            print(f"{phase:<22}{len(samples) + fails:>10}{fails:>8}{percentile(samples, 50):>9.2f}"
-                  f"{percentile(samples, 99):>9.2f}")
+            print(
+                f"{phase:<22}{len(samples) + fails:>10}{fails:>8}{percentile(samples, 50):>9.2f}"
+                f"{percentile(samples, 99):>9.2f}"
+            )
         print(f"total: {total} requests, {failed} failed, {clients} clients")
         await runner.cleanup()
         await dep.close()

@@ -35,15 +35,30 @@ SERVE_FLAGS: list[tuple[str, str]] = [
     ("traefik-root", "Traefik's providers.etcd.rootKey"),
     ("traefik-api", "Traefik's API, used to confirm that a change is live"),
     ("traefik-entrypoint", "entry point of the routers Deployster writes (default: all)"),
-    ("reconcile-interval", "seconds between passes that reconcile announcements and the router with fleet"),
-    ("history", "finished deploys kept per service (the live release and its rollback target always)"),
+    (
+        "reconcile-interval",
+        "seconds between passes that reconcile announcements and the router with fleet",
+    ),
+    (
+        "history",
+        "finished deploys kept per service (the live release and its rollback target always)",
+    ),
     ("log-format", "auto (console on a terminal, else JSON), json or console"),
     ("webhook-secret", "secret of the push webhooks (all sources); none: the webhooks are off"),
-    ("webhook-secret-dockerhub", "Docker Hub's webhook token (the last part of its URL), instead of -webhook-secret"),
-    ("webhook-secret-registry", "the registry notifications' Bearer secret, instead of -webhook-secret"),
+    (
+        "webhook-secret-dockerhub",
+        "Docker Hub's webhook token (the last part of its URL), instead of -webhook-secret",
+    ),
+    (
+        "webhook-secret-registry",
+        "the registry notifications' Bearer secret, instead of -webhook-secret",
+    ),
     ("webhook-secret-harbor", "Harbor's Auth Header secret, instead of -webhook-secret"),
     ("webhook-secret-ghcr", "the GitHub webhook's signing secret, instead of -webhook-secret"),
-    ("docker-endpoint", "Docker Engine API for tasks: unix:///PATH, http://HOST:PORT or https://HOST:PORT"),
+    (
+        "docker-endpoint",
+        "Docker Engine API for tasks: unix:///PATH, http://HOST:PORT or https://HOST:PORT",
+    ),
     ("task-max-timeout", "the longest time limit in seconds a task may ask for"),
 ]
 
@@ -56,39 +71,89 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     for flag, text in SERVE_FLAGS:
         dest = flag.replace("-", "_")
         default = fields[dest].default
-        shown = "" if dest == "password" else f" (default {default or 'empty'}; env DEPLOYSTER_{dest.upper()})"
-        parser.add_argument(f"-{flag}", f"--{flag}", dest=dest, default=argparse.SUPPRESS,
-                            metavar=dest.upper(), help=text + shown)
+        shown = (
+            ""
+            if dest == "password"
+            else f" (default {default or 'empty'}; env DEPLOYSTER_{dest.upper()})"
+        )
+        parser.add_argument(
+            f"-{flag}",
+            f"--{flag}",
+            dest=dest,
+            default=argparse.SUPPRESS,
+            metavar=dest.upper(),
+            help=text + shown,
+        )
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("up", help="run etcd, localfleet and the server on this machine")
-    parser.add_argument("--state-dir", type=Path, default=Path(".deployster"),
-                        help="where etcd data, sockets and logs live (default ./.deployster)")
-    parser.add_argument("--listen", default="127.0.0.1:3000", help="API address (default 127.0.0.1:3000)")
-    parser.add_argument("--password", default=None,
-                        help="basic-auth password (default: DEPLOYSTER_PASSWORD, else one generated and kept in the state dir)")
-    parser.add_argument("--template", default="docker", help="docker (default), workload, or a template file")
-    parser.add_argument("--router", choices=["traefik", "vulcand"], default="traefik",
-                        help="traefik (default: started here) or vulcand (for clusters that run it)")
-    parser.add_argument("--http-listen", default="127.0.0.1:8080",
-                        help="where Traefik serves the deployed services (default 127.0.0.1:8080)")
-    parser.add_argument("--traefik-api-listen", default="127.0.0.1:8081",
-                        help="Traefik's API, for Deployster to confirm changes (default 127.0.0.1:8081)")
-    parser.add_argument("--etcd-listen", default="127.0.0.1:2379", help="etcd client address (default 127.0.0.1:2379)")
-    parser.add_argument("--docker-endpoint", default="unix:///var/run/docker.sock",
-                        help="Docker Engine API that runs tasks (default unix:///var/run/docker.sock)")
-    parser.add_argument("--machines", type=int, default=3,
-                        help="machine ids localfleet presents (default 3, so that the docker "
-                        "template's Conflicts= can spread a 3-instance deploy)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".deployster"),
+        help="where etcd data, sockets and logs live (default ./.deployster)",
+    )
+    parser.add_argument(
+        "--listen", default="127.0.0.1:3000", help="API address (default 127.0.0.1:3000)"
+    )
+    parser.add_argument(
+        "--password",
+        default=None,
+        help="basic-auth password (default: DEPLOYSTER_PASSWORD, else one generated and kept in the state dir)",
+    )
+    parser.add_argument(
+        "--template", default="docker", help="docker (default), workload, or a template file"
+    )
+    parser.add_argument(
+        "--router",
+        choices=["traefik", "vulcand"],
+        default="traefik",
+        help="traefik (default: started here) or vulcand (for clusters that run it)",
+    )
+    parser.add_argument(
+        "--http-listen",
+        default="127.0.0.1:8080",
+        help="where Traefik serves the deployed services (default 127.0.0.1:8080)",
+    )
+    parser.add_argument(
+        "--traefik-api-listen",
+        default="127.0.0.1:8081",
+        help="Traefik's API, for Deployster to confirm changes (default 127.0.0.1:8081)",
+    )
+    parser.add_argument(
+        "--etcd-listen",
+        default="127.0.0.1:2379",
+        help="etcd client address (default 127.0.0.1:2379)",
+    )
+    parser.add_argument(
+        "--docker-endpoint",
+        default="unix:///var/run/docker.sock",
+        help="Docker Engine API that runs tasks (default unix:///var/run/docker.sock)",
+    )
+    parser.add_argument(
+        "--machines",
+        type=int,
+        default=3,
+        help="machine ids localfleet presents (default 3, so that the docker "
+        "template's Conflicts= can spread a 3-instance deploy)",
+    )
 
 
 def _localfleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("localfleet", help="serve fleet's v1 API and run its units on this machine")
+    parser = sub.add_parser(
+        "localfleet", help="serve fleet's v1 API and run its units on this machine"
+    )
     parser.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
-    parser.add_argument("--machines", type=int, default=1, help="machine ids to present (default 1)")
-    parser.add_argument("--state-dir", type=Path, default=None, help="keep units and unit logs here")
-    parser.add_argument("--token-limit", type=int, default=100, help="page size (fleet's token_limit)")
+    parser.add_argument(
+        "--machines", type=int, default=1, help="machine ids to present (default 1)"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, help="keep units and unit logs here"
+    )
+    parser.add_argument(
+        "--token-limit", type=int, default=100, help="page size (fleet's token_limit)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
 
         logs.configure()
         try:
-            localfleet.run(listen=args.listen, machines=args.machines, state_dir=args.state_dir,
-                           token_limit=args.token_limit)
+            localfleet.run(
+                listen=args.listen,
+                machines=args.machines,
+                state_dir=args.state_dir,
+                token_limit=args.token_limit,
+            )
         except localfleet.StartupError as exc:
             print(f"deployster localfleet: {exc}", file=sys.stderr)
             return 2
@@ -143,8 +212,11 @@ def _serve(flags: dict[str, object]) -> int:
     if generated:
         # Printed once on stdout, never through the log pipeline (which writes to stderr).
         assert settings.password is not None
-        print(f"deployster: no password was set; generated one for user {settings.username!r}: "
-              f"{settings.password.get_secret_value()}", flush=True)
+        print(
+            f"deployster: no password was set; generated one for user {settings.username!r}: "
+            f"{settings.password.get_secret_value()}",
+            flush=True,
+        )
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:

@@ -64,7 +64,12 @@ INSTANCES_HELP = (
 )
 TABLE_HEADER = ("#", "Version", "Current state", "Desired state", "Machine ID", "Timestamp")
 UNIT_COLUMNS = (
-    "instance", "version", "current_state", "desired_state", "machine_id", "deploy_timestamp"
+    "instance",
+    "version",
+    "current_state",
+    "desired_state",
+    "machine_id",
+    "deploy_timestamp",
 )
 TABLE_PADDING = 4
 WAIT_TIMEOUT = 900  # seconds `--wait` follows a deploy by default
@@ -177,9 +182,18 @@ def releases_table(deploys: Sequence[Mapping[str, Any]]) -> str:
     live = next((d.get("id") for d in deploys if d.get("state") == "succeeded"), None)
     rows = [("", "Deploy", "Version", "State", "Source", "Created", "Instances", "Error")]
     for d in deploys:
-        rows.append(("*" if d.get("id") == live else "", _cell(d.get("id")), _cell(d.get("version")),
-                     _cell(d.get("state")), _cell(d.get("source")), _short_time(d.get("created_at")),
-                     str(len(d.get("units") or [])), _cell(d.get("error"))))
+        rows.append(
+            (
+                "*" if d.get("id") == live else "",
+                _cell(d.get("id")),
+                _cell(d.get("version")),
+                _cell(d.get("state")),
+                _cell(d.get("source")),
+                _short_time(d.get("created_at")),
+                str(len(d.get("units") or [])),
+                _cell(d.get("error")),
+            )
+        )
     return format_table(rows, padding=2)
 
 
@@ -191,16 +205,29 @@ def status_text(services: Sequence[Mapping[str, Any]], detail: bool) -> str:
         latest = svc.get("latest_deploy") or {}
         instances = svc.get("instances") or []
         healthy = sum(1 for i in instances if i.get("healthy"))
-        rows.append((_cell(svc.get("name")), _cell(live.get("version")) or "-",
-                     f"{_cell(latest.get('id'))} ({_cell(latest.get('version'))})",
-                     _cell(latest.get("state")), f"{healthy}/{len(instances)}"))
+        rows.append(
+            (
+                _cell(svc.get("name")),
+                _cell(live.get("version")) or "-",
+                f"{_cell(latest.get('id'))} ({_cell(latest.get('version'))})",
+                _cell(latest.get("state")),
+                f"{healthy}/{len(instances)}",
+            )
+        )
     text = format_table(rows, padding=2)
     if detail:
         for svc in services:
             rows = [("Unit", "URL", "Healthy", "Routed", "Last probe")]
-            rows += [(_cell(i.get("unit")), _cell(i.get("url")), "yes" if i.get("healthy") else "no",
-                      "yes" if i.get("routed") else "no", _cell(i.get("last_probe")))
-                     for i in svc.get("instances") or []]
+            rows += [
+                (
+                    _cell(i.get("unit")),
+                    _cell(i.get("url")),
+                    "yes" if i.get("healthy") else "no",
+                    "yes" if i.get("routed") else "no",
+                    _cell(i.get("last_probe")),
+                )
+                for i in svc.get("instances") or []
+            ]
             text += "\n" + format_table(rows, padding=2)
     return text
 
@@ -256,9 +283,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """The parser; ``environ`` supplies the ``DEPLOYSTER_*`` defaults (an empty value counts as
     unset, as in the original)."""
-    parser = _Parser(
-        prog="deployctl", description="A simple command line client for deployster."
-    )
+    parser = _Parser(prog="deployctl", description="A simple command line client for deployster.")
     parser.add_argument("-v", "--version", action="version", version=f"deployctl {__version__}")
     global_flags = (
         ("--url", "DEPLOYSTER_URL", DEFAULT_URL, "a URL to the deployster instance"),
@@ -292,7 +317,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="environment variable for the service's containers (repeatable)",
     )
     deploy_cmd.add_argument(
-        "--wait-for-lock", action="store_true",
+        "--wait-for-lock",
+        action="store_true",
         help="if another deploy of the service is running, queue behind it instead of failing",
     )
     _wait_flags(deploy_cmd)
@@ -303,7 +329,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     # The flags go before the service: everything after the version is the task's command.
     run_cmd.add_argument(
-        "--timeout", type=float, help="seconds before the task is killed (exit 124; server default 600)"
+        "--timeout",
+        type=float,
+        help="seconds before the task is killed (exit 124; server default 600)",
     )
     run_cmd.add_argument(
         "--env",
@@ -347,12 +375,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _wait_flags(rollback_cmd)
     rollback_cmd.set_defaults(execute=_rollback, required=("service",))
 
-    releases_cmd = commands.add_parser("releases", help="Shows the deploy history of a service, newest first")
+    releases_cmd = commands.add_parser(
+        "releases", help="Shows the deploy history of a service, newest first"
+    )
     releases_cmd.add_argument("service", nargs="?", help="service name")
     releases_cmd.set_defaults(execute=_releases, required=("service",))
 
     status_cmd = commands.add_parser(
-        "status", help="Shows each service's live release and instance health (one service: its instances too)"
+        "status",
+        help="Shows each service's live release and instance health (one service: its instances too)",
     )
     status_cmd.add_argument("service", nargs="?", help="service name (default: every service)")
     status_cmd.set_defaults(execute=_status, required=())
@@ -361,11 +392,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def _wait_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument(
-        "--wait", action="store_true",
+        "--wait",
+        action="store_true",
         help="follow the deploy until it ends; exit 0 succeeded, 2 failed, 3 rolled back, 4 timed out",
     )
-    command.add_argument("--timeout", type=float, default=WAIT_TIMEOUT,
-                         help=f"seconds --wait follows the deploy (default {WAIT_TIMEOUT})")
+    command.add_argument(
+        "--timeout",
+        type=float,
+        default=WAIT_TIMEOUT,
+        help=f"seconds --wait follows the deploy (default {WAIT_TIMEOUT})",
+    )
 
 
 # -- talking to the server ------------------------------------------------------------------
@@ -415,11 +451,17 @@ async def _deploy(args: argparse.Namespace, api: _Api) -> int:
 
 
 async def _rollback(args: argparse.Namespace, api: _Api) -> int:
-    return await _start_deploy(args, api, api.service_url(args.service, "rollback"), b"", "Rollback")
+    return await _start_deploy(
+        args, api, api.service_url(args.service, "rollback"), b"", "Rollback"
+    )
 
 
-async def _start_deploy(args: argparse.Namespace, api: _Api, url: str, body: bytes, what: str) -> int:
-    async with api.session.post(url, data=body, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as response:
+async def _start_deploy(
+    args: argparse.Namespace, api: _Api, url: str, body: bytes, what: str
+) -> int:
+    async with api.session.post(
+        url, data=body, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    ) as response:
         # 202: queued behind another deploy, or fleet is slow to accept the units.
         if response.status not in (201, 202):
             return await _report_failure(f"{what} failed :(", response)
@@ -464,12 +506,17 @@ async def _follow(api: _Api, service: str, deploy_id: str, timeout: float) -> in
                                 print(f"Deploy {deploy_id} {str(kind).replace('_', ' ')}.")
                                 return FINAL_STATES[kind]
                 except (aiohttp.ClientError, ValueError) as error:
-                    print(f"(the event stream broke: {_connection_failure(error)}; following again)",
-                          file=sys.stderr)
+                    print(
+                        f"(the event stream broke: {_connection_failure(error)}; following again)",
+                        file=sys.stderr,
+                    )
                 await asyncio.sleep(RECONNECT_DELAY)
     except TimeoutError:
-        print(f"Stopped waiting after {timeout:g} s; deploy {deploy_id} goes on "
-              f"(deployctl releases {service}).", file=sys.stderr)
+        print(
+            f"Stopped waiting after {timeout:g} s; deploy {deploy_id} goes on "
+            f"(deployctl releases {service}).",
+            file=sys.stderr,
+        )
         return EXIT_TIMED_OUT
 
 

@@ -135,13 +135,17 @@ class PullStream:
 
     def finish(self) -> None:
         if self._text.strip() or self._bytes:
-            raise PullError(f"the pull stream ended in the middle of a message: {self._text[:200]!r}")
+            raise PullError(
+                f"the pull stream ended in the middle of a message: {self._text[:200]!r}"
+            )
 
     def _check(self, message: Any) -> None:
         if not isinstance(message, dict):
             return
         detail = message.get("errorDetail")
-        error = message.get("error") or (detail.get("message") if isinstance(detail, dict) else None)
+        error = message.get("error") or (
+            detail.get("message") if isinstance(detail, dict) else None
+        )
         if error:
             raise PullError(str(error))
         if isinstance(message.get("status"), str):
@@ -270,7 +274,10 @@ class DockerClient:
     ) -> bytes:
         try:
             async with self._session.request(
-                method, self._base + path, params=params, json=body,
+                method,
+                self._base + path,
+                params=params,
+                json=body,
                 timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT),
             ) as response:
                 data = await response.read()
@@ -299,9 +306,11 @@ class DockerClient:
         stream = PullStream()
         try:
             async with self._session.post(
-                self._base + "/images/create", params=params,
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=PULL_IDLE_TIMEOUT,
-                                              sock_connect=CALL_TIMEOUT),
+                self._base + "/images/create",
+                params=params,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_read=PULL_IDLE_TIMEOUT, sock_connect=CALL_TIMEOUT
+                ),
             ) as response:
                 if response.status != 200:
                     message = _error_message(await response.read())
@@ -319,8 +328,9 @@ class DockerClient:
         return list((data.get("Config") or {}).get("Entrypoint") or [])
 
     async def create(self, name: str, spec: ContainerSpec) -> str:
-        data = await self._call("POST", "/containers/create", params={"name": name},
-                                body=spec.to_wire(), ok=(201,))
+        data = await self._call(
+            "POST", "/containers/create", params={"name": name}, body=spec.to_wire(), ok=(201,)
+        )
         return str(json.loads(data)["Id"])
 
     async def start(self, container: str) -> None:
@@ -333,12 +343,15 @@ class DockerClient:
         params = {"follow": "1", "stdout": "1", "stderr": "1"}
         try:
             async with self._session.get(
-                f"{self._base}/containers/{container}/logs", params=params,
+                f"{self._base}/containers/{container}/logs",
+                params=params,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CALL_TIMEOUT),
             ) as response:
                 if response.status != 200:
                     message = _error_message(await response.read())
-                    raise (NotFound if response.status == 404 else DockerError)(message, response.status)
+                    raise (NotFound if response.status == 404 else DockerError)(
+                        message, response.status
+                    )
                 async for chunk in response.content.iter_any():
                     for frame in decoder.feed(chunk):
                         yield frame
@@ -360,7 +373,10 @@ class DockerClient:
             raise (NotFound if status == 404 else DockerError)(_error_message(body), status)
         data = json.loads(body)
         error = data.get("Error") or {}
-        return ExitStatus(int(data["StatusCode"]), str(error.get("Message") or "") if isinstance(error, dict) else "")
+        return ExitStatus(
+            int(data["StatusCode"]),
+            str(error.get("Message") or "") if isinstance(error, dict) else "",
+        )
 
     async def kill(self, container: str) -> None:
         """SIGKILL; a container that already stopped is not an error (Docker 409, podman 500)."""
@@ -374,14 +390,16 @@ class DockerClient:
     async def remove(self, container: str) -> None:
         """Force-remove (kills it if it still runs); a container that is gone is not an error."""
         try:
-            await self._call("DELETE", f"/containers/{container}", params={"force": "1"},
-                             ok=(200, 204))
+            await self._call(
+                "DELETE", f"/containers/{container}", params={"force": "1"}, ok=(200, 204)
+            )
         except NotFound:
             return
 
     async def list_containers(self, labels: Mapping[str, str]) -> list[ContainerSummary]:
         """Every container, running or not, that carries all of ``labels``."""
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
-        data = await self._call("GET", "/containers/json",
-                                params={"all": "1", "filters": json.dumps(filters)})
+        data = await self._call(
+            "GET", "/containers/json", params={"all": "1", "filters": json.dumps(filters)}
+        )
         return [ContainerSummary.from_wire(item) for item in json.loads(data)]

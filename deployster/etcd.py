@@ -116,13 +116,20 @@ class EtcdServer:
             self.process = subprocess.Popen(
                 [
                     etcd_binary(),
-                    "--name", "deployster",
-                    "--data-dir", str(self.data_dir),
-                    "--listen-client-urls", self.endpoint,
-                    "--advertise-client-urls", self.endpoint,
-                    "--listen-peer-urls", peer,
-                    "--initial-advertise-peer-urls", peer,
-                    "--initial-cluster", f"deployster={peer}",
+                    "--name",
+                    "deployster",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--listen-client-urls",
+                    self.endpoint,
+                    "--advertise-client-urls",
+                    self.endpoint,
+                    "--listen-peer-urls",
+                    peer,
+                    "--initial-advertise-peer-urls",
+                    peer,
+                    "--initial-cluster",
+                    f"deployster={peer}",
                 ],
                 stdout=log,
                 stderr=log,
@@ -158,7 +165,6 @@ class EtcdServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
 
 
 # --- Resumable prefix watch (reference/etcd.md §3.1) -------------------------------------

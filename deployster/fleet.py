@@ -72,7 +72,11 @@ class _Shape(BaseModel):
     def _match_keys_like_go(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        return {cls._wire_keys.get(key.lower(), key): value for key, value in data.items() if value is not None}
+        return {
+            cls._wire_keys.get(key.lower(), key): value
+            for key, value in data.items()
+            if value is not None
+        }
 
     @model_serializer(mode="wrap")
     def _keys_in_struct_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -244,7 +248,9 @@ class FleetClient:
 
     async def create_unit(self, name: str, options: Sequence[UnitOption]) -> None:
         """Submit a unit (fleet creates it ``inactive``). 409 if it exists with these options."""
-        await self._request("PUT", f"/units/{name}", Unit(name=name, options=tuple(options)).to_wire())
+        await self._request(
+            "PUT", f"/units/{name}", Unit(name=name, options=tuple(options)).to_wire()
+        )
 
     async def set_desired_state(self, name: str, state: DesiredState) -> None:
         await self._request("PUT", f"/units/{name}", Unit(name=name, desired_state=state).to_wire())
@@ -260,10 +266,18 @@ class FleetClient:
             params["machineID"] = machine_id
         if unit_name:
             params["unitName"] = unit_name
-        return [state async for page in self._pages("/state", UnitStatePage, params) for state in page.states]
+        return [
+            state
+            async for page in self._pages("/state", UnitStatePage, params)
+            for state in page.states
+        ]
 
     async def list_machines(self) -> list[Machine]:
-        return [machine async for page in self._pages("/machines", MachinePage) for machine in page.machines]
+        return [
+            machine
+            async for page in self._pages("/machines", MachinePage)
+            for machine in page.machines
+        ]
 
     # -- wire --------------------------------------------------------------------------
 

@@ -85,7 +85,9 @@ async def probe(session: aiohttp.ClientSession, url: str, check: HealthPolicy) -
         )
     assert status is not None
     return ProbeResult(
-        ok=200 <= status < 300, status=status, detail=f"HTTP {status}",
+        ok=200 <= status < 300,
+        status=status,
+        detail=f"HTTP {status}",
         duration=loop.time() - started,
     )
 

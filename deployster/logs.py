@@ -43,7 +43,9 @@ def configure(log_format: str = "auto") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _mask_secrets,
-            structlog.processors.dict_tracebacks if use_json else structlog.processors.format_exc_info,
+            structlog.processors.dict_tracebacks
+            if use_json
+            else structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

@@ -23,24 +23,45 @@ class Metrics:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self.registry = CollectorRegistry()
-        self.deploys = Counter("deployster_deploys", "Deploys that ended, by result.", ["result"],
-                               registry=self.registry)
+        self.deploys = Counter(
+            "deployster_deploys",
+            "Deploys that ended, by result.",
+            ["result"],
+            registry=self.registry,
+        )
         self.deploy_duration = Histogram(
-            "deployster_deploy_duration_seconds", "Wall time of deploys that ended, by result.",
-            ["result"], buckets=DEPLOY_BUCKETS, registry=self.registry)
-        self.rollbacks = Counter("deployster_rollbacks", "Deploys rolled back by Deployster.",
-                                 registry=self.registry)
-        self.probe_failures = Counter("deployster_health_probe_failures",
-                                      "Health probes that failed, by service.", ["service"],
-                                      registry=self.registry)
-        self.webhooks = Counter("deployster_webhooks", "Webhook decisions, by source and result "
-                                "(queued, deployed, ignored, rejected, failed).", ["source", "result"],
-                                registry=self.registry)
-        self.tasks = Counter("deployster_tasks", "Tasks that ended, by state and exit code "
-                             "(124: killed at the time limit; none: no exit code).",
-                             ["state", "exit_code"], registry=self.registry)
-        queue_depth = Gauge("deployster_bus_queue_depth", "Events waiting in the event bus.",
-                            registry=self.registry)
+            "deployster_deploy_duration_seconds",
+            "Wall time of deploys that ended, by result.",
+            ["result"],
+            buckets=DEPLOY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rollbacks = Counter(
+            "deployster_rollbacks", "Deploys rolled back by Deployster.", registry=self.registry
+        )
+        self.probe_failures = Counter(
+            "deployster_health_probe_failures",
+            "Health probes that failed, by service.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.webhooks = Counter(
+            "deployster_webhooks",
+            "Webhook decisions, by source and result "
+            "(queued, deployed, ignored, rejected, failed).",
+            ["source", "result"],
+            registry=self.registry,
+        )
+        self.tasks = Counter(
+            "deployster_tasks",
+            "Tasks that ended, by state and exit code "
+            "(124: killed at the time limit; none: no exit code).",
+            ["state", "exit_code"],
+            registry=self.registry,
+        )
+        queue_depth = Gauge(
+            "deployster_bus_queue_depth", "Events waiting in the event bus.", registry=self.registry
+        )
         queue_depth.set_function(bus.queue_depth)
         for result in DEPLOY_RESULTS:  # every series exists from the start, at 0
             self.deploys.labels(result)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 TIMESTAMP_FORMAT = "%Y.%m.%d-%H.%M.%S"
 UNIT_SUFFIX = ".service"
@@ -68,17 +68,17 @@ def validate_timestamp(timestamp: str) -> str:
 
 
 def format_timestamp(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
 
 
 def parse_timestamp(timestamp: str) -> datetime:
     if not _TIMESTAMP_RE.fullmatch(timestamp):
         raise ValueError(f"not a deploy timestamp: {timestamp!r}")
-    return datetime.strptime(timestamp, TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+    return datetime.strptime(timestamp, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
 
 
 def now_timestamp() -> str:
-    return format_timestamp(datetime.now(timezone.utc))
+    return format_timestamp(datetime.now(UTC))
 
 
 @dataclass(frozen=True, order=True)

@@ -46,7 +46,9 @@ class AutoDeployPolicy(BaseModel):
     destroy_previous: bool = True
     # The image repository whose pushes deploy this service, when it is not the image-name
     # convention's ``<prefix>/<service>`` (e.g. "acme/web" for service "web").
-    repository: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[a-z0-9][a-z0-9._/-]*$")
+    repository: str | None = Field(
+        None, min_length=1, max_length=255, pattern=r"^[a-z0-9][a-z0-9._/-]*$"
+    )
 
     @field_validator("policy")
     @classmethod

@@ -52,7 +52,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(settings.cert, settings.key)
     except FileNotFoundError as exc:
-        raise StartupError(f"Cannot read the TLS certificate or key: {exc.filename} does not exist.") from None
+        raise StartupError(
+            f"Cannot read the TLS certificate or key: {exc.filename} does not exist."
+        ) from None
     except (ssl.SSLError, OSError) as exc:
         raise StartupError(
             f"The TLS certificate {settings.cert} and key {settings.key} cannot be loaded: {exc}."
@@ -62,9 +64,13 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 def router_for(settings: Settings, etcd: aetcd.Client) -> Router:
     if settings.router == "traefik":
-        return TraefikRouter(etcd, root_key=settings.traefik_root, api_url=settings.traefik_api,
-                             entrypoint=settings.traefik_entrypoint or None,
-                             bookkeeping_prefix=f"{settings.etcd_prefix}/routers/traefik")
+        return TraefikRouter(
+            etcd,
+            root_key=settings.traefik_root,
+            api_url=settings.traefik_api,
+            entrypoint=settings.traefik_entrypoint or None,
+            bookkeeping_prefix=f"{settings.etcd_prefix}/routers/traefik",
+        )
     return VulcandRouter(etcd, prefix=settings.vulcand_prefix, settle=settings.vulcand_settle)
 
 
@@ -78,15 +84,23 @@ async def connect_etcd(endpoints: str, wait: float = 10.0) -> aetcd.Client:
         except aetcd.ClientError as exc:
             if time.monotonic() > deadline:
                 await client.close()
-                raise StartupError(f"etcd at {endpoints} did not answer within {wait:.0f} s: {exc}") from None
+                raise StartupError(
+                    f"etcd at {endpoints} did not answer within {wait:.0f} s: {exc}"
+                ) from None
             await asyncio.sleep(0.5)
 
 
 class Deployster:
     """The wired parts of one server: etcd, fleet, router, bus, store, handlers and the app."""
 
-    def __init__(self, settings: Settings, etcd: aetcd.Client, fleet: FleetClient,
-                 template: UnitTemplate, deploy_config: DeployConfig | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        etcd: aetcd.Client,
+        fleet: FleetClient,
+        template: UnitTemplate,
+        deploy_config: DeployConfig | None = None,
+    ) -> None:
         password = settings.password.get_secret_value() if settings.password else ""
         if not password:
             raise StartupError("A password is required.")
@@ -98,8 +112,9 @@ class Deployster:
         self.metrics.register()
         self.store = Store(etcd, settings.etcd_prefix)
         self.router = router_for(settings, etcd)
-        self.instances = InstancesHandler(self.bus, etcd, self.store, self.router, settings.etcd_prefix,
-                                          self.metrics)
+        self.instances = InstancesHandler(
+            self.bus, etcd, self.store, self.router, settings.etcd_prefix, self.metrics
+        )
         self.deploys = DeployHandler(
             self.bus,
             fleet,
@@ -115,22 +130,44 @@ class Deployster:
             self.instances,
         )
         self.deploys.register()
-        self.reaper = Reaper(self.bus, fleet, self.store, self.router, settings.etcd_prefix,
-                             interval=settings.reconcile_interval, keep=settings.history)
+        self.reaper = Reaper(
+            self.bus,
+            fleet,
+            self.store,
+            self.router,
+            settings.etcd_prefix,
+            interval=settings.reconcile_interval,
+            keep=settings.history,
+        )
         self.reaper.register()
-        self.webhooks = WebhookHandler(self.bus, self.store, settings.image_prefix,
-                                       settings.webhook_secrets(WEBHOOK_SOURCES), metrics=self.metrics)
+        self.webhooks = WebhookHandler(
+            self.bus,
+            self.store,
+            settings.image_prefix,
+            settings.webhook_secrets(WEBHOOK_SOURCES),
+            metrics=self.metrics,
+        )
         self.webhooks.register()
         self.tasks = TaskRunner(
             DockerClient(settings.docker_endpoint),
             TaskStore(etcd, settings.etcd_prefix),
             self.store,
-            TaskConfig(image_prefix=settings.image_prefix, etcd_prefix=settings.etcd_prefix,
-                       max_timeout=settings.task_max_timeout),
+            TaskConfig(
+                image_prefix=settings.image_prefix,
+                etcd_prefix=settings.etcd_prefix,
+                max_timeout=settings.task_max_timeout,
+            ),
             metrics=self.metrics,
         )
-        services = Services(bus=self.bus, fleet=fleet, store=self.store, instances=self.instances,
-                            metrics=self.metrics, webhooks=self.webhooks, tasks=self.tasks)
+        services = Services(
+            bus=self.bus,
+            fleet=fleet,
+            store=self.store,
+            instances=self.instances,
+            metrics=self.metrics,
+            webhooks=self.webhooks,
+            tasks=self.tasks,
+        )
         self.app = create_app(services, settings.username, password)
         self.app.on_shutdown.append(self._end_task_streams)
 
@@ -140,7 +177,9 @@ class Deployster:
         await self.tasks.close()
 
     @classmethod
-    async def connect(cls, settings: Settings, deploy_config: DeployConfig | None = None) -> Deployster:
+    async def connect(
+        cls, settings: Settings, deploy_config: DeployConfig | None = None
+    ) -> Deployster:
         """Check the configuration, then reach etcd; raises StartupError with a sentence."""
         try:
             template = load_template(settings.template)
@@ -170,17 +209,31 @@ class Deployster:
         await self.tasks.start()
         resumed = await self.deploys.resume()
         if self.webhooks.enabled:
-            log.info("webhooks_on", sources=self.webhooks.enabled, queued_pushes=await self.webhooks.start())
+            log.info(
+                "webhooks_on",
+                sources=self.webhooks.enabled,
+                queued_pushes=await self.webhooks.start(),
+            )
         else:
-            log.warning("webhooks_off", reason="no --webhook-secret is set: the webhook endpoints answer 404")
+            log.warning(
+                "webhooks_off",
+                reason="no --webhook-secret is set: the webhook endpoints answer 404",
+            )
         return resumed
 
     async def close(self) -> None:
         """Stop every part; a part that does not stop within 10 s is logged and left behind,
         so a shutdown never hangs."""
-        for name, part in (("tasks", self.tasks), ("bus", self.bus), ("webhooks", self.webhooks), ("reaper", self.reaper),
-                           ("deploys", self.deploys), ("instances", self.instances),
-                           ("fleet", self.fleet), ("etcd", self.etcd)):
+        for name, part in (
+            ("tasks", self.tasks),
+            ("bus", self.bus),
+            ("webhooks", self.webhooks),
+            ("reaper", self.reaper),
+            ("deploys", self.deploys),
+            ("instances", self.instances),
+            ("fleet", self.fleet),
+            ("etcd", self.etcd),
+        ):
             try:
                 async with asyncio.timeout(10):
                     await part.close()
@@ -207,9 +260,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             raise StartupError(f"Cannot listen on {settings.listen}: {exc.strerror}.") from None
         resumed = await deployster.start()
         scheme = "https" if ssl_context else "http"
-        log.info("server_started", url=f"{scheme}://{settings.listen}", version=__version__,
-                 fleet=settings.fleet_endpoint, etcd=settings.etcd, template=settings.template,
-                 resumed_deploys=resumed)
+        log.info(
+            "server_started",
+            url=f"{scheme}://{settings.listen}",
+            version=__version__,
+            fleet=settings.fleet_endpoint,
+            etcd=settings.etcd,
+            template=settings.template,
+            resumed_deploys=resumed,
+        )
         await stop.wait()
         log.info("server_stopping")
     finally:

@@ -12,7 +12,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 
 import aetcd
@@ -49,7 +49,7 @@ class DeployStep(StrEnum):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Progress(BaseModel):
@@ -88,17 +88,24 @@ class DeployRecord(BaseModel):
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
     finished_at: datetime | None = None
-    started_at: float = 0.0  # epoch seconds the lock was taken: the deploy deadline counts from here
+    started_at: float = (
+        0.0  # epoch seconds the lock was taken: the deploy deadline counts from here
+    )
     submitted_at: float = 0.0  # epoch seconds: instance deadlines count from here
     events: list[Progress] = Field(default_factory=list)
 
     def note(self, kind: str, message: str, unit: str | None = None) -> None:
         """Add a progress event; it is kept (and streamed) with the record's next save."""
-        self.events.append(Progress(seq=len(self.events) + 1, kind=kind, message=message, unit=unit))
+        self.events.append(
+            Progress(seq=len(self.events) + 1, kind=kind, message=message, unit=unit)
+        )
 
     @classmethod
     def from_request(
-        cls, event: DeployRequested, instance_count: int, destroy_previous: bool,
+        cls,
+        event: DeployRequested,
+        instance_count: int,
+        destroy_previous: bool,
         policy: ServicePolicy,
     ) -> DeployRecord:
         return cls(
@@ -173,8 +180,9 @@ class LeaseLocks:
             kv = await self.etcd.get(self._key(service))
         return None if kv is None else LockHolder.model_validate_json(kv.value)
 
-    async def take(self, service: str, holder: str, actor: str, reason: str, ttl: float,
-                   adopt: bool = False) -> LeaseKeeper | LockHolder:
+    async def take(
+        self, service: str, holder: str, actor: str, reason: str, ttl: float, adopt: bool = False
+    ) -> LeaseKeeper | LockHolder:
         """Take the lock on a new lease kept alive by the returned keeper; with ``adopt``, a
         lock ``holder`` already holds (a previous run of this server) is kept on its lease.
         When someone else holds it: who, and no lease is left behind."""
@@ -186,8 +194,9 @@ class LeaseLocks:
                 return keeper
         with _etcd_errors():
             await keeper.grant()
-        held = await self.acquire(service, LockHolder(holder=holder, actor=actor, reason=reason,
-                                                      lease=keeper.lease_id))
+        held = await self.acquire(
+            service, LockHolder(holder=holder, actor=actor, reason=reason, lease=keeper.lease_id)
+        )
         if held is None or held.holder == holder:
             return keeper
         with _etcd_errors():
@@ -202,8 +211,9 @@ class LeaseLocks:
             kv = await self.etcd.get(key)
             if kv is None or LockHolder.model_validate_json(kv.value).holder != holder:
                 return
-            await self.etcd.transaction(compare=[txn.value(key) == kv.value],
-                                        success=[txn.delete(key)], failure=[])
+            await self.etcd.transaction(
+                compare=[txn.value(key) == kv.value], success=[txn.delete(key)], failure=[]
+            )
 
 
 class Store:
@@ -263,7 +273,9 @@ class Store:
         with _etcd_errors():
             deleted, _ = await self.etcd.transaction(
                 compare=[txn.value(key.encode()) == value.encode()],
-                success=[txn.delete(key.encode())], failure=[])
+                success=[txn.delete(key.encode())],
+                failure=[],
+            )
         return bool(deleted)
 
     async def follow_deploy(self, service: str, deploy_id: str) -> AsyncIterator[DeployRecord]:
@@ -279,8 +291,9 @@ class Store:
         async def on_resync(snapshot: dict[str, str], _revision: int) -> None:
             changes.put_nowait(snapshot.get(key))
 
-        watch = asyncio.create_task(watch_prefix(self.etcd, key, on_event, on_resync),
-                                    name=f"follow:{service}:{deploy_id}")
+        watch = asyncio.create_task(
+            watch_prefix(self.etcd, key, on_event, on_resync), name=f"follow:{service}:{deploy_id}"
+        )
         try:
             while (value := await changes.get()) is not None:
                 record = DeployRecord.model_validate_json(value)
@@ -296,7 +309,9 @@ class Store:
     async def save_policy(self, service: str, policy: ServicePolicy) -> None:
         """Only the fields that were set are stored: the others follow the server's defaults."""
         with _etcd_errors():
-            await self.etcd.put(self._policy_key(service), policy.model_dump_json(exclude_unset=True).encode())
+            await self.etcd.put(
+                self._policy_key(service), policy.model_dump_json(exclude_unset=True).encode()
+            )
 
     async def get_policy(self, service: str) -> ServicePolicy:
         with _etcd_errors():
@@ -312,7 +327,7 @@ class Store:
             found = await self.etcd.get_prefix(base.encode())
         policies = {}
         for kv in found:
-            service, _, rest = kv.key.decode()[len(base):].partition("/")
+            service, _, rest = kv.key.decode()[len(base) :].partition("/")
             if rest == "policy":
                 policies[service] = ServicePolicy.model_validate_json(kv.value)
         return policies
@@ -351,13 +366,17 @@ class Store:
         key = self._queued_key(service)
         txn = self.etcd.transactions
         with _etcd_errors():
-            await self.etcd.transaction(compare=[txn.value(key) == push_json.encode()],
-                                        success=[txn.delete(key)], failure=[])
+            await self.etcd.transaction(
+                compare=[txn.value(key) == push_json.encode()],
+                success=[txn.delete(key)],
+                failure=[],
+            )
 
     async def list_queued_pushes(self) -> list[str]:
         with _etcd_errors():
             found = await self.etcd.get_prefix(f"{self.prefix}/webhooks/queued/".encode())
         return [kv.value.decode() for kv in found]
+
 
 # -- tasks --------------------------------------------------------------------------------
 
@@ -423,7 +442,9 @@ class TaskStore:
         if record.state.finished and record.finished_at is None:
             record.finished_at = _now()
         with _etcd_errors():
-            await self.etcd.put(self._key(record.service, record.id), record.model_dump_json().encode())
+            await self.etcd.put(
+                self._key(record.service, record.id), record.model_dump_json().encode()
+            )
 
     async def get(self, service: str, task_id: str) -> TaskRecord | None:
         with _etcd_errors():

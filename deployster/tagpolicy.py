@@ -61,7 +61,9 @@ class TagPolicy:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"the regular expression {pattern!r} does not compile: {exc}") from None
+                raise ValueError(
+                    f"the regular expression {pattern!r} does not compile: {exc}"
+                ) from None
         return cls(kind, pattern)
 
     def __str__(self) -> str:
@@ -70,7 +72,11 @@ class TagPolicy:
     def wants(self, tag: str, live: str | None, prerelease: bool = False) -> str | None:
         """None when the policy takes ``tag`` over the live version ``live``, else why not."""
         if self.kind == "glob":
-            return None if fnmatch.fnmatchcase(tag, self.pattern) else f"tag {tag!r} does not match {self}"
+            return (
+                None
+                if fnmatch.fnmatchcase(tag, self.pattern)
+                else f"tag {tag!r} does not match {self}"
+            )
         if self.kind == "regexp":
             return None if re.search(self.pattern, tag) else f"tag {tag!r} does not match {self}"
         if self.kind == "exact":

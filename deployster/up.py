@@ -46,21 +46,33 @@ def _password(args: argparse.Namespace, state_dir: Path) -> str:
     return password
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+        return subprocess.Popen(
+            argv, stdout=out, stderr=out, start_new_session=True, env={**os.environ, **(env or {})}
+        )
 
 
-def _wait_http(url: str, auth: aiohttp.BasicAuth | None, child: subprocess.Popen[bytes],
-               what: str, log: Path, unix: str | None = None, timeout: float = 30.0) -> None:
+def _wait_http(
+    url: str,
+    auth: aiohttp.BasicAuth | None,
+    child: subprocess.Popen[bytes],
+    what: str,
+    log: Path,
+    unix: str | None = None,
+    timeout: float = 30.0,
+) -> None:
     async def probe() -> bool:
         connector = aiohttp.UnixConnector(path=unix) if unix else None
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
-                async with session.get(url, auth=auth, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                async with session.get(
+                    url, auth=auth, timeout=aiohttp.ClientTimeout(total=2)
+                ) as resp:
                     return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     deadline = time.monotonic() + timeout
@@ -111,38 +123,88 @@ def up(args: argparse.Namespace) -> int:
 
         if args.router == "traefik":
             traefik = _spawn(
-                traefik_command(etcd.endpoint, "traefik", args.http_listen, args.traefik_api_listen,
-                                log_level="INFO"),
+                traefik_command(
+                    etcd.endpoint,
+                    "traefik",
+                    args.http_listen,
+                    args.traefik_api_listen,
+                    log_level="INFO",
+                ),
                 logs_dir / "traefik.log",
             )
             children.append(("traefik", traefik, 10.0))
-            _wait_http(f"http://{args.traefik_api_listen}/api/version", None, traefik, "Traefik",
-                       logs_dir / "traefik.log")
+            _wait_http(
+                f"http://{args.traefik_api_listen}/api/version",
+                None,
+                traefik,
+                "Traefik",
+                logs_dir / "traefik.log",
+            )
 
         socket_path.unlink(missing_ok=True)
         localfleet = _spawn(
-            [sys.executable, "-m", "deployster", "localfleet", "--listen", f"unix:{socket_path}",
-             "--machines", str(args.machines), "--state-dir", str(state_dir / "localfleet")],
+            [
+                sys.executable,
+                "-m",
+                "deployster",
+                "localfleet",
+                "--listen",
+                f"unix:{socket_path}",
+                "--machines",
+                str(args.machines),
+                "--state-dir",
+                str(state_dir / "localfleet"),
+            ],
             logs_dir / "localfleet.log",
         )
         children.append(("localfleet", localfleet, 60.0))
-        _wait_http("http://fleet/fleet/v1/machines", None, localfleet, "localfleet",
-                   logs_dir / "localfleet.log", unix=str(socket_path))
+        _wait_http(
+            "http://fleet/fleet/v1/machines",
+            None,
+            localfleet,
+            "localfleet",
+            logs_dir / "localfleet.log",
+            unix=str(socket_path),
+        )
 
         server = _spawn(
-            [sys.executable, "-m", "deployster", "serve", "--listen", args.listen,
-             "--etcd", etcd.endpoint, "--fleet-endpoint", f"unix://{socket_path}",
-             "--template", args.template, "--log-format", "json", "--router", args.router,
-             "--traefik-api", f"http://{args.traefik_api_listen}", "--traefik-entrypoint", "web",
-             "--docker-endpoint", args.docker_endpoint],
+            [
+                sys.executable,
+                "-m",
+                "deployster",
+                "serve",
+                "--listen",
+                args.listen,
+                "--etcd",
+                etcd.endpoint,
+                "--fleet-endpoint",
+                f"unix://{socket_path}",
+                "--template",
+                args.template,
+                "--log-format",
+                "json",
+                "--router",
+                args.router,
+                "--traefik-api",
+                f"http://{args.traefik_api_listen}",
+                "--traefik-entrypoint",
+                "web",
+                "--docker-endpoint",
+                args.docker_endpoint,
+            ],
             logs_dir / "server.log",
             # Through the environment, not argv: other users can read a process's argv.
             env={"DEPLOYSTER_PASSWORD": password},
         )
         children.append(("server", server, 30.0))
         url = f"http://{args.listen}"
-        _wait_http(f"{url}/v1/version", aiohttp.BasicAuth("deployster", password), server,
-                   "the server", logs_dir / "server.log")
+        _wait_http(
+            f"{url}/v1/version",
+            aiohttp.BasicAuth("deployster", password),
+            server,
+            "the server",
+            logs_dir / "server.log",
+        )
     except (UpError, EtcdError, RouterError) as exc:
         print(f"deployster up: {exc}", file=sys.stderr)
         for _, child, timeout in reversed(children):
@@ -155,8 +217,11 @@ def up(args: argparse.Namespace) -> int:
         f"  etcd      {etcd.endpoint}\n"
         f"  fleet     unix://{socket_path}\n"
         f"  template  {args.template}\n"
-        + (f"  traffic   http://{args.http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
-           if args.router == "traefik" else "  router    vulcand (not started here)\n")
+        + (
+            f"  traffic   http://{args.http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
+            if args.router == "traefik"
+            else "  router    vulcand (not started here)\n"
+        )
         + f"  logs      {logs_dir}\n"
         f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3 --wait\n"
         f"Press Ctrl-C to stop.",
@@ -166,8 +231,11 @@ def up(args: argparse.Namespace) -> int:
     while not stopping:
         for name, child, _ in children:
             if child.poll() is not None:
-                print(f"deployster up: {name} exited with code {child.returncode}; stopping. "
-                      f"See {logs_dir / (name + '.log')}", file=sys.stderr)
+                print(
+                    f"deployster up: {name} exited with code {child.returncode}; stopping. "
+                    f"See {logs_dir / (name + '.log')}",
+                    file=sys.stderr,
+                )
                 stopping, exit_code = True, 1
         time.sleep(0.2)
     print("Stopping...", flush=True)

@@ -35,12 +35,14 @@ HARBOR_CONTENT_TYPES = ("application/json", "application/cloudevents+json")
 GITHUB_CONTENT_TYPES = ("application/json", "application/x-www-form-urlencoded")
 
 # A tagged push of one of these is an image; anything else in a registry event is not.
-MANIFEST_TYPES = frozenset({
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-})
+MANIFEST_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+    }
+)
 
 
 class WebhookUnauthorized(Exception):
@@ -89,6 +91,7 @@ class Delivery:
 
 def _same(given: str | bytes, expected: str | bytes) -> bool:
     """Constant time whatever the lengths: compare digests of equal size."""
+
     def digest(value: str | bytes) -> bytes:
         return hashlib.sha256(value.encode() if isinstance(value, str) else value).digest()
 
@@ -118,7 +121,9 @@ def github_signature(body: bytes, secret: str) -> str:
 
 def check_github_signature(body: bytes, header: str | None, secret: str) -> None:
     if not header:
-        raise WebhookUnauthorized("X-Hub-Signature-256 is missing: set the webhook's secret in GitHub.")
+        raise WebhookUnauthorized(
+            "X-Hub-Signature-256 is missing: set the webhook's secret in GitHub."
+        )
     if not _same(header.strip(), github_signature(body, secret)):
         raise WebhookUnauthorized("X-Hub-Signature-256 does not match the body and the secret.")
 
@@ -153,7 +158,9 @@ def _optional_text(obj: dict[str, Any], key: str) -> str:
 
 def _content_type(content_type: str, allowed: tuple[str, ...]) -> None:
     if content_type not in allowed:
-        raise UnsupportedMediaType(f"Content-Type {content_type or 'none'} is not one of: {', '.join(allowed)}.")
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type or 'none'} is not one of: {', '.join(allowed)}."
+        )
 
 
 def _synthetic_id(*parts: object) -> str:
@@ -171,8 +178,13 @@ def parse_dockerhub(body: bytes, content_type: str) -> Delivery:
     tag = _text(push_data, "tag", "push_data")
     pushed_at = push_data.get("pushed_at", "")  # an int, or a float in older payloads
     callback = _optional_text(data, "callback_url")
-    return Delivery(pushes=[Push("dockerhub", repo_name, tag, "", _synthetic_id(repo_name, tag, pushed_at),
-                                 callback)])
+    return Delivery(
+        pushes=[
+            Push(
+                "dockerhub", repo_name, tag, "", _synthetic_id(repo_name, tag, pushed_at), callback
+            )
+        ]
+    )
 
 
 def parse_registry(body: bytes, content_type: str) -> Delivery:
@@ -222,10 +234,17 @@ def parse_harbor(body: bytes, content_type: str) -> Delivery:
         event_id = ""
         wanted = kind == "PUSH_ARTIFACT"
     if not wanted:
-        return Delivery(skipped=[Skipped("harbor", event_id or _synthetic_id(body), f"a {kind} event, not a push")])
+        return Delivery(
+            skipped=[
+                Skipped("harbor", event_id or _synthetic_id(body), f"a {kind} event, not a push")
+            ]
+        )
     payload = _object(payload, "event_data")
-    repository = _text(_object(payload.get("repository"), "event_data.repository"), "repo_full_name",
-                       "event_data.repository")
+    repository = _text(
+        _object(payload.get("repository"), "event_data.repository"),
+        "repo_full_name",
+        "event_data.repository",
+    )
     resources = payload.get("resources")
     if not isinstance(resources, list) or not resources:
         raise MalformedPayload("'event_data.resources' must be a non-empty list.")
@@ -234,15 +253,23 @@ def parse_harbor(body: bytes, content_type: str) -> Delivery:
         resource = _object(raw, f"event_data.resources[{index}]")
         tag, digest = _optional_text(resource, "tag"), _optional_text(resource, "digest")
         # The default format has no event id: the same delivery (retried) gives the same one.
-        rid = f"{event_id}/{index}" if event_id else _synthetic_id(kind, data.get("occur_at"), repository, digest, tag)
+        rid = (
+            f"{event_id}/{index}"
+            if event_id
+            else _synthetic_id(kind, data.get("occur_at"), repository, digest, tag)
+        )
         if tag:
             delivery.pushes.append(Push("harbor", repository, tag, digest, rid))
         else:
-            delivery.skipped.append(Skipped("harbor", rid, "an artifact pushed without a tag", repository))
+            delivery.skipped.append(
+                Skipped("harbor", rid, "an artifact pushed without a tag", repository)
+            )
     return delivery
 
 
-def parse_ghcr(body: bytes, content_type: str, event: str | None, delivery_id: str | None) -> Delivery:
+def parse_ghcr(
+    body: bytes, content_type: str, event: str | None, delivery_id: str | None
+) -> Delivery:
     """GitHub's ``package`` (or legacy ``registry_package``) event for a container (§4)."""
     _content_type(content_type, GITHUB_CONTENT_TYPES)
     if content_type == "application/x-www-form-urlencoded":
@@ -251,16 +278,31 @@ def parse_ghcr(body: bytes, content_type: str, event: str | None, delivery_id: s
     data = _object(_json(body), "body")
     event_id = delivery_id or ""
     if event not in ("package", "registry_package"):
-        return Delivery(skipped=[Skipped("ghcr", event_id or _synthetic_id(body), f"a {event or 'unnamed'} event, not a package event")])
+        return Delivery(
+            skipped=[
+                Skipped(
+                    "ghcr",
+                    event_id or _synthetic_id(body),
+                    f"a {event or 'unnamed'} event, not a package event",
+                )
+            ]
+        )
     package = _object(data.get("package", data.get("registry_package")), "package")
     action = _optional_text(data, "action")
     version = _object(package.get("package_version"), "package.package_version")
-    metadata = version.get("container_metadata") if isinstance(version.get("container_metadata"), dict) else {}
+    metadata = (
+        version.get("container_metadata")
+        if isinstance(version.get("container_metadata"), dict)
+        else {}
+    )
     tag_info = metadata.get("tag") if isinstance(metadata.get("tag"), dict) else {}
     tag, digest = _optional_text(tag_info, "name"), _optional_text(tag_info, "digest")
     repository = _ghcr_repository(package, version)
     event_id = event_id or f"package-version-{version.get('id', _synthetic_id(body))}"
-    kinds = {_optional_text(package, "package_type").lower(), _optional_text(package, "ecosystem").lower()}
+    kinds = {
+        _optional_text(package, "package_type").lower(),
+        _optional_text(package, "ecosystem").lower(),
+    }
 
     def skip(reason: str) -> Delivery:
         return Delivery(skipped=[Skipped("ghcr", event_id, reason, repository, tag)])
@@ -268,7 +310,9 @@ def parse_ghcr(body: bytes, content_type: str, event: str | None, delivery_id: s
     if action not in ("published", "updated"):
         return skip(f"a package {action or 'unnamed'} action, not published or updated")
     if not kinds & {"container", "docker"}:
-        return skip(f"a {_optional_text(package, 'package_type') or 'unknown'} package, not a container image")
+        return skip(
+            f"a {_optional_text(package, 'package_type') or 'unknown'} package, not a container image"
+        )
     if not tag:
         return skip("a container version without a tag")
     return Delivery(pushes=[Push("ghcr", repository, tag, digest, event_id)])
@@ -281,5 +325,7 @@ def _ghcr_repository(package: dict[str, Any], version: dict[str, Any]) -> str:
     if "/" in url:
         head, _, last = url.split("/", 1)[1].split("@", 1)[0].rpartition("/")
         return f"{head}/{last.split(':', 1)[0]}".strip("/").lower()
-    owner = _optional_text(package, "namespace") or _optional_text(_object(package.get("owner", {}), "package.owner"), "login")
+    owner = _optional_text(package, "namespace") or _optional_text(
+        _object(package.get("owner", {}), "package.owner"), "login"
+    )
     return f"{owner}/{_text(package, 'name', 'package')}".lower()

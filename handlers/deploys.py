@@ -127,7 +127,9 @@ async def service_units(fleet: FleetClient, service: str) -> list[tuple[UnitName
     return found
 
 
-def plan(request: DeployRequested, current: list[UnitName], policy_count: int = 0) -> tuple[int, bool]:
+def plan(
+    request: DeployRequested, current: list[UnitName], policy_count: int = 0
+) -> tuple[int, bool]:
     """Instance count and effective ``destroy_previous`` by the original's rules.
 
     A count in the service's policy stands in for a request that gives none.
@@ -201,7 +203,9 @@ class DeployHandler:
     # -- handlers ----------------------------------------------------------------------
 
     async def on_requested(self, event: DeployRequested) -> None:
-        record = DeployRecord.from_request(event, event.instance_count, event.destroy_previous, ServicePolicy())
+        record = DeployRecord.from_request(
+            event, event.instance_count, event.destroy_previous, ServicePolicy()
+        )
         try:
             await self._lock(record)
         except LockHeld as exc:
@@ -219,16 +223,23 @@ class DeployHandler:
         except FleetError as exc:
             await self._unlock(record)
             log.warning("deploy_not_started", reason=exc.message)
-            self.bus.publish(DeployFailed(service=event.service, deploy_id=event.deploy_id,
-                                          reason=exc.message))
+            self.bus.publish(
+                DeployFailed(service=event.service, deploy_id=event.deploy_id, reason=exc.message)
+            )
             return
         record = await self.store.save_deploy(record)
         await self._submit(record)
 
     def _reject(self, event: DeployRequested, exc: DeployRejectedError) -> None:
         log.info("deploy_rejected", reason=str(exc))
-        self.bus.publish(DeployRejected(service=event.service, deploy_id=event.deploy_id,
-                                        description=str(exc), status=exc.status))
+        self.bus.publish(
+            DeployRejected(
+                service=event.service,
+                deploy_id=event.deploy_id,
+                description=str(exc),
+                status=exc.status,
+            )
+        )
 
     async def _plan(self, record: DeployRecord) -> DeployRecord:
         """Fill in the policy, the instance count, the units and the units they replace; the
@@ -240,23 +251,39 @@ class DeployHandler:
         """
         policy = await self.store.get_policy(record.service)
         current = await service_units(self.fleet, record.service)
-        asked = DeployRequested(service=record.service, deploy_id=record.id, version=record.version,
-                                timestamp=record.timestamp, instance_count=record.instance_count,
-                                destroy_previous=record.destroy_previous)
+        asked = DeployRequested(
+            service=record.service,
+            deploy_id=record.id,
+            version=record.version,
+            timestamp=record.timestamp,
+            instance_count=record.instance_count,
+            destroy_previous=record.destroy_previous,
+        )
         count, destroy_previous = plan(asked, [n for n, _ in current], policy.instance_count)
-        record = record.model_copy(update={
-            "policy": policy,
-            "instance_count": count,
-            "destroy_previous": destroy_previous,
-            "units": [str(UnitName.build(record.service, record.version, record.timestamp, n))
-                      for n in range(1, count + 1)],
-            "previous_units": [str(name) for name, _ in current] if destroy_previous else [],
-        })
-        replacing = (f"replacing {len(record.previous_units)} previous unit(s)" if destroy_previous
-                     else "keeping the previous units")
+        record = record.model_copy(
+            update={
+                "policy": policy,
+                "instance_count": count,
+                "destroy_previous": destroy_previous,
+                "units": [
+                    str(UnitName.build(record.service, record.version, record.timestamp, n))
+                    for n in range(1, count + 1)
+                ],
+                "previous_units": [str(name) for name, _ in current] if destroy_previous else [],
+            }
+        )
+        replacing = (
+            f"replacing {len(record.previous_units)} previous unit(s)"
+            if destroy_previous
+            else "keeping the previous units"
+        )
         record.note("planned", f"{count} instance(s) of {record.version}, {replacing}")
-        log.info("deploy_planned", version=record.version, instances=count,
-                 destroy_previous=destroy_previous)
+        log.info(
+            "deploy_planned",
+            version=record.version,
+            instances=count,
+            destroy_previous=destroy_previous,
+        )
         return record
 
     async def _queue(self, record: DeployRecord, held: LockHolder) -> None:
@@ -266,9 +293,10 @@ class DeployHandler:
         record.note("queued", f"waiting for deploy {held.holder} ({held.reason}) to finish")
         record = await self.store.save_deploy(record)
         log.info("deploy_queued", behind=held.holder)
-        self.bus.publish(DeployQueued(service=record.service, deploy_id=record.id, behind=held.holder))
+        self.bus.publish(
+            DeployQueued(service=record.service, deploy_id=record.id, behind=held.holder)
+        )
         self._spawn(record, self._dequeue(record))
-
 
     async def _dequeue(self, record: DeployRecord) -> None:
         """Poll until this deploy is the oldest queued one and the lock is free, then take the
@@ -277,9 +305,12 @@ class DeployHandler:
         while True:
             try:
                 if time.time() > deadline:
-                    await self._finish(record, DeployState.FAILED,
-                                       f"the service's lock was not free within the deploy deadline "
-                                       f"of {record.policy.deploy_deadline:g} s")
+                    await self._finish(
+                        record,
+                        DeployState.FAILED,
+                        f"the service's lock was not free within the deploy deadline "
+                        f"of {record.policy.deploy_deadline:g} s",
+                    )
                     return
                 if await self._my_turn(record):
                     await self._lock(record)
@@ -301,8 +332,11 @@ class DeployHandler:
         holder = await self.store.locks.holder(record.service)
         if holder is not None and holder.holder != record.id:
             return False
-        queued = [r for r in await self.store.list_deploys(record.service)
-                  if r.step is DeployStep.QUEUED and not r.state.finished]
+        queued = [
+            r
+            for r in await self.store.list_deploys(record.service)
+            if r.step is DeployStep.QUEUED and not r.state.finished
+        ]
         return bool(queued) and queued[0].id == record.id
 
     async def on_resumed(self, event: DeployResumed) -> None:
@@ -328,8 +362,12 @@ class DeployHandler:
         except FleetError as exc:
             failures["*"] = exc.message
             current = []
-        matching = [n for n, _ in current if n.version == event.version
-                    and (not event.timestamp or n.timestamp == event.timestamp)]
+        matching = [
+            n
+            for n, _ in current
+            if n.version == event.version
+            and (not event.timestamp or n.timestamp == event.timestamp)
+        ]
         await self._retire(matching)
         for name in matching:
             try:
@@ -338,16 +376,28 @@ class DeployHandler:
             except FleetError as exc:
                 failures[str(name)] = exc.message
         log.info("units_destroyed", version=event.version, units=destroyed, failures=failures)
-        self.bus.publish(UnitsDestroyed(service=event.service, request_id=event.request_id,
-                                        units=destroyed, failures=failures))
+        self.bus.publish(
+            UnitsDestroyed(
+                service=event.service,
+                request_id=event.request_id,
+                units=destroyed,
+                failures=failures,
+            )
+        )
 
     # -- steps -------------------------------------------------------------------------
 
     async def _lock(self, record: DeployRecord, adopt: bool = False) -> None:
         if record.id in self._leases:
             return  # held already (a step retried after an etcd error)
-        taken = await self.store.locks.take(record.service, record.id, record.actor,
-                                            f"deploy of {record.version}", LOCK_TTL, adopt=adopt)
+        taken = await self.store.locks.take(
+            record.service,
+            record.id,
+            record.actor,
+            f"deploy of {record.version}",
+            LOCK_TTL,
+            adopt=adopt,
+        )
         if isinstance(taken, LockHolder):
             raise LockHeld(record.service, taken)
         if not record.started_at:
@@ -376,20 +426,30 @@ class DeployHandler:
                 await self.fleet.set_desired_state(unit, "launched")
         except FleetError as exc:
             await self._destroy_all(created)
-            await self._finish(record, DeployState.FAILED, f"fleet refused the units: {exc.message}")
+            await self._finish(
+                record, DeployState.FAILED, f"fleet refused the units: {exc.message}"
+            )
             return
         record.state, record.step = DeployState.RUNNING, DeployStep.WAITING
         record.submitted_at = time.time()
-        record.note("submitted", f"fleet accepted {len(record.units)} unit(s): {', '.join(record.units)}")
+        record.note(
+            "submitted", f"fleet accepted {len(record.units)} unit(s): {', '.join(record.units)}"
+        )
         record = await self.store.save_deploy(record)
         log.info("units_submitted", units=record.units)
-        self.bus.publish(UnitsSubmitted(service=record.service, deploy_id=record.id, units=record.units))
+        self.bus.publish(
+            UnitsSubmitted(service=record.service, deploy_id=record.id, units=record.units)
+        )
         self._spawn(record, self._run(record))
 
     def _spawn(self, record: DeployRecord, work: Coroutine[Any, Any, None]) -> None:
         """Follow the deploy beside the bus's lanes: waiting its turn, or driving it to its end."""
-        self.bus.spawn(work, name=f"deploy:{record.service}:{record.id}",
-                       service=record.service, deploy_id=record.id)
+        self.bus.spawn(
+            work,
+            name=f"deploy:{record.service}:{record.id}",
+            service=record.service,
+            deploy_id=record.id,
+        )
 
     async def _run(self, record: DeployRecord) -> None:
         """Drive the deploy to its end. etcd (or fleet) being unreachable for a while is not
@@ -401,7 +461,9 @@ class DeployHandler:
                 await self._advance(record)
                 return
             except (EtcdError, aetcd.ClientError, FleetError) as exc:
-                log.warning("deploy_step_retrying", step=record.step, reason=str(exc), retry_in=backoff)
+                log.warning(
+                    "deploy_step_retrying", step=record.step, reason=str(exc), retry_in=backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
 
@@ -427,7 +489,9 @@ class DeployHandler:
         policy = record.policy
         units = [n for n in map(UnitName.parse, record.units) if n is not None]
         instance_deadline = record.submitted_at + policy.instance_deadline
-        deploy_deadline = (record.started_at or record.created_at.timestamp()) + policy.deploy_deadline
+        deploy_deadline = (
+            record.started_at or record.created_at.timestamp()
+        ) + policy.deploy_deadline
         next_fleet_check = 0.0
         noted = {(e.kind, e.unit) for e in record.events}
         while True:
@@ -442,12 +506,23 @@ class DeployHandler:
                     continue
                 if time.monotonic() - instance.healthy_since >= policy.min_healthy_time:
                     ready.append(instance)
-                    progress.append(("instance_ready", unit, f"{unit} is healthy and routed at {instance.url}"))
+                    progress.append(
+                        ("instance_ready", unit, f"{unit} is healthy and routed at {instance.url}")
+                    )
                 else:
-                    progress.append(("instance_healthy", unit,
-                                     f"{unit} passes its health check and is routed at {instance.url}; "
-                                     f"ready once healthy for {policy.min_healthy_time:g} s"))
-            fresh = [(kind, unit, message) for kind, unit, message in progress if (kind, str(unit)) not in noted]
+                    progress.append(
+                        (
+                            "instance_healthy",
+                            unit,
+                            f"{unit} passes its health check and is routed at {instance.url}; "
+                            f"ready once healthy for {policy.min_healthy_time:g} s",
+                        )
+                    )
+            fresh = [
+                (kind, unit, message)
+                for kind, unit, message in progress
+                if (kind, str(unit)) not in noted
+            ]
             for kind, unit, message in fresh:
                 noted.add((kind, str(unit)))
                 record.note(kind, message, unit=str(unit))
@@ -460,8 +535,9 @@ class DeployHandler:
                 raise RollBack(self._late_reason(late, now > deploy_deadline, policy))
             await asyncio.sleep(0.05)
         try:
-            await self.router.wait_applied(record.service, present=[i.url for i in ready],
-                                           timeout=self.config.router_timeout)
+            await self.router.wait_applied(
+                record.service, present=[i.url for i in ready], timeout=self.config.router_timeout
+            )
         except RouterError as exc:
             raise RollBack(f"the router did not route the new instances: {exc}") from None
         log.info("release_healthy", urls=[i.url for i in ready])
@@ -471,8 +547,11 @@ class DeployHandler:
         unit = late[0]
         instance = self.instances.get(unit)
         seen = instance.describe_last_probe() if instance else "it never announced itself"
-        limit = (f"the deploy deadline of {policy.deploy_deadline:g} s" if whole_deploy
-                 else f"its deadline of {policy.instance_deadline:g} s")
+        limit = (
+            f"the deploy deadline of {policy.deploy_deadline:g} s"
+            if whole_deploy
+            else f"its deadline of {policy.instance_deadline:g} s"
+        )
         more = f" (and {len(late) - 1} more)" if len(late) > 1 else ""
         return f"instance {unit} was not healthy within {limit}{more}; last probe: {seen}"
 
@@ -484,17 +563,24 @@ class DeployHandler:
             return
         for state in states:
             if state.name in record.units and state.active_state == "failed":
-                raise RollBack(f"unit {state.name} failed (systemd {state.active_state}/{state.sub_state})")
+                raise RollBack(
+                    f"unit {state.name} failed (systemd {state.active_state}/{state.sub_state})"
+                )
 
     async def _switch(self, record: DeployRecord) -> None:
         previous = [n for n in map(UnitName.parse, record.previous_units) if n is not None]
         urls = await self._retire(previous)
-        record.note("retiring", f"{len(urls)} previous instance(s) out of the router; "
-                                f"draining for {record.policy.drain:g} s")
+        record.note(
+            "retiring",
+            f"{len(urls)} previous instance(s) out of the router; "
+            f"draining for {record.policy.drain:g} s",
+        )
         await self.store.save_deploy(record)
         await asyncio.sleep(record.policy.drain)
         await self._destroy_all(record.previous_units)
-        record.note("previous_destroyed", f"destroyed {len(record.previous_units)} previous unit(s)")
+        record.note(
+            "previous_destroyed", f"destroyed {len(record.previous_units)} previous unit(s)"
+        )
         log.info("previous_units_destroyed", units=record.previous_units, drained=urls)
 
     async def _roll_back(self, record: DeployRecord) -> None:
@@ -509,27 +595,41 @@ class DeployHandler:
             return []
         urls = await self.instances.retire(units)
         try:
-            await self.router.wait_applied(units[0].service, absent=urls,
-                                           timeout=self.config.router_timeout)
+            await self.router.wait_applied(
+                units[0].service, absent=urls, timeout=self.config.router_timeout
+            )
         except RouterError as exc:
             log.warning("router_not_confirmed", reason=str(exc))
         return urls
 
-    async def _finish(self, record: DeployRecord, state: DeployState, error: str | None = None) -> None:
+    async def _finish(
+        self, record: DeployRecord, state: DeployState, error: str | None = None
+    ) -> None:
         record.state, record.step, record.error = state, DeployStep.DONE, error
-        summary = (f"{record.version} is live with {len(record.units)} instance(s)"
-                   if state is DeployState.SUCCEEDED else error or str(state))
+        summary = (
+            f"{record.version} is live with {len(record.units)} instance(s)"
+            if state is DeployState.SUCCEEDED
+            else error or str(state)
+        )
         record.note(str(state), summary)
         await self.store.save_deploy(record)
         await self._unlock(record)
         log.info("deploy_finished", state=state, error=error)
         duration = time.time() - record.created_at.timestamp()
         if state is DeployState.SUCCEEDED:
-            self.bus.publish(DeploySucceeded(service=record.service, deploy_id=record.id,
-                                             duration=duration))
+            self.bus.publish(
+                DeploySucceeded(service=record.service, deploy_id=record.id, duration=duration)
+            )
         else:
-            self.bus.publish(DeployFailed(service=record.service, deploy_id=record.id,
-                                          reason=error or state, state=state, duration=duration))
+            self.bus.publish(
+                DeployFailed(
+                    service=record.service,
+                    deploy_id=record.id,
+                    reason=error or state,
+                    state=state,
+                    duration=duration,
+                )
+            )
 
     async def _destroy_all(self, units: list[str]) -> None:
         for unit in units:

@@ -64,8 +64,15 @@ class Instance:
 
 
 class InstancesHandler:
-    def __init__(self, bus: EventBus, etcd: aetcd.Client, store: Store, router: Router,
-                 prefix: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        etcd: aetcd.Client,
+        store: Store,
+        router: Router,
+        prefix: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.bus = bus
         self.etcd = etcd
         self.store = store
@@ -225,5 +232,8 @@ class InstancesHandler:
             await self.router.deregister(unit.service, instance.server_id)
             instance.routed = False
         log.warning("instance_unhealthy", url=instance.url, probe=result.detail)
-        self.bus.publish(InstanceUnhealthy(service=unit.service, unit=str(unit), url=instance.url,
-                                           detail=result.detail))
+        self.bus.publish(
+            InstanceUnhealthy(
+                service=unit.service, unit=str(unit), url=instance.url, detail=result.detail
+            )
+        )

@@ -69,7 +69,11 @@ def stale_reason(
     if unit.machine_id and unit.machine_id[:8] != machine[:8]:  # fleet's short ids match too
         return f"fleet moved unit {name} to machine {unit.machine_id}"
     for state in states:
-        if state.name == name and state.machine_id == machine and state.active_state in ("failed", "inactive"):
+        if (
+            state.name == name
+            and state.machine_id == machine
+            and state.active_state in ("failed", "inactive")
+        ):
             return f"unit {name} is {state.active_state} on machine {machine}"
     return None
 
@@ -87,8 +91,16 @@ def _live(records: list[DeployRecord]) -> DeployRecord | None:
 
 
 class Reaper:
-    def __init__(self, bus: EventBus, fleet: FleetClient, store: Store, router: Router, prefix: str,
-                 interval: float = 30.0, keep: int = 10) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        fleet: FleetClient,
+        store: Store,
+        router: Router,
+        prefix: str,
+        interval: float = 30.0,
+        keep: int = 10,
+    ) -> None:
         self.bus = bus
         self.fleet = fleet
         self.store = store
@@ -161,12 +173,16 @@ class Reaper:
                     orphans[f"server:{service}:{server_id}"] = (service, server_id)
         done = []
         for finding, (found, reason) in stale.items():
-            if finding in self._suspects and await self.store.withdraw_announcement(found.key, found.raw):
+            if finding in self._suspects and await self.store.withdraw_announcement(
+                found.key, found.raw
+            ):
                 done.append(f"removed the announcement of {found.unit}: {reason}")
         for finding, (service, server_id) in orphans.items():
             if finding in self._suspects:
                 await self.router.deregister(service, server_id)
-                done.append(f"deregistered {server_id} of {service}: no announced instance stands behind it")
+                done.append(
+                    f"deregistered {server_id} of {service}: no announced instance stands behind it"
+                )
         for action in done:
             log.warning("reconciled", action=action)
         # Acted on now, or seen for the first time: the next pass confirms the latter.

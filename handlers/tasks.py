@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -119,8 +119,10 @@ def go_duration(seconds: float) -> str:
 def trailer(record: TaskRecord) -> bytes:
     """The end of a task's stream, as the original wrote it (§2.5)."""
     if record.state is TaskState.TIMED_OUT:
-        text = (f"\nExited ({TIMEOUT_EXIT_CODE}) The task timed out after "
-                f"{go_duration(record.timeout)}. Forcefully removing container.\n")
+        text = (
+            f"\nExited ({TIMEOUT_EXIT_CODE}) The task timed out after "
+            f"{go_duration(record.timeout)}. Forcefully removing container.\n"
+        )
     elif record.exit_code is not None:
         text = f"\nExited ({record.exit_code}) {record.error}\n"
     else:
@@ -188,8 +190,10 @@ class _Follower:
                 yield chunk
             if self._closed:
                 if self._lagged:
-                    yield (f"\nERROR: this client read the output too slowly and was cut off; the task "
-                           f"goes on: GET {task_url}?follow=1 re-attaches\n").encode()
+                    yield (
+                        f"\nERROR: this client read the output too slowly and was cut off; the task "
+                        f"goes on: GET {task_url}?follow=1 re-attaches\n"
+                    ).encode()
                 return
             self._wake.clear()
             await self._wake.wait()
@@ -250,14 +254,20 @@ def container_name(service: str, version: str, task_id: str) -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class TaskRunner:
     """Runs tasks, follows their output, records them, and adopts what a previous run left."""
 
-    def __init__(self, docker: DockerClient, store: TaskStore, policies: Store, config: TaskConfig,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        docker: DockerClient,
+        store: TaskStore,
+        policies: Store,
+        config: TaskConfig,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.docker = docker
         self.metrics = metrics
         self.store = store
@@ -277,14 +287,21 @@ class TaskRunner:
         limit = self.config.max_timeout
         timeout = spec.timeout if spec.timeout is not None else min(DEFAULT_TIMEOUT, limit)
         if timeout > limit:
-            raise TaskRejected(400, f"The timeout of {timeout:g} s is longer than this server's limit of "
-                                    f"{limit:g} s (-task-max-timeout); ask for {limit:g} s or less.")
+            raise TaskRejected(
+                400,
+                f"The timeout of {timeout:g} s is longer than this server's limit of "
+                f"{limit:g} s (-task-max-timeout); ask for {limit:g} s or less.",
+            )
         task_id = new_task_id()
         record = TaskRecord(
-            id=task_id, service=spec.service, version=spec.version,
+            id=task_id,
+            service=spec.service,
+            version=spec.version,
             image=image_name(self.config.image_prefix, spec.service, spec.version),
             command=[spec.command] if isinstance(spec.command, str) else list(spec.command),
-            timeout=timeout, env=sorted(spec.env), actor=spec.actor,
+            timeout=timeout,
+            env=sorted(spec.env),
+            actor=spec.actor,
             container=container_name(spec.service, spec.version, task_id),
         )
         policy = await self.policies.get_policy(spec.service)
@@ -324,7 +341,12 @@ class TaskRunner:
                     record.error = "Deployster stopped before the task's container started."
                     await self._save(record)
                 await self._remove_quietly(container.id, task_id=task_id, service=service)
-                log.info("task_container_reaped", container=container.id[:12], task_id=task_id, service=service)
+                log.info(
+                    "task_container_reaped",
+                    container=container.id[:12],
+                    task_id=task_id,
+                    service=service,
+                )
                 continue
             adopted.add(task_id)
             record.state = TaskState.RUNNING
@@ -337,10 +359,16 @@ class TaskRunner:
             log.info("task_adopted", task_id=task_id, service=service, container=container.id[:12])
             self._spawn(run, self._follow(run, container.id))
         for record in await self.store.list_tasks():
-            if not record.state.finished and record.id not in adopted and record.id not in self._runs:
+            if (
+                not record.state.finished
+                and record.id not in adopted
+                and record.id not in self._runs
+            ):
                 record.state = TaskState.ERROR
-                record.error = ("The task's container is gone (Deployster stopped before creating it, "
-                                "or someone removed it); its outcome is unknown.")
+                record.error = (
+                    "The task's container is gone (Deployster stopped before creating it, "
+                    "or someone removed it); its outcome is unknown."
+                )
                 await self._save(record)
         return len(adopted)
 
@@ -369,8 +397,10 @@ class TaskRunner:
                     if not run.started.done():
                         run.started.set_exception(exc)
                     if not run.finished.is_set():
-                        run.finish(b"ERROR: Deployster failed while following the task; the server log "
-                                   b"has the details.\n")
+                        run.finish(
+                            b"ERROR: Deployster failed while following the task; the server log "
+                            b"has the details.\n"
+                        )
 
         task = asyncio.create_task(supervised(), name=f"task:{record.id}")
         self._work.add(task)
@@ -382,8 +412,15 @@ class TaskRunner:
             try:
                 await self.docker.pull(record.image)
                 record.command = await self._command(record.image, spec.command)
-                container = await self.docker.create(record.container, ContainerSpec(
-                    image=record.image, cmd=record.command, env=dict(spec.env), labels=self._labels(record)))
+                container = await self.docker.create(
+                    record.container,
+                    ContainerSpec(
+                        image=record.image,
+                        cmd=record.command,
+                        env=dict(spec.env),
+                        labels=self._labels(record),
+                    ),
+                )
             except DockerError as exc:
                 raise TaskRejected(502, self._start_failure(record, exc)) from None
             try:
@@ -405,8 +442,13 @@ class TaskRunner:
         record.state = TaskState.RUNNING
         record.started_at = _now()
         await self._save(record)
-        log.info("task_started", version=record.version, container=record.container, timeout=record.timeout,
-                 env_names=record.env)
+        log.info(
+            "task_started",
+            version=record.version,
+            container=record.container,
+            timeout=record.timeout,
+            env_names=record.env,
+        )
         run.started.set_result(None)
         await self._follow(run, container)
 
@@ -418,7 +460,11 @@ class TaskRunner:
         return ["/bin/sh", "-c", command]
 
     def _labels(self, record: TaskRecord) -> dict[str, str]:
-        return {LABEL_TASK: record.id, LABEL_SERVICE: record.service, LABEL_PREFIX: self.config.etcd_prefix}
+        return {
+            LABEL_TASK: record.id,
+            LABEL_SERVICE: record.service,
+            LABEL_PREFIX: self.config.etcd_prefix,
+        }
 
     @staticmethod
     def _start_failure(record: TaskRecord, exc: DockerError) -> str:
@@ -467,7 +513,9 @@ class TaskRunner:
             await self.docker.remove(container)
         except DockerError as exc:
             record.cleanup_error = exc.message
-            log.warning("task_container_not_removed", container=record.container, reason=exc.message)
+            log.warning(
+                "task_container_not_removed", container=record.container, reason=exc.message
+            )
         record.output = run.output.text()
         record.output_truncated = run.output.truncated
         record.state, record.exit_code, record.error = state, exit_code, error
@@ -524,13 +572,24 @@ class TaskRunner:
         try:
             await self.docker.remove(container)
         except DockerError as exc:
-            log.warning("task_container_not_removed", container=container[:12], reason=exc.message, **context)
+            log.warning(
+                "task_container_not_removed",
+                container=container[:12],
+                reason=exc.message,
+                **context,
+            )
 
     # -- the per-service task lock ------------------------------------------------------
 
     async def _lock(self, record: TaskRecord, adopt: bool = False) -> None:
-        held = await self.store.locks.take(record.service, record.id, record.actor,
-                                           f"a task of version {record.version}", LOCK_TTL, adopt=adopt)
+        held = await self.store.locks.take(
+            record.service,
+            record.id,
+            record.actor,
+            f"a task of version {record.version}",
+            LOCK_TTL,
+            adopt=adopt,
+        )
         if isinstance(held, LeaseKeeper):
             self._leases[record.id] = held
             return

@@ -31,7 +31,7 @@ import contextlib
 import contextvars
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -40,8 +40,8 @@ import aiohttp
 import structlog
 from pydantic import BaseModel, Field
 
-from deployster.aio import cancel_and_wait
 from deployster import naming
+from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
 from deployster.etcd import EtcdError
 from deployster.events import (
@@ -73,7 +73,7 @@ DecisionKind = Literal["queued", "deployed", "ignored", "rejected", "failed"]
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Decision(BaseModel):
@@ -102,9 +102,16 @@ class _Lane:
 
 
 class WebhookHandler:
-    def __init__(self, bus: EventBus, store: Store, image_prefix: str, secrets: dict[str, str],
-                 submit_timeout: float = 60.0, lock_poll: float = LOCK_POLL,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        store: Store,
+        image_prefix: str,
+        secrets: dict[str, str],
+        submit_timeout: float = 60.0,
+        lock_poll: float = LOCK_POLL,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.bus = bus
         self.metrics = metrics
         self.store = store
@@ -138,9 +145,13 @@ class WebhookHandler:
 
     async def start(self) -> int:
         """Take up the pushes that were queued when the server stopped; returns how many."""
-        queued = [ImagePushed.model_validate_json(raw) for raw in await self.store.list_queued_pushes()]
+        queued = [
+            ImagePushed.model_validate_json(raw) for raw in await self.store.list_queued_pushes()
+        ]
         for push in queued:
-            log.info("webhook_push_restored", service=push.service, tag=push.tag, event_id=push.event_id)
+            log.info(
+                "webhook_push_restored", service=push.service, tag=push.tag, event_id=push.event_id
+            )
             self._queue(push)
         return len(queued)
 
@@ -167,14 +178,30 @@ class WebhookHandler:
     async def _receive(self, push: Push) -> Decision:
         service, why_not = await self._service_for(push.repository)
         if service is None:
-            return self._note(Decision(source=push.source, decision="ignored", reason=why_not,
-                                       event_id=push.event_id, repository=push.repository,
-                                       tag=push.tag, digest=push.digest))
-        event = ImagePushed(service=service, source=push.source, repository=push.repository, tag=push.tag,
-                            digest=push.digest, event_id=push.event_id, callback_url=push.callback_url)
+            return self._note(
+                Decision(
+                    source=push.source,
+                    decision="ignored",
+                    reason=why_not,
+                    event_id=push.event_id,
+                    repository=push.repository,
+                    tag=push.tag,
+                    digest=push.digest,
+                )
+            )
+        event = ImagePushed(
+            service=service,
+            source=push.source,
+            repository=push.repository,
+            tag=push.tag,
+            digest=push.digest,
+            event_id=push.event_id,
+            callback_url=push.callback_url,
+        )
         try:
             await self.bus.request(
-                event, until=lambda e: isinstance(e, PushDecided) and e.push_id == event.id,
+                event,
+                until=lambda e: isinstance(e, PushDecided) and e.push_id == event.id,
                 timeout=DECIDE_TIMEOUT,
             )
             return self._answers[event.id]
@@ -193,12 +220,17 @@ class WebhookHandler:
             except naming.InvalidName:
                 service = None
         if service is None:
-            return None, (f"no service's image is {repository!r}: images are "
-                          f"{self.image_prefix}/<service>, or a service's policy names the repository "
-                          "in auto_deploy.repository")
+            return None, (
+                f"no service's image is {repository!r}: images are "
+                f"{self.image_prefix}/<service>, or a service's policy names the repository "
+                "in auto_deploy.repository"
+            )
         named = policies[service].auto_deploy.repository if service in policies else None
         if named is not None:
-            return None, f"service {service!r} deploys pushes of {named!r} only (auto_deploy.repository)"
+            return (
+                None,
+                f"service {service!r} deploys pushes of {named!r} only (auto_deploy.repository)",
+            )
         return service, ""
 
     # -- deciding (the service's bus lane) ---------------------------------------------
@@ -206,7 +238,9 @@ class WebhookHandler:
     async def on_pushed(self, event: ImagePushed) -> None:
         kind, reason = await self._decide(event)
         self._answers[event.id] = self._note(self._about(event, kind, reason))
-        self.bus.publish(PushDecided(service=event.service, push_id=event.id, decision=kind, reason=reason))
+        self.bus.publish(
+            PushDecided(service=event.service, push_id=event.id, decision=kind, reason=reason)
+        )
 
     async def _decide(self, event: ImagePushed) -> tuple[DecisionKind, str]:
         try:
@@ -215,23 +249,34 @@ class WebhookHandler:
             return "ignored", f"tag {event.tag!r} cannot be deployed as a version: {exc}"
         auto = (await self.store.get_policy(event.service)).auto_deploy
         if not auto.enabled:
-            return "ignored", f"auto-deploy is off for service {event.service!r} (policy auto_deploy.enabled)"
+            return (
+                "ignored",
+                f"auto-deploy is off for service {event.service!r} (policy auto_deploy.enabled)",
+            )
         seen = [f"{event.source}/{event.event_id}"]
         if not await self.store.first_seen(seen[0], event.tag, DEDUP_TTL):
             return "ignored", f"event {event.event_id} was handled already (a redelivery)"
         try:
-            why = auto.tag_policy.wants(event.tag, await self._live_version(event.service), auto.prerelease)
+            why = auto.tag_policy.wants(
+                event.tag, await self._live_version(event.service), auto.prerelease
+            )
             if why:
                 return "ignored", why
             if event.digest:
                 seen.append(f"digests/{event.service}/{event.tag}@{event.digest}")
                 if not await self.store.first_seen(seen[1], event.event_id, DEDUP_TTL):
                     seen.pop()
-                    return "ignored", f"{event.tag}@{event.digest} was taken already in the last 24 h"
+                    return (
+                        "ignored",
+                        f"{event.tag}@{event.digest} was taken already in the last 24 h",
+                    )
             lane = self._lane(event.service)
             queued = lane.pending
-            if (queued is not None and auto.tag_policy.ordered
-                    and _version_above(queued.tag, event.tag)):
+            if (
+                queued is not None
+                and auto.tag_policy.ordered
+                and _version_above(queued.tag, event.tag)
+            ):
                 return "ignored", f"the newer version {queued.tag} is queued already"
             await self.store.save_queued_push(event.service, event.model_dump_json())
         except BaseException:
@@ -243,8 +288,10 @@ class WebhookHandler:
         if queued is not None:
             self._note(self._about(queued, "ignored", f"superseded by {event.tag}, pushed later"))
         self._queue(event)
-        return "queued", (f"policy {auto.policy} takes {event.tag}; it deploys as soon as no other "
-                          f"deploy of {event.service!r} runs")
+        return "queued", (
+            f"policy {auto.policy} takes {event.tag}; it deploys as soon as no other "
+            f"deploy of {event.service!r} runs"
+        )
 
     async def _live_version(self, service: str) -> str | None:
         records = await self.store.list_deploys(service)
@@ -260,8 +307,11 @@ class WebhookHandler:
         lane.wake.set()
         if lane.task is None or lane.task.done():
             # A context of its own: not the log context of the push that happened to start it.
-            lane.task = asyncio.create_task(self._work(event.service, lane), name=f"webhooks:{event.service}",
-                                            context=contextvars.Context())
+            lane.task = asyncio.create_task(
+                self._work(event.service, lane),
+                name=f"webhooks:{event.service}",
+                context=contextvars.Context(),
+            )
 
     async def on_deploy_ended(self, event: DeploySucceeded | DeployFailed) -> None:
         lane = self._lanes.get(event.service)
@@ -280,7 +330,9 @@ class WebhookHandler:
             lane.wake.clear()
             while lane.pending is not None:
                 push = lane.pending
-                with structlog.contextvars.bound_contextvars(service=service, event_id=push.event_id, tag=push.tag):
+                with structlog.contextvars.bound_contextvars(
+                    service=service, event_id=push.event_id, tag=push.tag
+                ):
                     try:
                         await self._wait_until_free(service, lane)
                         push = lane.pending or push  # the latest push wins
@@ -294,13 +346,19 @@ class WebhookHandler:
                         requeue = True
                     except Exception as exc:
                         log.exception("webhook_deploy_crashed")
-                        self._note(self._about(push, "failed", f"Deployster failed to deploy it: {exc!r}"))
+                        self._note(
+                            self._about(push, "failed", f"Deployster failed to deploy it: {exc!r}")
+                        )
                         requeue = False
                 if requeue and lane.pending is not push:  # not taken yet if the lock check failed
                     if lane.pending is None:
                         lane.pending = push
                     else:
-                        self._note(self._about(push, "ignored", f"superseded by {lane.pending.tag}, pushed later"))
+                        self._note(
+                            self._about(
+                                push, "ignored", f"superseded by {lane.pending.tag}, pushed later"
+                            )
+                        )
 
     async def _wait_until_free(self, service: str, lane: _Lane) -> None:
         while True:
@@ -320,29 +378,43 @@ class WebhookHandler:
         if not auto.enabled:
             why: str | None = "auto-deploy was turned off before the push could deploy"
         else:
-            why = auto.tag_policy.wants(push.tag, await self._live_version(service), auto.prerelease)
+            why = auto.tag_policy.wants(
+                push.tag, await self._live_version(service), auto.prerelease
+            )
         if why:
-            self._note(self._about(push, "ignored", f"{why} (checked again when the service was free)"))
+            self._note(
+                self._about(push, "ignored", f"{why} (checked again when the service was free)")
+            )
             await self._dequeue(push)
             return False
         deploy_id = new_deploy_id()
         ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._following[deploy_id] = ended
         request = DeployRequested(
-            service=service, deploy_id=deploy_id, version=push.tag, timestamp=naming.now_timestamp(),
-            instance_count=0, destroy_previous=auto.destroy_previous, source=f"webhook:{push.source}",
+            service=service,
+            deploy_id=deploy_id,
+            version=push.tag,
+            timestamp=naming.now_timestamp(),
+            instance_count=0,
+            destroy_previous=auto.destroy_previous,
+            source=f"webhook:{push.source}",
             actor=f"event {push.event_id}" + (f", digest {push.digest}" if push.digest else ""),
         )
         try:
             result: Event | None = await self.bus.request(
-                request, timeout=self.submit_timeout,
-                until=lambda e: isinstance(e, (UnitsSubmitted, DeployRejected, DeployFailed))
-                and getattr(e, "deploy_id", None) == deploy_id,
+                request,
+                timeout=self.submit_timeout,
+                until=lambda e: (
+                    isinstance(e, (UnitsSubmitted, DeployRejected, DeployFailed))
+                    and getattr(e, "deploy_id", None) == deploy_id
+                ),
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = None  # fleet is slow: the deploy goes on, its end still comes
         except Exception as exc:
-            result = DeployFailed(service=service, deploy_id=deploy_id, reason=f"the deploy handler failed: {exc}")
+            result = DeployFailed(
+                service=service, deploy_id=deploy_id, reason=f"the deploy handler failed: {exc}"
+            )
         if isinstance(result, DeployRejected) and result.status == 409:
             self._following.pop(deploy_id, None)
             log.info("webhook_push_waiting", reason=result.description)
@@ -350,7 +422,9 @@ class WebhookHandler:
         if isinstance(result, (DeployRejected, DeployFailed)):
             self._following.pop(deploy_id, None)
             reason = result.description if isinstance(result, DeployRejected) else result.reason
-            self._note(self._about(push, "failed", f"the deploy did not start: {reason}", deploy_id))
+            self._note(
+                self._about(push, "failed", f"the deploy did not start: {reason}", deploy_id)
+            )
             await self._dequeue(push)
             self._callback(push, "error", f"Deployster could not deploy {push.tag}: {reason}")
             return False
@@ -360,7 +434,9 @@ class WebhookHandler:
         if isinstance(outcome, DeploySucceeded):
             self._callback(push, "success", f"Deployster deployed {push.tag} (deploy {deploy_id}).")
         else:
-            self._callback(push, "failure", f"The deploy of {push.tag} failed (deploy {deploy_id}).")
+            self._callback(
+                push, "failure", f"The deploy of {push.tag} failed (deploy {deploy_id})."
+            )
         return False
 
     async def _follow(self, service: str, deploy_id: str, ended: asyncio.Future[Event]) -> Event:
@@ -370,16 +446,22 @@ class WebhookHandler:
             while True:
                 try:
                     return await asyncio.wait_for(asyncio.shield(ended), self.lock_poll)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     try:
                         record = await self.store.get_deploy(service, deploy_id)
                     except EtcdError as exc:  # the deploy is started: never start it again
-                        log.warning("webhook_deploy_unreadable", deploy_id=deploy_id, reason=str(exc))
+                        log.warning(
+                            "webhook_deploy_unreadable", deploy_id=deploy_id, reason=str(exc)
+                        )
                         continue
                     if record is not None and record.state.finished:
                         if record.state is DeployState.SUCCEEDED:
                             return DeploySucceeded(service=service, deploy_id=deploy_id)
-                        return DeployFailed(service=service, deploy_id=deploy_id, reason=record.error or record.state)
+                        return DeployFailed(
+                            service=service,
+                            deploy_id=deploy_id,
+                            reason=record.error or record.state,
+                        )
         finally:
             self._following.pop(deploy_id, None)
 
@@ -403,10 +485,14 @@ class WebhookHandler:
     async def _send_callback(self, url: str, state: str, description: str) -> None:
         host = urlsplit(url).hostname or "?"  # the URL's path is a capability: not logged
         if urlsplit(url).scheme != "https":
-            log.warning("dockerhub_callback_skipped", host=host, reason="the callback_url is not https")
+            log.warning(
+                "dockerhub_callback_skipped", host=host, reason="the callback_url is not https"
+            )
             return
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT)
+            )
         body = {"state": state, "description": description[:255], "context": "Deployster"}
         try:
             async with self._session.post(url, json=body) as resp:
@@ -417,15 +503,31 @@ class WebhookHandler:
         except Exception as exc:  # best effort: whatever goes wrong stays here
             log.warning("dockerhub_callback_failed", host=host, reason=repr(exc))
 
-    def _about(self, event: ImagePushed, kind: DecisionKind, reason: str, deploy_id: str = "") -> Decision:
-        return Decision(source=event.source, decision=kind, reason=reason, event_id=event.event_id,
-                        repository=event.repository, tag=event.tag, digest=event.digest,
-                        service=event.service, deploy_id=deploy_id)
+    def _about(
+        self, event: ImagePushed, kind: DecisionKind, reason: str, deploy_id: str = ""
+    ) -> Decision:
+        return Decision(
+            source=event.source,
+            decision=kind,
+            reason=reason,
+            event_id=event.event_id,
+            repository=event.repository,
+            tag=event.tag,
+            digest=event.digest,
+            service=event.service,
+            deploy_id=deploy_id,
+        )
 
     @staticmethod
     def _skipped(skipped: Skipped) -> Decision:
-        return Decision(source=skipped.source, decision="ignored", reason=skipped.reason,
-                        event_id=skipped.event_id, repository=skipped.repository, tag=skipped.tag)
+        return Decision(
+            source=skipped.source,
+            decision="ignored",
+            reason=skipped.reason,
+            event_id=skipped.event_id,
+            repository=skipped.repository,
+            tag=skipped.tag,
+        )
 
     def _note(self, decision: Decision) -> Decision:
         self._decisions.append(decision)

@@ -57,11 +57,11 @@ def private_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server.stop()
 
 
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A skipped test is a check that did not run: under CI that fails the run."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if os.environ.get("CI") and reporter is not None and reporter.stats.get("skipped"):
-        reporter.write_line("CI: skipped tests count as failures; install what they need.", red=True)
+        reporter.write_line(
+            "CI: skipped tests count as failures; install what they need.", red=True
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-

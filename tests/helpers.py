@@ -36,7 +36,9 @@ def process_running(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
-def wait_http(url: str, child: subprocess.Popen[bytes], log: pathlib.Path, timeout: float = 20.0) -> None:
+def wait_http(
+    url: str, child: subprocess.Popen[bytes], log: pathlib.Path, timeout: float = 20.0
+) -> None:
     """Wait until ``url`` answers; fail with ``child``'s log if it exits or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -46,8 +46,14 @@ def dockerhub(repo_name: str, tag: str, callback_url: str | None = None) -> byte
     return json.dumps(body).encode()
 
 
-def registry_event(repository: str, tag: str, digest: str, event_id: str,
-                   action: str = "push", media_type: str = "application/vnd.oci.image.manifest.v1+json") -> dict[str, Any]:
+def registry_event(
+    repository: str,
+    tag: str,
+    digest: str,
+    event_id: str,
+    action: str = "push",
+    media_type: str = "application/vnd.oci.image.manifest.v1+json",
+) -> dict[str, Any]:
     event = copy.deepcopy(sample("registry_push")["events"][0])
     event.update(id=event_id, action=action)
     event["target"].update(repository=repository, tag=tag, digest=digest, mediaType=media_type)
@@ -79,5 +85,10 @@ def ghcr(owner_name: str, tag: str, digest: str) -> bytes:
 
 
 def ghcr_headers(body: bytes, secret: str, delivery: str, event: str = "package") -> dict[str, str]:
-    return {"Content-Type": "application/json", "X-GitHub-Event": event, "X-GitHub-Delivery": delivery,
-            "User-Agent": "GitHub-Hookshot/abc", "X-Hub-Signature-256": github_signature(body, secret)}
+    return {
+        "Content-Type": "application/json",
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery,
+        "User-Agent": "GitHub-Hookshot/abc",
+        "X-Hub-Signature-256": github_signature(body, secret),
+    }

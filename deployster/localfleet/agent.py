@@ -77,7 +77,9 @@ class AgentContext:
 class UnitInstance:
     """One unit on one machine: fleet's view of it (its job state) and systemd's (its unit state)."""
 
-    def __init__(self, key: InstanceKey, context: AgentContext, on_exit: Callable[[UnitInstance], None]) -> None:
+    def __init__(
+        self, key: InstanceKey, context: AgentContext, on_exit: Callable[[UnitInstance], None]
+    ) -> None:
         self.key = key
         self.unit_name, self.machine_id = key
         self._context = context
@@ -192,7 +194,9 @@ class UnitInstance:
             journal=self._journal,
             on_state=lambda active, sub: self._set_run_state(run, active, sub),
         )
-        task = asyncio.create_task(self._supervise(run, stop_requested), name=f"unit:{self.unit_name}:{self.machine_id}")
+        task = asyncio.create_task(
+            self._supervise(run, stop_requested), name=f"unit:{self.unit_name}:{self.machine_id}"
+        )
         self._activation = _Activation(run, stop_requested, task)
 
     async def _supervise(self, run: ServiceRun, stop_requested: asyncio.Event) -> None:
@@ -279,7 +283,9 @@ class Agent:
 
     def states(self) -> list[UnitState]:
         """Every reported UnitState, sorted by unit name then machine id, as fleet sorts them."""
-        states = [instance.state for instance in self._instances.values() if instance.state is not None]
+        states = [
+            instance.state for instance in self._instances.values() if instance.state is not None
+        ]
         return sorted(states, key=lambda state: (state.name, state.machine_id))
 
     def job_state(self, unit_name: str, machine_id: str) -> str | None:

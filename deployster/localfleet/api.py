@@ -77,18 +77,31 @@ _DISCOVERY = {
     "rootUrl": "$ENDPOINT/",
     "servicePath": "fleet/v1/",
     "resources": {
-        "Machines": {"methods": {"List": {"id": "fleet.Machine.List", "path": "machines", "httpMethod": "GET"}}},
+        "Machines": {
+            "methods": {
+                "List": {"id": "fleet.Machine.List", "path": "machines", "httpMethod": "GET"}
+            }
+        },
         "Units": {
             "methods": {
                 "List": {"id": "fleet.Unit.List", "path": "units", "httpMethod": "GET"},
                 "Get": {"id": "fleet.Unit.Get", "path": "units/{unitName}", "httpMethod": "GET"},
                 "Set": {"id": "fleet.Unit.Set", "path": "units/{unitName}", "httpMethod": "PUT"},
-                "Delete": {"id": "fleet.Unit.Delete", "path": "units/{unitName}", "httpMethod": "DELETE"},
+                "Delete": {
+                    "id": "fleet.Unit.Delete",
+                    "path": "units/{unitName}",
+                    "httpMethod": "DELETE",
+                },
             }
         },
-        "UnitState": {"methods": {"List": {"id": "fleet.UnitState.List", "path": "state", "httpMethod": "GET"}}},
+        "UnitState": {
+            "methods": {
+                "List": {"id": "fleet.UnitState.List", "path": "state", "httpMethod": "GET"}
+            }
+        },
     },
 }
+
 
 class ApiError(Exception):
     """An answer with fleet's error entity."""
@@ -114,7 +127,9 @@ async def _set_server_header(request: web.Request, response: web.StreamResponse)
 
 
 def _json_response(status: int, payload: Any) -> web.Response:
-    return web.Response(status=status, body=go_json_dumps(payload).encode(), content_type="application/json")
+    return web.Response(
+        status=status, body=go_json_dumps(payload).encode(), content_type="application/json"
+    )
 
 
 def _error_response(status: int, message: str = "") -> web.Response:
@@ -162,7 +177,9 @@ def _discovery(request: web.Request) -> web.Response:
 
 def _page_token(request: web.Request) -> PageToken:
     try:
-        return page_token_from_query(request.query.getall("nextPageToken", []), request.app[TOKEN_LIMIT_KEY])
+        return page_token_from_query(
+            request.query.getall("nextPageToken", []), request.app[TOKEN_LIMIT_KEY]
+        )
     except InvalidPageToken as exc:
         raise ApiError(400, str(exc)) from exc
 
@@ -179,7 +196,9 @@ async def _units(request: web.Request) -> web.Response:
     # fleet's list joins every unit with its schedule entry, global ones included,
     # so a global unit shows currentState "inactive" here but none on GET /units/{name}.
     units = [_unit_json(record, agent, listed=True) for record in records]
-    return _json_response(200, page_json("units", units, next_token.encode() if next_token else None))
+    return _json_response(
+        200, page_json("units", units, next_token.encode() if next_token else None)
+    )
 
 
 async def _unit(request: web.Request, name: str) -> web.Response:
@@ -226,7 +245,10 @@ async def _put_unit(request: web.Request, item: str) -> web.Response:
         raise ApiError(400, f"unable to decode body: {exc}") from exc
     name = unit.name or item
     if name != item:
-        raise ApiError(400, f"name in URL {json.dumps(item)} differs from unit name in request body {json.dumps(name)}")
+        raise ApiError(
+            400,
+            f"name in URL {json.dumps(item)} differs from unit name in request body {json.dumps(name)}",
+        )
     try:
         validate_unit_name(name)
     except InvalidUnitName as exc:
@@ -249,7 +271,9 @@ async def _put_unit(request: web.Request, item: str) -> web.Response:
     if store_options:
         desired_state = unit.desired_state or JOB_INACTIVE
         if desired_state not in JOB_STATES:
-            log.warning("unit_rejected", unit=name, reason=f"invalid value {desired_state!r} for JobState")
+            log.warning(
+                "unit_rejected", unit=name, reason=f"invalid value {desired_state!r} for JobState"
+            )
             raise ApiError(500)
         registry.put_unit(name, unit.options, desired_state)
         return web.Response(status=201)
@@ -283,7 +307,8 @@ async def _states(request: web.Request) -> web.Response:
     states = [
         state
         for state in request.app[AGENT_KEY].states()
-        if (not machine_id or state.machine_id == machine_id) and (not unit_name or state.name == unit_name)
+        if (not machine_id or state.machine_id == machine_id)
+        and (not unit_name or state.name == unit_name)
     ]
     page, next_token = slice_page(states, token)
     payload = page_json("states", page, next_token.encode() if next_token else None)
@@ -329,5 +354,7 @@ async def _patch_machines(request: web.Request) -> web.Response:
     for op in ops:
         match = _METADATA_PATH.fullmatch(op.path)
         assert match is not None
-        registry.set_machine_metadata(match.group(1), match.group(2), None if op.op == "remove" else op.value.value)
+        registry.set_machine_metadata(
+            match.group(1), match.group(2), None if op.op == "remove" else op.value.value
+        )
     return web.Response(status=204, content_type="application/json")

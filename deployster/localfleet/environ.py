@@ -81,7 +81,14 @@ class _EnvFileParser:
         handler(char)
 
     def finish(self) -> None:
-        if self._state in ("pre_value", "value", "value_escape", "single_quote", "double_quote", "double_quote_escape"):
+        if self._state in (
+            "pre_value",
+            "value",
+            "value_escape",
+            "single_quote",
+            "double_quote",
+            "double_quote_escape",
+        ):
             self._push()
 
     def _push(self) -> None:

@@ -36,12 +36,18 @@ class UnitJournal:
         self._fd: int | None = None
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(log_dir / f"{unit_name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(
+                log_dir / f"{unit_name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+            )
 
     def write(self, tag: str, pid: int | None, text: str) -> None:
         source = f"{tag}[{pid}]" if pid is not None else tag
         if self._fd is not None:
-            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            now = (
+                datetime.datetime.now(datetime.UTC)
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z")
+            )
             os.write(self._fd, f"{now} {self._machine} {source}: {text}\n".encode())
         else:
             sys.stderr.write(f"{self._unit_name}[{self._machine}] {source}: {text}\n")
@@ -53,13 +59,17 @@ class UnitJournal:
 
     def follow(self, tag: str, pid: int, stream: asyncio.StreamReader) -> asyncio.Task[None]:
         """Copy a process's output into the journal until the pipe closes."""
-        return asyncio.create_task(self._copy(tag, pid, stream), name=f"journal:{self._unit_name}:{pid}")
+        return asyncio.create_task(
+            self._copy(tag, pid, stream), name=f"journal:{self._unit_name}:{pid}"
+        )
 
     async def _copy(self, tag: str, pid: int, stream: asyncio.StreamReader) -> None:
         pending = b""
         while chunk := await stream.read(_CHUNK):
             *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) >= _CHUNK:  # a line that never ends is cut, as the journal cuts long lines
+            if (
+                len(pending) >= _CHUNK
+            ):  # a line that never ends is cut, as the journal cuts long lines
                 lines.append(pending)
                 pending = b""
             for line in lines:

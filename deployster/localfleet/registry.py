@@ -53,7 +53,9 @@ class UnitRecord:
         return SchedulableUnit(self.name, self.desired_state, self.requirements)
 
 
-def _record(name: str, options: Sequence[UnitOption], desired_state: str, target: str | None) -> UnitRecord:
+def _record(
+    name: str, options: Sequence[UnitOption], desired_state: str, target: str | None
+) -> UnitRecord:
     options = tuple(options)
     return UnitRecord(
         name=name,
@@ -67,7 +69,10 @@ def _record(name: str, options: Sequence[UnitOption], desired_state: str, target
 
 class Registry:
     def __init__(
-        self, machines: Sequence[Machine], store: RegistryStore | None, on_change: DesiredInstancesListener
+        self,
+        machines: Sequence[Machine],
+        store: RegistryStore | None,
+        on_change: DesiredInstancesListener,
     ) -> None:
         self._machines = {machine.id: machine for machine in machines}
         self._metadata: dict[str, dict[str, str]] = {}
@@ -79,10 +84,18 @@ class Registry:
         """Load the saved registry, if any; nothing runs until `publish`."""
         stored = self._store.load() if self._store else None
         if stored is not None:
-            self._metadata = {machine_id: dict(values) for machine_id, values in stored.machine_metadata.items()}
+            self._metadata = {
+                machine_id: dict(values) for machine_id, values in stored.machine_metadata.items()
+            }
             for unit in stored.units:
-                self._units[unit.name] = _record(unit.name, unit.options, unit.desired_state, unit.target)
-            log.info("registry_restored", path=str(self._store.path) if self._store else None, units=len(self._units))
+                self._units[unit.name] = _record(
+                    unit.name, unit.options, unit.desired_state, unit.target
+                )
+            log.info(
+                "registry_restored",
+                path=str(self._store.path) if self._store else None,
+                units=len(self._units),
+            )
 
     def publish(self) -> None:
         """Place the units and hand the agent what should run, as after any change."""
@@ -107,8 +120,14 @@ class Registry:
     def put_unit(self, name: str, options: Sequence[UnitOption], desired_state: str) -> None:
         """Create a unit, or replace the options of an existing one (it keeps its machine)."""
         existing = self._units.get(name)
-        self._units[name] = _record(name, options, desired_state, existing.target if existing else None)
-        log.info("unit_submitted" if existing is None else "unit_replaced", unit=name, desired_state=desired_state)
+        self._units[name] = _record(
+            name, options, desired_state, existing.target if existing else None
+        )
+        log.info(
+            "unit_submitted" if existing is None else "unit_replaced",
+            unit=name,
+            desired_state=desired_state,
+        )
         self._commit()
 
     def set_desired_state(self, name: str, desired_state: str) -> None:
@@ -148,7 +167,11 @@ class Registry:
             record = self._units[name]
             if record.target != target:
                 self._units[name] = dataclasses.replace(record, target=target)
-                log.info("unit_placed" if target else "unit_unplaced", unit=name, machine=target or record.target)
+                log.info(
+                    "unit_placed" if target else "unit_unplaced",
+                    unit=name,
+                    machine=target or record.target,
+                )
 
     def desired_instances(self) -> dict[InstanceKey, DesiredInstance]:
         schedulables = [record.schedulable() for record in self._units.values()]
@@ -179,5 +202,7 @@ class Registry:
                 )
                 for record in self.units()
             ],
-            machine_metadata={machine_id: values for machine_id, values in self._metadata.items() if values},
+            machine_metadata={
+                machine_id: values for machine_id, values in self._metadata.items() if values
+            },
         )

@@ -75,7 +75,9 @@ def has_conflict(units: Mapping[str, SchedulableUnit], name: str, conflicts: Seq
     return False
 
 
-def replaced_unit(units: Mapping[str, SchedulableUnit], name: str, replaces: Sequence[str]) -> str | None:
+def replaced_unit(
+    units: Mapping[str, SchedulableUnit], name: str, replaces: Sequence[str]
+) -> str | None:
     """The unit among `units` that `name` replaces or is replaced by (not both: fleet skips cycles)."""
     for other in units.values():
         if other.name == name:
@@ -107,13 +109,18 @@ class _ClusterState:
     """Units, machines and targets during one reconcile; agent views are rebuilt after each move."""
 
     def __init__(
-        self, units: Sequence[SchedulableUnit], machines: Sequence[Machine], targets: Mapping[str, str | None]
+        self,
+        units: Sequence[SchedulableUnit],
+        machines: Sequence[Machine],
+        targets: Mapping[str, str | None],
     ) -> None:
         ordered = sorted(units, key=lambda unit: unit.name)
         self.jobs = [unit for unit in ordered if not unit.is_global]
         self.globals = [unit for unit in ordered if unit.is_global]
         self.machines = sorted(machines, key=lambda machine: machine.id)
-        self.targets: dict[str, str | None] = {unit.name: targets.get(unit.name) for unit in self.jobs}
+        self.targets: dict[str, str | None] = {
+            unit.name: targets.get(unit.name) for unit in self.jobs
+        }
         self._agents: dict[str, AgentView] | None = None
 
     def agents(self) -> dict[str, AgentView]:
@@ -134,7 +141,9 @@ class _ClusterState:
 
     def sorted_agents(self) -> list[AgentView]:
         """Least loaded first, ties by machine id (fleet's `leastLoadedScheduler`)."""
-        return sorted(self.agents().values(), key=lambda agent: (len(agent.units), agent.machine.id))
+        return sorted(
+            self.agents().values(), key=lambda agent: (len(agent.units), agent.machine.id)
+        )
 
     def place(self, name: str, machine_id: str | None) -> None:
         self.targets[name] = machine_id

@@ -62,7 +62,9 @@ def parse_listen(listen: str) -> ListenAddress:
         return ListenAddress(unix_path=pathlib.Path(path))
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise InvalidListenAddress(f"cannot listen on {listen!r}: use unix:PATH or HOST:PORT (port 0 picks a free port)")
+        raise InvalidListenAddress(
+            f"cannot listen on {listen!r}: use unix:PATH or HOST:PORT (port 0 picks a free port)"
+        )
     return ListenAddress(host=host.strip("[]") or None, port=int(port))
 
 
@@ -74,7 +76,11 @@ class LocalFleet:
     """A single-machine fleet serving fleet's v1 API."""
 
     def __init__(
-        self, listen: str, machines: int = 1, state_dir: pathlib.Path | None = None, token_limit: int = 100
+        self,
+        listen: str,
+        machines: int = 1,
+        state_dir: pathlib.Path | None = None,
+        token_limit: int = 100,
     ) -> None:
         if machines < 1:
             raise StartupError("localfleet needs at least one machine (--machines 1 or more)")
@@ -93,7 +99,8 @@ class LocalFleet:
     async def start(self) -> None:
         hostname = socket.gethostname()
         machines = [
-            Machine(id=machine_id(hostname, index), primary_ip=PRIMARY_IP) for index in range(self._machine_count)
+            Machine(id=machine_id(hostname, index), primary_ip=PRIMARY_IP)
+            for index in range(self._machine_count)
         ]
         self._agent = Agent(
             AgentContext(
@@ -104,7 +111,9 @@ class LocalFleet:
         )
         store = RegistryStore(self._state_dir) if self._state_dir else None
         registry = Registry(machines, store, on_change=self._agent.apply)
-        self._runner = web.AppRunner(create_app(registry, self._agent, self._token_limit), access_log=None)
+        self._runner = web.AppRunner(
+            create_app(registry, self._agent, self._token_limit), access_log=None
+        )
         await self._runner.setup()
         try:
             registry.restore()
@@ -178,7 +187,9 @@ async def serve(
         await asyncio.Event().wait()
 
 
-def run(listen: str, machines: int = 1, state_dir: pathlib.Path | None = None, token_limit: int = 100) -> None:
+def run(
+    listen: str, machines: int = 1, state_dir: pathlib.Path | None = None, token_limit: int = 100
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop every unit cleanly and return."""
     asyncio.run(_serve_until_signal(listen, machines, state_dir, token_limit))
 

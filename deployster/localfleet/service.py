@@ -89,7 +89,11 @@ def build_environment(spec: ServiceSpec, base: Mapping[str, str]) -> dict[str, s
     environment.update(spec.environment)
     for ref in spec.environment_files:
         has_glob = any(char in ref.path for char in "*?[")
-        paths = [pathlib.Path(match) for match in sorted(glob.glob(ref.path))] if has_glob else [pathlib.Path(ref.path)]
+        paths = (
+            [pathlib.Path(match) for match in sorted(glob.glob(ref.path))]
+            if has_glob
+            else [pathlib.Path(ref.path)]
+        )
         if not paths and not ref.optional:
             raise EnvironmentFileError(f"{ref.path}: no file matches")
         for path in paths:
@@ -155,7 +159,9 @@ class _ProcessGroupScan:
         if too_old or any(started >= self._started_at for started in groups.values()):
             self._started_at = now
             self._live = _scan_live_process_groups()
-        return {group: started for group, started in groups.items() if _group_alive(group, self._live)}
+        return {
+            group: started for group, started in groups.items() if _group_alive(group, self._live)
+        }
 
 
 _SCANNER = _ProcessGroupScan()
@@ -243,7 +249,9 @@ class ServiceRun:
         stop_wait = asyncio.create_task(stop_requested.wait())
         try:
             done, _ = await asyncio.wait(
-                {steps, stop_wait}, timeout=self._spec.timeout_start, return_when=asyncio.FIRST_COMPLETED
+                {steps, stop_wait},
+                timeout=self._spec.timeout_start,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             stop_wait.cancel()
@@ -278,7 +286,9 @@ class ServiceRun:
         if self._spec.exec_start_post:
             self._on_state("activating", "start-post")
             post_environment = {**environment, "MAINPID": str(main.pid)}
-            if not await self._run_commands(self._spec.exec_start_post, post_environment, "ExecStartPost"):
+            if not await self._run_commands(
+                self._spec.exec_start_post, post_environment, "ExecStartPost"
+            ):
                 return False
         if not self._main_exit.done():
             self._on_state("active", "running")
@@ -319,7 +329,9 @@ class ServiceRun:
         self._on_state("deactivating", "stop")
         if main_alive and self._main is not None and self._main.returncode is None:
             environment = {**environment, "MAINPID": str(self._main.pid)}
-        await self._within_stop_timeout("stop", self._run_commands(self._spec.exec_stop, environment, "ExecStop"))
+        await self._within_stop_timeout(
+            "stop", self._run_commands(self._spec.exec_stop, environment, "ExecStop")
+        )
 
     async def _run_stop_post(self, environment: dict[str, str]) -> None:
         if not self._spec.exec_stop_post:
@@ -370,14 +382,18 @@ class ServiceRun:
 
     # Commands
 
-    async def _run_commands(self, commands: Sequence[ExecCommand], environment: dict[str, str], label: str) -> bool:
+    async def _run_commands(
+        self, commands: Sequence[ExecCommand], environment: dict[str, str], label: str
+    ) -> bool:
         """Run control commands in order; False at the first failure that is not ignored."""
         for command in commands:
             if not await self._run_control(command, environment, label):
                 return False
         return True
 
-    async def _run_control(self, command: ExecCommand, environment: dict[str, str], label: str) -> bool:
+    async def _run_control(
+        self, command: ExecCommand, environment: dict[str, str], label: str
+    ) -> bool:
         try:
             process = await self._spawn(command, environment)
         except SpawnError as exc:
@@ -387,7 +403,9 @@ class ServiceRun:
         if returncode == 0:
             return True
         self._journal.note(f"{label} process exited, {describe_exit(returncode)}")
-        return self._command_failed(command, ServiceResult.EXIT_CODE if returncode > 0 else ServiceResult.SIGNAL)
+        return self._command_failed(
+            command, ServiceResult.EXIT_CODE if returncode > 0 else ServiceResult.SIGNAL
+        )
 
     def _command_failed(self, command: ExecCommand, result: ServiceResult) -> bool:
         """Record a failed command; True when its `-` prefix says to carry on."""
@@ -396,8 +414,14 @@ class ServiceRun:
         self._fail(result)
         return False
 
-    async def _spawn(self, command: ExecCommand, environment: dict[str, str]) -> asyncio.subprocess.Process:
-        argv = expand_exec_argv(command.argv, environment) if command.expand_variables else list(command.argv)
+    async def _spawn(
+        self, command: ExecCommand, environment: dict[str, str]
+    ) -> asyncio.subprocess.Process:
+        argv = (
+            expand_exec_argv(command.argv, environment)
+            if command.expand_variables
+            else list(command.argv)
+        )
         executable = _resolve_executable(command.path, environment.get("PATH"))
         try:
             process = await asyncio.create_subprocess_exec(
@@ -414,7 +438,9 @@ class ServiceRun:
             raise SpawnError(f"Failed to execute {command.path}: {exc.strerror or exc}") from exc
         self._groups[process.pid] = time.monotonic()
         assert process.stdout is not None
-        self._readers.append(self._journal.follow(os.path.basename(command.path), process.pid, process.stdout))
+        self._readers.append(
+            self._journal.follow(os.path.basename(command.path), process.pid, process.stdout)
+        )
         return process
 
     # End

@@ -54,9 +54,13 @@ class RegistryStore:
         try:
             stored = StoredRegistry.model_validate_json(text)
         except pydantic.ValidationError as exc:
-            raise StateFileError(f"{self.path} is not a localfleet registry file; move it away to start empty: {exc}") from exc
+            raise StateFileError(
+                f"{self.path} is not a localfleet registry file; move it away to start empty: {exc}"
+            ) from exc
         if stored.version != FORMAT_VERSION:
-            raise StateFileError(f"{self.path} has format version {stored.version}, this localfleet reads {FORMAT_VERSION}")
+            raise StateFileError(
+                f"{self.path} has format version {stored.version}, this localfleet reads {FORMAT_VERSION}"
+            )
         return stored
 
     def save(self, registry: StoredRegistry) -> None:

@@ -203,7 +203,9 @@ class ServiceSpec:
     warnings: tuple[str, ...] = ()
 
 
-def build_service_spec(options: Iterable[UnitOption], unit_name: str, machine_id: str, hostname: str) -> ServiceSpec:
+def build_service_spec(
+    options: Iterable[UnitOption], unit_name: str, machine_id: str, hostname: str
+) -> ServiceSpec:
     """Read the `[Service]` section of `unit_name` as loaded on `machine_id`."""
     if not unit_name.endswith(".service"):
         raise UnitLoadError("localfleet runs only .service units")
@@ -271,7 +273,9 @@ class _SpecBuilder:
         words = [self._expand(word) for word in split_words(value)]
         assignments, ignored = parse_environment_assignments(words)
         self._environment.update(assignments)
-        self._warnings.extend(f"invalid environment assignment {word!r}, ignoring" for word in ignored)
+        self._warnings.extend(
+            f"invalid environment assignment {word!r}, ignoring" for word in ignored
+        )
 
     def _apply_environment_file(self, value: str) -> None:
         if not value:
@@ -320,7 +324,9 @@ class _SpecBuilder:
             )
         warnings = list(self._warnings)
         if self._ignored:
-            warnings.append("settings not supported by localfleet, ignoring: " + ", ".join(self._ignored))
+            warnings.append(
+                "settings not supported by localfleet, ignoring: " + ", ".join(self._ignored)
+            )
         return ServiceSpec(
             exec_start=starts[0],
             exec_start_pre=tuple(self._exec["ExecStartPre"]),

@@ -36,7 +36,13 @@ from deployster.fleet import (
     UnitStatePage,
 )
 
-_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_GO_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
 
 _PAGES: dict[str, type[UnitPage | UnitStatePage | MachinePage]] = {
     "units": UnitPage,
@@ -64,18 +70,28 @@ def error_entity(code: int, message: str) -> dict[str, Any]:
 
 
 def unit_json(
-    name: str, options: Sequence[UnitOption], desired_state: str, current_state: str | None, machine_id: str | None
+    name: str,
+    options: Sequence[UnitOption],
+    desired_state: str,
+    current_state: str | None,
+    machine_id: str | None,
 ) -> dict[str, Any]:
     """A unit as fleet shows it; `None` (like an empty string) leaves the state or the machine out."""
     unit = Unit(
-        name=name, options=options, desired_state=desired_state, current_state=current_state, machine_id=machine_id
+        name=name,
+        options=options,
+        desired_state=desired_state,
+        current_state=current_state,
+        machine_id=machine_id,
     )
     return unit.to_wire()
 
 
 def page_json(key: str, items: Iterable[Any], next_page_token: str | None) -> dict[str, Any]:
     """The page of `key` (`units`, `states` or `machines`); `items` are shapes or their JSON."""
-    return _PAGES[key].model_validate({key: list(items), "nextPageToken": next_page_token}).to_wire()
+    return (
+        _PAGES[key].model_validate({key: list(items), "nextPageToken": next_page_token}).to_wire()
+    )
 
 
 def decode_unit_request(body: bytes) -> Unit:

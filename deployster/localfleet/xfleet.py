@@ -107,7 +107,12 @@ def fleet_requirements(options: Iterable[UnitOption], unit_name: str | None) -> 
             if len(parts) == 2 and parts[0] and parts[1]:
                 metadata.setdefault(parts[0], set()).add(parts[1])
 
-    conflicts = [glob for key in ("X-Conflicts", "Conflicts") for value in values.get(key, []) for glob in value.split()]
+    conflicts = [
+        glob
+        for key in ("X-Conflicts", "Conflicts")
+        for value in values.get(key, [])
+        for glob in value.split()
+    ]
     peers = values.get("X-ConditionMachineOf", []) + values.get("MachineOf", [])
     global_values = values.get("Global", [])
     return Requirements(
@@ -128,10 +133,14 @@ def validate_requirements(options: Iterable[UnitOption]) -> None:
     for peer in sorted(set(requirements.peers)):
         for conflict in conflicts:
             if glob_match(conflict, peer):
-                raise InvalidRequirements(f'unresolvable requirements: peer "{peer}" matches conflict "{conflict}"')
+                raise InvalidRequirements(
+                    f'unresolvable requirements: peer "{peer}" matches conflict "{conflict}"'
+                )
         for replace in replaces:
             if glob_match(replace, peer):
-                raise InvalidRequirements(f'unresolvable requirements: peer "{peer}" matches replace "{replace}"')
+                raise InvalidRequirements(
+                    f'unresolvable requirements: peer "{peer}" matches replace "{replace}"'
+                )
     has_target = requirements.machine_id is not None
     rules = (
         (has_target and bool(requirements.peers), "MachineID cannot be used with Peers"),
@@ -208,7 +217,10 @@ def _class_to_regex(pattern: str, index: int) -> tuple[str, int]:
         count += 1
         if low <= high:  # Go accepts an empty range; it simply never matches.
             ranges.append((low, high))
-    body = "".join(re.escape(low) if low == high else f"{re.escape(low)}-{re.escape(high)}" for low, high in ranges)
+    body = "".join(
+        re.escape(low) if low == high else f"{re.escape(low)}-{re.escape(high)}"
+        for low, high in ranges
+    )
     if not body:
         return ("." if negated else "(?!)"), index
     return (f"[^{body}]" if negated else f"[{body}]"), index

@@ -86,12 +86,16 @@ class TraefikRouter:
     ) -> None:
         root_key = root_key.rstrip("/")
         if not root_key:
-            raise RouterError("Traefik rootKey is empty: give the providers.etcd.rootKey Traefik runs with.")
+            raise RouterError(
+                "Traefik rootKey is empty: give the providers.etcd.rootKey Traefik runs with."
+            )
         self.etcd = etcd
         self.root_key = root_key
         self.api_url = api_url.rstrip("/") if api_url else None
         self.entrypoint = entrypoint
-        self.bookkeeping = (bookkeeping_prefix or f"{DEFAULT_BOOKKEEPING}/{root_key.strip('/')}").rstrip("/")
+        self.bookkeeping = (
+            bookkeeping_prefix or f"{DEFAULT_BOOKKEEPING}/{root_key.strip('/')}"
+        ).rstrip("/")
         if self.bookkeeping.startswith(root_key) or root_key.startswith(self.bookkeeping):
             raise RouterError(
                 f"Deployster's bookkeeping prefix {self.bookkeeping!r} overlaps Traefik's rootKey "
@@ -139,8 +143,10 @@ class TraefikRouter:
         # instead of logging a router that points at a missing service.
         wanted[self.service_key(service)] = "true"
         try:
-            current = {kv.key.decode(): kv.value.decode()
-                       for kv in await self.etcd.get_prefix(prefix.encode())}
+            current = {
+                kv.key.decode(): kv.value.decode()
+                for kv in await self.etcd.get_prefix(prefix.encode())
+            }
             declared = await self.etcd.get(self.service_key(service).encode())
             if declared is not None:
                 current[self.service_key(service)] = declared.value.decode()
@@ -149,14 +155,21 @@ class TraefikRouter:
                 # One transaction: Traefik sees one change and reloads once.
                 await self.etcd.transaction(
                     compare=[],
-                    success=[self.etcd.transactions.put(key.encode(), value.encode())
-                             for key, value in changed.items()],
+                    success=[
+                        self.etcd.transactions.put(key.encode(), value.encode())
+                        for key, value in changed.items()
+                    ],
                     failure=[],
                 )
         except Exception as error:
             raise RouterError(f"Could not write Traefik's router for {service}: {error}") from error
-        log.info("router_service_ensured", router="traefik", service=service,
-                 rule=wanted[f"{prefix}rule"], written=sorted(changed))
+        log.info(
+            "router_service_ensured",
+            router="traefik",
+            service=service,
+            rule=wanted[f"{prefix}rule"],
+            written=sorted(changed),
+        )
 
     async def register(
         self, service: str, server_id: str, url: str, lease: int | None = None
@@ -169,8 +182,17 @@ class TraefikRouter:
             raise
         except Exception as error:
             raise RouterError(f"Could not register {server_id} with Traefik: {error}") from error
-        log.info("router_registered", router="traefik", service=service, server_id=server_id,
-                 url=url, key=self.url_key(service, n), index=n, mapping=mapping, lease=lease)
+        log.info(
+            "router_registered",
+            router="traefik",
+            service=service,
+            server_id=server_id,
+            url=url,
+            key=self.url_key(service, n),
+            index=n,
+            mapping=mapping,
+            lease=lease,
+        )
 
     async def deregister(self, service: str, server_id: str) -> None:
         mapping = self.mapping_key(service, server_id)
@@ -179,8 +201,13 @@ class TraefikRouter:
             for _ in range(ALLOCATE_ATTEMPTS):
                 current = await self.etcd.get(mapping.encode())
                 if current is None:
-                    log.info("router_deregistered", router="traefik", service=service,
-                             server_id=server_id, existed=False)
+                    log.info(
+                        "router_deregistered",
+                        router="traefik",
+                        service=service,
+                        server_id=server_id,
+                        existed=False,
+                    )
                     return
                 n = int(current.value)
                 prefix = self.server_prefix(service, n).encode()
@@ -193,9 +220,15 @@ class TraefikRouter:
                     failure=[],
                 )
                 if ok:
-                    log.info("router_deregistered", router="traefik", service=service,
-                             server_id=server_id, existed=True, index=n,
-                             key=prefix.decode())
+                    log.info(
+                        "router_deregistered",
+                        router="traefik",
+                        service=service,
+                        server_id=server_id,
+                        existed=True,
+                        index=n,
+                        key=prefix.decode(),
+                    )
                     return
         except Exception as error:
             raise RouterError(f"Could not deregister {server_id} from Traefik: {error}") from error
@@ -209,13 +242,13 @@ class TraefikRouter:
         prefix = self.servers_prefix(service)
         urls: dict[int, str] = {}
         for kv in await self.etcd.get_prefix(prefix.encode()):
-            rest = kv.key.decode()[len(prefix):]
+            rest = kv.key.decode()[len(prefix) :]
             index, _, field = rest.partition("/")
             if field == "url" and index.isdigit():
                 urls[int(index)] = kv.value.decode()
         mprefix = self.mappings_prefix(service)
         ids = {
-            int(kv.value): kv.key.decode()[len(mprefix):]
+            int(kv.value): kv.key.decode()[len(mprefix) :]
             for kv in await self.etcd.get_prefix(mprefix.encode())
         }
         return {ids.get(n, f"#{n}"): url for n, url in sorted(urls.items())}
@@ -246,6 +279,7 @@ class TraefikRouter:
         where = f"Traefik at {self.api_url}" if self.api_url else "Traefik's keys"
         timeouts = aiohttp.ClientTimeout(total=self.request_timeout)
         async with aiohttp.ClientSession(timeout=timeouts) as session:
+
             async def served() -> set[str] | None:
                 if self.api_url:
                     return await self.served_urls(service, session)
@@ -253,10 +287,19 @@ class TraefikRouter:
 
             unapplied = await poll_applied(served, present, absent, timeout, self.poll_interval)
         if unapplied is not None:
-            log.warning("router_apply_timeout", router="traefik", service=service,
-                        missing=unapplied.missing, extra=unapplied.extra, api_answered=unapplied.answered)
-            state = (f"still missing {unapplied.missing}, still serving {unapplied.extra}"
-                     if unapplied.answered else "its API did not answer")
+            log.warning(
+                "router_apply_timeout",
+                router="traefik",
+                service=service,
+                missing=unapplied.missing,
+                extra=unapplied.extra,
+                api_answered=unapplied.answered,
+            )
+            state = (
+                f"still missing {unapplied.missing}, still serving {unapplied.extra}"
+                if unapplied.answered
+                else "its API did not answer"
+            )
             raise RouterTimeout(
                 f"{where} did not apply the change to service {service!r} within "
                 f"{timeout:g} s: {state}. Check that Traefik watches etcd under rootKey "
@@ -265,8 +308,13 @@ class TraefikRouter:
             )
         if not self.api_url:
             await asyncio.sleep(self.settle)  # no confirmation without the API (§2.6)
-        log.info("router_applied", router="traefik", service=service,
-                 elapsed=round(time.monotonic() - started, 3), confirmed=bool(self.api_url))
+        log.info(
+            "router_applied",
+            router="traefik",
+            service=service,
+            elapsed=round(time.monotonic() - started, 3),
+            confirmed=bool(self.api_url),
+        )
 
     async def _allocate(self, service: str, server_id: str, url: str, lease: int | None) -> int:
         """Write the url key under this server's number, taking a new number if it has none."""
@@ -293,7 +341,8 @@ class TraefikRouter:
                     compare=[
                         tx.version(mapping) == 0,
                         tx.mod(counter) == count.mod_revision
-                        if count is not None else tx.version(counter) == 0,
+                        if count is not None
+                        else tx.version(counter) == 0,
                     ],
                     success=[
                         tx.put(counter, str(n + 1).encode()),
@@ -319,8 +368,14 @@ def traefik_binary() -> str:
     return found
 
 
-def traefik_command(etcd_endpoint: str, root_key: str, web_listen: str, api_listen: str,
-                    throttle: str = "200ms", log_level: str = "ERROR") -> list[str]:
+def traefik_command(
+    etcd_endpoint: str,
+    root_key: str,
+    web_listen: str,
+    api_listen: str,
+    throttle: str = "200ms",
+    log_level: str = "ERROR",
+) -> list[str]:
     """Traefik reading ``root_key`` of Deployster's etcd: the web entry point serves the
     services, the ``traefik`` entry point the API that confirms changes (routers.md §2.1, §2.6).
     Traefik's default throttle is 2 s; a short one makes a switch apply in a fraction of that."""

@@ -84,7 +84,12 @@ def server_value(url: str) -> bytes:
 
 def frontend_value(service: str, route: str, settings: Mapping[str, Any]) -> bytes:
     return encode(
-        {"Type": "http", "BackendId": backend_id(service), "Route": route, "Settings": dict(settings)}
+        {
+            "Type": "http",
+            "BackendId": backend_id(service),
+            "Route": route,
+            "Settings": dict(settings),
+        }
     )
 
 
@@ -141,8 +146,13 @@ class VulcandRouter:
         ):
             if await self._put_if_changed(key, value):
                 written.append(key)
-        log.info("router_service_ensured", router="vulcand", service=service, route=route,
-                 written=written)
+        log.info(
+            "router_service_ensured",
+            router="vulcand",
+            service=service,
+            route=route,
+            written=written,
+        )
 
     async def register(
         self, service: str, server_id: str, url: str, lease: int | None = None
@@ -153,8 +163,15 @@ class VulcandRouter:
             await self.etcd.put(key.encode(), value, lease=lease)
         except Exception as error:  # aetcd raises several unrelated types
             raise RouterError(f"Could not register {server_id} with vulcand: {error}") from error
-        log.info("router_registered", router="vulcand", service=service, server_id=server_id,
-                 url=url, key=key, lease=lease)
+        log.info(
+            "router_registered",
+            router="vulcand",
+            service=service,
+            server_id=server_id,
+            url=url,
+            key=key,
+            lease=lease,
+        )
 
     async def deregister(self, service: str, server_id: str) -> None:
         key = self.server_key(service, server_id)
@@ -163,14 +180,20 @@ class VulcandRouter:
             deleted = await self.etcd.delete(key.encode())
         except Exception as error:
             raise RouterError(f"Could not deregister {server_id} from vulcand: {error}") from error
-        log.info("router_deregistered", router="vulcand", service=service, server_id=server_id,
-                 key=key, existed=bool(deleted))
+        log.info(
+            "router_deregistered",
+            router="vulcand",
+            service=service,
+            server_id=server_id,
+            key=key,
+            existed=bool(deleted),
+        )
 
     async def servers(self, service: str) -> dict[str, str]:
         prefix = self.servers_prefix(service)
         found: dict[str, str] = {}
         for kv in await self.etcd.get_prefix(prefix.encode()):
-            server_id = kv.key.decode()[len(prefix):]
+            server_id = kv.key.decode()[len(prefix) :]
             try:
                 found[server_id] = json.loads(kv.value)["URL"]
             except (ValueError, KeyError, TypeError):
@@ -191,16 +214,26 @@ class VulcandRouter:
 
         unapplied = await poll_applied(keys, present, absent, timeout, self.poll_interval)
         if unapplied is not None:
-            log.warning("router_apply_timeout", router="vulcand", service=service,
-                        missing=unapplied.missing, extra=unapplied.extra)
+            log.warning(
+                "router_apply_timeout",
+                router="vulcand",
+                service=service,
+                missing=unapplied.missing,
+                extra=unapplied.extra,
+            )
             raise RouterTimeout(
                 f"vulcand's keys for service {service!r} were not as wanted within "
                 f"{timeout:g} s: missing {unapplied.missing}, still present {unapplied.extra}."
             )
         # No acknowledgement exists (§1.6): give the watch time to reach every vulcand.
         await asyncio.sleep(self.settle)
-        log.info("router_applied", router="vulcand", service=service,
-                 elapsed=round(time.monotonic() - started, 3), settle=self.settle)
+        log.info(
+            "router_applied",
+            router="vulcand",
+            service=service,
+            elapsed=round(time.monotonic() - started, 3),
+            settle=self.settle,
+        )
 
     async def _put_if_changed(self, key: str, value: bytes) -> bool:
         try:

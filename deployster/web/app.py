@@ -7,8 +7,8 @@ import asyncio
 from aiohttp import web
 
 from deployster.web import deploys, meta, metrics, openapi, policies, tasks, webhooks
-from deployster.web.context import CLOSING, SERVICES, Services
 from deployster.web.auth import basic_auth_middleware
+from deployster.web.context import CLOSING, SERVICES, Services
 from deployster.web.errors import error_middleware
 
 MAX_BODY = 1024 * 1024

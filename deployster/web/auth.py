@@ -24,15 +24,17 @@ CHALLENGE = {"WWW-Authenticate": 'Basic realm="Deployster"'}
 #: The only routes served without credentials, by their route template (the resource's
 #: canonical path, e.g. ``/hooks/{source}``): what matched the request decides, so an unknown
 #: path or one that merely starts like a public one still needs auth. Keep this list short.
-PUBLIC_ROUTES: frozenset[str] = frozenset({
-    "/healthz",  # liveness probe
-    "/readyz",  # readiness probe
-    # Webhooks: each source proves it knows its own secret (deployster/web/webhooks.py).
-    "/v1/webhooks/dockerhub/{token}",
-    "/v1/webhooks/registry",
-    "/v1/webhooks/harbor",
-    "/v1/webhooks/ghcr",
-})
+PUBLIC_ROUTES: frozenset[str] = frozenset(
+    {
+        "/healthz",  # liveness probe
+        "/readyz",  # readiness probe
+        # Webhooks: each source proves it knows its own secret (deployster/web/webhooks.py).
+        "/v1/webhooks/dockerhub/{token}",
+        "/v1/webhooks/registry",
+        "/v1/webhooks/harbor",
+        "/v1/webhooks/ghcr",
+    }
+)
 
 
 def is_public(request: web.Request) -> bool:
@@ -55,7 +57,9 @@ def basic_auth_middleware(username: str, password: str) -> Any:
         try:
             user, sep, given = b64decode(encoded, validate=True).partition(b":")
         except (binascii.Error, ValueError):
-            raise ApiError(401, "The Authorization header is not valid basic auth.", CHALLENGE) from None
+            raise ApiError(
+                401, "The Authorization header is not valid basic auth.", CHALLENGE
+            ) from None
         # Both comparisons always run, so timing tells nothing about which part was wrong.
         user_ok = hmac.compare_digest(user, expected_user)
         password_ok = hmac.compare_digest(given, expected_password)

@@ -12,8 +12,8 @@ from deployster.fleet import FleetClient
 from deployster.metrics import Metrics
 from deployster.store import Store
 from handlers.instances import InstancesHandler
-from handlers.webhooks import WebhookHandler
 from handlers.tasks import TaskRunner
+from handlers.webhooks import WebhookHandler
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployster.aio import cancel_and_wait
 from deployster import naming
+from deployster.aio import cancel_and_wait
 from deployster.events import (
     DeployFailed,
     DeployQueued,
@@ -32,10 +32,10 @@ from deployster.events import (
 )
 from deployster.store import DeployRecord, DeployState, new_deploy_id
 from deployster.units import validate_env
-from deployster.web.inputs import checked, read_json, service_name
 from deployster.web.auth import USER
 from deployster.web.context import CLOSING, services
 from deployster.web.errors import ApiError
+from deployster.web.inputs import checked, read_json, service_name
 from handlers.deploys import rollback_target, service_units
 
 routes = web.RouteTableDef()
@@ -70,7 +70,11 @@ async def create_deploy(request: web.Request) -> web.Response:
     service = service_name(request)
     body = (await read_json(request, DeployEnvelope)).deploy
     checked(naming.validate_version, body.version)
-    timestamp = checked(naming.validate_timestamp, body.timestamp) if body.timestamp else naming.now_timestamp()
+    timestamp = (
+        checked(naming.validate_timestamp, body.timestamp)
+        if body.timestamp
+        else naming.now_timestamp()
+    )
     event = DeployRequested(
         service=service,
         deploy_id=new_deploy_id(),
@@ -93,7 +97,9 @@ async def rollback(request: web.Request) -> web.Response:
     records = await services(request).store.list_deploys(service)
     target = rollback_target(records)
     if target is None:
-        raise ApiError(409, f"Service {service!r} has no earlier successful release to roll back to.")
+        raise ApiError(
+            409, f"Service {service!r} has no earlier successful release to roll back to."
+        )
     live = next(r for r in reversed(records) if r.state is DeployState.SUCCEEDED)
     event = DeployRequested(
         service=service,
@@ -122,7 +128,7 @@ async def _start(request: web.Request, event: DeployRequested) -> web.Response:
     location = f"/v1/services/{service}/deploys/{deploy_id}"
     try:
         result = await ctx.bus.request(event, until=outcome, timeout=ctx.submit_timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         # The deploy goes on; its record says how.
         record = await ctx.store.get_deploy(service, deploy_id)
         body_json = {"deploy": record.public() if record else {"id": deploy_id, "state": "pending"}}
@@ -134,7 +140,9 @@ async def _start(request: web.Request, event: DeployRequested) -> web.Response:
     record = await ctx.store.get_deploy(service, deploy_id)
     assert record is not None
     status = 202 if isinstance(result, DeployQueued) else 201
-    return web.json_response({"deploy": record.public()}, status=status, headers={"Location": location})
+    return web.json_response(
+        {"deploy": record.public()}, status=status, headers={"Location": location}
+    )
 
 
 @routes.get("/v1/services")
@@ -149,16 +157,29 @@ async def list_services(request: web.Request) -> web.Response:
     for name, records in sorted(by_service.items()):
         live = next((r for r in reversed(records) if r.state is DeployState.SUCCEEDED), None)
         latest = records[-1]
-        listed.append({
-            "name": name,
-            "live": {"version": live.version, "timestamp": live.timestamp, "deploy_id": live.id} if live else None,
-            "latest_deploy": {"id": latest.id, "version": latest.version, "state": latest.state},
-            "instances": [
-                {"unit": str(i.unit), "url": i.url, "healthy": i.healthy, "routed": i.routed,
-                 "last_probe": i.describe_last_probe()}
-                for i in sorted(ctx.instances.of_service(name), key=lambda i: str(i.unit))
-            ],
-        })
+        listed.append(
+            {
+                "name": name,
+                "live": {"version": live.version, "timestamp": live.timestamp, "deploy_id": live.id}
+                if live
+                else None,
+                "latest_deploy": {
+                    "id": latest.id,
+                    "version": latest.version,
+                    "state": latest.state,
+                },
+                "instances": [
+                    {
+                        "unit": str(i.unit),
+                        "url": i.url,
+                        "healthy": i.healthy,
+                        "routed": i.routed,
+                        "last_probe": i.describe_last_probe(),
+                    }
+                    for i in sorted(ctx.instances.of_service(name), key=lambda i: str(i.unit))
+                ],
+            }
+        )
     return web.json_response({"services": listed})
 
 
@@ -198,7 +219,9 @@ async def deploy_events(request: web.Request) -> web.StreamResponse:
         async for record in store.follow_deploy(service, deploy_id):
             for progress in record.events:
                 if progress.seq > seen:
-                    await stream.send(progress.model_dump_json(), id=str(progress.seq), event=progress.kind)
+                    await stream.send(
+                        progress.model_dump_json(), id=str(progress.seq), event=progress.kind
+                    )
                     seen = progress.seq
 
     async with sse_response(request) as stream:
@@ -221,7 +244,9 @@ async def destroy_version(request: web.Request) -> web.Response:
     if timestamp:
         checked(naming.validate_timestamp, timestamp)
     request_id = secrets.token_hex(8)
-    event = DestroyRequested(service=service, request_id=request_id, version=version, timestamp=timestamp)
+    event = DestroyRequested(
+        service=service, request_id=request_id, version=version, timestamp=timestamp
+    )
     result = await ctx.bus.request(
         event,
         until=lambda e: isinstance(e, UnitsDestroyed) and e.request_id == request_id,

@@ -33,16 +33,22 @@ _CODES = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, description: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, description: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(description)
         self.status = status
         self.description = description
         self.headers = headers or {}
 
 
-def error_response(status: int, description: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": _CODES.get(status, "error" if status < 500 else "internal_error"),
-            "description": description}
+def error_response(
+    status: int, description: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = {
+        "error": _CODES.get(status, "error" if status < 500 else "internal_error"),
+        "description": description,
+    }
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -73,7 +79,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(exc.status, exc.description, exc.headers)
     except EtcdError as exc:
         log.warning("etcd_error", path=request.path, reason=str(exc))
-        return error_response(503, f"Deployster cannot reach its etcd ({exc}); try again when etcd is back.")
+        return error_response(
+            503, f"Deployster cannot reach its etcd ({exc}); try again when etcd is back."
+        )
     except FleetError as exc:
         log.warning("fleet_error", path=request.path, reason=exc.message)
         return error_response(502, f"{exc.message}.")
@@ -84,4 +92,6 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(exc.status, _http_error_description(exc, request), headers)
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
-        return error_response(500, "Deployster failed to handle this request; the server log has the details.")
+        return error_response(
+            500, "Deployster failed to handle this request; the server log has the details."
+        )

@@ -42,7 +42,9 @@ async def _down(name: str, check: Awaitable[object]) -> str | None:
     try:
         await asyncio.wait_for(check, READY_TIMEOUT)
     except TimeoutError:
-        log.warning("readiness_check_failed", system=name, reason=f"no answer within {READY_TIMEOUT} s")
+        log.warning(
+            "readiness_check_failed", system=name, reason=f"no answer within {READY_TIMEOUT} s"
+        )
         return name
     except (EtcdError, FleetError) as exc:
         log.warning("readiness_check_failed", system=name, reason=str(exc))
@@ -53,10 +55,14 @@ async def _down(name: str, check: Awaitable[object]) -> str | None:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     parts = services(request)
-    down = [name for name in await asyncio.gather(
-        _down("etcd", parts.store.ping()),
-        _down("fleet", parts.fleet.list_machines()),
-    ) if name]
+    down = [
+        name
+        for name in await asyncio.gather(
+            _down("etcd", parts.store.ping()),
+            _down("fleet", parts.fleet.list_machines()),
+        )
+        if name
+    ]
     if down:
         verb = "is" if len(down) == 1 else "are"
         raise ApiError(503, f"Deployster is not ready: {' and '.join(down)} {verb} unreachable.")

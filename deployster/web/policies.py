@@ -6,8 +6,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from deployster.policy import ServicePolicy
-from deployster.web.inputs import read_json, service_name
 from deployster.web.context import services
+from deployster.web.inputs import read_json, service_name
 
 routes = web.RouteTableDef()
 

@@ -21,7 +21,7 @@ from deployster.web.auth import USER
 from deployster.web.context import services
 from deployster.web.errors import ApiError
 from deployster.web.inputs import checked, read_json, service_name
-from handlers.tasks import TaskRejected, TaskRunner, TaskRun, TaskSpec, trailer
+from handlers.tasks import TaskRejected, TaskRun, TaskRunner, TaskSpec, trailer
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -53,10 +53,14 @@ class TaskBody(BaseModel):
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         for key, item in value.items():
             if not _ENV_NAME.fullmatch(key):
-                raise ValueError(f"environment variable name {key!r} is not valid: use letters, "
-                                 "digits and '_', not starting with a digit")
+                raise ValueError(
+                    f"environment variable name {key!r} is not valid: use letters, "
+                    "digits and '_', not starting with a digit"
+                )
             if "\0" in item:
-                raise ValueError(f"the value of environment variable {key} contains a NUL character")
+                raise ValueError(
+                    f"the value of environment variable {key} contains a NUL character"
+                )
         return value
 
 
@@ -93,8 +97,14 @@ async def run_task(request: web.Request) -> web.StreamResponse:
     body = (await read_json(request, TaskEnvelope)).task
     checked(naming.validate_version, body.version)
     runner = _runner(request)
-    spec = TaskSpec(service=service, version=body.version, command=body.command,
-                    timeout=body.timeout, env=body.env, actor=request[USER])
+    spec = TaskSpec(
+        service=service,
+        version=body.version,
+        command=body.command,
+        timeout=body.timeout,
+        env=body.env,
+        actor=request[USER],
+    )
     try:
         run = await runner.submit(spec)
     except TaskRejected as exc:
@@ -119,16 +129,25 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     runner = _runner(request)
     run = runner.running(task_id)
     if run is not None and run.record.service == service:
-        return await _stream(request, run) if follow else web.json_response({"task": run.record.public()})
+        return (
+            await _stream(request, run)
+            if follow
+            else web.json_response({"task": run.record.public()})
+        )
     record = await runner.store.get(service, task_id)
     if record is None:
         raise ApiError(404, f"Service {service!r} has no task {task_id!r}.")
     if not follow:
         return web.json_response({"task": record.public()})
     if not record.state.finished:
-        raise ApiError(409, f"Task {task_id} is {record.state} but this server does not follow it; "
-                            "ask the server that runs it.")
-    response = web.StreamResponse(status=200, headers={"Content-Type": "text/plain", "X-Task-Id": task_id})
+        raise ApiError(
+            409,
+            f"Task {task_id} is {record.state} but this server does not follow it; "
+            "ask the server that runs it.",
+        )
+    response = web.StreamResponse(
+        status=200, headers={"Content-Type": "text/plain", "X-Task-Id": task_id}
+    )
     await response.prepare(request)
     await response.write(record.output.encode() + trailer(record))
     await response.write_eof()

@@ -11,7 +11,6 @@ auth) lists the last 100 decisions.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
@@ -38,7 +37,10 @@ async def _receive(request: web.Request, source: str, check: Check, parse: Parse
     handler = _handler(request)
     secret = handler.secret(source)
     if secret is None:
-        raise ApiError(404, f"The {source} webhook is off: set --webhook-secret (or its {source} override) to turn it on.")
+        raise ApiError(
+            404,
+            f"The {source} webhook is off: set --webhook-secret (or its {source} override) to turn it on.",
+        )
     body = await request.read()
     try:
         check(request, body, secret)
@@ -54,15 +56,20 @@ async def _receive(request: web.Request, source: str, check: Check, parse: Parse
         raise ApiError(400, str(exc)) from None
     try:
         decisions = await handler.receive(delivery)
-    except asyncio.TimeoutError:
-        raise ApiError(503, "Deployster could not decide on the push in time; send it again.") from None
-    return web.json_response({"decisions": [d.model_dump(mode="json") for d in decisions]}, status=202)
+    except TimeoutError:
+        raise ApiError(
+            503, "Deployster could not decide on the push in time; send it again."
+        ) from None
+    return web.json_response(
+        {"decisions": [d.model_dump(mode="json") for d in decisions]}, status=202
+    )
 
 
 @routes.post("/v1/webhooks/dockerhub/{token}")
 async def dockerhub(request: web.Request) -> web.Response:
     return await _receive(
-        request, "dockerhub",
+        request,
+        "dockerhub",
         lambda r, _, secret: webhooks.check_token(r.match_info["token"], secret),
         lambda r, body: webhooks.parse_dockerhub(body, r.content_type),
     )
@@ -71,7 +78,8 @@ async def dockerhub(request: web.Request) -> web.Response:
 @routes.post("/v1/webhooks/registry")
 async def registry(request: web.Request) -> web.Response:
     return await _receive(
-        request, "registry",
+        request,
+        "registry",
         lambda r, _, secret: webhooks.check_authorization(r.headers.get("Authorization"), secret),
         lambda r, body: webhooks.parse_registry(body, r.content_type),
     )
@@ -80,7 +88,8 @@ async def registry(request: web.Request) -> web.Response:
 @routes.post("/v1/webhooks/harbor")
 async def harbor(request: web.Request) -> web.Response:
     return await _receive(
-        request, "harbor",
+        request,
+        "harbor",
         lambda r, _, secret: webhooks.check_authorization(r.headers.get("Authorization"), secret),
         lambda r, body: webhooks.parse_harbor(body, r.content_type),
     )
@@ -89,17 +98,26 @@ async def harbor(request: web.Request) -> web.Response:
 @routes.post("/v1/webhooks/ghcr")
 async def ghcr(request: web.Request) -> web.Response:
     return await _receive(
-        request, "ghcr",
-        lambda r, body, secret: webhooks.check_github_signature(body, r.headers.get("X-Hub-Signature-256"), secret),
-        lambda r, body: webhooks.parse_ghcr(body, r.content_type, r.headers.get("X-GitHub-Event"),
-                                            r.headers.get("X-GitHub-Delivery")),
+        request,
+        "ghcr",
+        lambda r, body, secret: webhooks.check_github_signature(
+            body, r.headers.get("X-Hub-Signature-256"), secret
+        ),
+        lambda r, body: webhooks.parse_ghcr(
+            body,
+            r.content_type,
+            r.headers.get("X-GitHub-Event"),
+            r.headers.get("X-GitHub-Delivery"),
+        ),
     )
 
 
 @routes.get("/v1/webhooks/events")
 async def events(request: web.Request) -> web.Response:
     handler = _handler(request)
-    return web.json_response({
-        "enabled": handler.enabled,
-        "events": [d.model_dump(mode="json") for d in handler.decisions()],
-    })
+    return web.json_response(
+        {
+            "enabled": handler.enabled,
+            "events": [d.model_dump(mode="json") for d in handler.decisions()],
+        }
+    )

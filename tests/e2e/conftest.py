@@ -12,17 +12,19 @@ from typing import Any
 import pytest
 from aiohttp import encode_basic_auth
 from aiohttp.test_utils import TestClient
+from e2e.podman import Podman, build_image, remove_containers, remove_images, start_podman
+from e2e.registry import Registry, start_registry
 
 from deployster.config import Settings
 from deployster.server import Deployster
-from e2e.podman import Podman, build_image, remove_containers, remove_images, start_podman
-from e2e.registry import Registry, start_registry
 
 PASSWORD = "e2e-secret"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than a minute; CI runs it like every other test")
+    config.addinivalue_line(
+        "markers", "slow: takes more than a minute; CI runs it like every other test"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +41,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 
 @pytest.fixture(scope="session")
-def podman(tmp_path_factory: pytest.TempPathFactory, registry: Registry, run_token: str) -> Iterator[Podman]:
+def podman(
+    tmp_path_factory: pytest.TempPathFactory, registry: Registry, run_token: str
+) -> Iterator[Podman]:
     service = start_podman(tmp_path_factory.mktemp("podman"), insecure_registries=[registry.host])
     yield service
     remove_containers(service, run_token)
@@ -58,14 +62,20 @@ class Images:
 
     def publish(self, service: str, version: str, local: str | None = None) -> str:
         """Push a test image as ``<prefix>/<service>:<version>``, the image Deployster runs."""
-        return self.registry.push_local(local or self.plain, f"{self.prefix.split('/', 1)[1]}/{service}:{version}")
+        return self.registry.push_local(
+            local or self.plain, f"{self.prefix.split('/', 1)[1]}/{service}:{version}"
+        )
 
 
 @pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory, podman: Podman, registry: Registry, run_token: str) -> Images:
+def images(
+    tmp_path_factory: pytest.TempPathFactory, podman: Podman, registry: Registry, run_token: str
+) -> Images:
     workdir = tmp_path_factory.mktemp("image")
     plain = build_image(podman, workdir, f"localhost/{run_token}/busybox:1")
-    wrapped = build_image(podman, workdir, f"localhost/{run_token}/wrapped:1", entrypoint=["/bin/sh", "-c"])
+    wrapped = build_image(
+        podman, workdir, f"localhost/{run_token}/wrapped:1", entrypoint=["/bin/sh", "-c"]
+    )
     return Images(plain, wrapped, registry, f"{registry.host}/{run_token}")
 
 
@@ -99,19 +109,27 @@ class TasksApi:
         return list((await response.json())["tasks"])
 
 
-def settings_for(etcd_endpoint: str, podman: Podman, images: Images, prefix: str, **extra: Any) -> Settings:
+def settings_for(
+    etcd_endpoint: str, podman: Podman, images: Images, prefix: str, **extra: Any
+) -> Settings:
     options: dict[str, Any] = {
-        "etcd": etcd_endpoint, "etcd_prefix": prefix, "password": PASSWORD, "template": "workload",
+        "etcd": etcd_endpoint,
+        "etcd_prefix": prefix,
+        "password": PASSWORD,
+        "template": "workload",
         # No deploys here: fleet is never called.
-        "fleet_endpoint": "http://127.0.0.1:9", "registry_url": images.prefix,
-        "docker_endpoint": podman.endpoint, **extra,
+        "fleet_endpoint": "http://127.0.0.1:9",
+        "registry_url": images.prefix,
+        "docker_endpoint": podman.endpoint,
+        **extra,
     }
     return Settings(**options)
 
 
 @contextlib.asynccontextmanager
-async def tasks_api_for(aiohttp_client: Any, settings: Settings, images: Images,
-                        service: str | None = None) -> AsyncIterator[TasksApi]:
+async def tasks_api_for(
+    aiohttp_client: Any, settings: Settings, images: Images, service: str | None = None
+) -> AsyncIterator[TasksApi]:
     deployster = await Deployster.connect(settings)
     try:
         client = await aiohttp_client(deployster.app)
@@ -127,8 +145,9 @@ def etcd_prefix(run_token: str) -> str:
 
 
 @pytest.fixture
-async def tasks_api(aiohttp_client: Any, etcd_endpoint: str, podman: Podman, images: Images,
-                    etcd_prefix: str) -> AsyncIterator[TasksApi]:
+async def tasks_api(
+    aiohttp_client: Any, etcd_endpoint: str, podman: Podman, images: Images, etcd_prefix: str
+) -> AsyncIterator[TasksApi]:
     settings = settings_for(etcd_endpoint, podman, images, etcd_prefix)
     async with tasks_api_for(aiohttp_client, settings, images) as api:
         images.publish(api.service, "v1")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-
 BUSYBOX = Path("/bin/busybox")  # from busybox-static: statically linked
 
 
@@ -76,7 +75,9 @@ class Podman:
 
     def containers(self, label: str) -> list[dict[str, object]]:
         """Containers (running or not) carrying ``label`` (``key=value``)."""
-        out = _check("podman", "ps", "-a", "--format", "json", "--filter", f"label={label}", env=self.env)
+        out = _check(
+            "podman", "ps", "-a", "--format", "json", "--filter", f"label={label}", env=self.env
+        )
         return list(json.loads(out or "[]"))
 
     def stop(self) -> None:
@@ -101,15 +102,22 @@ def start_podman(workdir: Path, insecure_registries: list[str]) -> Podman:
     require("podman")
     workdir.mkdir(parents=True, exist_ok=True)
     registries = workdir / "registries.conf"
-    registries.write_text("".join(
-        f'[[registry]]\nlocation = "{host}"\ninsecure = true\n\n' for host in insecure_registries
-    ))
+    registries.write_text(
+        "".join(
+            f'[[registry]]\nlocation = "{host}"\ninsecure = true\n\n'
+            for host in insecure_registries
+        )
+    )
     env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(registries)}
     sock = workdir / "podman.sock"
     log = workdir / "podman-service.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"],
-                                   stdout=out, stderr=out, env=env)
+        process = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
     deadline = time.monotonic() + 30
     while not _ping(sock):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -122,7 +130,9 @@ def start_podman(workdir: Path, insecure_registries: list[str]) -> Podman:
 # -- the test image ---------------------------------------------------------------------------
 
 
-def build_image(podman: Podman, workdir: Path, name: str, entrypoint: list[str] | None = None) -> str:
+def build_image(
+    podman: Podman, workdir: Path, name: str, entrypoint: list[str] | None = None
+) -> str:
     """A ~2 MB image of busybox-static applets (containers.md §5), as ``name``."""
     require("podman")
     if not BUSYBOX.exists():
@@ -150,7 +160,9 @@ def build_image(podman: Podman, workdir: Path, name: str, entrypoint: list[str] 
 def remove_images(podman: Podman, marker: str) -> None:
     """Remove every image whose name contains ``marker`` (this run's token)."""
     out = podman.cli("images", "--format", "json").stdout
-    names = {n for image in json.loads(out or "[]") for n in image.get("Names") or () if marker in n}
+    names = {
+        n for image in json.loads(out or "[]") for n in image.get("Names") or () if marker in n
+    }
     if names:
         podman.cli("rmi", "--force", *sorted(names))
 
@@ -158,7 +170,10 @@ def remove_images(podman: Podman, marker: str) -> None:
 def remove_containers(podman: Podman, marker: str) -> None:
     """Force-remove every container with a label value containing ``marker``."""
     out = podman.cli("ps", "-a", "--format", "json").stdout
-    ids = [c["Id"] for c in json.loads(out or "[]")
-           if any(marker in str(v) for v in (c.get("Labels") or {}).values())]
+    ids = [
+        c["Id"]
+        for c in json.loads(out or "[]")
+        if any(marker in str(v) for v in (c.get("Labels") or {}).values())
+    ]
     if ids:
         podman.cli("rm", "--force", "--time", "0", *ids)

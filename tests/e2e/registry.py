@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import wait_http
 
 from deployster.etcd import free_port
-from helpers import wait_http
 
 TOOLS = ("docker-registry", "skopeo", "umoci")
 
@@ -28,8 +28,10 @@ def require_tools() -> None:
     """A missing tool fails the test (scripts/e2e-prereqs installs them), never skips it."""
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.fail(f"missing {', '.join(missing)}: run scripts/e2e-prereqs (Debian packages "
-                    "docker-registry, skopeo, umoci)")
+        pytest.fail(
+            f"missing {', '.join(missing)}: run scripts/e2e-prereqs (Debian packages "
+            "docker-registry, skopeo, umoci)"
+        )
 
 
 @dataclass
@@ -41,8 +43,14 @@ class Registry:
     def push_local(self, local_image: str, repository: str) -> str:
         """Copy ``local_image`` from podman's storage to ``<host>/<repository>``; returns it."""
         destination = f"{self.host}/{repository}"
-        _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-             f"containers-storage:{local_image}", f"docker://{destination}")
+        _run(
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            f"containers-storage:{local_image}",
+            f"docker://{destination}",
+        )
         return destination
 
     def stop(self) -> None:
@@ -55,8 +63,9 @@ class Registry:
                 self.process.wait(10)
 
 
-def start_registry(workdir: Path, port: int | None = None, notify_url: str | None = None,
-                   secret: str = "") -> Registry:
+def start_registry(
+    workdir: Path, port: int | None = None, notify_url: str | None = None, secret: str = ""
+) -> Registry:
     """A registry on ``port`` (default: a free one), notifying ``notify_url`` if given."""
     require_tools()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -64,18 +73,30 @@ def start_registry(workdir: Path, port: int | None = None, notify_url: str | Non
     config: dict[str, object] = {  # YAML is a superset of JSON: no YAML writer needed
         "version": 0.1,
         "log": {"level": "warn", "formatter": "text", "fields": {"service": "registry"}},
-        "storage": {"filesystem": {"rootdirectory": str(workdir / "reg-data")}, "delete": {"enabled": True},
-                    "cache": {"blobdescriptor": "inmemory"}},
-        "http": {"addr": host, "secret": "deployster-e2e", "headers": {"X-Content-Type-Options": ["nosniff"]}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(workdir / "reg-data")},
+            "delete": {"enabled": True},
+            "cache": {"blobdescriptor": "inmemory"},
+        },
+        "http": {
+            "addr": host,
+            "secret": "deployster-e2e",
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+        },
     }
     if notify_url is not None:
         config["notifications"] = {
             "events": {"includereferences": True},
-            "endpoints": [{
-                "name": "deployster", "url": notify_url,
-                "headers": {"Authorization": [f"Bearer {secret}"]},
-                "timeout": "2s", "threshold": 5, "backoff": "1s",
-            }],
+            "endpoints": [
+                {
+                    "name": "deployster",
+                    "url": notify_url,
+                    "headers": {"Authorization": [f"Bearer {secret}"]},
+                    "timeout": "2s",
+                    "threshold": 5,
+                    "backoff": "1s",
+                }
+            ],
         }
     path = workdir / "registry.yml"
     path.write_text(json.dumps(config, indent=2))
@@ -104,8 +125,15 @@ def build_image(layout: Path, tag: str) -> None:
 def push(layout: Path, tag: str, registry: Registry, repository: str) -> str:
     """Copy ``layout:tag`` to ``registry/repository:tag`` with skopeo; returns the manifest digest."""
     digest_file = layout.parent / f"digest-{tag}"
-    _run("skopeo", "copy", "--dest-tls-verify=false", "--digestfile", str(digest_file),
-         f"oci:{layout}:{tag}", f"docker://{registry.host}/{repository}:{tag}")
+    _run(
+        "skopeo",
+        "copy",
+        "--dest-tls-verify=false",
+        "--digestfile",
+        str(digest_file),
+        f"oci:{layout}:{tag}",
+        f"docker://{registry.host}/{repository}:{tag}",
+    )
     return digest_file.read_text().strip()
 
 

@@ -25,10 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_http
 
 from deployster import __version__
 from deployster.etcd import EtcdServer, free_port
-from helpers import wait_http
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -47,11 +47,15 @@ def require(*tools: str) -> None:
         pytest.fail(f"{', '.join(missing)} not found; run scripts/e2e-prereqs", pytrace=False)
 
 
-def sh(*argv: str | Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+def sh(
+    *argv: str | Path, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, argv))} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}",
-                    pytrace=False)
+        pytest.fail(
+            f"{' '.join(map(str, argv))} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}",
+            pytrace=False,
+        )
     return done
 
 
@@ -73,13 +77,23 @@ def base_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     started = time.monotonic()
     sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm", root)
     # What the image does not need: downloaded packages, package lists, docs, translations.
-    for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
-                 "usr/share/locale"):
+    for junk in (
+        "var/cache/apt/archives",
+        "var/lib/apt/lists",
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/locale",
+    ):
         shutil.rmtree(root / junk)
     name = f"localhost/deployster-e2e-base-{RUN_ID}:bookworm"
     tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-    imported = subprocess.run(["podman", "import", "--change", 'CMD ["/bin/bash"]', "-", name],
-                              stdin=tar.stdout, capture_output=True, text=True, timeout=300)
+    imported = subprocess.run(
+        ["podman", "import", "--change", 'CMD ["/bin/bash"]', "-", name],
+        stdin=tar.stdout,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert tar.wait() == 0 and imported.returncode == 0, imported.stderr
     print(f"\nbase image: {time.monotonic() - started:.1f} s, {image_size(name) / 1e6:.0f} MB")
     try:
@@ -103,15 +117,43 @@ def image(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         shutil.copy(REPO / name, src / name)
     for name in ("deployster", "handlers"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", wheels, src, "setuptools>=68")
+    sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--wheel-dir",
+        wheels,
+        src,
+        "setuptools>=68",
+    )
     (work / "pip.conf").write_text("[global]\nno-index = true\nfind-links = /wheels\n")
     name = f"localhost/deployster-e2e-{RUN_ID}:test"
     try:
-        sh("podman", "build", "--format", "docker", "--layers=false", "--network", "none",
-           "--build-arg", f"BASE={base_image}",
-           "--volume", f"{wheels}:/wheels:ro", "--volume", f"{work / 'pip.conf'}:/etc/pip.conf:ro",
-           "--tag", name, "--file", REPO / "Dockerfile", REPO)
-        print(f"\nwheels and build: {time.monotonic() - started:.1f} s, image {image_size(name) / 1e6:.0f} MB")
+        sh(
+            "podman",
+            "build",
+            "--format",
+            "docker",
+            "--layers=false",
+            "--network",
+            "none",
+            "--build-arg",
+            f"BASE={base_image}",
+            "--volume",
+            f"{wheels}:/wheels:ro",
+            "--volume",
+            f"{work / 'pip.conf'}:/etc/pip.conf:ro",
+            "--tag",
+            name,
+            "--file",
+            REPO / "Dockerfile",
+            REPO,
+        )
+        print(
+            f"\nwheels and build: {time.monotonic() - started:.1f} s, image {image_size(name) / 1e6:.0f} MB"
+        )
         yield name
     finally:
         podman_remove("rmi", name)
@@ -123,8 +165,11 @@ def fleet_socket(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "fleet.sock"
     log = tmp_path / "localfleet.log"
     with open(log, "wb") as out:
-        child = subprocess.Popen([sys.executable, "-m", "deployster", "localfleet", "--listen", f"unix:{sock}"],
-                                 stdout=out, stderr=out)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "deployster", "localfleet", "--listen", f"unix:{sock}"],
+            stdout=out,
+            stderr=out,
+        )
     try:
         deadline = time.monotonic() + 20
         while not sock.exists():
@@ -148,9 +193,15 @@ def container() -> Iterator[str]:
 
 
 def get(url: str, auth: bool = True) -> tuple[int, str]:
-    headers = {"Authorization": "Basic " + b64encode(f"deployster:{PASSWORD}".encode()).decode()} if auth else {}
+    headers = (
+        {"Authorization": "Basic " + b64encode(f"deployster:{PASSWORD}".encode()).decode()}
+        if auth
+        else {}
+    )
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=5
+        ) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
@@ -164,23 +215,39 @@ def test_the_image_is_small_non_root_with_a_healthcheck(image: str, base_image: 
     added = image_size(image) - image_size(base_image)
     assert 0 < added < MAX_ADDED_BYTES, f"the build added {added / 1e6:.0f} MB to its base"
     # Only the virtualenv came from the build stage: no sources, no pip, no build leftovers.
-    listing = sh("podman", "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c",
-                 "ls /opt/deployster/bin; test ! -e /src && test ! -e /wheels && echo clean").stdout
+    listing = sh(
+        "podman",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "ls /opt/deployster/bin; test ! -e /src && test ! -e /wheels && echo clean",
+    ).stdout
     assert "deployster" in listing.split() and "deployctl" in listing.split()
     assert "pip" not in listing.split() and listing.strip().endswith("clean")
 
 
-def run_container(image: str, name: str, log: Path, env: dict[str, str], *options: str,
-                  args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+def run_container(
+    image: str, name: str, log: Path, env: dict[str, str], *options: str, args: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     """``podman run`` in the foreground on the host network (the session's etcd is on
     loopback), its output in ``log``; ``args`` go to ``deployster serve``."""
     flags = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
     with open(log, "wb") as out:
-        return subprocess.Popen(["podman", "run", "--name", name, "--network", "host", *flags, *options, image, *args],
-                                stdout=out, stderr=out)
+        return subprocess.Popen(
+            ["podman", "run", "--name", name, "--network", "host", *flags, *options, image, *args],
+            stdout=out,
+            stderr=out,
+        )
 
 
-def wait_https(url: str, context: ssl.SSLContext | None, child: subprocess.Popen[bytes], log: Path) -> None:
+def wait_https(
+    url: str, context: ssl.SSLContext | None, child: subprocess.Popen[bytes], log: Path
+) -> None:
     deadline = time.monotonic() + 60
     while True:
         assert child.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -191,14 +258,25 @@ def wait_https(url: str, context: ssl.SSLContext | None, child: subprocess.Popen
             time.sleep(0.2)
 
 
-def test_the_container_serves_the_api(image: str, container: str, etcd_server: EtcdServer, fleet_socket: Path) -> None:
+def test_the_container_serves_the_api(
+    image: str, container: str, etcd_server: EtcdServer, fleet_socket: Path
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = fleet_socket.parent / "container.log"
-    child = run_container(image, container, log,
-                          {"DEPLOYSTER_ETCD": etcd_server.endpoint, "DEPLOYSTER_LISTEN": f"127.0.0.1:{port}",
-                           "DEPLOYSTER_ETCD_PREFIX": f"/deployster-e2e-{RUN_ID}", "DEPLOYSTER_PASSWORD": PASSWORD},
-                          "--volume", f"{fleet_socket}:/var/run/fleet.sock")
+    child = run_container(
+        image,
+        container,
+        log,
+        {
+            "DEPLOYSTER_ETCD": etcd_server.endpoint,
+            "DEPLOYSTER_LISTEN": f"127.0.0.1:{port}",
+            "DEPLOYSTER_ETCD_PREFIX": f"/deployster-e2e-{RUN_ID}",
+            "DEPLOYSTER_PASSWORD": PASSWORD,
+        },
+        "--volume",
+        f"{fleet_socket}:/var/run/fleet.sock",
+    )
     try:
         wait_http(f"{url}/healthz", child, log, timeout=60)
         assert get(f"{url}/v1/version") == (200, f"{__version__}\n")
@@ -223,25 +301,56 @@ def test_the_container_serves_the_api(image: str, container: str, etcd_server: E
             child.wait()
 
 
-def test_the_health_check_follows_https(image: str, container: str, etcd_server: EtcdServer, tmp_path: Path) -> None:
+def test_the_health_check_follows_https(
+    image: str, container: str, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
     # The certificate as README's TLS section says: in /etc/deployster/tls, readable by uid 10001.
     tls = tmp_path / "tls"
     tls.mkdir()
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-       "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", tls / "key.pem", "-out", tls / "cert.pem")
+    sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        tls / "key.pem",
+        "-out",
+        tls / "cert.pem",
+    )
     for pem in tls.iterdir():
         os.chown(pem, 10001, 10001)
         pem.chmod(0o400)
     port = free_port()
     log = tmp_path / "container.log"
-    child = run_container(image, container, log,
-                          {"DEPLOYSTER_ETCD": etcd_server.endpoint, "DEPLOYSTER_LISTEN": f"127.0.0.1:{port}",
-                           "DEPLOYSTER_PASSWORD": PASSWORD, "DEPLOYSTER_CERT": "/etc/deployster/tls/cert.pem",
-                           "DEPLOYSTER_KEY": "/etc/deployster/tls/key.pem"},
-                          "--volume", f"{tls}:/etc/deployster/tls:ro")
+    child = run_container(
+        image,
+        container,
+        log,
+        {
+            "DEPLOYSTER_ETCD": etcd_server.endpoint,
+            "DEPLOYSTER_LISTEN": f"127.0.0.1:{port}",
+            "DEPLOYSTER_PASSWORD": PASSWORD,
+            "DEPLOYSTER_CERT": "/etc/deployster/tls/cert.pem",
+            "DEPLOYSTER_KEY": "/etc/deployster/tls/key.pem",
+        },
+        "--volume",
+        f"{tls}:/etc/deployster/tls:ro",
+    )
     try:
-        wait_https(f"https://127.0.0.1:{port}/healthz", ssl.create_default_context(cafile=str(tls / "cert.pem")),
-                   child, log)
+        wait_https(
+            f"https://127.0.0.1:{port}/healthz",
+            ssl.create_default_context(cafile=str(tls / "cert.pem")),
+            child,
+            log,
+        )
         assert sh("podman", "healthcheck", "run", container, check=False).returncode == 0
     finally:
         podman_remove("rm", container)
@@ -249,14 +358,22 @@ def test_the_health_check_follows_https(image: str, container: str, etcd_server:
 
 
 def test_the_health_check_fails_when_nothing_answers_where_it_looks(
-        image: str, container: str, etcd_server: EtcdServer, tmp_path: Path) -> None:
+    image: str, container: str, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
     """It probes the port of DEPLOYSTER_LISTEN: a -listen flag elsewhere leaves it unhealthy."""
     port = free_port()
     log = tmp_path / "container.log"
-    child = run_container(image, container, log,
-                          {"DEPLOYSTER_ETCD": etcd_server.endpoint, "DEPLOYSTER_PASSWORD": PASSWORD,
-                           "DEPLOYSTER_LISTEN": f"127.0.0.1:{free_port()}"},
-                          args=("-listen", f"127.0.0.1:{port}"))
+    child = run_container(
+        image,
+        container,
+        log,
+        {
+            "DEPLOYSTER_ETCD": etcd_server.endpoint,
+            "DEPLOYSTER_PASSWORD": PASSWORD,
+            "DEPLOYSTER_LISTEN": f"127.0.0.1:{free_port()}",
+        },
+        args=("-listen", f"127.0.0.1:{port}"),
+    )
     try:
         wait_https(f"http://127.0.0.1:{port}/healthz", None, child, log)
         checked = sh("podman", "healthcheck", "run", container, check=False)
@@ -267,8 +384,22 @@ def test_the_health_check_fails_when_nothing_answers_where_it_looks(
 
 
 def test_the_container_refuses_to_start_without_etcd(image: str, container: str) -> None:
-    done = sh("podman", "run", "--name", container, "--network", "host",
-              "--env", f"DEPLOYSTER_ETCD=http://127.0.0.1:{free_port()}", "--env", f"DEPLOYSTER_PASSWORD={PASSWORD}",
-              "--env", f"DEPLOYSTER_LISTEN=127.0.0.1:{free_port()}", image, check=False, timeout=120)
+    done = sh(
+        "podman",
+        "run",
+        "--name",
+        container,
+        "--network",
+        "host",
+        "--env",
+        f"DEPLOYSTER_ETCD=http://127.0.0.1:{free_port()}",
+        "--env",
+        f"DEPLOYSTER_PASSWORD={PASSWORD}",
+        "--env",
+        f"DEPLOYSTER_LISTEN=127.0.0.1:{free_port()}",
+        image,
+        check=False,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "did not answer within 10 s" in done.stderr

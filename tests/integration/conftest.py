@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from aiohttp import encode_basic_auth
 from aiohttp.test_utils import TestClient
+from helpers import eventually, wait_http
+from integration.traefik import Traefik, traefik  # noqa: F401  (a fixture for every integration test)
 
 from deployster.config import Settings
 from deployster.etcd import free_port
@@ -21,14 +23,15 @@ from deployster.fleet import FleetClient, FleetError
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
 from handlers.deploys import DeployConfig, service_units
-from helpers import eventually, wait_http
-from integration.traefik import Traefik, traefik  # noqa: F401  (a fixture for every integration test)
 
 PASSWORD = "integration-secret"
 # Production defaults wait 10 s of healthy time and drain for 10 s; tests need neither.
 FAST_POLICY = ServicePolicy(
     health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1, unhealthy_threshold=2),
-    min_healthy_time=0, drain=0, instance_deadline=20, deploy_deadline=30,
+    min_healthy_time=0,
+    drain=0,
+    instance_deadline=20,
+    deploy_deadline=30,
 )
 
 
@@ -43,9 +46,20 @@ def localfleet_process(state: pathlib.Path, machines: int = 3) -> Iterator[str]:
     log = state / "localfleet.log"
     with open(log, "wb") as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", "deployster", "localfleet", "--listen", f"127.0.0.1:{port}",
-             "--machines", str(machines), "--state-dir", str(state / "state")],
-            stdout=out, stderr=out,
+            [
+                sys.executable,
+                "-m",
+                "deployster",
+                "localfleet",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--machines",
+                str(machines),
+                "--state-dir",
+                str(state / "state"),
+            ],
+            stdout=out,
+            stderr=out,
         )
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -83,7 +97,9 @@ class Api:
         return [str(name) for name, _ in await service_units(self.fleet, service or self.service)]
 
     async def deploy(self, body: dict[str, Any], expect: int = 201) -> dict[str, Any]:
-        resp = await self.client.post(self.url("/deploys"), json={"deploy": body}, headers=self.auth)
+        resp = await self.client.post(
+            self.url("/deploys"), json={"deploy": body}, headers=self.auth
+        )
         data: dict[str, Any] = await resp.json()
         assert resp.status == expect, data
         return data
@@ -95,6 +111,7 @@ class Api:
 
     async def finished(self, deploy_id: str, timeout: float = 30) -> dict[str, Any]:
         """The deploy's record once it has ended."""
+
         async def ended() -> dict[str, Any] | None:
             rec = await self.record(deploy_id)
             return rec if rec["state"] not in ("pending", "running") else None
@@ -107,16 +124,33 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def running_api(aiohttp_client, etcd_endpoint: str, localfleet: str, **settings: object) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
+async def running_api(
+    aiohttp_client, etcd_endpoint: str, localfleet: str, **settings: object
+) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
     """A Deployster app on a test client with its own etcd prefix and service name."""
     prefix = f"/deployster-test-{secrets.token_hex(4)}"
-    options: dict[str, object] = {"router": "vulcand", "vulcand_prefix": f"vulcand-{secrets.token_hex(4)}",
-                                  "vulcand_settle": 0, "template": "workload", **settings}
-    config = DeployConfig(image_prefix="deployster", etcd_endpoints=etcd_endpoint,
-                          etcd_prefix=prefix, poll_interval=0.2, router_timeout=5)
+    options: dict[str, object] = {
+        "router": "vulcand",
+        "vulcand_prefix": f"vulcand-{secrets.token_hex(4)}",
+        "vulcand_settle": 0,
+        "template": "workload",
+        **settings,
+    }
+    config = DeployConfig(
+        image_prefix="deployster",
+        etcd_endpoints=etcd_endpoint,
+        etcd_prefix=prefix,
+        poll_interval=0.2,
+        router_timeout=5,
+    )
     deployster = await Deployster.connect(
-        Settings(etcd=etcd_endpoint, etcd_prefix=prefix, fleet_endpoint=localfleet,
-                 password=PASSWORD, **options),  # type: ignore[arg-type]
+        Settings(
+            etcd=etcd_endpoint,
+            etcd_prefix=prefix,
+            fleet_endpoint=localfleet,
+            password=PASSWORD,
+            **options,
+        ),  # type: ignore[arg-type]
         config,
     )
     try:
@@ -140,8 +174,16 @@ async def api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncItera
 
 
 @pytest.fixture
-async def traefik_api(aiohttp_client, etcd_endpoint: str, localfleet: str, traefik: Traefik) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]  # noqa: F811
+async def traefik_api(
+    aiohttp_client, etcd_endpoint: str, localfleet: str, traefik: Traefik
+) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
     """Deployster routing through the real Traefik of the session."""
-    async with running_api(aiohttp_client, etcd_endpoint, localfleet, router="traefik",
-                           traefik_root=traefik.root_key, traefik_api=traefik.api_url) as running:
+    async with running_api(
+        aiohttp_client,
+        etcd_endpoint,
+        localfleet,
+        router="traefik",
+        traefik_root=traefik.root_key,
+        traefik_api=traefik.api_url,
+    ) as running:
         yield running

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
 import os
 import sys
+from datetime import datetime
 from typing import Any
+
+from integration.conftest import FAST_POLICY, PASSWORD, Api
 
 from deployster.ctl import SseParser
 from deployster.policy import ServicePolicy
-from integration.conftest import FAST_POLICY, PASSWORD, Api
 
 FAILING = {"DEPLOYSTER_WORKLOAD_HEALTH": "fail"}
 # A failing instance is given up on after 2 s instead of 20.
 QUICK_ROLLBACK = FAST_POLICY.model_copy(update={"instance_deadline": 2.0})
 
 
-async def read_events(api: Api, deploy_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
+async def read_events(
+    api: Api, deploy_id: str, last_event_id: str | None = None
+) -> list[dict[str, Any]]:
     """Every event the stream sends until the server ends it."""
     headers = dict(api.auth)
     if last_event_id is not None:
@@ -40,7 +43,14 @@ async def test_the_stream_follows_a_deploy_live_and_replays_it_afterwards(api: A
     deploy_id = (await api.deploy({"version": "v1", "instance_count": 2}))["deploy"]["id"]
     live = await read_events(api, deploy_id)  # opened while the deploy runs
     kinds = [e["kind"] for e in live]
-    assert kinds == ["planned", "submitted", "instance_ready", "instance_ready", "routed", "succeeded"], kinds
+    assert kinds == [
+        "planned",
+        "submitted",
+        "instance_ready",
+        "instance_ready",
+        "routed",
+        "succeeded",
+    ], kinds
     assert [e["seq"] for e in live] == list(range(1, len(live) + 1))
     assert {e["unit"] for e in live if e["kind"] == "instance_ready"} == set(await api.units())
     assert live[-1]["message"] == "v1 is live with 2 instance(s)"
@@ -52,7 +62,9 @@ async def test_the_stream_follows_a_deploy_live_and_replays_it_afterwards(api: A
 
 
 async def test_with_a_min_healthy_time_each_instance_shows_healthy_then_ready(api: Api) -> None:
-    await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(update={"min_healthy_time": 1.0}))
+    await api.deployster.store.save_policy(
+        api.service, FAST_POLICY.model_copy(update={"min_healthy_time": 1.0})
+    )
     deploy_id = (await api.deploy({"version": "v1", "instance_count": 2}))["deploy"]["id"]
     events = await read_events(api, deploy_id)
     for unit in await api.units():
@@ -67,7 +79,9 @@ async def test_with_a_min_healthy_time_each_instance_shows_healthy_then_ready(ap
 async def test_a_rolled_back_deploy_streams_its_reason(api: Api) -> None:
     await api.deployed({"version": "v1"})
     await api.deployster.store.save_policy(api.service, QUICK_ROLLBACK)
-    deploy_id = (await api.deploy({"version": "v2", "destroy_previous": True, "env": FAILING}))["deploy"]["id"]
+    deploy_id = (await api.deploy({"version": "v2", "destroy_previous": True, "env": FAILING}))[
+        "deploy"
+    ]["id"]
     events = await read_events(api, deploy_id)
     assert [e["kind"] for e in events][-2:] == ["rolling_back", "rolled_back"]
     assert "was not healthy within its deadline of 2 s" in events[-1]["message"]
@@ -79,8 +93,9 @@ async def test_stream_errors_are_envelopes(api: Api) -> None:
     assert resp.status == 404
     assert (await resp.json())["error"] == "not_found"
     deploy_id = (await api.deployed({"version": "v1"}))["id"]
-    resp = await api.client.get(api.url(f"/deploys/{deploy_id}/events"),
-                                headers={**api.auth, "Last-Event-ID": "abc"})
+    resp = await api.client.get(
+        api.url(f"/deploys/{deploy_id}/events"), headers={**api.auth, "Last-Event-ID": "abc"}
+    )
     assert resp.status == 400
     assert "Last-Event-ID" in (await resp.json())["description"]
 
@@ -88,9 +103,16 @@ async def test_stream_errors_are_envelopes(api: Api) -> None:
 async def deployctl(api: Api, *args: str) -> tuple[int, str, str]:
     """Run deployctl as a user would, against the test server."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deployster.ctl", "--url", str(api.client.make_url("")),
-        "--password", PASSWORD, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "deployster.ctl",
+        "--url",
+        str(api.client.make_url("")),
+        "--password",
+        PASSWORD,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "DEPLOYSTER_PASSWORD": ""},
     )
     out, err = await asyncio.wait_for(child.communicate(), 60)
@@ -106,8 +128,9 @@ async def test_deployctl_wait_exits_by_outcome(api: Api) -> None:
     assert out.rstrip().endswith("succeeded.")
 
     await api.deployster.store.save_policy(api.service, QUICK_ROLLBACK)
-    code, out, err = await deployctl(api, "deploy", api.service, "v2", "--env",
-                                     "DEPLOYSTER_WORKLOAD_HEALTH=fail", "--wait")
+    code, out, err = await deployctl(
+        api, "deploy", api.service, "v2", "--env", "DEPLOYSTER_WORKLOAD_HEALTH=fail", "--wait"
+    )
     assert code == 3, (out, err)
     assert "] rolled_back: instance " in out and out.rstrip().endswith("rolled back.")
     assert len(await api.units()) == 2  # v1 still there
@@ -138,7 +161,9 @@ async def test_deployctl_releases_and_status(api: Api) -> None:
     assert code == 1 and "no deploy of service 'no-such-service'" in err
 
 
-async def test_a_deploy_that_asks_to_wait_is_queued_and_planned_when_its_turn_comes(api: Api) -> None:
+async def test_a_deploy_that_asks_to_wait_is_queued_and_planned_when_its_turn_comes(
+    api: Api,
+) -> None:
     await api.deployed({"version": "v1", "instance_count": 2})
     holding = FAST_POLICY.model_copy(update={"min_healthy_time": 1.5})
     await api.deployster.store.save_policy(api.service, holding)
@@ -146,8 +171,11 @@ async def test_a_deploy_that_asks_to_wait_is_queued_and_planned_when_its_turn_co
     refused = await api.deploy({"version": "v3", "destroy_previous": True}, expect=409)
     assert running["id"] in refused["description"]
 
-    queued = (await api.deploy({"version": "v3", "destroy_previous": True, "wait_for_lock": True},
-                               expect=202))["deploy"]
+    queued = (
+        await api.deploy(
+            {"version": "v3", "destroy_previous": True, "wait_for_lock": True}, expect=202
+        )
+    )["deploy"]
     assert queued["state"] == "pending" and queued["step"] == "queued"
     assert queued["units"] == []
 
@@ -160,8 +188,10 @@ async def test_a_deploy_that_asks_to_wait_is_queued_and_planned_when_its_turn_co
 
 
 async def test_a_queued_deploy_gives_up_at_its_deadline(api: Api) -> None:
-    await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(
-        update={"min_healthy_time": 30.0, "deploy_deadline": 40.0}))
+    await api.deployster.store.save_policy(
+        api.service,
+        FAST_POLICY.model_copy(update={"min_healthy_time": 30.0, "deploy_deadline": 40.0}),
+    )
     running = (await api.deploy({"version": "v1"}))["deploy"]
     await api.deployster.store.save_policy(api.service, ServicePolicy(deploy_deadline=1.0))
     queued = (await api.deploy({"version": "v2", "wait_for_lock": True}, expect=202))["deploy"]

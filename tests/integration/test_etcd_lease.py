@@ -98,7 +98,6 @@ async def test_keep_lease_alive_raises_for_a_missing_lease(etcd: aetcd.Client) -
         await asyncio.wait_for(keep_lease_alive(etcd, lease.id, 1), 2)
 
 
-
 async def test_outage_shorter_than_ttl_keeps_the_lease(
     private_etcd: EtcdServer, tmp_path: Path, key: bytes, log_lines: list[dict[str, object]]
 ) -> None:

@@ -16,7 +16,6 @@ from tests.helpers import eventually
 PREFIX = "/w/"
 
 
-
 @pytest.fixture
 async def etcd(private_etcd: EtcdServer) -> AsyncIterator[aetcd.Client]:
     async with client(private_etcd.endpoint) as c:

@@ -9,9 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from deployster.fleet import FleetClient, FleetConflict, FleetNotFound, FleetRejected, FleetUnavailable, UnitOption
 from helpers import eventually
+
+from deployster.fleet import (
+    FleetClient,
+    FleetConflict,
+    FleetNotFound,
+    FleetRejected,
+    FleetUnavailable,
+    UnitOption,
+)
 
 SLEEPER = [UnitOption(section="Service", name="ExecStart", value="/bin/sleep 300")]
 
@@ -21,8 +28,11 @@ def unix_localfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     state = tmp_path_factory.mktemp("lf-unix")
     sock = state / "fleet.sock"
     log = open(state / "log", "wb")
-    child = subprocess.Popen([sys.executable, "-m", "deployster", "localfleet", "--listen", f"unix:{sock}"],
-                             stdout=log, stderr=log)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "deployster", "localfleet", "--listen", f"unix:{sock}"],
+        stdout=log,
+        stderr=log,
+    )
     deadline = time.monotonic() + 20
     while not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -61,11 +71,18 @@ async def test_create_launch_state_destroy_over_a_unix_socket(unix_localfleet: s
 
         async def running() -> bool:
             states = await fleet.list_states(unit_name=name)
-            return bool(states) and (states[0].active_state, states[0].sub_state) == ("active", "running")
+            return bool(states) and (states[0].active_state, states[0].sub_state) == (
+                "active",
+                "running",
+            )
 
         await eventually(running)
         unit = await fleet.get_unit(name)
-        assert (unit.desired_state, unit.current_state, unit.machine_id) == ("launched", "launched", machines[0].id)
+        assert (unit.desired_state, unit.current_state, unit.machine_id) == (
+            "launched",
+            "launched",
+            machines[0].id,
+        )
         await fleet.destroy_unit(name)
         with pytest.raises(FleetNotFound):
             await fleet.destroy_unit(name)

@@ -46,8 +46,12 @@ async def start_workload(tmp_path: Path) -> AsyncIterator[StartWorkload]:
         environ.update(env)
         with open(log, "wb") as out:  # noqa: ASYNC230 (a local file, for the child)
             child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "deployster.testing.workload",
-                stdout=out, stderr=out, env=environ,
+                sys.executable,
+                "-m",
+                "deployster.testing.workload",
+                stdout=out,
+                stderr=out,
+                env=environ,
             )
         children.append(child)
 
@@ -71,7 +75,9 @@ async def start_workload(tmp_path: Path) -> AsyncIterator[StartWorkload]:
                 await child.wait()
 
 
-async def test_healthy_workload(session: aiohttp.ClientSession, start_workload: StartWorkload) -> None:
+async def test_healthy_workload(
+    session: aiohttp.ClientSession, start_workload: StartWorkload
+) -> None:
     url = await start_workload()
     result = await probe(session, url, FAST)
     assert result == ProbeResult(ok=True, status=200, detail="HTTP 200", duration=result.duration)

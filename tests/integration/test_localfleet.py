@@ -33,10 +33,12 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict
 from helpers import process_running
+from multidict import CIMultiDict
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find unit processes")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir("/proc"), reason="needs /proc to find unit processes"
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MARKER_VARIABLE = "LOCALFLEET_TEST_RUN"
@@ -64,7 +66,6 @@ def live_processes(**environment: str) -> list[int]:
     return pids
 
 
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -74,19 +75,32 @@ def free_port() -> int:
 class FleetProcess:
     """`deployster localfleet` running on a local port."""
 
-    def __init__(self, workdir: pathlib.Path, machines: int, state_dir: pathlib.Path | None, port: int) -> None:
+    def __init__(
+        self, workdir: pathlib.Path, machines: int, state_dir: pathlib.Path | None, port: int
+    ) -> None:
         self.workdir = workdir
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.marker = uuid.uuid4().hex
         self.log_path = workdir / f"localfleet-{port}-{self.marker[:6]}.log"
-        command = [sys.executable, "-m", "deployster", "localfleet", "--listen", f"127.0.0.1:{port}"]
+        command = [
+            sys.executable,
+            "-m",
+            "deployster",
+            "localfleet",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ]
         command += ["--machines", str(machines)]
         if state_dir is not None:
             command += ["--state-dir", str(state_dir)]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, MARKER_VARIABLE: self.marker}
+                command,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, MARKER_VARIABLE: self.marker},
             )
         self._wait_ready()
 
@@ -97,7 +111,9 @@ class FleetProcess:
         deadline = time.monotonic() + WAIT_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"localfleet exited with {self.process.returncode}:\n{self.log()}")
+                raise AssertionError(
+                    f"localfleet exited with {self.process.returncode}:\n{self.log()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/fleet/v1/machines", timeout=1):
                     return
@@ -114,26 +130,38 @@ class FleetProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"localfleet did not stop within {timeout}s:\n{self.log()}") from None
+            raise AssertionError(
+                f"localfleet did not stop within {timeout}s:\n{self.log()}"
+            ) from None
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
-    process = FleetProcess(tmp_path_factory.mktemp("localfleet"), machines=3, state_dir=None, port=free_port())
+    process = FleetProcess(
+        tmp_path_factory.mktemp("localfleet"), machines=3, state_dir=None, port=free_port()
+    )
     try:
         yield process
     finally:
         returncode = process.stop()
         assert returncode == 0, process.log()
-        assert live_processes(**{MARKER_VARIABLE: process.marker}) == [], "unit processes outlived localfleet"
-        for event in ("unit_instance_error", "unit_run_error", "api_error"):  # localfleet's unexpected exceptions
+        assert live_processes(**{MARKER_VARIABLE: process.marker}) == [], (
+            "unit processes outlived localfleet"
+        )
+        for event in (
+            "unit_instance_error",
+            "unit_run_error",
+            "api_error",
+        ):  # localfleet's unexpected exceptions
             assert event not in process.log(), process.log()
 
 
 # Client
 
 
-async def wait_for(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_SECONDS) -> T:
+async def wait_for(
+    probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_SECONDS
+) -> T:
     """Poll `probe` until it returns something other than None or False."""
     deadline = time.monotonic() + timeout
     while True:
@@ -157,7 +185,9 @@ class FleetClient:
     def name(self, stem: str, suffix: str = ".service") -> str:
         return f"{self.prefix}-{stem}{suffix}"
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async def request(
+        self, method: str, path: str, **kwargs: Any
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
         async with self.session.request(method, f"/fleet/v1{path}", **kwargs) as response:
             text = await response.text()
             return response.status, json.loads(text) if text else None, response
@@ -168,7 +198,9 @@ class FleetClient:
             self.created.add(name)
         return status, payload
 
-    async def submit(self, name: str, service: dict[str, str] | list[tuple[str, str]], **sections: Any) -> None:
+    async def submit(
+        self, name: str, service: dict[str, str] | list[tuple[str, str]], **sections: Any
+    ) -> None:
         options = options_of(service, **sections)
         status, payload = await self.put(name, {"name": name, "options": options})
         assert status == 201, payload
@@ -177,7 +209,9 @@ class FleetClient:
         status, payload = await self.put(name, {"desiredState": desired_state})
         assert status == 204, payload
 
-    async def launch(self, name: str, service: dict[str, str] | list[tuple[str, str]], **sections: Any) -> None:
+    async def launch(
+        self, name: str, service: dict[str, str] | list[tuple[str, str]], **sections: Any
+    ) -> None:
         await self.submit(name, service, **sections)
         await self.set_state(name, "launched")
 
@@ -189,7 +223,9 @@ class FleetClient:
         status, payload, _ = await self.request("GET", f"/units/{name}")
         return payload if status == 200 else None
 
-    async def paged(self, path: str, key: str, params: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    async def paged(
+        self, path: str, key: str, params: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         query = dict(params or {})
         while True:
@@ -206,14 +242,19 @@ class FleetClient:
     async def wait_state(self, name: str, active: str, sub: str) -> dict[str, Any]:
         async def probe() -> dict[str, Any] | None:
             states = await self.states(name)
-            if states and (states[0]["systemdActiveState"], states[0]["systemdSubState"]) == (active, sub):
+            if states and (states[0]["systemdActiveState"], states[0]["systemdSubState"]) == (
+                active,
+                sub,
+            ):
                 return states[0]
             return None
 
         try:
             return await wait_for(probe, f"{name} {active}/{sub}")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; now {await self.states(name)}\n{self.fleet.log()[-3000:]}") from None
+            raise AssertionError(
+                f"{exc}; now {await self.states(name)}\n{self.fleet.log()[-3000:]}"
+            ) from None
 
     async def wait_gone(self, name: str) -> None:
         async def probe() -> bool:
@@ -228,12 +269,17 @@ class FleetClient:
             await self.wait_gone(name)
 
 
-def options_of(service: dict[str, str] | list[tuple[str, str]], **sections: Any) -> list[dict[str, str]]:
+def options_of(
+    service: dict[str, str] | list[tuple[str, str]], **sections: Any
+) -> list[dict[str, str]]:
     """Options from `[Service]` lines plus other sections given as keyword arguments, e.g. X_Fleet=[...]."""
     lines = list(service.items()) if isinstance(service, dict) else list(service)
     options = [{"section": "Service", "name": name, "value": value} for name, value in lines]
     for section, section_lines in sections.items():
-        options += [{"section": section.replace("_", "-"), "name": name, "value": value} for name, value in section_lines]
+        options += [
+            {"section": section.replace("_", "-"), "name": name, "value": value}
+            for name, value in section_lines
+        ]
     return options
 
 
@@ -291,7 +337,9 @@ async def test_discovery_server_header_and_alias(client: FleetClient) -> None:
         ("POST", "/v1-alpha/units", 405),
     ],
 )
-async def test_paths_and_methods_answer_like_gos_mux(client: FleetClient, method: str, path: str, status: int) -> None:
+async def test_paths_and_methods_answer_like_gos_mux(
+    client: FleetClient, method: str, path: str, status: int
+) -> None:
     async with client.session.request(method, path) as response:
         assert response.status == status
         assert response.headers["Server"] == "fleetd/localfleet-1.0.0"
@@ -331,11 +379,15 @@ async def test_put_content_type_rules(client: FleetClient) -> None:
             payload = await response.json()
             assert (response.status, payload["error"]["code"]) == (415, 415), headers
     # fleet answers 415 to two Content-Type headers; aiohttp's parser refuses them earlier, with 400.
-    twice = CIMultiDict([("Content-Type", "application/json"), ("Content-Type", "application/json")])
+    twice = CIMultiDict(
+        [("Content-Type", "application/json"), ("Content-Type", "application/json")]
+    )
     async with client.session.put(f"/fleet/v1/units/{name}", data=body, headers=twice) as response:
         assert response.status in (400, 415)
     async with client.session.put(
-        f"/fleet/v1/units/{name}", data=body, headers={"Content-Type": "application/json; charset=utf-8"}
+        f"/fleet/v1/units/{name}",
+        data=body,
+        headers={"Content-Type": "application/json; charset=utf-8"},
     ) as response:
         assert response.status == 201
     client.created.add(name)
@@ -358,17 +410,25 @@ async def test_put_status_table(client: FleetClient) -> None:
     status, payload = await client.put(name, {"name": client.name("other"), "options": options})
     assert status == 400 and "differs from unit name in request body" in payload["error"]["message"]
     # 3c: name validation (§6)
-    for bad_name, message in [("hello.exe", 'invalid unit type: "exe"'), ("x@1.mount", "invalid unit type for template")]:
+    for bad_name, message in [
+        ("hello.exe", 'invalid unit type: "exe"'),
+        ("x@1.mount", "invalid unit type for template"),
+    ]:
         status, payload = await client.put(bad_name, {"options": options})
         assert status == 400 and message in payload["error"]["message"]
     # 4: unknown unit without options
     status, payload = await client.put(name, {"desiredState": "launched"})
-    assert (status, payload) == (409, {"error": {"code": 409, "message": "unit does not exist and options field empty"}})
+    assert (status, payload) == (
+        409,
+        {"error": {"code": 409, "message": "unit does not exist and options field empty"}},
+    )
     # 4b: invalid options
     bad = options_of({"ExecStart": "/bin/true"}, X_Fleet=[("MachineID", "abc"), ("Global", "true")])
     status, payload = await client.put(name, {"options": bad})
     assert (status, payload["error"]["message"]) == (400, "MachineID cannot be used with Global")
-    status, payload = await client.put(name, {"options": options_of({"ExecStart": "/bin/" + "x" * 3000})})
+    status, payload = await client.put(
+        name, {"options": options_of({"ExecStart": "/bin/" + "x" * 3000})}
+    )
     assert status == 400 and "line too long" in payload["error"]["message"]
     # 4c: an invalid desiredState on create is a 500 with an empty message, and nothing is stored
     status, payload = await client.put(name, {"options": options, "desiredState": "running"})
@@ -386,18 +446,28 @@ async def test_put_status_table(client: FleetClient) -> None:
     # 6: same options (or none) without desiredState
     assert (await client.put(name, {"options": options}))[0] == 409
     status, payload = await client.put(name, {"name": name})
-    assert (status, payload["error"]["message"]) == (409, "must provide DesiredState to update existing unit")
+    assert (status, payload["error"]["message"]) == (
+        409,
+        "must provide DesiredState to update existing unit",
+    )
     # 6c: desired state set; on this path fleet does not validate it
     assert await client.put(name, {"desiredState": "bogus"}) == (204, None)
     assert (await client.unit(name))["desiredState"] == "bogus"
-    assert await client.put(name, {"name": name, "options": options, "desiredState": "loaded"}) == (204, None)
+    assert await client.put(name, {"name": name, "options": options, "desiredState": "loaded"}) == (
+        204,
+        None,
+    )
     unit = await client.unit(name)
     assert unit["desiredState"] == "loaded" and re.fullmatch("[0-9a-f]{32}", unit["machineID"])
     # 5: different options replace the unit; without desiredState it goes back to inactive, as in fleet
     replaced = options_of({"ExecStart": "/bin/sleep 301"})
     assert await client.put(name, {"options": replaced}) == (201, None)
     unit = await client.unit(name)
-    assert (unit["options"], unit["desiredState"], unit["currentState"]) == (replaced, "inactive", "inactive")
+    assert (unit["options"], unit["desiredState"], unit["currentState"]) == (
+        replaced,
+        "inactive",
+        "inactive",
+    )
     assert "machineID" not in unit
     # DELETE, then it is gone
     status, _, _ = await client.request("DELETE", f"/units/{name}")
@@ -435,7 +505,9 @@ async def test_pagination_past_100_units(client: FleetClient) -> None:
     listed = [name for page in pages for name in page]
     assert all(len(page) == 100 for page in pages[:-1])
     assert len(listed) == len(set(listed)), "a unit was listed twice"
-    assert [name for name in listed if name.startswith(client.prefix)] == names  # sorted by name, each once
+    assert [
+        name for name in listed if name.startswith(client.prefix)
+    ] == names  # sorted by name, each once
     assert listed == sorted(listed)
 
     async with client.session.get("/fleet/v1/units") as response:
@@ -481,7 +553,9 @@ async def test_launched_unit_reaches_running(client: FleetClient, tmp_path: path
     assert (unit["currentState"], unit["machineID"]) == ("launched", state["machineID"])
     status, single, _ = await client.request("GET", f"/state/{name}")
     assert (status, single) == (200, state)
-    filtered = await client.paged("/state", "states", {"machineID": state["machineID"], "unitName": name})
+    filtered = await client.paged(
+        "/state", "states", {"machineID": state["machineID"], "unitName": name}
+    )
     assert filtered == [state]
     assert len(unit_processes(client.fleet, name)) == 1
 
@@ -494,7 +568,9 @@ async def test_failing_exec_start_fails_the_unit(client: FleetClient) -> None:
     assert (await client.unit(name))["currentState"] == "launched"
 
 
-async def test_failing_exec_start_pre_fails_without_starting(client: FleetClient, tmp_path: pathlib.Path) -> None:
+async def test_failing_exec_start_pre_fails_without_starting(
+    client: FleetClient, tmp_path: pathlib.Path
+) -> None:
     name = client.name("prefail")
     await client.launch(
         name,
@@ -513,7 +589,10 @@ async def test_failing_exec_start_pre_fails_without_starting(client: FleetClient
 
 async def test_ignored_failing_exec_start_pre_still_runs(client: FleetClient) -> None:
     name = client.name("ignored")
-    await client.launch(name, [("ExecStartPre", "-/bin/false"), ("ExecStartPre", "-/no/such/binary"), *SLEEPER.items()])
+    await client.launch(
+        name,
+        [("ExecStartPre", "-/bin/false"), ("ExecStartPre", "-/no/such/binary"), *SLEEPER.items()],
+    )
     await client.wait_state(name, "active", "running")
 
 
@@ -525,7 +604,9 @@ async def test_missing_environment_file_fails_unless_optional(client: FleetClien
     await client.wait_state(optional, "active", "running")
 
 
-async def test_stop_runs_exec_stop_and_kills_the_main_process(client: FleetClient, tmp_path: pathlib.Path) -> None:
+async def test_stop_runs_exec_stop_and_kills_the_main_process(
+    client: FleetClient, tmp_path: pathlib.Path
+) -> None:
     name = client.name("stop")
     await client.launch(
         name,
@@ -540,7 +621,9 @@ async def test_stop_runs_exec_stop_and_kills_the_main_process(client: FleetClien
     assert process_running(main_pid)
 
     await client.set_state(name, "loaded")
-    await client.wait_state(name, "inactive", "dead")  # sleep dies of SIGTERM: a clean exit for systemd
+    await client.wait_state(
+        name, "inactive", "dead"
+    )  # sleep dies of SIGTERM: a clean exit for systemd
     assert (tmp_path / "stopped").read_text() == f"stopped {main_pid}\n"
     assert not process_running(main_pid)
     unit = await client.unit(name)
@@ -551,7 +634,9 @@ async def test_stop_runs_exec_stop_and_kills_the_main_process(client: FleetClien
     assert int((tmp_path / "main.pid").read_text()) != main_pid
 
 
-async def test_replacing_options_reloads_the_unit_in_place(client: FleetClient, tmp_path: pathlib.Path) -> None:
+async def test_replacing_options_reloads_the_unit_in_place(
+    client: FleetClient, tmp_path: pathlib.Path
+) -> None:
     name = client.name("replace")
     first = {"ExecStart": "/bin/sleep 300", "ExecStop": f"/bin/touch {tmp_path}/first-stopped"}
     await client.launch(name, first)
@@ -573,9 +658,14 @@ async def test_replacing_options_reloads_the_unit_in_place(client: FleetClient, 
 
 async def test_destroy_removes_the_unit_and_kills_its_processes(client: FleetClient) -> None:
     name = client.name("destroy")
-    await client.launch(name, {"Environment": "TEST_UNIT=%n", "ExecStart": "/bin/sh -c 'sleep 300 & exec sleep 301'"})
+    await client.launch(
+        name,
+        {"Environment": "TEST_UNIT=%n", "ExecStart": "/bin/sh -c 'sleep 300 & exec sleep 301'"},
+    )
     await client.wait_state(name, "active", "running")
-    await wait_for(lambda: _async(len(unit_processes(client.fleet, name)) == 2), "main and background child")
+    await wait_for(
+        lambda: _async(len(unit_processes(client.fleet, name)) == 2), "main and background child"
+    )
 
     await client.destroy(name)
     assert await client.unit(name) is None
@@ -657,11 +747,16 @@ async def test_machine_of_colocates_and_waits_for_its_peer(client: FleetClient) 
     assert sidekick_state["machineID"] == app_state["machineID"]
 
 
-async def test_global_unit_runs_once_per_machine(client: FleetClient, tmp_path: pathlib.Path) -> None:
+async def test_global_unit_runs_once_per_machine(
+    client: FleetClient, tmp_path: pathlib.Path
+) -> None:
     name = client.name("global")
     await client.launch(
         name,
-        {"Environment": "TEST_UNIT=%n", "ExecStart": f"/bin/sh -c 'echo %m > {tmp_path}/%m; exec sleep 300'"},
+        {
+            "Environment": "TEST_UNIT=%n",
+            "ExecStart": f"/bin/sh -c 'echo %m > {tmp_path}/%m; exec sleep 300'",
+        },
         X_Fleet=[("Global", "true")],
     )
     machines = sorted(machine["id"] for machine in await client.paged("/machines", "machines"))
@@ -685,7 +780,9 @@ async def test_global_unit_runs_once_per_machine(client: FleetClient, tmp_path: 
 async def test_machines_and_metadata_placement(client: FleetClient) -> None:
     machines = await client.paged("/machines", "machines")
     assert len(machines) == 3
-    assert all(re.fullmatch("[0-9a-f]{32}", m["id"]) and m["primaryIP"] == "127.0.0.1" for m in machines)
+    assert all(
+        re.fullmatch("[0-9a-f]{32}", m["id"]) and m["primaryIP"] == "127.0.0.1" for m in machines
+    )
     assert all("metadata" not in machine for machine in machines)
     target = machines[1]["id"]
     key = client.prefix
@@ -694,9 +791,15 @@ async def test_machines_and_metadata_placement(client: FleetClient) -> None:
         status, payload, _ = await client.request("PATCH", "/machines", json=ops)
         return status, payload
 
-    assert (await patch([{"op": "add", "path": f"/{target}/metadata/{key}", "value": "plain"}]))[0] == 400
-    assert (await patch([{"op": "move", "path": f"/{target}/metadata/{key}", "value": {"value": "x"}}]))[0] == 400
-    assert (await patch([{"op": "add", "path": f"/{target}/metadata/{key}", "value": {"value": "yes"}}]))[0] == 204
+    assert (await patch([{"op": "add", "path": f"/{target}/metadata/{key}", "value": "plain"}]))[
+        0
+    ] == 400
+    assert (
+        await patch([{"op": "move", "path": f"/{target}/metadata/{key}", "value": {"value": "x"}}])
+    )[0] == 400
+    assert (
+        await patch([{"op": "add", "path": f"/{target}/metadata/{key}", "value": {"value": "yes"}}])
+    )[0] == 204
     try:
         listed = {m["id"]: m for m in await client.paged("/machines", "machines")}
         assert listed[target]["metadata"] == {key: "yes"}
@@ -705,7 +808,9 @@ async def test_machines_and_metadata_placement(client: FleetClient) -> None:
         assert (await client.wait_state(name, "active", "running"))["machineID"] == target
         pinned = client.name("pinned")
         await client.launch(pinned, SLEEPER, X_Fleet=[("MachineID", machines[2]["id"])])
-        assert (await client.wait_state(pinned, "active", "running"))["machineID"] == machines[2]["id"]
+        assert (await client.wait_state(pinned, "active", "running"))["machineID"] == machines[2][
+            "id"
+        ]
     finally:
         assert (await patch([{"op": "remove", "path": f"/{target}/metadata/{key}"}]))[0] == 204
 
@@ -745,7 +850,10 @@ async def test_restart_with_state_dir_relaunches_units(tmp_path: pathlib.Path) -
             assert after["machineID"] == before["machineID"]
             assert starts.read_text() == "started\nstarted\n"
             units = {unit["name"]: unit for unit in await client.paged("/units", "units")}
-            assert (units[name]["desiredState"], units[name]["currentState"]) == ("launched", "launched")
+            assert (units[name]["desiredState"], units[name]["currentState"]) == (
+                "launched",
+                "launched",
+            )
             assert units[client.name("idle")]["desiredState"] == "inactive"
     finally:
         assert fleet.stop() == 0, fleet.log()

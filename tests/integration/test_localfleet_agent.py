@@ -11,13 +11,22 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import pytest
 import structlog
+from helpers import process_running
 
 from deployster.fleet import UnitOption, UnitState
-from deployster.localfleet import LocalFleet, StartupError, agent as agent_module, service as service_module
+from deployster.localfleet import (
+    LocalFleet,
+    StartupError,
+)
+from deployster.localfleet import (
+    agent as agent_module,
+)
+from deployster.localfleet import (
+    service as service_module,
+)
 from deployster.localfleet.agent import Agent, AgentContext
 from deployster.localfleet.model import DesiredInstance
 from deployster.localfleet.unitfile import unit_hash
-from helpers import process_running
 
 MACHINE = "0123456789abcdef0123456789abcdef"
 DEADLINE = 10.0
@@ -28,10 +37,11 @@ def desired(name: str, *lines: tuple[str, str], launched: bool = True) -> Desire
     return DesiredInstance(name, MACHINE, options, unit_hash(options), launched)
 
 
-
 @pytest.fixture
 async def agent(tmp_path: pathlib.Path) -> AsyncIterator[Agent]:
-    agent = Agent(AgentContext(hostname="host", base_environment=dict(os.environ), log_dir=tmp_path / "logs"))
+    agent = Agent(
+        AgentContext(hostname="host", base_environment=dict(os.environ), log_dir=tmp_path / "logs")
+    )
     try:
         yield agent
     finally:
@@ -49,7 +59,9 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def is_in(agent: Agent, name: str, active: str, sub: str, unit_hash: str | None = None) -> Callable[[], bool]:
+def is_in(
+    agent: Agent, name: str, active: str, sub: str, unit_hash: str | None = None
+) -> Callable[[], bool]:
     def check() -> bool:
         state = state_of(agent, name)
         return (
@@ -72,7 +84,9 @@ async def test_a_crashing_run_fails_its_unit_and_the_agent_keeps_going(
         return real_build_environment(spec, base)
 
     monkeypatch.setattr(service_module, "build_environment", build_environment)
-    broken = desired("broken.service", ("Environment", "CRASH=yes"), ("ExecStart", "/bin/sleep 300"))
+    broken = desired(
+        "broken.service", ("Environment", "CRASH=yes"), ("ExecStart", "/bin/sleep 300")
+    )
     healthy = desired("healthy.service", ("ExecStart", "/bin/sleep 300"))
     with structlog.testing.capture_logs() as logs:
         agent.apply({(broken.unit_name, MACHINE): broken})
@@ -80,7 +94,9 @@ async def test_a_crashing_run_fails_its_unit_and_the_agent_keeps_going(
         agent.apply({(broken.unit_name, MACHINE): broken, (healthy.unit_name, MACHINE): healthy})
         await wait_until(is_in(agent, "healthy.service", "active", "running"), "healthy to run")
     errors = [entry for entry in logs if entry["event"] == "unit_run_error"]
-    assert [(e["unit"], e["machine"], e["log_level"]) for e in errors] == [("broken.service", MACHINE, "error")]
+    assert [(e["unit"], e["machine"], e["log_level"]) for e in errors] == [
+        ("broken.service", MACHINE, "error")
+    ]
 
 
 async def test_a_crashing_load_fails_its_unit_and_new_options_retry(
@@ -98,44 +114,67 @@ async def test_a_crashing_load_fails_its_unit_and_new_options_retry(
     with structlog.testing.capture_logs() as logs:
         agent.apply({(bad.unit_name, MACHINE): bad})
         await wait_until(is_in(agent, "unit.service", "failed", "failed"), "the unit to fail")
-    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["unit_instance_error"]
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
+        "unit_instance_error"
+    ]
     assert state_of(agent, "unit.service").load_state == "error"
     good = desired("unit.service", ("ExecStart", "/bin/sleep 300"))
     agent.apply({(good.unit_name, MACHINE): good})
-    await wait_until(is_in(agent, "unit.service", "active", "running", good.unit_hash), "the new options to run")
+    await wait_until(
+        is_in(agent, "unit.service", "active", "running", good.unit_hash), "the new options to run"
+    )
 
 
-async def test_goal_changes_during_a_slow_stop_are_honoured_in_order(agent: Agent, tmp_path: pathlib.Path) -> None:
+async def test_goal_changes_during_a_slow_stop_are_honoured_in_order(
+    agent: Agent, tmp_path: pathlib.Path
+) -> None:
     first = desired(
         "app.service",
         ("ExecStart", "/bin/sleep 300"),
         ("ExecStop", f"/bin/sh -c 'sleep 0.3; echo first >> {tmp_path}/stops'"),
     )
-    second = desired("app.service", ("ExecStart", f"/bin/sh -c 'echo second >> {tmp_path}/starts; exec sleep 300'"))
+    second = desired(
+        "app.service",
+        ("ExecStart", f"/bin/sh -c 'echo second >> {tmp_path}/starts; exec sleep 300'"),
+    )
     key = ("app.service", MACHINE)
     agent.apply({key: first})
     await wait_until(is_in(agent, "app.service", "active", "running"), "the first unit to run")
     agent.apply({})  # destroyed ...
     await wait_until(is_in(agent, "app.service", "deactivating", "stop"), "the slow stop to begin")
     agent.apply({key: second})  # ... and created again while it stops
-    await wait_until(is_in(agent, "app.service", "active", "running", second.unit_hash), "the second unit to run")
+    await wait_until(
+        is_in(agent, "app.service", "active", "running", second.unit_hash), "the second unit to run"
+    )
     assert (tmp_path / "stops").read_text() == "first\n"
     assert (tmp_path / "starts").read_text() == "second\n"
 
 
-async def test_a_failed_unit_is_not_restarted_until_stopped_and_started(agent: Agent, tmp_path: pathlib.Path) -> None:
-    unit = desired("once.service", ("ExecStart", f"/bin/sh -c 'echo run >> {tmp_path}/runs; exit 1'"))
+async def test_a_failed_unit_is_not_restarted_until_stopped_and_started(
+    agent: Agent, tmp_path: pathlib.Path
+) -> None:
+    unit = desired(
+        "once.service", ("ExecStart", f"/bin/sh -c 'echo run >> {tmp_path}/runs; exit 1'")
+    )
     key = (unit.unit_name, MACHINE)
     agent.apply({key: unit})
     await wait_until(is_in(agent, "once.service", "failed", "failed"), "the unit to fail")
-    agent.apply({key: unit})  # still desired launched: fleet's agent already called start, nothing to do
+    agent.apply(
+        {key: unit}
+    )  # still desired launched: fleet's agent already called start, nothing to do
     await asyncio.sleep(0.2)
     assert (tmp_path / "runs").read_text() == "run\n"
     assert agent.job_state("once.service", MACHINE) == "launched"
-    stopped = desired("once.service", ("ExecStart", f"/bin/sh -c 'echo run >> {tmp_path}/runs; exit 1'"), launched=False)
+    stopped = desired(
+        "once.service",
+        ("ExecStart", f"/bin/sh -c 'echo run >> {tmp_path}/runs; exit 1'"),
+        launched=False,
+    )
     agent.apply({key: stopped})
     await wait_until(lambda: agent.job_state("once.service", MACHINE) == "loaded", "the stop")
-    assert is_in(agent, "once.service", "failed", "failed")()  # stopping a failed unit leaves it failed
+    assert is_in(
+        agent, "once.service", "failed", "failed"
+    )()  # stopping a failed unit leaves it failed
     agent.apply({key: unit})
     await wait_until(lambda: (tmp_path / "runs").read_text() == "run\nrun\n", "the second start")
 
@@ -153,7 +192,9 @@ async def test_shutdown_stops_every_unit(tmp_path: pathlib.Path) -> None:
     agent.apply(units)
     for name, _ in units:
         await wait_until(is_in(agent, name, "active", "running"), f"{name} to run")
-    await wait_until(lambda: all((tmp_path / f"u{index}").exists() for index in range(3)), "the pid files")
+    await wait_until(
+        lambda: all((tmp_path / f"u{index}").exists() for index in range(3)), "the pid files"
+    )
     pids = [int((tmp_path / f"u{index}").read_text()) for index in range(3)]
     await asyncio.wait_for(agent.shutdown(), DEADLINE)
     assert agent.states() == []
@@ -174,7 +215,9 @@ async def test_embedded_on_a_unix_socket_with_a_small_page_size(tmp_path: pathli
         async with aiohttp.ClientSession(connector=connector) as session:
             for index in range(5):
                 options = [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
-                async with session.put(f"http://localhost/fleet/v1/units/u{index}.service", json={"options": options}) as response:
+                async with session.put(
+                    f"http://localhost/fleet/v1/units/u{index}.service", json={"options": options}
+                ) as response:
                     assert response.status == 201
             pages, query = [], {}
             while True:
@@ -184,7 +227,13 @@ async def test_embedded_on_a_unix_socket_with_a_small_page_size(tmp_path: pathli
                 if "nextPageToken" not in payload:
                     break
                 query = {"nextPageToken": payload["nextPageToken"]}
-            assert pages == [["u0.service", "u1.service"], ["u2.service", "u3.service"], ["u4.service"]]
-            async with session.get("http://localhost/fleet/v1/units", params={"nextPageToken": "ZAACAA=="}) as response:
+            assert pages == [
+                ["u0.service", "u1.service"],
+                ["u2.service", "u3.service"],
+                ["u4.service"],
+            ]
+            async with session.get(
+                "http://localhost/fleet/v1/units", params={"nextPageToken": "ZAACAA=="}
+            ) as response:
                 assert response.status == 400  # a token for page size 100 is not one of ours
     assert not socket_path.exists()

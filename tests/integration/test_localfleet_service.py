@@ -14,17 +14,16 @@ import pathlib
 import time
 
 import pytest
+from helpers import process_running
 
 from deployster.fleet import UnitOption
 from deployster.localfleet.journal import UnitJournal
 from deployster.localfleet.service import ServiceResult, ServiceRun
 from deployster.localfleet.unitfile import build_service_spec
-from helpers import process_running
 
 UNIT = "svc@1.service"
 MACHINE = "0123456789abcdef0123456789abcdef"
 DEADLINE = 10.0
-
 
 
 class Harness:
@@ -34,7 +33,12 @@ class Harness:
         self.tmp_path = tmp_path
         self.states: list[tuple[str, str]] = []
         self.stop_requested = asyncio.Event()
-        spec = build_service_spec([UnitOption(section="Service", name=key, value=value) for key, value in lines], UNIT, MACHINE, "host")
+        spec = build_service_spec(
+            [UnitOption(section="Service", name=key, value=value) for key, value in lines],
+            UNIT,
+            MACHINE,
+            "host",
+        )
         self.journal = UnitJournal(UNIT, MACHINE, tmp_path / "logs")
         self.run = ServiceRun(
             spec=spec,
@@ -47,7 +51,9 @@ class Harness:
     async def wait_state(self, active: str, sub: str) -> None:
         deadline = time.monotonic() + DEADLINE
         while (active, sub) not in self.states:
-            assert not self.task.done(), f"run ended in {self.states} before reaching {active}/{sub}"
+            assert not self.task.done(), (
+                f"run ended in {self.states} before reaching {active}/{sub}"
+            )
             assert time.monotonic() < deadline, f"no {active}/{sub} in {self.states}"
             await asyncio.sleep(0.02)
 
@@ -116,13 +122,19 @@ async def test_main_process_ending_by_itself_still_runs_exec_stop(tmp_path: path
 async def test_exit_code_143_on_sigterm_fails_unless_declared_successful(
     tmp_path: pathlib.Path, extra: list[tuple[str, str]], expected: ServiceResult
 ) -> None:
-    harness = Harness(tmp_path, ("ExecStart", "/bin/sh -c 'trap \"exit 143\" TERM; sleep 300 & wait'"), *extra)
+    harness = Harness(
+        tmp_path, ("ExecStart", "/bin/sh -c 'trap \"exit 143\" TERM; sleep 300 & wait'"), *extra
+    )
     await harness.wait_state("active", "running")
     assert await harness.stop() is expected
-    assert harness.states[-1] == (("inactive", "dead") if expected is ServiceResult.SUCCESS else ("failed", "failed"))
+    assert harness.states[-1] == (
+        ("inactive", "dead") if expected is ServiceResult.SUCCESS else ("failed", "failed")
+    )
 
 
-async def test_start_timeout_kills_the_start_and_runs_only_exec_stop_post(tmp_path: pathlib.Path) -> None:
+async def test_start_timeout_kills_the_start_and_runs_only_exec_stop_post(
+    tmp_path: pathlib.Path,
+) -> None:
     started = time.monotonic()
     harness = Harness(
         tmp_path,
@@ -161,7 +173,10 @@ async def test_failing_exec_start_post_kills_the_main_process(tmp_path: pathlib.
     harness = Harness(
         tmp_path,
         ("ExecStart", f"/bin/sh -c 'echo $$$$ > {tmp_path}/main; exec sleep 300'"),
-        ("ExecStartPost", f"/bin/sh -c 'while [ ! -s {tmp_path}/main ]; do sleep 0.01; done; exit 4'"),
+        (
+            "ExecStartPost",
+            f"/bin/sh -c 'while [ ! -s {tmp_path}/main ]; do sleep 0.01; done; exit 4'",
+        ),
     )
     assert await harness.finish() is ServiceResult.EXIT_CODE
     assert ("active", "running") not in harness.states
@@ -185,7 +200,10 @@ async def test_stop_while_starting_skips_exec_stop(tmp_path: pathlib.Path) -> No
 
 
 async def test_stop_reaches_background_children_of_the_main_process(tmp_path: pathlib.Path) -> None:
-    harness = Harness(tmp_path, ("ExecStart", f"/bin/sh -c 'sleep 300 & echo $! > {tmp_path}/child; exec sleep 301'"))
+    harness = Harness(
+        tmp_path,
+        ("ExecStart", f"/bin/sh -c 'sleep 300 & echo $! > {tmp_path}/child; exec sleep 301'"),
+    )
     await harness.wait_state("active", "running")
     deadline = time.monotonic() + DEADLINE
     while not (tmp_path / "child").exists():
@@ -210,7 +228,9 @@ async def test_stop_reaches_background_children_of_the_main_process(tmp_path: pa
         ("true", ServiceResult.SUCCESS),  # a bare name is looked up in PATH
     ],
 )
-async def test_main_process_results(tmp_path: pathlib.Path, line: str, expected: ServiceResult) -> None:
+async def test_main_process_results(
+    tmp_path: pathlib.Path, line: str, expected: ServiceResult
+) -> None:
     assert await Harness(tmp_path, ("ExecStart", line)).finish() is expected
 
 

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from helpers import eventually
+from integration.conftest import FAST_POLICY, Api, running_api
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployster.naming import UnitName
 from deployster.units import Announcement, announce_key
-from helpers import eventually
-from integration.conftest import FAST_POLICY, Api, running_api
 
 
 async def scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -32,9 +32,12 @@ async def test_metrics_count_deploys_by_result_and_failed_probes(api: Api) -> No
     assert ("deployster_bus_queue_depth", ()) in before
 
     await api.deployed({"version": "v1"})
-    await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(update={"instance_deadline": 2.0}))
-    rolled = await api.deployed({"version": "v2", "destroy_previous": True,
-                                 "env": {"DEPLOYSTER_WORKLOAD_HEALTH": "fail"}})
+    await api.deployster.store.save_policy(
+        api.service, FAST_POLICY.model_copy(update={"instance_deadline": 2.0})
+    )
+    rolled = await api.deployed(
+        {"version": "v2", "destroy_previous": True, "env": {"DEPLOYSTER_WORKLOAD_HEALTH": "fail"}}
+    )
     assert rolled["state"] == "rolled_back"
 
     after = await scrape(api)
@@ -56,7 +59,9 @@ async def test_metrics_count_failed_health_probes_by_service(api: Api) -> None:
     await server.start_server()
     try:
         unit = UnitName(api.service, "v1", "2026.01.01-00.00.00", 1)
-        announcement = Announcement(url=str(server.make_url("")).rstrip("/"), machine="m", unit=str(unit))
+        announcement = Announcement(
+            url=str(server.make_url("")).rstrip("/"), machine="m", unit=str(unit)
+        )
         key = announce_key(api.deployster.settings.etcd_prefix, unit)
         await api.deployster.etcd.put(key.encode(), announcement.model_dump_json().encode())
         series = ("deployster_health_probe_failures_total", (("service", api.service),))
@@ -77,17 +82,34 @@ async def test_metrics_need_auth(api: Api) -> None:
 
 @pytest.fixture
 async def hooked_api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
-    async with running_api(aiohttp_client, etcd_endpoint, localfleet, webhook_secret="hook-secret") as running:
+    async with running_api(
+        aiohttp_client, etcd_endpoint, localfleet, webhook_secret="hook-secret"
+    ) as running:
         yield running
 
 
 async def test_metrics_count_webhook_decisions_by_source_and_result(hooked_api: Api) -> None:
     api = hooked_api
-    resp = await api.client.post("/v1/webhooks/registry", data=b"{}", headers={
-        "Authorization": "Bearer wrong", "Content-Type": "application/vnd.docker.distribution.events.v2+json"})
+    resp = await api.client.post(
+        "/v1/webhooks/registry",
+        data=b"{}",
+        headers={
+            "Authorization": "Bearer wrong",
+            "Content-Type": "application/vnd.docker.distribution.events.v2+json",
+        },
+    )
     assert resp.status == 401
-    resp = await api.client.post("/v1/webhooks/registry", data=b'{"events": []}', headers={
-        "Authorization": "Bearer hook-secret", "Content-Type": "application/vnd.docker.distribution.events.v2+json"})
+    resp = await api.client.post(
+        "/v1/webhooks/registry",
+        data=b'{"events": []}',
+        headers={
+            "Authorization": "Bearer hook-secret",
+            "Content-Type": "application/vnd.docker.distribution.events.v2+json",
+        },
+    )
     assert resp.status == 202
     samples = await scrape(api)
-    assert samples[("deployster_webhooks_total", (("result", "rejected"), ("source", "registry")))] == 1
+    assert (
+        samples[("deployster_webhooks_total", (("result", "rejected"), ("source", "registry")))]
+        == 1
+    )

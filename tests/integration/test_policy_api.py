@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from integration.conftest import Api
 
 from deployster.policy import ServicePolicy
-from integration.conftest import Api
 
 
 def policy_url(api: Api) -> str:
@@ -18,15 +18,27 @@ async def test_a_service_without_policy_gets_the_defaults(api: Api) -> None:
     assert resp.status == 200
     policy = (await resp.json())["policy"]
     assert policy == ServicePolicy().model_dump(mode="json")
-    assert policy["health"] == {"path": "/health", "interval": 1.0, "timeout": 2.0,
-                                "healthy_threshold": 2, "unhealthy_threshold": 3}
-    assert (policy["min_healthy_time"], policy["instance_deadline"], policy["deploy_deadline"],
-            policy["drain"]) == (10.0, 300.0, 600.0, 10.0)
+    assert policy["health"] == {
+        "path": "/health",
+        "interval": 1.0,
+        "timeout": 2.0,
+        "healthy_threshold": 2,
+        "unhealthy_threshold": 3,
+    }
+    assert (
+        policy["min_healthy_time"],
+        policy["instance_deadline"],
+        policy["deploy_deadline"],
+        policy["drain"],
+    ) == (10.0, 300.0, 600.0, 10.0)
 
 
 async def test_put_keeps_what_was_given_and_defaults_the_rest(api: Api) -> None:
-    resp = await api.client.put(policy_url(api), headers=api.auth,
-                                json={"policy": {"health": {"path": "/up"}, "drain": 0, "instance_count": 3}})
+    resp = await api.client.put(
+        policy_url(api),
+        headers=api.auth,
+        json={"policy": {"health": {"path": "/up"}, "drain": 0, "instance_count": 3}},
+    )
     assert resp.status == 200
     policy = (await resp.json())["policy"]
     assert policy["health"]["path"] == "/up" and policy["health"]["interval"] == 1.0
@@ -39,17 +51,22 @@ async def test_put_keeps_what_was_given_and_defaults_the_rest(api: Api) -> None:
     assert b"min_healthy_time" not in stored and b"/up" in stored
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"policy": {"drain": -1}}, "policy.drain"),
-    ({"policy": {"instance_deadline": 86400 * 7}}, "policy.instance_deadline"),
-    ({"policy": {"health": {"interval": 0}}}, "policy.health.interval"),
-    ({"policy": {"health": {"path": "health"}}}, "policy.health.path"),
-    ({"policy": {"health": {"healthy_threshold": 0}}}, "policy.health.healthy_threshold"),
-    ({"policy": {"drian": 5}}, "policy.drian"),
-    ({"policy": {"min_healthy_time": "soon"}}, "policy.min_healthy_time"),
-    ({}, "policy"),
-])
-async def test_bad_policies_get_a_400_and_nothing_is_stored(api: Api, body: dict, field: str) -> None:
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"policy": {"drain": -1}}, "policy.drain"),
+        ({"policy": {"instance_deadline": 86400 * 7}}, "policy.instance_deadline"),
+        ({"policy": {"health": {"interval": 0}}}, "policy.health.interval"),
+        ({"policy": {"health": {"path": "health"}}}, "policy.health.path"),
+        ({"policy": {"health": {"healthy_threshold": 0}}}, "policy.health.healthy_threshold"),
+        ({"policy": {"drian": 5}}, "policy.drian"),
+        ({"policy": {"min_healthy_time": "soon"}}, "policy.min_healthy_time"),
+        ({}, "policy"),
+    ],
+)
+async def test_bad_policies_get_a_400_and_nothing_is_stored(
+    api: Api, body: dict, field: str
+) -> None:
     resp = await api.client.put(policy_url(api), headers=api.auth, json=body)
     assert resp.status == 400
     data = await resp.json()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import eventually
+from integration.conftest import Api, running_api
 
 from deployster.etcd import EtcdServer, free_port
 from deployster.web import meta
-from helpers import eventually
-from integration.conftest import Api, running_api
 
 
 async def test_probes_need_no_credentials_and_say_ready(api: Api) -> None:
@@ -22,17 +22,25 @@ async def test_probes_need_no_credentials_and_say_ready(api: Api) -> None:
     assert await resp.json() == {"status": "ready", "etcd": "ok", "fleet": "ok"}
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/healthzz"), ("GET", "/healthz/x"), ("GET", "/readyz/"), ("POST", "/healthz"),
-    ("GET", "/v1/version"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/healthzz"),
+        ("GET", "/healthz/x"),
+        ("GET", "/readyz/"),
+        ("POST", "/healthz"),
+        ("GET", "/v1/version"),
+    ],
+)
 async def test_only_the_listed_routes_are_public(api: Api, method: str, path: str) -> None:
     resp = await api.client.request(method, path)
     assert resp.status == 401
     assert (await resp.json())["error"] == "unauthorized"
 
 
-async def test_etcd_down_is_not_ready_but_alive(aiohttp_client, private_etcd: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
+async def test_etcd_down_is_not_ready_but_alive(
+    aiohttp_client, private_etcd: EtcdServer, localfleet: str
+) -> None:  # type: ignore[no-untyped-def]
     async with running_api(aiohttp_client, private_etcd.endpoint, localfleet) as api:
         assert (await api.client.get("/readyz")).status == 200
         private_etcd.stop()
@@ -40,8 +48,10 @@ async def test_etcd_down_is_not_ready_but_alive(aiohttp_client, private_etcd: Et
         resp = await api.client.get("/readyz")
         assert time.monotonic() - started < meta.READY_TIMEOUT + 1
         assert resp.status == 503
-        assert await resp.json() == {"error": "unavailable",
-                                     "description": "Deployster is not ready: etcd is unreachable."}
+        assert await resp.json() == {
+            "error": "unavailable",
+            "description": "Deployster is not ready: etcd is unreachable.",
+        }
         assert (await api.client.get("/healthz")).status == 200
         private_etcd.start()
         private_etcd.wait_ready()
@@ -57,17 +67,23 @@ async def test_fleet_down_is_named(aiohttp_client, etcd_endpoint: str, log_lines
     async with running_api(aiohttp_client, etcd_endpoint, nowhere) as api:
         resp = await api.client.get("/readyz")
         assert resp.status == 503
-        assert await resp.json() == {"error": "unavailable",
-                                     "description": "Deployster is not ready: fleet is unreachable."}
+        assert await resp.json() == {
+            "error": "unavailable",
+            "description": "Deployster is not ready: fleet is unreachable.",
+        }
     failed = [line for line in log_lines if line["event"] == "readiness_check_failed"]
     assert failed and failed[0]["system"] == "fleet" and nowhere in str(failed[0]["reason"])
 
 
 async def test_both_down_are_both_named(aiohttp_client, private_etcd: EtcdServer) -> None:  # type: ignore[no-untyped-def]
-    async with running_api(aiohttp_client, private_etcd.endpoint, f"http://127.0.0.1:{free_port()}") as api:
+    async with running_api(
+        aiohttp_client, private_etcd.endpoint, f"http://127.0.0.1:{free_port()}"
+    ) as api:
         private_etcd.stop()
         resp = await api.client.get("/readyz")
         assert resp.status == 503
-        assert (await resp.json())["description"] == "Deployster is not ready: etcd and fleet are unreachable."
+        assert (await resp.json())[
+            "description"
+        ] == "Deployster is not ready: etcd and fleet are unreachable."
         private_etcd.start()
         private_etcd.wait_ready()

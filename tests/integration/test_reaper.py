@@ -8,23 +8,25 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from helpers import eventually
+from integration.conftest import Api, running_api
 
 from deployster.naming import UnitName
 from deployster.units import Announcement, announce_key
-from helpers import eventually
-from integration.conftest import Api, running_api
 
 
 @pytest.fixture
 async def reaping_api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
-    async with running_api(aiohttp_client, etcd_endpoint, localfleet, reconcile_interval=0.5,
-                           history=2) as running:
+    async with running_api(
+        aiohttp_client, etcd_endpoint, localfleet, reconcile_interval=0.5, history=2
+    ) as running:
         yield running
 
 
 @pytest.fixture
 async def healthy_server() -> AsyncIterator[str]:
     """Something that answers health checks, standing in for an instance fleet no longer has."""
+
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -64,7 +66,9 @@ async def test_an_announcement_without_its_unit_is_removed_and_deregistered(
     assert sorted(servers) == sorted(UnitName.parse(u).container for u in live_units)  # type: ignore[union-attr]
 
 
-async def test_a_router_server_without_an_instance_is_deregistered(reaping_api: Api, healthy_server: str) -> None:
+async def test_a_router_server_without_an_instance_is_deregistered(
+    reaping_api: Api, healthy_server: str
+) -> None:
     api = reaping_api
     await api.deployed({"version": "v1"})
     router = api.deployster.router
@@ -79,7 +83,10 @@ async def test_a_router_server_without_an_instance_is_deregistered(reaping_api: 
 
 async def test_history_keeps_the_newest_deploys(reaping_api: Api) -> None:
     api = reaping_api
-    ids = [(await api.deployed({"version": f"v{n}", "destroy_previous": True}))["id"] for n in range(1, 5)]
+    ids = [
+        (await api.deployed({"version": f"v{n}", "destroy_previous": True}))["id"]
+        for n in range(1, 5)
+    ]
 
     async def pruned() -> list[str]:
         resp = await api.client.get(api.url("/deploys"), headers=api.auth)

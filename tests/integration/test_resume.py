@@ -16,17 +16,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import eventually, process_running
+from integration.conftest import PASSWORD, basic_auth, running_api
 
 from deployster.etcd import EtcdServer, free_port
 from deployster.naming import UnitName
-from helpers import eventually, process_running
-from integration.conftest import PASSWORD, basic_auth, running_api
 
 # The deploy stays in the ``waiting`` step for min_healthy_time: long enough to kill the
 # server (or restart etcd) while it waits, short enough for a test.
 SLOW_POLICY: dict[str, Any] = {
     "health": {"interval": 0.1, "healthy_threshold": 1},
-    "min_healthy_time": 3, "drain": 0, "instance_deadline": 30, "deploy_deadline": 60,
+    "min_healthy_time": 3,
+    "drain": 0,
+    "instance_deadline": 30,
+    "deploy_deadline": 60,
 }
 
 
@@ -37,11 +40,24 @@ class ServerProcess:
         self.port = free_port()
         self.log_dir = log_dir
         self.flags = [
-            "--listen", f"127.0.0.1:{self.port}", "--etcd", etcd,
-            "--etcd-prefix", f"/deployster-resume-{secrets.token_hex(4)}",
-            "--fleet-endpoint", fleet, "--template", "workload", "--router", "vulcand",
-            "--vulcand-prefix", f"vulcand-{secrets.token_hex(4)}", "--vulcand-settle", "0",
-            "--log-format", "json",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--etcd",
+            etcd,
+            "--etcd-prefix",
+            f"/deployster-resume-{secrets.token_hex(4)}",
+            "--fleet-endpoint",
+            fleet,
+            "--template",
+            "workload",
+            "--router",
+            "vulcand",
+            "--vulcand-prefix",
+            f"vulcand-{secrets.token_hex(4)}",
+            "--vulcand-settle",
+            "0",
+            "--log-format",
+            "json",
         ]
         self.children: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
@@ -59,14 +75,20 @@ class ServerProcess:
         env["DEPLOYSTER_PASSWORD"] = PASSWORD
         log = self.log_dir / f"server-{len(self.children) + 1}.log"
         with open(log, "wb") as out:
-            child = subprocess.Popen([sys.executable, "-m", "deployster", "serve", *self.flags],
-                                     stdout=out, stderr=out, env=env)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "deployster", "serve", *self.flags],
+                stdout=out,
+                stderr=out,
+                env=env,
+            )
         self.children.append(child)
         self.logs.append(log)
         return child
 
     def log_text(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs if p.exists())
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs if p.exists()
+        )
 
     def kill(self) -> None:
         self.child.send_signal(signal.SIGKILL)
@@ -94,14 +116,19 @@ def server(tmp_path: Path, etcd_endpoint: str, localfleet: str) -> Iterator[Serv
 
 @contextlib.asynccontextmanager
 async def http(base: str) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base, headers=basic_auth("deployster", PASSWORD),
-                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+    async with aiohttp.ClientSession(
+        base, headers=basic_auth("deployster", PASSWORD), timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
         yield session
 
 
-async def wait_up(session: aiohttp.ClientSession, server: ServerProcess, timeout: float = 20) -> None:
+async def wait_up(
+    session: aiohttp.ClientSession, server: ServerProcess, timeout: float = 20
+) -> None:
     async def answers() -> bool:
-        assert server.child.poll() is None, f"server exited {server.child.returncode}:\n{server.log_text()}"
+        assert server.child.poll() is None, (
+            f"server exited {server.child.returncode}:\n{server.log_text()}"
+        )
         try:
             async with session.get("/v1/version") as resp:
                 return resp.status == 200
@@ -111,15 +138,22 @@ async def wait_up(session: aiohttp.ClientSession, server: ServerProcess, timeout
     await eventually(answers, timeout=timeout, interval=0.1)
 
 
-async def get_record(session: aiohttp.ClientSession, service: str, deploy_id: str) -> dict[str, Any]:
+async def get_record(
+    session: aiohttp.ClientSession, service: str, deploy_id: str
+) -> dict[str, Any]:
     async with session.get(f"/v1/services/{service}/deploys/{deploy_id}") as resp:
         body = await resp.json()
         assert resp.status == 200, body
         return dict(body["deploy"])
 
 
-async def wait_state(session: aiohttp.ClientSession, service: str, deploy_id: str,
-                     states: tuple[str, ...], timeout: float) -> dict[str, Any]:
+async def wait_state(
+    session: aiohttp.ClientSession,
+    service: str,
+    deploy_id: str,
+    states: tuple[str, ...],
+    timeout: float,
+) -> dict[str, Any]:
     async def reached() -> dict[str, Any] | None:
         with contextlib.suppress(aiohttp.ClientError):
             record = await get_record(session, service, deploy_id)
@@ -133,8 +167,10 @@ async def unit_names(session: aiohttp.ClientSession, service: str) -> list[str]:
     async with session.get(f"/v1/services/{service}/units") as resp:
         body = await resp.json()
         assert resp.status == 200, body
-    return sorted(f"{service}:{u['version']}:{u['deploy_timestamp']}@{u['instance']}.service"
-                  for u in body["units"])
+    return sorted(
+        f"{service}:{u['version']}:{u['deploy_timestamp']}@{u['instance']}.service"
+        for u in body["units"]
+    )
 
 
 async def test_a_deploy_resumes_after_the_server_is_killed(server: ServerProcess) -> None:
@@ -143,24 +179,34 @@ async def test_a_deploy_resumes_after_the_server_is_killed(server: ServerProcess
     async with http(server.url) as session:
         try:
             await wait_up(session, server)
-            async with session.put(f"/v1/services/{service}/policy", json={"policy": SLOW_POLICY}) as resp:
+            async with session.put(
+                f"/v1/services/{service}/policy", json={"policy": SLOW_POLICY}
+            ) as resp:
                 assert resp.status == 200, await resp.text()
 
-            async with session.post(f"/v1/services/{service}/deploys",
-                                    json={"deploy": {"version": "v1", "instance_count": 2}}) as resp:
+            async with session.post(
+                f"/v1/services/{service}/deploys",
+                json={"deploy": {"version": "v1", "instance_count": 2}},
+            ) as resp:
                 body = await resp.json()
                 assert resp.status in (201, 202), body
             first = body["deploy"]
-            first = await wait_state(session, service, first["id"], ("succeeded", "failed", "rolled_back"), 60)
+            first = await wait_state(
+                session, service, first["id"], ("succeeded", "failed", "rolled_back"), 60
+            )
             assert first["state"] == "succeeded", (first, server.log_text())
             assert await unit_names(session, service) == sorted(first["units"])
 
-            async with session.post(f"/v1/services/{service}/deploys",
-                                    json={"deploy": {"version": "v2", "destroy_previous": True}}) as resp:
+            async with session.post(
+                f"/v1/services/{service}/deploys",
+                json={"deploy": {"version": "v2", "destroy_previous": True}},
+            ) as resp:
                 body = await resp.json()
                 assert resp.status in (201, 202), body
             second_id = body["deploy"]["id"]
-            running = await wait_state(session, service, second_id, ("running", "succeeded", "failed", "rolled_back"), 30)
+            running = await wait_state(
+                session, service, second_id, ("running", "succeeded", "failed", "rolled_back"), 30
+            )
             # min_healthy_time (3 s) keeps it waiting: the kill lands mid-deploy.
             assert running["state"] == "running", running
             killed_pid = server.child.pid
@@ -172,9 +218,13 @@ async def test_a_deploy_resumes_after_the_server_is_killed(server: ServerProcess
 
             server.start()
             await wait_up(session, server)
-            second = await wait_state(session, service, second_id, ("succeeded", "failed", "rolled_back"), 60)
-            print(f"\n[resume] deploy {second_id} ended {second['state']} "
-                  f"{time.monotonic() - killed_at:.1f} s after the kill")
+            second = await wait_state(
+                session, service, second_id, ("succeeded", "failed", "rolled_back"), 60
+            )
+            print(
+                f"\n[resume] deploy {second_id} ended {second['state']} "
+                f"{time.monotonic() - killed_at:.1f} s after the kill"
+            )
             assert second["state"] == "succeeded", (second, server.log_text())
             assert second["step"] == "done"
             assert second["previous_units"] == first["units"]
@@ -198,24 +248,36 @@ async def test_a_deploy_resumes_after_the_server_is_killed(server: ServerProcess
             with contextlib.suppress(Exception):
                 if server.child.poll() is None:
                     for version in ("v2", "v1"):
-                        async with session.delete(f"/v1/services/{service}/deploys/{version}") as resp:
+                        async with session.delete(
+                            f"/v1/services/{service}/deploys/{version}"
+                        ) as resp:
                             assert resp.status in (204, 404), await resp.text()
     assert server.stop() == 0, server.log_text()
 
 
-async def test_a_deploy_completes_across_an_etcd_restart(aiohttp_client, tmp_path: Path, private_etcd: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
+async def test_a_deploy_completes_across_an_etcd_restart(
+    aiohttp_client, tmp_path: Path, private_etcd: EtcdServer, localfleet: str
+) -> None:  # type: ignore[no-untyped-def]
     etcd = private_etcd
     async with running_api(aiohttp_client, etcd.endpoint, localfleet) as api:
-        resp = await api.client.put(api.url("/policy"), headers=api.auth,
-                                    json={"policy": {**SLOW_POLICY, "min_healthy_time": 2}})
+        resp = await api.client.put(
+            api.url("/policy"),
+            headers=api.auth,
+            json={"policy": {**SLOW_POLICY, "min_healthy_time": 2}},
+        )
         assert resp.status == 200, await resp.text()
-        created = (await api.deploy({"version": "v1", "instance_count": 2, "destroy_previous": True}))["deploy"]
+        created = (
+            await api.deploy({"version": "v1", "instance_count": 2, "destroy_previous": True})
+        )["deploy"]
         assert created["state"] == "running", created
 
         # Both instances announced (the announcements outlive the restart in etcd's data).
         async def announced() -> bool:
-            return all(api.deployster.instances.get(n) is not None
-                       for n in map(UnitName.parse, created["units"]) if n is not None)
+            return all(
+                api.deployster.instances.get(n) is not None
+                for n in map(UnitName.parse, created["units"])
+                if n is not None
+            )
 
         await eventually(announced, timeout=30, interval=0.05)
         assert (await api.record(created["id"]))["state"] == "running"
@@ -234,6 +296,8 @@ async def test_a_deploy_completes_across_an_etcd_restart(aiohttp_client, tmp_pat
 
         await eventually(record_readable, timeout=30, interval=0.2)
         done = await api.finished(created["id"], timeout=60)
-        print(f"\n[etcd-restart] deploy ended {done['state']} {time.monotonic() - restarted_at:.1f} s after the restart")
+        print(
+            f"\n[etcd-restart] deploy ended {done['state']} {time.monotonic() - restarted_at:.1f} s after the restart"
+        )
         assert done["state"] == "succeeded", (done["error"], done)
         assert sorted(await api.units()) == sorted(created["units"])

@@ -33,7 +33,6 @@ class Backend:
     url: str
 
 
-
 @pytest.fixture
 def service() -> str:
     return f"svc-{secrets.token_hex(3)}"
@@ -41,8 +40,9 @@ def service() -> str:
 
 @pytest.fixture
 def router(etcd_client: aetcd.Client, traefik: Traefik) -> TraefikRouter:
-    made = make_router("traefik", etcd_client, root_key=traefik.root_key, api_url=traefik.api_url,
-                       entrypoint="web")
+    made = make_router(
+        "traefik", etcd_client, root_key=traefik.root_key, api_url=traefik.api_url, entrypoint="web"
+    )
     assert isinstance(made, TraefikRouter)
     return made
 
@@ -81,8 +81,13 @@ async def instances_reached(traefik: Traefik, service: str, requests: int) -> se
     return seen
 
 
-async def timed_wait(router: TraefikRouter, capsys: pytest.CaptureFixture[str], what: str,
-                     service: str, **kwargs: object) -> float:
+async def timed_wait(
+    router: TraefikRouter,
+    capsys: pytest.CaptureFixture[str],
+    what: str,
+    service: str,
+    **kwargs: object,
+) -> float:
     started = time.monotonic()
     await router.wait_applied(service, timeout=10, **kwargs)  # type: ignore[arg-type]
     elapsed = time.monotonic() - started
@@ -92,8 +97,11 @@ async def timed_wait(router: TraefikRouter, capsys: pytest.CaptureFixture[str], 
 
 
 async def test_traffic_follows_register_and_deregister(
-    router: TraefikRouter, traefik: Traefik, service: str,
-    backends: Callable[[int], Backend], capsys: pytest.CaptureFixture[str],
+    router: TraefikRouter,
+    traefik: Traefik,
+    service: str,
+    backends: Callable[[int], Backend],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     one, two = await backends(1), await backends(2)  # type: ignore[misc]
     await router.ensure_service(service)
@@ -104,6 +112,7 @@ async def test_traffic_follows_register_and_deregister(
     # Round robin over two servers: a handful of requests reaches both.
     async def both() -> bool:
         return await instances_reached(traefik, service, 6) == {1, 2}
+
     await eventually(both, timeout=5)
 
     await router.deregister(service, f"{service}-v1-2026.11.26-12.00.00-1")
@@ -112,8 +121,12 @@ async def test_traffic_follows_register_and_deregister(
 
 
 async def test_a_server_on_a_revoked_lease_stops_receiving_traffic(
-    router: TraefikRouter, etcd_client: aetcd.Client, traefik: Traefik, service: str,
-    backends: Callable[[int], Backend], capsys: pytest.CaptureFixture[str],
+    router: TraefikRouter,
+    etcd_client: aetcd.Client,
+    traefik: Traefik,
+    service: str,
+    backends: Callable[[int], Backend],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     one, two = await backends(1), await backends(2)  # type: ignore[misc]
     await router.ensure_service(service)
@@ -129,7 +142,10 @@ async def test_a_server_on_a_revoked_lease_stops_receiving_traffic(
 
 
 async def test_same_instance_number_from_two_deploys_gets_two_indexes(
-    router: TraefikRouter, etcd_client: aetcd.Client, traefik: Traefik, service: str,
+    router: TraefikRouter,
+    etcd_client: aetcd.Client,
+    traefik: Traefik,
+    service: str,
 ) -> None:
     old, new = f"{service}-v1-2026.11.26-12.00.00-1", f"{service}-v2-2026.11.27-09.30.00-1"
     await router.ensure_service(service)
@@ -138,17 +154,30 @@ async def test_same_instance_number_from_two_deploys_gets_two_indexes(
     await router.register(service, old, "http://127.0.0.1:31001")  # idempotent: same index
 
     routers = f"{traefik.root_key}/http/routers/{service}/"
-    keys = {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(routers.encode())}
-    assert keys == {f"{routers}rule": f"Host(`{service}.localhost`)",
-                    f"{routers}service": service, f"{routers}entrypoints/0": "web"}
+    keys = {
+        kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(routers.encode())
+    }
+    assert keys == {
+        f"{routers}rule": f"Host(`{service}.localhost`)",
+        f"{routers}service": service,
+        f"{routers}entrypoints/0": "web",
+    }
     declared = await etcd_client.get(
-        f"{traefik.root_key}/http/services/{service}/loadbalancer/passhostheader".encode())
+        f"{traefik.root_key}/http/services/{service}/loadbalancer/passhostheader".encode()
+    )
     assert declared is not None and declared.value == b"true"
     root = f"{traefik.root_key}/http/services/{service}/loadbalancer/servers/"
-    keys = {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(root.encode())}
-    assert keys == {f"{root}0/url": "http://127.0.0.1:31001", f"{root}1/url": "http://127.0.0.1:31002"}
-    assert await router.servers(service) == {old: "http://127.0.0.1:31001",
-                                             new: "http://127.0.0.1:31002"}
+    keys = {
+        kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(root.encode())
+    }
+    assert keys == {
+        f"{root}0/url": "http://127.0.0.1:31001",
+        f"{root}1/url": "http://127.0.0.1:31002",
+    }
+    assert await router.servers(service) == {
+        old: "http://127.0.0.1:31001",
+        new: "http://127.0.0.1:31002",
+    }
     # Traefik takes both (the API confirms), and nothing of Deployster's is under its root.
     await router.wait_applied(service, present=["http://127.0.0.1:31001", "http://127.0.0.1:31002"])
     everything = [kv.key.decode() for kv in await etcd_client.get_prefix(traefik.root_key.encode())]
@@ -156,14 +185,23 @@ async def test_same_instance_number_from_two_deploys_gets_two_indexes(
 
     await router.deregister(service, old)
     await router.register(service, old, "http://127.0.0.1:31001")  # a new registration
-    assert await router.servers(service) == {new: "http://127.0.0.1:31002",
-                                             old: "http://127.0.0.1:31001"}
-    keys = {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(root.encode())}
-    assert keys == {f"{root}1/url": "http://127.0.0.1:31002", f"{root}2/url": "http://127.0.0.1:31001"}
+    assert await router.servers(service) == {
+        new: "http://127.0.0.1:31002",
+        old: "http://127.0.0.1:31001",
+    }
+    keys = {
+        kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(root.encode())
+    }
+    assert keys == {
+        f"{root}1/url": "http://127.0.0.1:31002",
+        f"{root}2/url": "http://127.0.0.1:31001",
+    }
 
 
 async def test_deregistering_server_1_keeps_server_10(
-    router: TraefikRouter, etcd_client: aetcd.Client, service: str,
+    router: TraefikRouter,
+    etcd_client: aetcd.Client,
+    service: str,
 ) -> None:
     await router.ensure_service(service)
     for k in range(11):
@@ -179,9 +217,12 @@ async def test_deregistering_server_1_keeps_server_10(
 
 
 async def test_wait_applied_times_out_with_a_sentence(
-    router: TraefikRouter, service: str,
+    router: TraefikRouter,
+    service: str,
 ) -> None:
     await router.ensure_service(service)
-    with pytest.raises(RouterTimeout, match=r"Traefik at http://127\.0\.0\.1:\d+ did not apply") as caught:
+    with pytest.raises(
+        RouterTimeout, match=r"Traefik at http://127\.0\.0\.1:\d+ did not apply"
+    ) as caught:
         await router.wait_applied(service, present=["http://127.0.0.1:1"], timeout=0.5)
     assert "http://127.0.0.1:1" in str(caught.value)

@@ -19,17 +19,20 @@ SRV1 = "web-v1-2026.11.26-12.00.00-1"
 SRV2 = "web-v1-2026.11.26-12.00.00-2"
 
 
-
 @pytest.fixture
 def prefix() -> str:
     return f"vulcand-test-{secrets.token_hex(4)}"
 
 
 async def dump(etcd_client: aetcd.Client, prefix: str) -> dict[str, str]:
-    return {kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(prefix.encode())}
+    return {
+        kv.key.decode(): kv.value.decode() for kv in await etcd_client.get_prefix(prefix.encode())
+    }
 
 
-async def test_keys_after_ensure_register_and_deregister(etcd_client: aetcd.Client, prefix: str) -> None:
+async def test_keys_after_ensure_register_and_deregister(
+    etcd_client: aetcd.Client, prefix: str
+) -> None:
     router = make_router("vulcand", etcd_client, prefix=prefix, settle=0.0)
     assert isinstance(router, Router)
     await router.ensure_service("web")
@@ -59,7 +62,9 @@ async def test_keys_after_ensure_register_and_deregister(etcd_client: aetcd.Clie
     assert await router.servers("web") == {SRV2: "http://127.0.0.1:31002"}
 
 
-async def test_ensure_service_writes_only_what_changed(etcd_client: aetcd.Client, prefix: str) -> None:
+async def test_ensure_service_writes_only_what_changed(
+    etcd_client: aetcd.Client, prefix: str
+) -> None:
     router = VulcandRouter(etcd_client, prefix=prefix)
     await router.ensure_service("web")
     before = await etcd_client.get(router.backend_key("web").encode())
@@ -72,7 +77,9 @@ async def test_ensure_service_writes_only_what_changed(etcd_client: aetcd.Client
     assert json.loads(frontend.value)["Route"] == 'Host("web.example.com")'
 
 
-async def test_write_order_is_backend_before_frontend(etcd_client: aetcd.Client, prefix: str) -> None:
+async def test_write_order_is_backend_before_frontend(
+    etcd_client: aetcd.Client, prefix: str
+) -> None:
     router = VulcandRouter(etcd_client, prefix=prefix)
     await router.ensure_service("web")
     backend = await etcd_client.get(router.backend_key("web").encode())
@@ -93,15 +100,18 @@ async def test_server_on_a_lease_disappears_when_the_lease_is_revoked(
 
     await etcd_client.revoke_lease(lease.id)
     await eventually(lambda: _servers_are(router, {SRV2}), timeout=5)
-    await router.wait_applied("web", present=["http://127.0.0.1:31002"],
-                              absent=["http://127.0.0.1:31001"], timeout=5)
+    await router.wait_applied(
+        "web", present=["http://127.0.0.1:31002"], absent=["http://127.0.0.1:31001"], timeout=5
+    )
 
 
 async def _servers_are(router: VulcandRouter, ids: set[str]) -> bool:
     return set(await router.servers("web")) == ids
 
 
-async def test_deregister_deletes_the_exact_key_only(etcd_client: aetcd.Client, prefix: str) -> None:
+async def test_deregister_deletes_the_exact_key_only(
+    etcd_client: aetcd.Client, prefix: str
+) -> None:
     """§1.7 bug 1: vulcand's own delete is a prefix delete; srv1 must not take srv1x."""
     router = VulcandRouter(etcd_client, prefix=prefix)
     await router.ensure_service("web")

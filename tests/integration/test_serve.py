@@ -27,9 +27,13 @@ def serve() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
     def start(*flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYSTER_")}
-        child = subprocess.Popen([sys.executable, "-m", "deployster", "serve", *flags],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**clean, **(env or {})})
+        child = subprocess.Popen(
+            [sys.executable, "-m", "deployster", "serve", *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**clean, **(env or {})},
+        )
         children.append(child)
         return child
 
@@ -50,8 +54,9 @@ def get(url: str, password: str, context: ssl.SSLContext | None = None) -> tuple
         return err.code, err.read().decode()
 
 
-def wait_answer(url: str, password: str, child: subprocess.Popen[str],
-                context: ssl.SSLContext | None = None) -> tuple[int, str]:
+def wait_answer(
+    url: str, password: str, child: subprocess.Popen[str], context: ssl.SSLContext | None = None
+) -> tuple[int, str]:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         assert child.poll() is None, child.communicate()
@@ -69,16 +74,21 @@ def stop(child: subprocess.Popen[str]) -> tuple[str, str]:
     return out, err
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["-cert", "/nonexistent/cert.pem"], "HTTPS needs both -cert and -key"),
-    (["-cert", "/nonexistent/c.pem", "-key", "/nonexistent/k.pem"], "does not exist"),
-    (["--template", "/nonexistent/unit.service"], "/nonexistent/unit.service"),
-    (["--fleet-endpoint", "ftp://fleet"], "fleet endpoint 'ftp://fleet' is not valid"),
-    (["--etcd", "not a url://"], "-etcd"),
-    (["--docker-endpoint", "ftp://docker"], "Docker endpoint 'ftp://docker' is not valid"),
-    (["-task-max-timeout", "0"], "-task-max-timeout: Input should be greater than 0"),
-])
-def test_bad_configuration_stops_the_start_with_a_sentence(serve, flags: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["-cert", "/nonexistent/cert.pem"], "HTTPS needs both -cert and -key"),
+        (["-cert", "/nonexistent/c.pem", "-key", "/nonexistent/k.pem"], "does not exist"),
+        (["--template", "/nonexistent/unit.service"], "/nonexistent/unit.service"),
+        (["--fleet-endpoint", "ftp://fleet"], "fleet endpoint 'ftp://fleet' is not valid"),
+        (["--etcd", "not a url://"], "-etcd"),
+        (["--docker-endpoint", "ftp://docker"], "Docker endpoint 'ftp://docker' is not valid"),
+        (["-task-max-timeout", "0"], "-task-max-timeout: Input should be greater than 0"),
+    ],
+)
+def test_bad_configuration_stops_the_start_with_a_sentence(
+    serve, flags: list[str], message: str
+) -> None:  # type: ignore[no-untyped-def]
     child = serve("-password", "x", *flags)
     out, err = child.communicate(timeout=30)
     assert child.returncode == 2
@@ -89,15 +99,27 @@ def test_bad_configuration_stops_the_start_with_a_sentence(serve, flags: list[st
 def test_bad_key_pair_never_falls_back_to_http(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "c.pem").write_text("garbage")
     (tmp_path / "k.pem").write_text("garbage")
-    child = serve("-password", "x", "-cert", str(tmp_path / "c.pem"), "-key", str(tmp_path / "k.pem"))
+    child = serve(
+        "-password", "x", "-cert", str(tmp_path / "c.pem"), "-key", str(tmp_path / "k.pem")
+    )
     _, err = child.communicate(timeout=30)
     assert child.returncode == 2 and "cannot be loaded" in err
 
 
-def test_generated_password_json_logs_and_graceful_stop(serve, etcd_server: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
+def test_generated_password_json_logs_and_graceful_stop(
+    serve, etcd_server: EtcdServer, localfleet: str
+) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
-    child = serve("--listen", f"127.0.0.1:{port}", "--etcd", etcd_server.endpoint,
-                  "--fleet-endpoint", localfleet, "--template", "workload")
+    child = serve(
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--etcd",
+        etcd_server.endpoint,
+        "--fleet-endpoint",
+        localfleet,
+        "--template",
+        "workload",
+    )
     assert child.stdout is not None
     banner = child.stdout.readline()
     assert "generated one for user 'deployster'" in banner
@@ -114,18 +136,47 @@ def test_generated_password_json_logs_and_graceful_stop(serve, etcd_server: Etcd
     assert password not in err and password not in out
 
 
-def test_https_with_a_certificate(serve, tmp_path: Path, etcd_server: EtcdServer, localfleet: str) -> None:  # type: ignore[no-untyped-def]
+def test_https_with_a_certificate(
+    serve, tmp_path: Path, etcd_server: EtcdServer, localfleet: str
+) -> None:  # type: ignore[no-untyped-def]
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
     )
     port = free_port()
-    child = serve("-listen", f"127.0.0.1:{port}", "-cert", str(tmp_path / "cert.pem"),
-                  "-key", str(tmp_path / "key.pem"), "--etcd", etcd_server.endpoint,
-                  "--fleet-endpoint", localfleet, "--template", "workload",
-                  env={"DEPLOYSTER_PASSWORD": "tls-secret"})
+    child = serve(
+        "-listen",
+        f"127.0.0.1:{port}",
+        "-cert",
+        str(tmp_path / "cert.pem"),
+        "-key",
+        str(tmp_path / "key.pem"),
+        "--etcd",
+        etcd_server.endpoint,
+        "--fleet-endpoint",
+        localfleet,
+        "--template",
+        "workload",
+        env={"DEPLOYSTER_PASSWORD": "tls-secret"},
+    )
     context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
     status, _ = wait_answer(f"https://127.0.0.1:{port}/v1/version", "tls-secret", child, context)
     assert status == 200

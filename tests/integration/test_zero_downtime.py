@@ -8,10 +8,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
-
-from deployster.policy import HealthPolicy
 from integration.conftest import FAST_POLICY, Api
 from integration.traefik import Traefik
+
+from deployster.policy import HealthPolicy
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Load:
                         self.versions[body["version"]] += 1
                     else:
                         self.failures.append(f"HTTP {resp.status}")
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 self.failures.append(repr(exc))
 
     async def run(self, clients: int) -> None:
@@ -65,7 +65,9 @@ async def test_version_cycle_and_rollback_under_load(traefik_api: Api, traefik: 
     api = traefik_api
     host = f"{api.service}.localhost"
     # A little drain lets requests already sent to an old instance finish.
-    await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(update={"drain": 0.5}))
+    await api.deployster.store.save_policy(
+        api.service, FAST_POLICY.model_copy(update={"drain": 0.5})
+    )
     first = await api.deployed({"version": "v1", "instance_count": 3})
     assert first["state"] == "succeeded", first
     await wait_serving(traefik, host, "v1")
@@ -82,17 +84,31 @@ async def test_version_cycle_and_rollback_under_load(traefik_api: Api, traefik: 
 
         # A version that never turns healthy is rolled back; v2 keeps serving throughout. The
         # deadline leaves a loaded machine time to start the instances, so the probes see 503s.
-        await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(
-            update={"instance_deadline": 8, "health": HealthPolicy(interval=0.1, healthy_threshold=1)}))
-        rolled = await api.deployed({"version": "v3", "destroy_previous": True,
-                                     "env": {"DEPLOYSTER_WORKLOAD_HEALTH": "fail"}})
+        await api.deployster.store.save_policy(
+            api.service,
+            FAST_POLICY.model_copy(
+                update={
+                    "instance_deadline": 8,
+                    "health": HealthPolicy(interval=0.1, healthy_threshold=1),
+                }
+            ),
+        )
+        rolled = await api.deployed(
+            {
+                "version": "v3",
+                "destroy_previous": True,
+                "env": {"DEPLOYSTER_WORKLOAD_HEALTH": "fail"},
+            }
+        )
         assert rolled["state"] == "rolled_back", rolled
         assert "not healthy" in rolled["error"] and "HTTP 503" in rolled["error"]
         await asyncio.sleep(0.5)
     finally:
         load.stop()
         await running
-    print(f"\n[zero-downtime] {load.ok} requests, {len(load.failures)} failed, versions {dict(load.versions)}")
+    print(
+        f"\n[zero-downtime] {load.ok} requests, {len(load.failures)} failed, versions {dict(load.versions)}"
+    )
     assert load.failures == []
     assert load.ok > 200
     assert load.versions["v1"] > 0 and load.versions["v2"] > 0 and "v3" not in load.versions

@@ -39,9 +39,15 @@ def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -
     log = tmp_path_factory.mktemp("traefik") / "traefik.log"
     with open(log, "wb") as out:
         child = subprocess.Popen(
-            traefik_command(etcd_server.endpoint, root_key, f"127.0.0.1:{web_port}",
-                            f"127.0.0.1:{api_port}", throttle=THROTTLE),
-            stdout=out, stderr=out,
+            traefik_command(
+                etcd_server.endpoint,
+                root_key,
+                f"127.0.0.1:{web_port}",
+                f"127.0.0.1:{api_port}",
+                throttle=THROTTLE,
+            ),
+            stdout=out,
+            stderr=out,
         )
     try:
         api_url = f"http://127.0.0.1:{api_port}"

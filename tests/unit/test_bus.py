@@ -57,7 +57,9 @@ async def test_services_proceed_in_parallel() -> None:
     await bus.close()
 
 
-async def test_a_failing_handler_is_logged_with_context_and_the_lane_goes_on(log_lines: list[dict]) -> None:
+async def test_a_failing_handler_is_logged_with_context_and_the_lane_goes_on(
+    log_lines: list[dict],
+) -> None:
     bus = EventBus()
     seen: list[str] = []
 

@@ -89,7 +89,9 @@ def verify(config: dict[str, Any], root: Path) -> str:
     all is well) with the exit status when that is not 0."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.fail("systemd-analyze not found; run scripts/e2e-prereqs (Debian's systemd)", pytrace=False)
+        pytest.fail(
+            "systemd-analyze not found; run scripts/e2e-prereqs (Debian's systemd)", pytrace=False
+        )
     system = root / "etc/systemd/system"
     system.mkdir(parents=True)
     shutil.copytree(SYSTEMD_UNITS, root / SYSTEMD_UNITS.relative_to("/"), symlinks=True)
@@ -113,8 +115,12 @@ def verify(config: dict[str, Any], root: Path) -> str:
         stub.parent.mkdir(parents=True, exist_ok=True)
         stub.write_text("#!/bin/sh\n")
         stub.chmod(0o755)
-    done = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--generators=no", *names],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [analyze, "verify", f"--root={root}", "--man=no", "--generators=no", *names],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     output = (done.stdout + done.stderr).strip()
     return output if done.returncode == 0 else f"exit status {done.returncode}\n{output}"
 
@@ -122,18 +128,30 @@ def verify(config: dict[str, Any], root: Path) -> str:
 def test_the_yaml_parses_as_a_cloud_config() -> None:
     assert CLOUD_CONFIG.read_text().startswith("#cloud-config\n")
     config = load()
-    assert set(units(config)) >= {"etcd-member.service", "fleet.service", "traefik.service",
-                                  "vulcand.service", "deployster.service"}
+    assert set(units(config)) >= {
+        "etcd-member.service",
+        "fleet.service",
+        "traefik.service",
+        "vulcand.service",
+        "deployster.service",
+    }
     started = {name for name, unit in units(config).items() if unit.get("command") == "start"}
-    assert started == {"etcd-member.service", "fleet.socket", "fleet.service", "traefik.service",
-                       "deployster.service"}
+    assert started == {
+        "etcd-member.service",
+        "fleet.socket",
+        "fleet.service",
+        "traefik.service",
+        "deployster.service",
+    }
 
 
 def test_every_embedded_unit_is_valid_systemd(tmp_path: Path) -> None:
     assert verify(load(), tmp_path) == ""
 
 
-def _corrupt(config: dict[str, Any], name: str, old: str, new: str, dropin: bool = False) -> dict[str, Any]:
+def _corrupt(
+    config: dict[str, Any], name: str, old: str, new: str, dropin: bool = False
+) -> dict[str, Any]:
     unit = units(config)[name]
     holder = unit["drop-ins"][0] if dropin else unit
     assert old in holder["content"]
@@ -141,23 +159,49 @@ def _corrupt(config: dict[str, Any], name: str, old: str, new: str, dropin: bool
     return config
 
 
-@pytest.mark.parametrize("name,old,new,dropin,expected", [
-    ("deployster.service", "ExecStart=", "ExecStrat=", False, "Unknown key 'ExecStrat'"),
-    ("deployster.service", "Restart=always", "Restart=sometimes", False, "restart specifier"),
-    ("traefik.service", "[Install]", "[Instal]", False, "Unknown section 'Instal'"),
-    ("traefik.service", "Requires=docker.service", "Requires=dokcer.service", False, "dokcer.service"),
-    ("etcd-member.service", "Environment=ETCD_NAME=%m", "Enviroment=ETCD_NAME=%m", True, "Unknown key 'Enviroment'"),
-    ("deployster.service", "TimeoutStartSec=0", "TimeoutStartSec=soon", False, "TimeoutStartSec"),
-])
-def test_a_broken_unit_fails_the_check(tmp_path: Path, name: str, old: str, new: str, dropin: bool,
-                                       expected: str) -> None:
+@pytest.mark.parametrize(
+    "name,old,new,dropin,expected",
+    [
+        ("deployster.service", "ExecStart=", "ExecStrat=", False, "Unknown key 'ExecStrat'"),
+        ("deployster.service", "Restart=always", "Restart=sometimes", False, "restart specifier"),
+        ("traefik.service", "[Install]", "[Instal]", False, "Unknown section 'Instal'"),
+        (
+            "traefik.service",
+            "Requires=docker.service",
+            "Requires=dokcer.service",
+            False,
+            "dokcer.service",
+        ),
+        (
+            "etcd-member.service",
+            "Environment=ETCD_NAME=%m",
+            "Enviroment=ETCD_NAME=%m",
+            True,
+            "Unknown key 'Enviroment'",
+        ),
+        (
+            "deployster.service",
+            "TimeoutStartSec=0",
+            "TimeoutStartSec=soon",
+            False,
+            "TimeoutStartSec",
+        ),
+    ],
+)
+def test_a_broken_unit_fails_the_check(
+    tmp_path: Path, name: str, old: str, new: str, dropin: bool, expected: str
+) -> None:
     output = verify(_corrupt(load(), name, old, new, dropin), tmp_path)
     assert expected in output
 
 
 def _serve_flags() -> set[str]:
-    help_text = subprocess.run([sys.executable, "-m", "deployster", "serve", "--help"],
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "deployster", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", help_text))
 
 
@@ -166,7 +210,7 @@ def test_every_flag_of_the_deployster_unit_exists_in_serve_help() -> None:
     (exec_start,) = unit.values("Service", "ExecStart")
     argv = shlex.split(exec_start)
     assert argv[:2] == ["/usr/bin/docker", "run"]
-    after_image = argv[argv.index("${IMAGE}") + 1:]
+    after_image = argv[argv.index("${IMAGE}") + 1 :]
     flags = [arg.partition("=")[0] for arg in after_image if arg.startswith("-")]
     assert flags, "the unit passes no flags to deployster serve"
     unknown = set(flags) - _serve_flags()
@@ -179,7 +223,9 @@ def test_credentials_come_from_environment_files() -> None:
     text = CLOUD_CONFIG.read_text()
     config = units(load())
     deployster = UnitFile.parse(config["deployster.service"]["content"])
-    assert deployster.values("Service", "EnvironmentFile") == ["/etc/deployster/env"]  # required: no "-"
+    assert deployster.values("Service", "EnvironmentFile") == [
+        "/etc/deployster/env"
+    ]  # required: no "-"
     assert deployster.values("Unit", "ConditionPathExists") == ["/etc/deployster/env"]
     argv = shlex.split(deployster.values("Service", "ExecStart")[0])
     assert argv[argv.index("--env-file") + 1] == "/etc/deployster/env"
@@ -194,11 +240,15 @@ def test_credentials_come_from_environment_files() -> None:
 
 def test_the_router_settings_agree_with_deployster() -> None:
     config = units(load())
-    argv = shlex.split(UnitFile.parse(config["deployster.service"]["content"]).values("Service", "ExecStart")[0])
+    argv = shlex.split(
+        UnitFile.parse(config["deployster.service"]["content"]).values("Service", "ExecStart")[0]
+    )
     flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
     traefik = UnitFile.parse(config["traefik.service"]["content"]).values("Service", "ExecStart")[0]
     assert f"--providers.etcd.rootKey={flags['--traefik-root']}" in traefik
-    assert f"--entryPoints.traefik.address={flags['--traefik-api'].removeprefix('http://')}" in traefik
+    assert (
+        f"--entryPoints.traefik.address={flags['--traefik-api'].removeprefix('http://')}" in traefik
+    )
     vulcand = UnitFile.parse(config["vulcand.service"]["content"]).values("Service", "ExecStart")[0]
     assert f"-etcdKey={Settings.model_fields['vulcand_prefix'].default}" in vulcand
     assert "-etcdApiVer=3" in vulcand

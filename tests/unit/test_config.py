@@ -21,18 +21,36 @@ def test_defaults_are_the_originals(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
     s = settings_from([])
     assert (s.listen, s.username, s.docker_hub_username, s.registry_url) == (
-        "0.0.0.0:3000", "deployster", "deployster", "")
+        "0.0.0.0:3000",
+        "deployster",
+        "deployster",
+        "",
+    )
     assert s.password is None and s.cert is None and s.key is None
     assert (s.etcd, s.etcd_prefix, s.fleet_endpoint) == (
-        "http://127.0.0.1:2379", "/deployster", "unix:///var/run/fleet.sock")
+        "http://127.0.0.1:2379",
+        "/deployster",
+        "unix:///var/run/fleet.sock",
+    )
     assert s.image_prefix == "deployster"
 
 
 @pytest.mark.parametrize("dash", ["-", "--"])
 def test_flags_take_one_dash_or_two(dash: str) -> None:
-    s = settings_from([f"{dash}listen", "127.0.0.1:4000", f"{dash}docker-hub-username", "acme",
-                       f"{dash}registry-url", "reg.example:5000", f"{dash}password", "pw",
-                       f"{dash}etcd-prefix", "/x/"])
+    s = settings_from(
+        [
+            f"{dash}listen",
+            "127.0.0.1:4000",
+            f"{dash}docker-hub-username",
+            "acme",
+            f"{dash}registry-url",
+            "reg.example:5000",
+            f"{dash}password",
+            "pw",
+            f"{dash}etcd-prefix",
+            "/x/",
+        ]
+    )
     assert s.listen == "127.0.0.1:4000"
     assert s.image_prefix == "reg.example:5000"  # the registry replaces the hub user
     assert s.password is not None and s.password.get_secret_value() == "pw"

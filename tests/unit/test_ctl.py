@@ -63,9 +63,7 @@ TOO_MANY_VERSIONS = (
 )
 SUCCESS_TRAILER = b"\nExited (0) \n"
 FAILURE_TRAILER = b"\nExited (127) Something went wrong\n"
-TIMEOUT_TRAILER = (
-    b"\nExited (124) The task timed out after 10m0s. Forcefully removing container.\n"
-)
+TIMEOUT_TRAILER = b"\nExited (124) The task timed out after 10m0s. Forcefully removing container.\n"
 T = TypeVar("T")
 
 
@@ -196,9 +194,7 @@ def test_format_table_matches_the_original_example() -> None:
 def test_format_table_widens_each_column_to_its_longest_cell_plus_four() -> None:
     rows = [("#", "Version", "Timestamp"), ("12", "v", "t"), ("3", "2024-rc.1", "")]
     assert format_table(rows) == (
-        "#     Version      Timestamp\n"
-        "12    v            t\n"
-        "3     2024-rc.1    \n"
+        "#     Version      Timestamp\n12    v            t\n3     2024-rc.1    \n"
     )
 
 
@@ -268,7 +264,10 @@ def test_defaults_come_from_the_environment_and_flags_win() -> None:
     }
     args = build_parser(environ).parse_args(["list", "svc"])
     assert (args.url, args.username, args.password, args.ca_cert) == (
-        "https://deployster.example", "ops", "pw", "ca.pem"
+        "https://deployster.example",
+        "ops",
+        "pw",
+        "ca.pem",
     )
     args = build_parser(environ).parse_args(["--url", "http://other:3000", "list", "svc"])
     assert args.url == "http://other:3000"
@@ -277,7 +276,10 @@ def test_defaults_come_from_the_environment_and_flags_win() -> None:
 def test_defaults_without_environment_and_empty_variables_count_as_unset() -> None:
     args = build_parser({"DEPLOYSTER_URL": "", "DEPLOYSTER_USERNAME": ""}).parse_args(["l", "s"])
     assert (args.url, args.username, args.password, args.ca_cert) == (
-        "http://localhost:3000", "deployster", "", ""
+        "http://localhost:3000",
+        "deployster",
+        "",
+        "",
     )
 
 
@@ -313,9 +315,10 @@ def test_malformed_env_pair_is_refused(bad: str, capsys: pytest.CaptureFixture[s
 
 
 def test_basic_auth_is_utf8_like_go() -> None:
-    assert basic_auth("deployster", "pässwörd") == "Basic " + base64.b64encode(
-        "deployster:pässwörd".encode()
-    ).decode()
+    assert (
+        basic_auth("deployster", "pässwörd")
+        == "Basic " + base64.b64encode("deployster:pässwörd".encode()).decode()
+    )
 
 
 def test_username_with_a_colon_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -436,17 +439,26 @@ def test_rollback_posts_to_the_service_and_reports_the_new_deploy(
     serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def created(request: web.Request) -> web.Response:
-        return web.json_response({"deploy": {"id": "d-9", "state": "running", "version": "v1"}}, status=201)
+        return web.json_response(
+            {"deploy": {"id": "d-9", "state": "running", "version": "v1"}}, status=201
+        )
 
     server = serve(web.post("/v1/services/{name}/rollback", created))
     assert deployctl(server, "rollback", "hello-world") == 0
     assert capsys.readouterr() == ("Rollback triggered!\nDeploy d-9 is running.\n", "")
-    assert (server.only_request.method, server.only_request.path) == ("POST", "/v1/services/hello-world/rollback")
+    assert (server.only_request.method, server.only_request.path) == (
+        "POST",
+        "/v1/services/hello-world/rollback",
+    )
 
 
-def test_rollback_refused_exits_1(serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str]) -> None:
+def test_rollback_refused_exits_1(
+    serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str]
+) -> None:
     async def refused(request: web.Request) -> web.Response:
-        return error_envelope("Service 'hello-world' has no earlier successful release to roll back to.", 409)
+        return error_envelope(
+            "Service 'hello-world' has no earlier successful release to roll back to.", 409
+        )
 
     server = serve(web.post("/v1/services/{name}/rollback", refused))
     assert deployctl(server, "rollback", "hello-world") == 1
@@ -465,9 +477,7 @@ def test_deploy_failure_prints_status_and_body(
 
     body = json.dumps({"description": TOO_MANY_VERSIONS, "error": "error"})
     assert capsys.readouterr() == (
-        "Deploy failed :(\n"
-        "-- Response Status: 400 Bad Request\n"
-        f"-- Response Body: {body}\n\n",
+        f"Deploy failed :(\n-- Response Status: 400 Bad Request\n-- Response Body: {body}\n\n",
         "",
     )
 
@@ -486,7 +496,9 @@ def test_destroy(serve: Callable[..., LocalServer], capsys: pytest.CaptureFixtur
     assert capsys.readouterr() == ("Destroy triggered!\n", "")
     request = server.only_request
     assert (request.method, request.path, request.query) == (
-        "DELETE", "/v1/services/hello-world/deploys/0fbb804", {}
+        "DELETE",
+        "/v1/services/hello-world/deploys/0fbb804",
+        {},
     )
     assert_original_headers(request)
 
@@ -600,14 +612,22 @@ def test_run_streams_the_output_and_exits_with_the_tasks_code(
 @pytest.mark.parametrize(
     ("flags", "body"),
     [
-        (["--timeout", "120"], b'{"task":{"version":"v1","command":"rake db:migrate","timeout":120}}'),
-        (["--timeout", "2.5", "--env", "A=1", "--env", "B=x=y"],
-         b'{"task":{"version":"v1","command":"rake db:migrate","timeout":2.5,"env":{"A":"1","B":"x=y"}}}'),
+        (
+            ["--timeout", "120"],
+            b'{"task":{"version":"v1","command":"rake db:migrate","timeout":120}}',
+        ),
+        (
+            ["--timeout", "2.5", "--env", "A=1", "--env", "B=x=y"],
+            b'{"task":{"version":"v1","command":"rake db:migrate","timeout":2.5,"env":{"A":"1","B":"x=y"}}}',
+        ),
         (["--argv"], b'{"task":{"version":"v1","command":["rake","db:migrate"]}}'),
     ],
 )
 def test_run_sends_the_new_task_fields(
-    flags: list[str], body: bytes, serve: Callable[..., LocalServer], capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    body: bytes,
+    serve: Callable[..., LocalServer],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = serve(web.post("/v1/services/{name}/tasks", task_stream(TIMEOUT_TRAILER)))
     assert deployctl(server, "run", *flags, "svc", "v1", "rake", "db:migrate") == 124
@@ -687,7 +707,8 @@ def test_nothing_listening_is_one_sentence(capsys: pytest.CaptureFixture[str]) -
     url = f"http://127.0.0.1:{free_port()}"
     assert main(["--url", url, "list", "svc"]) == 1
     assert capsys.readouterr() == (
-        "", f"Error: cannot reach Deployster at {url}: Connection refused\n"
+        "",
+        f"Error: cannot reach Deployster at {url}: Connection refused\n",
     )
 
 
@@ -698,9 +719,24 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
         pytest.fail("the openssl command is missing: install Debian's openssl package")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
         check=True,
         capture_output=True,
     )
@@ -715,8 +751,11 @@ def test_ca_cert_replaces_the_system_roots(
     cert, key = self_signed
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    server = serve(web.delete("/v1/services/{name}/deploys/{version}", no_content),
-                   scheme="https", ssl_context=context)
+    server = serve(
+        web.delete("/v1/services/{name}/deploys/{version}", no_content),
+        scheme="https",
+        ssl_context=context,
+    )
 
     assert deployctl(server, "destroy", "svc", "v1") == 1
     assert capsys.readouterr().err == (

@@ -7,11 +7,20 @@ import struct
 
 import pytest
 
-from deployster.docker import STDERR, STDOUT, ContainerSpec, Frame, FrameDecoder, PullError, PullStream, split_image
+from deployster.docker import (
+    STDERR,
+    STDOUT,
+    ContainerSpec,
+    Frame,
+    FrameDecoder,
+    PullError,
+    PullStream,
+    split_image,
+)
 
 # Captured from podman for `echo out1; echo err1 >&2; ...; echo out2` (containers.md §6.2).
 CAPTURED = bytes.fromhex(
-    "0100000000000005" "6f7574310a" "0200000000000005" "657272310a" "0100000000000005" "6f7574320a"
+    "01000000000000056f7574310a0200000000000005657272310a01000000000000056f7574320a"
 )
 EXPECTED = [Frame(STDOUT, b"out1\n"), Frame(STDERR, b"err1\n"), Frame(STDOUT, b"out2\n")]
 
@@ -100,7 +109,10 @@ def test_error_detail_alone_is_an_error() -> None:
 
 @pytest.mark.parametrize("border", range(1, len(PROGRESS), 7))
 def test_progress_split_anywhere_is_a_success(border: int) -> None:
-    assert pull([PROGRESS[:border], PROGRESS[border:]]) == "Status: Downloaded newer image for acme/hello:v1"
+    assert (
+        pull([PROGRESS[:border], PROGRESS[border:]])
+        == "Status: Downloaded newer image for acme/hello:v1"
+    )
 
 
 @pytest.mark.parametrize("border", range(1, len(OFFLINE), 11))
@@ -135,7 +147,9 @@ def test_split_image(image: str, expected: tuple[str, str]) -> None:
 
 
 def test_container_spec_wire_form() -> None:
-    wire = ContainerSpec(image="r/s:v", cmd=["sh", "-c", "x"], env={"A": "1=2"}, labels={"l": "v"}).to_wire()
+    wire = ContainerSpec(
+        image="r/s:v", cmd=["sh", "-c", "x"], env={"A": "1=2"}, labels={"l": "v"}
+    ).to_wire()
     assert wire["Cmd"] == ["sh", "-c", "x"]
     assert wire["Env"] == ["A=1=2"]
     assert wire["Tty"] is False and wire["AttachStdout"] and wire["AttachStderr"]

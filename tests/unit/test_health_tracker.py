@@ -27,7 +27,9 @@ def test_defaults_follow_the_architecture() -> None:
     assert (check.healthy_threshold, check.unhealthy_threshold) == (2, 3)
 
 
-@pytest.mark.parametrize("field", ["interval", "timeout", "healthy_threshold", "unhealthy_threshold"])
+@pytest.mark.parametrize(
+    "field", ["interval", "timeout", "healthy_threshold", "unhealthy_threshold"]
+)
 def test_nonpositive_settings_are_rejected(field: str) -> None:
     with pytest.raises(ValidationError):
         HealthPolicy(**{field: 0})
@@ -72,7 +74,9 @@ def test_never_healthy_instance_becomes_unhealthy_from_unknown() -> None:
 def test_thresholds_of_one_flip_on_every_change() -> None:
     tracker = HealthTracker(HealthPolicy(healthy_threshold=1, unhealthy_threshold=1))
     assert feed(tracker, "+-+") == [
-        Transition.BECAME_HEALTHY, Transition.BECAME_UNHEALTHY, Transition.BECAME_HEALTHY,
+        Transition.BECAME_HEALTHY,
+        Transition.BECAME_UNHEALTHY,
+        Transition.BECAME_HEALTHY,
     ]
 
 

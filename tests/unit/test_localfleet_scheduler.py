@@ -7,7 +7,11 @@ from deployster.localfleet.scheduler import SchedulableUnit, machine_units, reco
 from deployster.localfleet.xfleet import fleet_requirements
 
 M1, M2, M3 = ("1" * 32, "2" * 32, "3" * 32)
-MACHINES = [Machine(id=M3, primary_ip="127.0.0.1", metadata={}), Machine(id=M1, primary_ip="127.0.0.1", metadata={}), Machine(id=M2, primary_ip="127.0.0.1", metadata={})]
+MACHINES = [
+    Machine(id=M3, primary_ip="127.0.0.1", metadata={}),
+    Machine(id=M1, primary_ip="127.0.0.1", metadata={}),
+    Machine(id=M2, primary_ip="127.0.0.1", metadata={}),
+]
 
 
 def unit(name: str, *x_fleet: tuple[str, str], state: str = "launched") -> SchedulableUnit:
@@ -25,12 +29,17 @@ def test_least_loaded_machine_ties_broken_by_id() -> None:
 
 
 def test_inactive_units_are_not_placed_and_placed_units_stay() -> None:
-    targets = place([unit("a.service", state="inactive"), unit("b.service", state="loaded")], targets={"b.service": M3})
+    targets = place(
+        [unit("a.service", state="inactive"), unit("b.service", state="loaded")],
+        targets={"b.service": M3},
+    )
     assert targets == {"a.service": None, "b.service": M3}
 
 
 def test_desired_inactive_unplaces_and_a_vanished_machine_frees_its_units() -> None:
-    assert place([unit("a.service", state="inactive")], targets={"a.service": M2}) == {"a.service": None}
+    assert place([unit("a.service", state="inactive")], targets={"a.service": M2}) == {
+        "a.service": None
+    }
     assert place([unit("a.service")], targets={"a.service": "gone"}) == {"a.service": M1}
 
 
@@ -47,7 +56,9 @@ def test_conflicts_spread_instances_and_the_extra_one_waits() -> None:
 
 
 def test_conflicts_are_symmetric() -> None:
-    targets = place([unit("a.service"), unit("b.service", ("Conflicts", "a.service"))], machines=MACHINES[:1])
+    targets = place(
+        [unit("a.service"), unit("b.service", ("Conflicts", "a.service"))], machines=MACHINES[:1]
+    )
     assert targets == {"a.service": M3, "b.service": None}
 
 
@@ -64,8 +75,14 @@ def test_machine_of_follows_its_peer_even_when_it_sorts_first() -> None:
 
 def test_machine_of_an_unplaced_peer_stays_unplaced_and_leaves_with_it() -> None:
     assert place([unit("side.service", ("MachineOf", "app.service"))]) == {"side.service": None}
-    units = [unit("side.service", ("MachineOf", "app.service")), unit("app.service", state="inactive")]
-    assert place(units, targets={"side.service": M2, "app.service": M2}) == {"side.service": None, "app.service": None}
+    units = [
+        unit("side.service", ("MachineOf", "app.service")),
+        unit("app.service", state="inactive"),
+    ]
+    assert place(units, targets={"side.service": M2, "app.service": M2}) == {
+        "side.service": None,
+        "app.service": None,
+    }
 
 
 def test_machine_id_full_or_short() -> None:
@@ -75,18 +92,29 @@ def test_machine_id_full_or_short() -> None:
 
 
 def test_machine_metadata() -> None:
-    machines = [Machine(id=M1, primary_ip="", metadata={"disk": "hdd"}), Machine(id=M2, primary_ip="", metadata={"disk": "ssd", "region": "eu"})]
-    assert place([unit("a.service", ("MachineMetadata", "disk=ssd"))], machines) == {"a.service": M2}
-    assert place([unit("a.service", ('MachineMetadata', '"disk=nvme" "disk=ssd"'))], machines) == {"a.service": M2}
-    assert place([unit("a.service", ("MachineMetadata", "disk=ssd"), ("MachineMetadata", "region=us"))], machines) == {
-        "a.service": None
+    machines = [
+        Machine(id=M1, primary_ip="", metadata={"disk": "hdd"}),
+        Machine(id=M2, primary_ip="", metadata={"disk": "ssd", "region": "eu"}),
+    ]
+    assert place([unit("a.service", ("MachineMetadata", "disk=ssd"))], machines) == {
+        "a.service": M2
     }
+    assert place([unit("a.service", ("MachineMetadata", '"disk=nvme" "disk=ssd"'))], machines) == {
+        "a.service": M2
+    }
+    assert place(
+        [unit("a.service", ("MachineMetadata", "disk=ssd"), ("MachineMetadata", "region=us"))],
+        machines,
+    ) == {"a.service": None}
 
 
 def test_global_units_are_not_scheduled_but_count_as_load_and_conflict() -> None:
     everywhere = unit("g.service", ("Global", "true"))
     blocker = unit("b.service", ("Global", "true"), ("MachineMetadata", "role=b"))
-    machines = [Machine(id=M1, primary_ip="", metadata={"role": "b"}), Machine(id=M2, primary_ip="", metadata={})]
+    machines = [
+        Machine(id=M1, primary_ip="", metadata={"role": "b"}),
+        Machine(id=M2, primary_ip="", metadata={}),
+    ]
     # Both machines run g; M1 also runs b, so it is the more loaded one.
     assert place([everywhere, blocker, unit("a.service")], machines) == {"a.service": M2}
     conflicting = unit("c.service", ("Conflicts", "g.service"))
@@ -112,4 +140,8 @@ def test_machine_units_lists_placed_and_matching_global_units_minus_conflicts() 
         unit("elsewhere.service"),
     ]
     targets = {"a.service": M1, "b.service": M1, "elsewhere.service": M2}
-    assert [u.name for u in machine_units(units, targets, machine)] == ["a.service", "b.service", "g-web.service"]
+    assert [u.name for u in machine_units(units, targets, machine)] == [
+        "a.service",
+        "b.service",
+        "g-web.service",
+    ]

@@ -38,8 +38,19 @@ from deployster.localfleet.unitfile import (
     render_unit_file,
     unit_hash,
 )
-from deployster.localfleet.unitname import InvalidUnitName, expand_specifiers, parse_unit_name, validate_unit_name
-from deployster.localfleet.wire import InvalidRequestBody, decode_unit_request, go_json_dumps, page_json, unit_json
+from deployster.localfleet.unitname import (
+    InvalidUnitName,
+    expand_specifiers,
+    parse_unit_name,
+    validate_unit_name,
+)
+from deployster.localfleet.wire import (
+    InvalidRequestBody,
+    decode_unit_request,
+    go_json_dumps,
+    page_json,
+    unit_json,
+)
 from deployster.localfleet.xfleet import (
     InvalidRequirements,
     fleet_requirements,
@@ -69,7 +80,15 @@ def x_fleet(*lines: tuple[str, str]) -> list[UnitOption]:
 
 @pytest.mark.parametrize(
     "name",
-    ["hello.service", "hello@.service", "hello@1.service", UNIT, "a\\x2d.socket", "timer.timer", "a" * 248 + ".service"],
+    [
+        "hello.service",
+        "hello@.service",
+        "hello@1.service",
+        UNIT,
+        "a\\x2d.socket",
+        "timer.timer",
+        "a" * 248 + ".service",
+    ],
 )
 def test_valid_unit_names(name: str) -> None:
     validate_unit_name(name)
@@ -98,11 +117,20 @@ def test_invalid_unit_names_give_fleets_message(name: str, message: str) -> None
 def test_unit_name_parts_follow_fleet_and_systemd() -> None:
     info = parse_unit_name("web@a@b.service")
     assert info is not None
-    assert (info.name, info.prefix, info.instance, info.template) == ("web@a@b", "web", "a@b", "web@.service")
+    assert (info.name, info.prefix, info.instance, info.template) == (
+        "web@a@b",
+        "web",
+        "a@b",
+        "web@.service",
+    )
     template = parse_unit_name("web@.service")
     assert template is not None and template.is_template and template.instance == ""
     plain = parse_unit_name("web.service")
-    assert plain is not None and (plain.prefix, plain.instance, plain.is_template) == ("web", "", False)
+    assert plain is not None and (plain.prefix, plain.instance, plain.is_template) == (
+        "web",
+        "",
+        False,
+    )
     assert parse_unit_name("nodot") is None
 
 
@@ -131,7 +159,11 @@ def test_render_groups_sections_in_first_seen_order_like_go_systemd() -> None:
 
 
 def test_reordering_across_sections_keeps_the_hash_but_within_a_section_changes_it() -> None:
-    a, b, c = UnitOption(section="Unit", name="A", value="1"), UnitOption(section="Service", name="B", value="2"), UnitOption(section="Unit", name="C", value="3")
+    a, b, c = (
+        UnitOption(section="Unit", name="A", value="1"),
+        UnitOption(section="Service", name="B", value="2"),
+        UnitOption(section="Unit", name="C", value="3"),
+    )
     assert unit_hash([a, b, c]) == unit_hash([a, c, b])
     assert unit_hash([a, b, c]) != unit_hash([c, b, a])
 
@@ -199,7 +231,9 @@ def test_bad_exec_lines(line: str) -> None:
 
 
 def test_environment_assignments_with_quotes() -> None:
-    assignments, ignored = parse_environment_assignments(split_words('"A=b c" D=e F= bad 9X=1 G=x=y'))
+    assignments, ignored = parse_environment_assignments(
+        split_words('"A=b c" D=e F= bad 9X=1 G=x=y')
+    )
     assert assignments == {"A": "b c", "D": "e", "F": "", "G": "x=y"}
     assert ignored == ["bad", "9X=1"]
 
@@ -235,7 +269,17 @@ def test_environment_file_parsing() -> None:
 
 def test_exec_variable_expansion_follows_systemd() -> None:
     env = {"ARGS": "-a  'b c' d", "NAME": "x y", "EMPTY": ""}
-    words = ["/bin/cmd", "$ARGS", "${NAME}", "pre${NAME}post", "$UNSET", "${UNSET}", "$$HOME", "a$NAME", "${NAME"]
+    words = [
+        "/bin/cmd",
+        "$ARGS",
+        "${NAME}",
+        "pre${NAME}post",
+        "$UNSET",
+        "${UNSET}",
+        "$$HOME",
+        "a$NAME",
+        "${NAME",
+    ]
     assert expand_exec_argv(words, env) == [
         "/bin/cmd", "-a", "b c", "d", "x y", "prex ypost", "", "$HOME", "a$NAME", "${NAME",
     ]  # fmt: skip
@@ -270,7 +314,12 @@ def test_service_spec_reads_every_supported_setting() -> None:
     assert spec.exec_start_post[0].argv == ("/bin/echo", "started", UNIT)
     assert spec.exec_stop[0].argv[-1] == f"{prefix}-3"
     assert spec.exec_stop_post[0].ignore_failure
-    assert dict(spec.environment) == {"GREETING": "hello world", "INSTANCE": "3", "MACHINE": MACHINE, "HOST": "host1"}
+    assert dict(spec.environment) == {
+        "GREETING": "hello world",
+        "INSTANCE": "3",
+        "MACHINE": MACHINE,
+        "HOST": "host1",
+    }
     assert [(ref.path, ref.optional) for ref in spec.environment_files] == [
         (f"/etc/{prefix}.env", True),
         ("/etc/required.env", False),
@@ -310,7 +359,13 @@ def test_service_spec_ignores_what_systemd_ignores_and_says_so() -> None:
     )
     assert spec.timeout_start == DEFAULT_TIMEOUT_START
     joined = "\n".join(spec.warnings)
-    for expected in ("TimeoutStartSec=soon", "unknown Type=bogus", "Restart, KillSignal", "not absolute", "ExecStartPre"):
+    for expected in (
+        "TimeoutStartSec=soon",
+        "unknown Type=bogus",
+        "Restart, KillSignal",
+        "not absolute",
+        "ExecStartPre",
+    ):
         assert expected in joined
     assert spec.exec_start_pre == ()
 
@@ -321,7 +376,11 @@ def test_service_spec_ignores_what_systemd_ignores_and_says_so() -> None:
         ((("Type", "oneshot"), ("ExecStart", "/bin/true")), UNIT, "Type=oneshot is not supported"),
         ((("Type", "forking"), ("ExecStart", "/bin/true")), UNIT, "Type=forking is not supported"),
         ((("ExecStartPre", "/bin/true"),), UNIT, "no ExecStart"),
-        ((("ExecStart", "/bin/true"), ("ExecStart", "/bin/false")), UNIT, "more than one ExecStart"),
+        (
+            (("ExecStart", "/bin/true"), ("ExecStart", "/bin/false")),
+            UNIT,
+            "more than one ExecStart",
+        ),
         ((("ExecStart", "/bin/true"),), "web.socket", "only .service units"),
     ],
 )
@@ -369,24 +428,52 @@ def test_global_truthy_values(value: str, expected: bool) -> None:
 
 
 def test_machine_id_aliases_in_fleets_order() -> None:
-    assert fleet_requirements(x_fleet(("X-ConditionMachineBootID", "b"), ("X-ConditionMachineID", "a")), None).machine_id == "a"
-    assert fleet_requirements(x_fleet(("X-ConditionMachineID", "a"), ("MachineID", "m")), None).machine_id == "m"
+    assert (
+        fleet_requirements(
+            x_fleet(("X-ConditionMachineBootID", "b"), ("X-ConditionMachineID", "a")), None
+        ).machine_id
+        == "a"
+    )
+    assert (
+        fleet_requirements(
+            x_fleet(("X-ConditionMachineID", "a"), ("MachineID", "m")), None
+        ).machine_id
+        == "m"
+    )
 
 
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
         ((("MachineID", "abc"), ("MachineOf", "a.service")), "MachineID cannot be used with Peers"),
-        ((("X-ConditionMachineID", "abc"), ("Conflicts", "a*")), "MachineID cannot be used with Conflicts"),
+        (
+            (("X-ConditionMachineID", "abc"), ("Conflicts", "a*")),
+            "MachineID cannot be used with Conflicts",
+        ),
         ((("MachineID", "abc"), ("Global", "true")), "MachineID cannot be used with Global"),
-        ((("MachineID", "abc"), ("Replaces", "a.service")), "MachineID cannot be used with Replaces"),
+        (
+            (("MachineID", "abc"), ("Replaces", "a.service")),
+            "MachineID cannot be used with Replaces",
+        ),
         ((("Global", "true"), ("MachineOf", "a.service")), "Global cannot be used with Peers"),
         ((("Global", "true"), ("Replaces", "a.service")), "Global cannot be used with Replaces"),
-        ((("X-Conflicts", "a*"), ("Replaces", "b.service")), "Conflicts cannot be used with Replaces"),
-        ((("MachineOf", "app@1.service"), ("Conflicts", "app@*")), 'peer "app@1.service" matches conflict "app@*"'),
-        ((("MachineOf", "app@1.service"), ("Replaces", "app@?.service")), 'peer "app@1.service" matches replace'),
+        (
+            (("X-Conflicts", "a*"), ("Replaces", "b.service")),
+            "Conflicts cannot be used with Replaces",
+        ),
+        (
+            (("MachineOf", "app@1.service"), ("Conflicts", "app@*")),
+            'peer "app@1.service" matches conflict "app@*"',
+        ),
+        (
+            (("MachineOf", "app@1.service"), ("Replaces", "app@?.service")),
+            'peer "app@1.service" matches replace',
+        ),
         # fleet validates without expanding specifiers: %i is compared literally.
-        ((("MachineOf", "app@%i.service"), ("Conflicts", "app@*.service")), 'peer "app@%i.service" matches conflict'),
+        (
+            (("MachineOf", "app@%i.service"), ("Conflicts", "app@*.service")),
+            'peer "app@%i.service" matches conflict',
+        ),
     ],
 )
 def test_combinations_the_api_refuses(lines, message: str) -> None:
@@ -395,10 +482,18 @@ def test_combinations_the_api_refuses(lines, message: str) -> None:
 
 
 def test_combinations_the_api_accepts() -> None:
-    validate_requirements(x_fleet(("Global", "false"), ("MachineOf", "a.service"), ("Conflicts", "b*")))
-    validate_requirements(x_fleet(("MachineOf", "app@%i.service"), ("Conflicts", "app-presence@*.service")))
-    validate_requirements(x_fleet(("MachineID", "abc"), ("MachineMetadata", "a=b"), ("Unknown", "x")))
-    validate_requirements(service(("MachineID", "abc"), ("Global", "true")))  # not the X-Fleet section
+    validate_requirements(
+        x_fleet(("Global", "false"), ("MachineOf", "a.service"), ("Conflicts", "b*"))
+    )
+    validate_requirements(
+        x_fleet(("MachineOf", "app@%i.service"), ("Conflicts", "app-presence@*.service"))
+    )
+    validate_requirements(
+        x_fleet(("MachineID", "abc"), ("MachineMetadata", "a=b"), ("Unknown", "x"))
+    )
+    validate_requirements(
+        service(("MachineID", "abc"), ("Global", "true"))
+    )  # not the X-Fleet section
 
 
 @pytest.mark.parametrize(
@@ -431,14 +526,23 @@ def test_globs_follow_go_path_match(pattern: str, name: str, expected: bool) -> 
 
 def test_page_token_is_gos_padded_url_base64_of_two_little_endian_uint16() -> None:
     token = PageToken(limit=100, page=2)
-    assert token.encode() == base64.urlsafe_b64encode(struct.pack("<HH", 100, 2)).decode() == "ZAACAA=="
+    assert (
+        token.encode()
+        == base64.urlsafe_b64encode(struct.pack("<HH", 100, 2)).decode()
+        == "ZAACAA=="
+    )
     assert decode_page_token("ZAACAA==") == token
     assert decode_page_token(PageToken(65535, 65535).encode()) == PageToken(65535, 65535)
     # binary.Read takes the four bytes it needs and ignores the rest.
-    assert decode_page_token(base64.urlsafe_b64encode(b"\x64\x00\x03\x00extra").decode()) == PageToken(100, 3)
+    assert decode_page_token(
+        base64.urlsafe_b64encode(b"\x64\x00\x03\x00extra").decode()
+    ) == PageToken(100, 3)
 
 
-@pytest.mark.parametrize("value", ["", "ZAACAA", "ZAACAA=", "ZA+CAA==", "ZA/CAA==", "Z===", "not a token", "ZAA=", "ZA=="])
+@pytest.mark.parametrize(
+    "value",
+    ["", "ZAACAA", "ZAACAA=", "ZA+CAA==", "ZA/CAA==", "Z===", "not a token", "ZAA=", "ZA=="],
+)
 def test_malformed_page_tokens(value: str) -> None:
     with pytest.raises(InvalidPageToken):
         decode_page_token(value)
@@ -461,7 +565,10 @@ def test_slicing_matches_fleet_including_the_empty_last_page_on_exact_multiples(
     assert first == list(range(100)) and token == PageToken(100, 2)
     last, token = slice_page(items, PageToken(100, 3))
     assert last == list(range(200, 250)) and token is None
-    assert slice_page(list(range(200)), PageToken(100, 2)) == (list(range(100, 200)), PageToken(100, 3))
+    assert slice_page(list(range(200)), PageToken(100, 2)) == (
+        list(range(100, 200)),
+        PageToken(100, 3),
+    )
     assert slice_page(list(range(200)), PageToken(100, 3)) == ([], None)
     assert slice_page([], PageToken(100, 1)) == ([], None)
     assert slice_page(items, PageToken(100, 9)) == ([], None)
@@ -471,11 +578,17 @@ def test_slicing_matches_fleet_including_the_empty_last_page_on_exact_multiples(
 
 
 def test_unit_json_omits_empty_fields() -> None:
-    options = [UnitOption(section="Service", name="ExecStartPre", value=""), UnitOption(section="Service", name="ExecStart", value="/bin/true")]
+    options = [
+        UnitOption(section="Service", name="ExecStartPre", value=""),
+        UnitOption(section="Service", name="ExecStart", value="/bin/true"),
+    ]
     assert unit_json("a.service", options, "launched", None, None) == {
         "desiredState": "launched",
         "name": "a.service",
-        "options": [{"section": "Service", "name": "ExecStartPre"}, {"section": "Service", "name": "ExecStart", "value": "/bin/true"}],
+        "options": [
+            {"section": "Service", "name": "ExecStartPre"},
+            {"section": "Service", "name": "ExecStart", "value": "/bin/true"},
+        ],
     }
     assert unit_json("a.service", [], "", None, None) == {"name": "a.service"}
 
@@ -506,7 +619,13 @@ def test_put_bodies_that_do_not_decode(body: bytes) -> None:
 
 
 def test_json_bytes_match_gos_field_order() -> None:
-    unit = unit_json("a.service", [UnitOption(section="Service", name="ExecStart", value="/bin/true")], "launched", "loaded", "ab" * 16)
+    unit = unit_json(
+        "a.service",
+        [UnitOption(section="Service", name="ExecStart", value="/bin/true")],
+        "launched",
+        "loaded",
+        "ab" * 16,
+    )
     assert go_json_dumps(page_json("units", [unit], "ZAACAA==")) == (
         '{"nextPageToken":"ZAACAA==","units":[{"currentState":"loaded","desiredState":"launched",'
         '"machineID":"abababababababababababababababab","name":"a.service",'

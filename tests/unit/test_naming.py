@@ -1,4 +1,4 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -8,8 +8,8 @@ from deployster.naming import (
     format_timestamp,
     parse_timestamp,
     validate_service,
-    validate_version,
     validate_timestamp,
+    validate_version,
 )
 
 
@@ -73,7 +73,7 @@ def test_invalid_timestamps_are_refused(bad: str) -> None:
 
 
 def test_timestamp_layout_is_utc() -> None:
-    moment = datetime(2015, 3, 2, 0, 31, 45, tzinfo=timezone.utc)
+    moment = datetime(2015, 3, 2, 0, 31, 45, tzinfo=UTC)
     assert format_timestamp(moment) == "2015.03.02-00.31.45"
     assert parse_timestamp("2015.03.02-00.31.45") == moment
 

@@ -10,8 +10,14 @@ TS1, TS2 = "2015.03.02-00.31.45", "2015.03.03-00.00.00"
 
 
 def request(count: int = 0, destroy: bool = False) -> DeployRequested:
-    return DeployRequested(service="web", deploy_id="d", version="v2", timestamp=TS2,
-                           instance_count=count, destroy_previous=destroy)
+    return DeployRequested(
+        service="web",
+        deploy_id="d",
+        version="v2",
+        timestamp=TS2,
+        instance_count=count,
+        destroy_previous=destroy,
+    )
 
 
 def units(version: str, ts: str, n: int) -> list[UnitName]:

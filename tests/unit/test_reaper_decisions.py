@@ -12,14 +12,28 @@ NAME = UnitName("web", "v1", "2026.01.01-00.00.00", 1)
 
 def announced(machine: str = M1) -> Announced:
     a = Announcement(url="http://10.0.0.1:3000", machine=machine, unit=str(NAME))
-    return Announced(key=f"/deployster/instances/web/{NAME.release}/1", raw=a.model_dump_json(),
-                     unit=NAME, announcement=a)
+    return Announced(
+        key=f"/deployster/instances/web/{NAME.release}/1",
+        raw=a.model_dump_json(),
+        unit=NAME,
+        announcement=a,
+    )
 
 
-def fleet(machine_id: str = M1, active: str = "active") -> tuple[dict[str, Unit], list[UnitState], list[Machine]]:
-    units = {str(NAME): Unit(name=str(NAME), desired_state="launched", current_state="launched",
-                             machine_id=machine_id)}
-    states = [UnitState(name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running")]
+def fleet(
+    machine_id: str = M1, active: str = "active"
+) -> tuple[dict[str, Unit], list[UnitState], list[Machine]]:
+    units = {
+        str(NAME): Unit(
+            name=str(NAME),
+            desired_state="launched",
+            current_state="launched",
+            machine_id=machine_id,
+        )
+    }
+    states = [
+        UnitState(name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running")
+    ]
     return units, states, [Machine(id=M1), Machine(id=M2)]
 
 
@@ -36,24 +50,38 @@ def test_a_unit_gone_from_fleet() -> None:
 
 def test_a_machine_that_left_the_cluster() -> None:
     units, states, _ = fleet()
-    assert stale_reason(announced(), units, states, [Machine(id=M2)]) == f"machine {M1} left the cluster"
+    assert (
+        stale_reason(announced(), units, states, [Machine(id=M2)])
+        == f"machine {M1} left the cluster"
+    )
 
 
 def test_a_unit_fleet_moved_elsewhere() -> None:
     units, states, machines = fleet(machine_id=M2)
     assert stale_reason(announced(machine=M1), units, states, machines) == (
-        f"fleet moved unit {NAME} to machine {M2}")
+        f"fleet moved unit {NAME} to machine {M2}"
+    )
 
 
 def test_a_failed_or_stopped_unit() -> None:
     for active in ("failed", "inactive"):
-        assert stale_reason(announced(), *fleet(active=active)) == f"unit {NAME} is {active} on machine {M1}"
+        assert (
+            stale_reason(announced(), *fleet(active=active))
+            == f"unit {NAME} is {active} on machine {M1}"
+        )
     assert stale_reason(announced(), *fleet(active="activating")) is None
 
 
 def record(n: int, version: str, state: DeployState) -> DeployRecord:
-    return DeployRecord(id=f"d{n}", service="web", version=version, timestamp=f"2026.01.{n:02}-00.00.00",
-                        instance_count=1, destroy_previous=True, state=state)
+    return DeployRecord(
+        id=f"d{n}",
+        service="web",
+        version=version,
+        timestamp=f"2026.01.{n:02}-00.00.00",
+        instance_count=1,
+        destroy_previous=True,
+        state=state,
+    )
 
 
 def test_history_keeps_the_newest_finished_deploys() -> None:
@@ -63,8 +91,12 @@ def test_history_keeps_the_newest_finished_deploys() -> None:
 
 
 def test_history_spares_the_live_release_its_rollback_target_and_unfinished_deploys() -> None:
-    records = [record(1, "v1", DeployState.SUCCEEDED), record(2, "v2", DeployState.SUCCEEDED),
-               record(3, "v3", DeployState.FAILED), record(4, "v4", DeployState.ROLLED_BACK),
-               record(5, "v5", DeployState.RUNNING)]
+    records = [
+        record(1, "v1", DeployState.SUCCEEDED),
+        record(2, "v2", DeployState.SUCCEEDED),
+        record(3, "v3", DeployState.FAILED),
+        record(4, "v4", DeployState.ROLLED_BACK),
+        record(5, "v5", DeployState.RUNNING),
+    ]
     # keep=1 keeps d4 (newest finished); d2 is live, d1 the rollback target; d5 runs.
     assert [r.id for r in prunable(records, keep=1)] == ["d3"]

@@ -3,13 +3,24 @@ from handlers.deploys import rollback_target
 
 
 def record(n: int, version: str, state: DeployState) -> DeployRecord:
-    return DeployRecord(id=f"d{n}", service="web", version=version, timestamp=f"2026.01.0{n}-00.00.00",
-                        instance_count=1, destroy_previous=True, state=state)
+    return DeployRecord(
+        id=f"d{n}",
+        service="web",
+        version=version,
+        timestamp=f"2026.01.0{n}-00.00.00",
+        instance_count=1,
+        destroy_previous=True,
+        state=state,
+    )
 
 
 def test_the_last_success_before_the_live_one_with_another_version() -> None:
-    records = [record(1, "v1", DeployState.SUCCEEDED), record(2, "v2", DeployState.SUCCEEDED),
-               record(3, "v3", DeployState.ROLLED_BACK), record(4, "v2", DeployState.SUCCEEDED)]
+    records = [
+        record(1, "v1", DeployState.SUCCEEDED),
+        record(2, "v2", DeployState.SUCCEEDED),
+        record(3, "v3", DeployState.ROLLED_BACK),
+        record(4, "v2", DeployState.SUCCEEDED),
+    ]
     target = rollback_target(records)
     assert target is not None and target.id == "d1"  # a redeploy of v2 is not a step back
 
@@ -17,4 +28,9 @@ def test_the_last_success_before_the_live_one_with_another_version() -> None:
 def test_nothing_to_roll_back_to() -> None:
     assert rollback_target([]) is None
     assert rollback_target([record(1, "v1", DeployState.SUCCEEDED)]) is None
-    assert rollback_target([record(1, "v1", DeployState.FAILED), record(2, "v2", DeployState.SUCCEEDED)]) is None
+    assert (
+        rollback_target(
+            [record(1, "v1", DeployState.FAILED), record(2, "v2", DeployState.SUCCEEDED)]
+        )
+        is None
+    )

@@ -19,8 +19,27 @@ from deployster.routers.traefik import default_rule
 
 # Names that trip naive schemes: a fixed "-be" suffix makes "a-be" a prefix of "a-be-be".
 TRICKY_SERVICES = [
-    "a", "a-be", "a-be-be", "a-b", "ab", "app", "app2", "app-2", "app_2", "app.2",
-    "web", "web-api", "web-api-be", "web-fe", "web.be", "web_be", "be", "fe", "Web", "x1", "x10",
+    "a",
+    "a-be",
+    "a-be-be",
+    "a-b",
+    "ab",
+    "app",
+    "app2",
+    "app-2",
+    "app_2",
+    "app.2",
+    "web",
+    "web-api",
+    "web-api-be",
+    "web-fe",
+    "web.be",
+    "web_be",
+    "be",
+    "fe",
+    "Web",
+    "x1",
+    "x10",
 ]
 
 
@@ -43,8 +62,10 @@ def test_vulcand_keys() -> None:
     router = VulcandRouter(etcd=None)  # type: ignore[arg-type]
     assert router.backend_key("web") == "vulcand/backends/web~be/backend"
     assert router.frontend_key("web") == "vulcand/frontends/web~fe/frontend"
-    assert (router.server_key("web", "web-v1-2026.11.26-12.00.00-1")
-            == "vulcand/backends/web~be/servers/web-v1-2026.11.26-12.00.00-1")
+    assert (
+        router.server_key("web", "web-v1-2026.11.26-12.00.00-1")
+        == "vulcand/backends/web~be/servers/web-v1-2026.11.26-12.00.00-1"
+    )
     assert VulcandRouter(None, prefix="/vulcand").backend_key("web") == (  # type: ignore[arg-type]
         "/vulcand/backends/web~be/backend"
     )
@@ -53,8 +74,11 @@ def test_vulcand_keys() -> None:
 def test_vulcand_values_are_the_documented_json() -> None:
     assert vulcand.backend_value() == b'{"Type":"http","Settings":{}}'
     assert vulcand.server_value("http://10.0.0.5:31001") == b'{"URL":"http://10.0.0.5:31001"}'
-    frontend = json.loads(vulcand.frontend_value(
-        "web", vulcand.default_route("web"), {"FailoverPredicate": vulcand.DEFAULT_FAILOVER}))
+    frontend = json.loads(
+        vulcand.frontend_value(
+            "web", vulcand.default_route("web"), {"FailoverPredicate": vulcand.DEFAULT_FAILOVER}
+        )
+    )
     assert frontend == {
         "Type": "http",
         "BackendId": "web~be",

@@ -10,32 +10,35 @@ from deployster.tagpolicy import TagPolicy
 TAKEN = None
 
 
-@pytest.mark.parametrize("policy,tag,live,prerelease,taken", [
-    ("all", "v2.0.0", "v1.4.2", False, True),
-    ("major", "2.0.0", "1.4.2", False, True),
-    ("minor", "v1.5.0", "v1.4.2", False, True),
-    ("minor", "v2.0.0", "v1.4.2", False, False),
-    ("patch", "v1.4.3", "v1.4.2", False, True),
-    ("patch", "v1.5.0", "v1.4.2", False, False),
-    ("all", "v1.4.2", "v1.4.2", False, False),  # the live version again
-    ("all", "v1.4.1", "v1.4.2", False, False),  # a downgrade
-    ("all", "v1.10.0", "v1.9.0", False, True),  # numeric, not lexical
-    ("all", "v1.5.0-rc.1", "v1.4.2", False, False),
-    ("all", "v1.5.0-rc.1", "v1.4.2", True, True),
-    ("all", "v1.5.0", "v1.5.0-rc.1", False, True),  # the release after its candidate
-    ("all", "v1.5.0-rc.2", "v1.5.0-rc.10", True, False),  # SemVer: numeric identifiers
-    ("all", "v1.2", "v1.1.9", False, True),
-    ("all", "latest", "v1.1.9", False, False),
-    ("all", "v1.0.0", None, False, True),  # nothing live yet
-    ("patch", "v1.0.1", "latest", False, False),
-    ("glob:build-*", "build-42", "build-41", False, True),
-    ("glob:build-*", "release-42", None, False, False),
-    ("glob:latest", "latest", "latest", False, True),  # the same tag pushed anew
-    ("regexp:^v[0-9]+$", "v12", None, False, True),
-    ("regexp:^v[0-9]+$", "v12-rc", None, False, False),
-    ("exact:stable", "stable", "stable", False, True),
-    ("exact:stable", "staging", None, False, False),
-])
+@pytest.mark.parametrize(
+    "policy,tag,live,prerelease,taken",
+    [
+        ("all", "v2.0.0", "v1.4.2", False, True),
+        ("major", "2.0.0", "1.4.2", False, True),
+        ("minor", "v1.5.0", "v1.4.2", False, True),
+        ("minor", "v2.0.0", "v1.4.2", False, False),
+        ("patch", "v1.4.3", "v1.4.2", False, True),
+        ("patch", "v1.5.0", "v1.4.2", False, False),
+        ("all", "v1.4.2", "v1.4.2", False, False),  # the live version again
+        ("all", "v1.4.1", "v1.4.2", False, False),  # a downgrade
+        ("all", "v1.10.0", "v1.9.0", False, True),  # numeric, not lexical
+        ("all", "v1.5.0-rc.1", "v1.4.2", False, False),
+        ("all", "v1.5.0-rc.1", "v1.4.2", True, True),
+        ("all", "v1.5.0", "v1.5.0-rc.1", False, True),  # the release after its candidate
+        ("all", "v1.5.0-rc.2", "v1.5.0-rc.10", True, False),  # SemVer: numeric identifiers
+        ("all", "v1.2", "v1.1.9", False, True),
+        ("all", "latest", "v1.1.9", False, False),
+        ("all", "v1.0.0", None, False, True),  # nothing live yet
+        ("patch", "v1.0.1", "latest", False, False),
+        ("glob:build-*", "build-42", "build-41", False, True),
+        ("glob:build-*", "release-42", None, False, False),
+        ("glob:latest", "latest", "latest", False, True),  # the same tag pushed anew
+        ("regexp:^v[0-9]+$", "v12", None, False, True),
+        ("regexp:^v[0-9]+$", "v12-rc", None, False, False),
+        ("exact:stable", "stable", "stable", False, True),
+        ("exact:stable", "staging", None, False, False),
+    ],
+)
 def test_policies(policy: str, tag: str, live: str | None, prerelease: bool, taken: bool) -> None:
     why = TagPolicy.parse(policy).wants(tag, live, prerelease)
     assert (why is None) == taken, why
@@ -54,4 +57,9 @@ def test_bad_policies_are_refused(text: str) -> None:
 def test_auto_deploy_is_off_by_default() -> None:
     auto = AutoDeployPolicy()
     assert (auto.enabled, auto.policy, auto.prerelease, auto.destroy_previous, auto.repository) == (
-        False, "all", False, True, None)
+        False,
+        "all",
+        False,
+        True,
+        None,
+    )

@@ -13,16 +13,30 @@ from handlers.tasks import OutputTail, TaskRun, _Follower, go_duration, trailer
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(600, "10m0s"), (2, "2s"), (90, "1m30s"), (3600, "1h0m0s"), (3725, "1h2m5s"), (1.5, "1.5s"),
-     (0.5, "500ms"), (61.25, "1m1.25s")],
+    [
+        (600, "10m0s"),
+        (2, "2s"),
+        (90, "1m30s"),
+        (3600, "1h0m0s"),
+        (3725, "1h2m5s"),
+        (1.5, "1.5s"),
+        (0.5, "500ms"),
+        (61.25, "1m1.25s"),
+    ],
 )
 def test_go_duration(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
 
 
 def record(**fields: object) -> TaskRecord:
-    base: dict[str, object] = {"id": "t1", "service": "svc", "version": "v1", "image": "p/svc:v1",
-                               "command": ["true"], "timeout": 600.0}
+    base: dict[str, object] = {
+        "id": "t1",
+        "service": "svc",
+        "version": "v1",
+        "image": "p/svc:v1",
+        "command": ["true"],
+        "timeout": 600.0,
+    }
     return TaskRecord.model_validate(base | fields)
 
 
@@ -37,9 +51,9 @@ def test_trailers_are_the_originals_bytes() -> None:
     assert trailer(record(state=TaskState.TIMED_OUT, exit_code=124, timeout=2.0)) == (
         b"\nExited (124) The task timed out after 2s. Forcefully removing container.\n"
     )
-    assert trailer(record(state=TaskState.ERROR, error="Docker failed while the task ran: boom")) == (
-        b"ERROR: Docker failed while the task ran: boom\n"
-    )
+    assert trailer(
+        record(state=TaskState.ERROR, error="Docker failed while the task ran: boom")
+    ) == (b"ERROR: Docker failed while the task ran: boom\n")
     assert trailer(record(state=TaskState.FAILED, exit_code=3, cleanup_error="busy")) == (
         b"\nExited (3) \nWARNING: Container could not be cleaned up (busy)\n"
     )

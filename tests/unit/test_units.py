@@ -97,8 +97,11 @@ def test_docker_template_renders_the_whole_unit() -> None:
 def test_docker_template_follows_the_container_port_and_an_empty_env() -> None:
     options = triples(render_unit(load_template("docker"), context(env={}, container_port=8080)))
 
-    assert ("Service", "ExecStart", f"/usr/bin/docker run --rm --name {CONTAINER} -p 8080 "
-            "mmmhm/hello-world:0fbb804") in options
+    assert (
+        "Service",
+        "ExecStart",
+        f"/usr/bin/docker run --rm --name {CONTAINER} -p 8080 mmmhm/hello-world:0fbb804",
+    ) in options
     assert [o for o in options if o[1] == "Environment"] == [
         ("Service", "Environment", "ETCDCTL_API=3")
     ]

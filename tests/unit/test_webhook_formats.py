@@ -6,9 +6,6 @@ import json
 from urllib.parse import urlencode
 
 import pytest
-
-from deployster import webhooks
-from deployster.webhooks import MalformedPayload, UnsupportedMediaType, WebhookUnauthorized
 from webhook_samples import (
     GITHUB_DOC_PAYLOAD,
     GITHUB_DOC_SECRET,
@@ -22,6 +19,9 @@ from webhook_samples import (
     sample_bytes,
 )
 
+from deployster import webhooks
+from deployster.webhooks import MalformedPayload, UnsupportedMediaType, WebhookUnauthorized
+
 DIGEST = "sha256:74eb1167a8e8f069f5cbaf2dd58e5e36bdfec1948972826e6f98601622d81069"
 
 
@@ -32,8 +32,15 @@ def test_dockerhub_sample() -> None:
     delivery = webhooks.parse_dockerhub(sample_bytes("dockerhub_push"), "application/json")
     assert delivery.skipped == []
     [push] = delivery.pushes
-    assert (push.source, push.repository, push.tag, push.digest) == ("dockerhub", "someuser/hello-world", "latest", "")
-    assert push.callback_url.startswith("https://registry.hub.docker.com/u/someuser/hello-world/hook/")
+    assert (push.source, push.repository, push.tag, push.digest) == (
+        "dockerhub",
+        "someuser/hello-world",
+        "latest",
+        "",
+    )
+    assert push.callback_url.startswith(
+        "https://registry.hub.docker.com/u/someuser/hello-world/hook/"
+    )
     # Hub sends no event id: the same delivery (a retry) gets the same one, another push another.
     again = webhooks.parse_dockerhub(sample_bytes("dockerhub_push"), "application/json").pushes[0]
     body = sample("dockerhub_push")
@@ -50,13 +57,22 @@ def test_dockerhub_token() -> None:
         assert "s3cret" not in str(caught.value)
 
 
-@pytest.mark.parametrize("body,where", [
-    (b"not json", "not valid JSON"),
-    (b"[]", "'body'"),
-    (json.dumps({"repository": {"repo_name": "a/b"}}).encode(), "'push_data'"),
-    (json.dumps({"push_data": {"tag": "v1"}, "repository": {}}).encode(), "'repository.repo_name'"),
-    (json.dumps({"push_data": {"tag": 3}, "repository": {"repo_name": "a/b"}}).encode(), "'push_data.tag'"),
-])
+@pytest.mark.parametrize(
+    "body,where",
+    [
+        (b"not json", "not valid JSON"),
+        (b"[]", "'body'"),
+        (json.dumps({"repository": {"repo_name": "a/b"}}).encode(), "'push_data'"),
+        (
+            json.dumps({"push_data": {"tag": "v1"}, "repository": {}}).encode(),
+            "'repository.repo_name'",
+        ),
+        (
+            json.dumps({"push_data": {"tag": 3}, "repository": {"repo_name": "a/b"}}).encode(),
+            "'push_data.tag'",
+        ),
+    ],
+)
 def test_dockerhub_malformed(body: bytes, where: str) -> None:
     with pytest.raises(MalformedPayload, match=where):
         webhooks.parse_dockerhub(body, "application/json")
@@ -69,24 +85,48 @@ def test_dockerhub_malformed(body: bytes, where: str) -> None:
 def test_registry_sample_in_both_envelope_types(content_type: str) -> None:
     delivery = webhooks.parse_registry(sample_bytes("registry_push"), content_type)
     [push] = delivery.pushes
-    assert push == webhooks.Push("registry", "acme/hello", "v1", DIGEST, "c0ef71e8-8519-4667-b892-ad2054e42e09")
+    assert push == webhooks.Push(
+        "registry", "acme/hello", "v1", DIGEST, "c0ef71e8-8519-4667-b892-ad2054e42e09"
+    )
 
 
 def test_registry_acts_on_tagged_manifest_pushes_only() -> None:
     body = registry(
-        registry_event("acme/hello", "", "sha256:aa", "e1", media_type="application/octet-stream"),  # blob
+        registry_event(
+            "acme/hello", "", "sha256:aa", "e1", media_type="application/octet-stream"
+        ),  # blob
         registry_event("acme/hello", "", "sha256:bb", "e2", action="pull"),
-        registry_event("acme/other", "", "sha256:cc", "e3", action="mount", media_type="application/octet-stream"),
+        registry_event(
+            "acme/other",
+            "",
+            "sha256:cc",
+            "e3",
+            action="mount",
+            media_type="application/octet-stream",
+        ),
         registry_event("acme/hello", "v1", "sha256:dd", "e4", action="delete"),
         registry_event("acme/hello", "", "sha256:ee", "e5"),  # a multi-arch child, by digest
-        registry_event("acme/hello", "v2", "sha256:ff", "e6",
-                       media_type="application/vnd.docker.distribution.manifest.v2+json"),
-        registry_event("acme/hello", "v3", "sha256:11", "e7",
-                       media_type="application/vnd.oci.image.index.v1+json"),
+        registry_event(
+            "acme/hello",
+            "v2",
+            "sha256:ff",
+            "e6",
+            media_type="application/vnd.docker.distribution.manifest.v2+json",
+        ),
+        registry_event(
+            "acme/hello",
+            "v3",
+            "sha256:11",
+            "e7",
+            media_type="application/vnd.oci.image.index.v1+json",
+        ),
         {"action": "push"},  # malformed: skipped, the rest still counts
     )
     delivery = webhooks.parse_registry(body, REGISTRY_V1)
-    assert [(p.tag, p.digest, p.event_id) for p in delivery.pushes] == [("v2", "sha256:ff", "e6"), ("v3", "sha256:11", "e7")]
+    assert [(p.tag, p.digest, p.event_id) for p in delivery.pushes] == [
+        ("v2", "sha256:ff", "e6"),
+        ("v3", "sha256:11", "e7"),
+    ]
     reasons = {s.event_id: s.reason for s in delivery.skipped}
     assert reasons == {
         "e1": "a push of application/octet-stream, not of an image manifest",
@@ -106,12 +146,15 @@ def test_registry_authorization() -> None:
             webhooks.check_authorization(header, "s3cret")
 
 
-@pytest.mark.parametrize("body,content_type,error", [
-    (b"{", REGISTRY_V1, MalformedPayload),
-    (b'{"events": {}}', REGISTRY_V1, MalformedPayload),
-    (b'{"Events": []}', REGISTRY_V2, MalformedPayload),
-    (sample_bytes("registry_push"), "text/plain", UnsupportedMediaType),
-])
+@pytest.mark.parametrize(
+    "body,content_type,error",
+    [
+        (b"{", REGISTRY_V1, MalformedPayload),
+        (b'{"events": {}}', REGISTRY_V1, MalformedPayload),
+        (b'{"Events": []}', REGISTRY_V2, MalformedPayload),
+        (sample_bytes("registry_push"), "text/plain", UnsupportedMediaType),
+    ],
+)
 def test_registry_malformed(body: bytes, content_type: str, error: type[Exception]) -> None:
     with pytest.raises(error):
         webhooks.parse_registry(body, content_type)
@@ -126,7 +169,12 @@ def test_harbor_sample() -> None:
     assert (push.repository, push.tag) == ("proj/repo", "latest")
     assert push.digest == "sha256:76525f02955aec223342400a080c73024c995c9db1ba2eabf7505cf3bdf3f1f0"
     # No event id in Harbor's default format: a retried delivery gets the same one.
-    assert webhooks.parse_harbor(sample_bytes("harbor_push_artifact"), "application/json").pushes[0].event_id == push.event_id
+    assert (
+        webhooks.parse_harbor(sample_bytes("harbor_push_artifact"), "application/json")
+        .pushes[0]
+        .event_id
+        == push.event_id
+    )
     # Harbor sends its "Auth Header" verbatim: "Bearer <secret>" or the bare secret.
     webhooks.check_authorization("Bearer h4rbor", "h4rbor")
     webhooks.check_authorization("h4rbor", "h4rbor")
@@ -138,11 +186,21 @@ def test_harbor_other_events_and_cloudevents() -> None:
     body = sample("harbor_push_artifact")
     body["type"] = "PULL_ARTIFACT"
     delivery = webhooks.parse_harbor(json.dumps(body).encode(), "application/json")
-    assert delivery.pushes == [] and delivery.skipped[0].reason == "a PULL_ARTIFACT event, not a push"
-    cloud = {"specversion": "1.0", "id": "4b1f0c4e", "source": "/projects/1/webhook/policies/2",
-             "type": "harbor.artifact.pushed", "requestid": "r1", "operator": "admin",
-             "data": sample("harbor_push_artifact")["event_data"]}
-    [push] = webhooks.parse_harbor(json.dumps(cloud).encode(), "application/cloudevents+json").pushes
+    assert (
+        delivery.pushes == [] and delivery.skipped[0].reason == "a PULL_ARTIFACT event, not a push"
+    )
+    cloud = {
+        "specversion": "1.0",
+        "id": "4b1f0c4e",
+        "source": "/projects/1/webhook/policies/2",
+        "type": "harbor.artifact.pushed",
+        "requestid": "r1",
+        "operator": "admin",
+        "data": sample("harbor_push_artifact")["event_data"],
+    }
+    [push] = webhooks.parse_harbor(
+        json.dumps(cloud).encode(), "application/cloudevents+json"
+    ).pushes
     assert (push.repository, push.tag, push.event_id) == ("proj/repo", "latest", "4b1f0c4e/0")
     with pytest.raises(MalformedPayload, match="resources"):
         body["type"] = "PUSH_ARTIFACT"
@@ -156,19 +214,31 @@ def test_harbor_other_events_and_cloudevents() -> None:
 def test_github_signature_matches_githubs_documented_vector() -> None:
     assert webhooks.github_signature(GITHUB_DOC_PAYLOAD, GITHUB_DOC_SECRET) == GITHUB_DOC_SIGNATURE
     webhooks.check_github_signature(GITHUB_DOC_PAYLOAD, GITHUB_DOC_SIGNATURE, GITHUB_DOC_SECRET)
-    for header in (None, "", GITHUB_DOC_SIGNATURE[:-1] + "0", "sha1=757107ea0eb2509fc211221cce984b8a37570b6d"):
+    for header in (
+        None,
+        "",
+        GITHUB_DOC_SIGNATURE[:-1] + "0",
+        "sha1=757107ea0eb2509fc211221cce984b8a37570b6d",
+    ):
         with pytest.raises(WebhookUnauthorized):
             webhooks.check_github_signature(GITHUB_DOC_PAYLOAD, header, GITHUB_DOC_SECRET)
     with pytest.raises(WebhookUnauthorized):  # one byte more in the body
-        webhooks.check_github_signature(GITHUB_DOC_PAYLOAD + b" ", GITHUB_DOC_SIGNATURE, GITHUB_DOC_SECRET)
+        webhooks.check_github_signature(
+            GITHUB_DOC_PAYLOAD + b" ", GITHUB_DOC_SIGNATURE, GITHUB_DOC_SECRET
+        )
 
 
 def test_ghcr_sample_without_a_tag_is_skipped() -> None:
-    delivery = webhooks.parse_ghcr(sample_bytes("ghcr_package_published"), "application/json", "package", "d-1")
+    delivery = webhooks.parse_ghcr(
+        sample_bytes("ghcr_package_published"), "application/json", "package", "d-1"
+    )
     assert delivery.pushes == []
     [skipped] = delivery.skipped
     assert (skipped.event_id, skipped.reason, skipped.repository) == (
-        "d-1", "a container version without a tag", "codertocat/hello-world")
+        "d-1",
+        "a container version without a tag",
+        "codertocat/hello-world",
+    )
 
 
 def test_ghcr_tagged_version_and_form_encoding() -> None:
@@ -176,20 +246,34 @@ def test_ghcr_tagged_version_and_form_encoding() -> None:
     [push] = webhooks.parse_ghcr(body, "application/json", "package", "d-2").pushes
     assert push == webhooks.Push("ghcr", "octo-org/hello", "v1.2.0", "sha256:6c62", "d-2")
     form = urlencode({"payload": body.decode()}).encode()
-    assert webhooks.parse_ghcr(form, "application/x-www-form-urlencoded", "package", "d-2").pushes == [push]
+    assert webhooks.parse_ghcr(
+        form, "application/x-www-form-urlencoded", "package", "d-2"
+    ).pushes == [push]
 
 
 def test_ghcr_other_events_actions_and_packages() -> None:
-    assert webhooks.parse_ghcr(b'{"zen": "Keep it simple."}', "application/json", "ping", "d-3").skipped[0].reason == \
-        "a ping event, not a package event"
+    assert (
+        webhooks.parse_ghcr(b'{"zen": "Keep it simple."}', "application/json", "ping", "d-3")
+        .skipped[0]
+        .reason
+        == "a ping event, not a package event"
+    )
     body = json.loads(ghcr("o/n", "v1", "sha256:1"))
     body["action"] = "deleted"
-    assert "not published or updated" in webhooks.parse_ghcr(json.dumps(body).encode(), "application/json",
-                                                            "package", "d-4").skipped[0].reason
+    assert (
+        "not published or updated"
+        in webhooks.parse_ghcr(json.dumps(body).encode(), "application/json", "package", "d-4")
+        .skipped[0]
+        .reason
+    )
     body["action"] = "updated"
     body["package"].update(package_type="npm", ecosystem="npm")
-    assert webhooks.parse_ghcr(json.dumps(body).encode(), "application/json", "package", "d-5").skipped[0].reason == \
-        "a npm package, not a container image"
+    assert (
+        webhooks.parse_ghcr(json.dumps(body).encode(), "application/json", "package", "d-5")
+        .skipped[0]
+        .reason
+        == "a npm package, not a container image"
+    )
     with pytest.raises(MalformedPayload):
         webhooks.parse_ghcr(b'{"action": "published"}', "application/json", "package", "d-6")
 
@@ -197,15 +281,18 @@ def test_ghcr_other_events_actions_and_packages() -> None:
 # -- repository -> service by the image-name convention ------------------------------------------
 
 
-@pytest.mark.parametrize("prefix,repository,service", [
-    ("deployster", "deployster/hello", "hello"),  # Docker Hub user
-    ("deployster", "someone/hello", None),
-    ("deployster", "deployster/a/b", None),
-    ("127.0.0.1:5000", "hello", "hello"),  # -registry-url: the host is not in the repository
-    ("127.0.0.1:5000", "acme/hello", None),
-    ("registry.example.com/acme", "acme/hello", "hello"),
-    ("localhost/team/x", "team/x/hello", "hello"),
-])
+@pytest.mark.parametrize(
+    "prefix,repository,service",
+    [
+        ("deployster", "deployster/hello", "hello"),  # Docker Hub user
+        ("deployster", "someone/hello", None),
+        ("deployster", "deployster/a/b", None),
+        ("127.0.0.1:5000", "hello", "hello"),  # -registry-url: the host is not in the repository
+        ("127.0.0.1:5000", "acme/hello", None),
+        ("registry.example.com/acme", "acme/hello", "hello"),
+        ("localhost/team/x", "team/x/hello", "hello"),
+    ],
+)
 def test_service_of_repository(prefix: str, repository: str, service: str | None) -> None:
     from deployster.units import image_name, service_of_repository
 
@@ -217,6 +304,11 @@ def test_service_of_repository(prefix: str, repository: str, service: str | None
 def test_the_dockerhub_token_in_a_logged_path_is_masked() -> None:
     from deployster.logs import _mask_secrets
 
-    line = _mask_secrets(None, "info", {"event": "http_request", "path": "/v1/webhooks/dockerhub/s3cret-token"})
+    line = _mask_secrets(
+        None, "info", {"event": "http_request", "path": "/v1/webhooks/dockerhub/s3cret-token"}
+    )
     assert line["path"] == "/v1/webhooks/dockerhub/***"
-    assert _mask_secrets(None, "info", {"path": "/v1/webhooks/registry"})["path"] == "/v1/webhooks/registry"
+    assert (
+        _mask_secrets(None, "info", {"path": "/v1/webhooks/registry"})["path"]
+        == "/v1/webhooks/registry"
+    )

@@ -28,13 +28,21 @@ def test_no_secret_turns_every_webhook_off() -> None:
 
 @pytest.mark.parametrize("dash", ["-", "--"])
 def test_one_secret_for_all_and_overrides_per_source(dash: str) -> None:
-    s = settings_from([f"{dash}webhook-secret", "all-of-them", f"{dash}webhook-secret-ghcr", "github-only"])
-    assert s.webhook_secrets(SOURCES) == {"dockerhub": "all-of-them", "registry": "all-of-them",
-                                          "harbor": "all-of-them", "ghcr": "github-only"}
+    s = settings_from(
+        [f"{dash}webhook-secret", "all-of-them", f"{dash}webhook-secret-ghcr", "github-only"]
+    )
+    assert s.webhook_secrets(SOURCES) == {
+        "dockerhub": "all-of-them",
+        "registry": "all-of-them",
+        "harbor": "all-of-them",
+        "ghcr": "github-only",
+    }
     assert "all-of-them" not in repr(s) and "github-only" not in repr(s)
 
 
 def test_secrets_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEPLOYSTER_WEBHOOK_SECRET_REGISTRY", "from-env")
     assert settings_from([]).webhook_secrets(SOURCES) == {"registry": "from-env"}
-    assert settings_from(["-webhook-secret-registry", "from-flag"]).webhook_secrets(SOURCES) == {"registry": "from-flag"}
+    assert settings_from(["-webhook-secret-registry", "from-flag"]).webhook_secrets(SOURCES) == {
+        "registry": "from-flag"
+    }
