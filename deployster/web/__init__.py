@@ -1,0 +1,1 @@
+"""The HTTP edge: aiohttp routes per resource, auth, the error envelope, limits, SSE."""
