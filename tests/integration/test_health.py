@@ -44,7 +44,7 @@ async def start_workload(tmp_path: Path) -> AsyncIterator[StartWorkload]:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYSTER_")}
         environ.update(DEPLOYSTER_SERVICE="x", DEPLOYSTER_VERSION="v1", DEPLOYSTER_INSTANCE="1")
         environ.update(env)
-        with open(log, "wb") as out:  # noqa: ASYNC230 (a local file, for the child)
+        with open(log, "wb") as out:
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

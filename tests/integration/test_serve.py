@@ -90,7 +90,7 @@ def test_bad_configuration_stops_the_start_with_a_sentence(
     serve, flags: list[str], message: str
 ) -> None:  # type: ignore[no-untyped-def]
     child = serve("-password", "x", *flags)
-    out, err = child.communicate(timeout=30)
+    _, err = child.communicate(timeout=30)
     assert child.returncode == 2
     assert message in err
     assert "Traceback" not in err

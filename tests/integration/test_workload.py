@@ -64,7 +64,9 @@ class Workload:
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
         except TimeoutError:
-            raise AssertionError(f"workload still running after {timeout} s:\n{self.output()}")
+            raise AssertionError(
+                f"workload still running after {timeout} s:\n{self.output()}"
+            ) from None
 
     def output(self) -> str:
         return self.log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -176,5 +177,7 @@ async def test_unreachable_etcd_fails_the_instance(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(workload, "ANNOUNCE_TIMEOUT", 0.5)
     settings = WorkloadSettings(etcd=f"http://127.0.0.1:{free_port()}", announce_key="/k")
 
-    with pytest.raises(AnnounceError, match="etcd did not take the announcement within 0.5 s"):
+    with pytest.raises(
+        AnnounceError, match=re.escape("etcd did not take the announcement within 0.5 s")
+    ):
         await asyncio.wait_for(workload.serve(settings, asyncio.Event()), 20)
