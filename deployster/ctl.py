@@ -525,7 +525,10 @@ async def _releases(args: argparse.Namespace, api: _Api) -> int:
         if response.status != 200:
             return await _report_failure("Listing releases failed :(", response)
         payload = await response.json(content_type=None)
-    sys.stdout.write(releases_table(payload.get("deploys") or []))
+    deploys = payload.get("deploys") or []
+    if not deploys:
+        return _error(f"the server knows no deploy of service {args.service!r}")
+    sys.stdout.write(releases_table(deploys))
     return 0
 
 

@@ -157,8 +157,10 @@ async def test_deployctl_releases_and_status(api: Api) -> None:
     row = next(line for line in out.splitlines() if line.startswith(api.service))
     assert row.split()[1] == "v2" and row.split()[-1] == "2/2", out
     assert out.count("http://127.0.0.1:") == 2
-    code, _, err = await deployctl(api, "status", "no-such-service")
-    assert code == 1 and "no deploy of service 'no-such-service'" in err
+    for command in ("status", "releases"):
+        code, out, err = await deployctl(api, command, "no-such-service")
+        assert code == 1 and "no deploy of service 'no-such-service'" in err, command
+        assert out == "", command
 
 
 async def test_a_deploy_that_asks_to_wait_is_queued_and_planned_when_its_turn_comes(
