@@ -60,7 +60,13 @@ SERVE_FLAGS: list[tuple[str, str]] = [
         "Docker Engine API for tasks: unix:///PATH, http://HOST:PORT or https://HOST:PORT",
     ),
     ("task-max-timeout", "the longest time limit in seconds a task may ask for"),
+    ("notify-url", "a receiver of every service's notifications (repeat the flag for more)"),
+    ("notify-secret", "the secret that signs the notifications sent to -notify-url"),
+    ("notify-format", "json or slack: the body sent to -notify-url"),
+    ("public-url", "this server's URL as receivers reach it, for links in notifications"),
 ]
+# Flags that may be given more than once.
+REPEATED_FLAGS = {"notify-url"}
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -70,7 +76,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     fields = Settings.model_fields
     for flag, text in SERVE_FLAGS:
         dest = flag.replace("-", "_")
-        default = fields[dest].default
+        default = fields[dest].get_default(call_default_factory=True)
         shown = (
             ""
             if dest == "password"
@@ -83,6 +89,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
             default=argparse.SUPPRESS,
             metavar=dest.upper(),
             help=text + shown,
+            action="append" if flag in REPEATED_FLAGS else "store",
         )
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deployster.etcd import Endpoint
+from deployster.notify import NotifyTarget, check_url
 
 
 def generate_password() -> str:
@@ -55,6 +56,12 @@ class Settings(BaseSettings):
     webhook_secret_registry: SecretStr | None = None
     webhook_secret_harbor: SecretStr | None = None
     webhook_secret_ghcr: SecretStr | None = None
+    # Notifications for every service: receivers, their signing secret, and the URL that
+    # links in them start with (default: from -listen, https with -cert).
+    notify_url: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    notify_secret: SecretStr | None = None
+    notify_format: Literal["json", "slack"] = "json"
+    public_url: str = ""
     docker_endpoint: str = "unix:///var/run/docker.sock"
     task_max_timeout: float = Field(600.0, gt=0)
 
@@ -70,6 +77,17 @@ class Settings(BaseSettings):
         value = "/" + value.strip("/")
         if value == "/":
             raise ValueError("the etcd prefix must not be empty")
+        return value
+
+    @field_validator("notify_url", mode="before")
+    @classmethod
+    def _notify_urls(cls, value: object) -> object:
+        # DEPLOYSTER_NOTIFY_URL holds one URL or several separated by spaces or commas.
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if isinstance(value, list):
+            for url in value:
+                check_url(str(url))
         return value
 
     @field_validator("cert", "key", mode="before")
@@ -90,6 +108,23 @@ class Settings(BaseSettings):
             if secret is not None and secret.get_secret_value():
                 found[source] = secret.get_secret_value()
         return found
+
+    def notify_targets(self) -> list[NotifyTarget]:
+        """The server's own receivers, for every service and every event."""
+        return [
+            NotifyTarget(url=url, secret=self.notify_secret, format=self.notify_format)
+            for url in self.notify_url
+        ]
+
+    @property
+    def base_url(self) -> str:
+        """Where this server's API is reached, for links in notifications."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, port = self.listen_host_port
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.cert and self.key else 'http'}://{host}:{port}"
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

@@ -129,6 +129,12 @@ class InstanceWithdrawn(Event):
     url: str
 
 
+class TaskFinished(Event):
+    """A one-off task ended (its record holds the state and the exit code)."""
+
+    task_id: str
+
+
 class ImagePushed(Event):
     """A registry reported a push of ``repository:tag`` (a webhook, authenticated by its
     secret), and ``repository`` names this service's image. Whether it deploys is the

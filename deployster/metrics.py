@@ -59,6 +59,12 @@ class Metrics:
             ["state", "exit_code"],
             registry=self.registry,
         )
+        self.notifications = Counter(
+            "deployster_notifications",
+            "Notification attempts, by event and outcome (delivered, retried, given_up).",
+            ["event", "outcome"],
+            registry=self.registry,
+        )
         queue_depth = Gauge(
             "deployster_bus_queue_depth", "Events waiting in the event bus.", registry=self.registry
         )
@@ -86,6 +92,9 @@ class Metrics:
 
     def task_ended(self, state: str, exit_code: int | None) -> None:
         self.tasks.labels(state, "none" if exit_code is None else str(exit_code)).inc()
+
+    def notification_sent(self, event: str, outcome: str) -> None:
+        self.notifications.labels(event, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployster.notify import NotifyTarget
 from deployster.tagpolicy import TagPolicy
 
 DAY = 86400.0
@@ -74,3 +75,5 @@ class ServicePolicy(BaseModel):
     auto_deploy: AutoDeployPolicy = Field(default_factory=AutoDeployPolicy)
     # Tasks of this service may not overlap (migrations): a second one is refused with 409.
     exclusive_tasks: bool = False
+    # Who hears of this service's deploys and tasks, besides the server's --notify-url.
+    notify: list[NotifyTarget] = Field(default_factory=list, max_length=10)

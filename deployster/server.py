@@ -25,13 +25,14 @@ from deployster.fleet import FleetClient
 from deployster.logs import AccessLogger
 from deployster.metrics import Metrics
 from deployster.routers import Router, TraefikRouter, VulcandRouter
-from deployster.store import Store, TaskStore
+from deployster.store import NotificationStore, Store, TaskStore
 from deployster.units import TemplateError, UnitTemplate, load_template
 from deployster.web.app import create_app
 from deployster.web.context import Services
 from deployster.webhooks import SOURCES as WEBHOOK_SOURCES
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
+from handlers.notify import Notifier
 from handlers.reaper import Reaper
 from handlers.tasks import TaskConfig, TaskRunner
 from handlers.webhooks import WebhookHandler
@@ -148,9 +149,10 @@ class Deployster:
             metrics=self.metrics,
         )
         self.webhooks.register()
+        task_store = TaskStore(etcd, settings.etcd_prefix)
         self.tasks = TaskRunner(
             DockerClient(settings.docker_endpoint),
-            TaskStore(etcd, settings.etcd_prefix),
+            task_store,
             self.store,
             TaskConfig(
                 image_prefix=settings.image_prefix,
@@ -158,7 +160,18 @@ class Deployster:
                 max_timeout=settings.task_max_timeout,
             ),
             metrics=self.metrics,
+            bus=self.bus,
         )
+        self.notifier = Notifier(
+            self.bus,
+            self.store,
+            task_store,
+            NotificationStore(etcd, settings.etcd_prefix),
+            settings.notify_targets(),
+            base_url=settings.base_url,
+            metrics=self.metrics,
+        )
+        self.notifier.register()
         services = Services(
             bus=self.bus,
             fleet=fleet,
@@ -167,6 +180,7 @@ class Deployster:
             metrics=self.metrics,
             webhooks=self.webhooks,
             tasks=self.tasks,
+            notifier=self.notifier,
         )
         self.app = create_app(services, settings.username, password)
         self.app.on_shutdown.append(self._end_task_streams)
@@ -207,6 +221,7 @@ class Deployster:
         await self.instances.start()
         await self.reaper.start()
         await self.tasks.start()
+        await self.notifier.start()
         resumed = await self.deploys.resume()
         if self.webhooks.enabled:
             log.info(
@@ -226,6 +241,7 @@ class Deployster:
         so a shutdown never hangs."""
         for name, part in (
             ("tasks", self.tasks),
+            ("notifications", self.notifier),
             ("bus", self.bus),
             ("webhooks", self.webhooks),
             ("reaper", self.reaper),

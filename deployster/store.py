@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from deployster.aio import cancel_and_wait
 from deployster.etcd import EtcdError, LeaseKeeper, WatchEvent, watch_prefix
 from deployster.events import DeployRequested
+from deployster.notify import REVEAL, Delivery, DeliveryOutcome
 from deployster.policy import ServicePolicy
 from deployster.units import instances_prefix
 
@@ -310,7 +311,9 @@ class Store:
         """Only the fields that were set are stored: the others follow the server's defaults."""
         with _etcd_errors():
             await self.etcd.put(
-                self._policy_key(service), policy.model_dump_json(exclude_unset=True).encode()
+                self._policy_key(service),
+                # Notification secrets are written out here, and only here.
+                policy.model_dump_json(exclude_unset=True, context=REVEAL).encode(),
             )
 
     async def get_policy(self, service: str) -> ServicePolicy:
@@ -467,3 +470,82 @@ class TaskStore:
             for record in doomed:
                 await self.etcd.delete(self._key(service, record.id))
         return len(doomed)
+
+
+# -- notifications ------------------------------------------------------------------------
+
+
+class NotificationStore:
+    """Pending notifications under ``<prefix>/notifications/pending/<delivery-id>`` (kept until
+    delivered or given up, so a restart loses none) and the last outcomes of each service
+    under ``<prefix>/notifications/outcomes/<service>/<time>-<delivery-id>``."""
+
+    def __init__(self, etcd: aetcd.Client, prefix: str, keep: int = 20) -> None:
+        self.etcd = etcd
+        self.prefix = prefix
+        self.keep = keep
+
+    def _pending_key(self, delivery_id: str) -> bytes:
+        return f"{self.prefix}/notifications/pending/{delivery_id}".encode()
+
+    def _outcomes_prefix(self, service: str) -> str:
+        return f"{self.prefix}/notifications/outcomes/{service}/"
+
+    async def add(self, deliveries: list[Delivery]) -> None:
+        """Queue every delivery of one event in one transaction: all or none."""
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            await self.etcd.transaction(
+                compare=[],
+                success=[
+                    txn.put(self._pending_key(d.id), d.model_dump_json().encode())
+                    for d in deliveries
+                ],
+                failure=[],
+            )
+
+    async def pending(self) -> list[tuple[Delivery, bytes]]:
+        """Every pending delivery, with its stored value (for :meth:`replace`)."""
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(f"{self.prefix}/notifications/pending/".encode())
+        return [(Delivery.model_validate_json(kv.value), kv.value) for kv in found]
+
+    async def replace(self, delivery: Delivery, stored: bytes) -> bytes | None:
+        """Write ``delivery`` if its stored value is still ``stored`` (nobody claimed or
+        finished it meanwhile): the new stored value, or None."""
+        key = self._pending_key(delivery.id)
+        value = delivery.model_dump_json().encode()
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            done, _ = await self.etcd.transaction(
+                compare=[txn.value(key) == stored],
+                success=[txn.put(key, value)],
+                failure=[],
+            )
+        return value if done else None
+
+    async def finish(self, delivery: Delivery, outcome: DeliveryOutcome) -> None:
+        """The delivery ended: forget it and keep its outcome (the last ``keep`` per service)."""
+        base = self._outcomes_prefix(delivery.service)
+        key = f"{base}{outcome.at:017.6f}-{delivery.id}".encode()
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            await self.etcd.transaction(
+                compare=[],
+                success=[
+                    txn.delete(self._pending_key(delivery.id)),
+                    txn.put(key, outcome.model_dump_json().encode()),
+                ],
+                failure=[],
+            )
+            found = await self.etcd.get_prefix(base.encode(), keys_only=True)
+            keys = sorted(kv.key for kv in found)
+            for old in keys[: max(0, len(keys) - self.keep)]:
+                await self.etcd.delete(old)
+
+    async def outcomes(self, service: str) -> list[DeliveryOutcome]:
+        """The last outcomes of ``service``, newest first."""
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(self._outcomes_prefix(service).encode())
+        items = sorted(((kv.key, kv.value) for kv in found), reverse=True)
+        return [DeliveryOutcome.model_validate_json(value) for _, value in items]

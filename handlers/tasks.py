@@ -46,8 +46,10 @@ from typing import Any
 import structlog
 
 from deployster.aio import cancel_and_wait
+from deployster.bus import EventBus
 from deployster.docker import ContainerSpec, DockerClient, DockerError, DockerUnreachable, PullError
 from deployster.etcd import EtcdError, LeaseKeeper
+from deployster.events import TaskFinished
 from deployster.metrics import Metrics
 from deployster.store import Store, TaskRecord, TaskState, TaskStore, new_task_id
 from deployster.units import image_name
@@ -267,8 +269,10 @@ class TaskRunner:
         policies: Store,
         config: TaskConfig,
         metrics: Metrics | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self.docker = docker
+        self.bus = bus
         self.metrics = metrics
         self.store = store
         self.policies = policies
@@ -545,6 +549,8 @@ class TaskRunner:
     async def _end(self, run: TaskRun) -> None:
         if self.metrics is not None:
             self.metrics.task_ended(run.record.state, run.record.exit_code)
+        if self.bus is not None and run.record.state.finished:
+            self.bus.publish(TaskFinished(service=run.record.service, task_id=run.record.id))
         await self._unlock(run.record)
         self._runs.pop(run.record.id, None)
         run.finish(trailer(run.record))

@@ -1,14 +1,19 @@
-"""Helpers for tests: bounded waits instead of fixed sleeps, process checks."""
+"""Helpers for tests: bounded waits instead of fixed sleeps, process checks, a receiver of
+notifications."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
 import subprocess
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
 
 T = TypeVar("T")
 
@@ -50,3 +55,67 @@ def wait_http(
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
+
+
+# A receiver of notifications
+
+
+@dataclass
+class Received:
+    event: str
+    delivery: str
+    signature: str
+    body: bytes
+
+    @property
+    def json(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+
+@dataclass
+class Receiver:
+    """A receiver on a loopback port: records every request; ``answers`` scripts the status
+    of the next requests (then 200); ``hang`` holds requests open until released."""
+
+    port: int
+    got: list[Received] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    hang: asyncio.Event | None = None
+    runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def start(self) -> None:
+        async def hook(request: web.Request) -> web.Response:
+            self.got.append(
+                Received(
+                    request.headers.get("X-Deployster-Event", ""),
+                    request.headers.get("X-Deployster-Delivery", ""),
+                    request.headers.get("X-Deployster-Signature-256", ""),
+                    await request.read(),
+                )
+            )
+            if self.hang is not None:
+                await self.hang.wait()
+            return web.Response(status=self.answers.pop(0) if self.answers else 200)
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def events(self) -> list[str]:
+        return [r.event for r in self.got]
+
+    async def received(self, count: int, timeout: float = 10) -> list[Received]:
+        async def enough() -> list[Received] | None:
+            return self.got if len(self.got) >= count else None
+
+        return await eventually(enough, timeout=timeout)

@@ -12,6 +12,7 @@ from deployster.fleet import FleetClient
 from deployster.metrics import Metrics
 from deployster.store import Store
 from handlers.instances import InstancesHandler
+from handlers.notify import Notifier
 from handlers.tasks import TaskRunner
 from handlers.webhooks import WebhookHandler
 
@@ -27,6 +28,7 @@ class Services:
     submit_timeout: float = 60.0
     webhooks: WebhookHandler | None = None  # push decisions and the webhook secrets
     tasks: TaskRunner | None = None  # runs one-off tasks; None: this server runs none
+    notifier: Notifier | None = None  # sends notifications and lists their deliveries
 
 
 SERVICES = web.AppKey("services", Services)

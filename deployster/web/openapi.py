@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from deployster import __version__, naming, webhooks
+from deployster.notify import DeliveryOutcome
 from deployster.store import DeployRecord, Progress, TaskRecord
 from deployster.web.deploys import DeployEnvelope
 from deployster.web.policies import PolicyEnvelope
@@ -97,6 +98,10 @@ class WebhookAnswer(BaseModel):
     decisions: list[Decision]
 
 
+class NotificationList(BaseModel):
+    notifications: list[DeliveryOutcome]  # pending first, then the last 20 that ended
+
+
 class WebhookLog(BaseModel):
     enabled: list[str]  # the sources with a secret
     events: list[Decision]  # the last 100 decisions, newest first
@@ -115,6 +120,7 @@ ANSWERS: list[type[BaseModel]] = [
     WebhookLog,
     TaskAnswer,
     TaskList,
+    NotificationList,
 ]
 
 ERRORS = {
@@ -406,6 +412,14 @@ def paths() -> dict[str, dict[str, Any]]:
                 {200: _json(WebhookLog, "the decisions")},
                 (404,),
                 params=(),
+            )
+        },
+        "/v1/services/{name}/notifications": {
+            "get": _op(
+                "The service's pending notifications, then the last that ended (receivers by "
+                "origin only)",
+                {200: _json(NotificationList, "the deliveries, newest first")},
+                (400, 404),
             )
         },
         "/v1/services/{name}/policy": {

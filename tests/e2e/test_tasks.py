@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from e2e.conftest import PASSWORD, Images, TasksApi, settings_for, tasks_api_for
 from e2e.podman import Podman
-from helpers import eventually, wait_http
+from helpers import Receiver, eventually, wait_http
 
 from deployster.etcd import EtcdServer, free_port
 from deployster.policy import ServicePolicy
@@ -431,3 +431,29 @@ async def test_stopping_the_server_ends_streams_at_once_and_leaves_the_task_runn
     [container] = podman.containers(f"deployster.etcd-prefix={etcd_prefix}")
     assert container["State"] == "running"
     podman.cli("rm", "--force", "--time", "0", str(container["Id"]))
+
+
+async def test_a_finished_task_notifies_its_exit_code(
+    aiohttp_client: Any, etcd_endpoint: str, podman: Podman, images: Images, etcd_prefix: str
+) -> None:
+    receiver = Receiver(free_port())
+    await receiver.start()
+    try:
+        settings = settings_for(
+            etcd_endpoint, podman, images, etcd_prefix, notify_url=[receiver.url]
+        )
+        async with tasks_api_for(aiohttp_client, settings, images) as api:
+            images.publish(api.service, "v1")
+            status, _ = await api.run({"version": "v1", "command": "exit 3"})
+            assert status == 200
+            [got] = await receiver.received(1)
+        body = got.json
+        assert (got.event, body["event"], body["service"]) == (
+            "task.finished",
+            "task.finished",
+            api.service,
+        )
+        assert (body["task"]["state"], body["task"]["exit_code"]) == ("failed", 3)
+        assert body["link"].endswith(f"/v1/services/{api.service}/tasks/{body['task']['id']}")
+    finally:
+        await receiver.stop()

@@ -128,7 +128,8 @@ async def running_api(
     aiohttp_client, etcd_endpoint: str, localfleet: str, **settings: object
 ) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
     """A Deployster app on a test client with its own etcd prefix and service name."""
-    prefix = f"/deployster-test-{secrets.token_hex(4)}"
+    # A test that restarts the server passes the same etcd_prefix twice.
+    prefix = str(settings.pop("etcd_prefix", None) or f"/deployster-test-{secrets.token_hex(4)}")
     options: dict[str, object] = {
         "router": "vulcand",
         "vulcand_prefix": f"vulcand-{secrets.token_hex(4)}",
