@@ -3,14 +3,16 @@
 #   docker build -t deployster .
 #   docker run -d --name deployster --network host --env-file /etc/deployster/env \
 #     -v /var/run/fleet.sock:/var/run/fleet.sock \
+#     --group-add "$(stat -c %g /var/run/fleet.sock)" \
 #     -v /var/run/docker.sock:/var/run/docker.sock \
 #     --group-add "$(stat -c %g /var/run/docker.sock)" deployster
 #
-# Sockets to mount:
+# Sockets to mount, both mode 0660; the user below is not root, so the container needs each
+# socket's group, by number (the image has no such group names):
 #   /var/run/fleet.sock   fleet's API (the default --fleet-endpoint, unix:///var/run/fleet.sock);
-#                         systemd's fleet.socket creates it world-writable (mode 0666).
-#   /var/run/docker.sock  the Docker Engine API, for one-off tasks; it belongs to root and the
-#                         host's `docker` group, hence --group-add with that group's id.
+#                         Container Linux's fleet.socket makes it user and group fleet, GID 253.
+#   /var/run/docker.sock  the Docker Engine API, for one-off tasks; user root, group docker
+#                         (GID 233 on Container Linux).
 # Configure it with DEPLOYSTER_* variables (README: "Configuration"); the health check reads
 # DEPLOYSTER_LISTEN and DEPLOYSTER_CERT to find the server, so prefer them to -listen/-cert.
 #

@@ -38,6 +38,8 @@ PASSWORD = "e2e-" + secrets.token_hex(8)
 # What the multi-stage build may add to its base: the virtualenv with Deployster and its
 # dependencies (no compilers, caches, pip or sources).
 MAX_ADDED_BYTES = 90 * 1024 * 1024
+# The fleet group's id on Container Linux, owner of fleet's socket (mode 0660).
+FLEET_GID = 253
 
 
 def require(*tools: str) -> None:
@@ -161,7 +163,8 @@ def image(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture
 def fleet_socket(tmp_path: Path) -> Iterator[Path]:
-    """localfleet on a unix socket, mode 0666 as systemd's fleet.socket makes it."""
+    """localfleet on a unix socket as Container Linux's fleet.socket makes it: mode 0660,
+    group fleet (GID 253), so the container reaches it only through ``--group-add``."""
     sock = tmp_path / "fleet.sock"
     log = tmp_path / "localfleet.log"
     with open(log, "wb") as out:
@@ -175,7 +178,8 @@ def fleet_socket(tmp_path: Path) -> Iterator[Path]:
         while not sock.exists():
             assert child.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        sock.chmod(0o666)
+        os.chown(sock, -1, FLEET_GID)
+        sock.chmod(0o660)
         yield sock
     finally:
         child.terminate()
@@ -276,6 +280,8 @@ def test_the_container_serves_the_api(
         },
         "--volume",
         f"{fleet_socket}:/var/run/fleet.sock",
+        "--group-add",
+        str(FLEET_GID),
     )
     try:
         wait_http(f"{url}/healthz", child, log, timeout=60)
