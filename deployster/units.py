@@ -63,7 +63,8 @@ that the error names the variable. The rule:
   and ``%`` doubled (systemd expands specifiers in ``Environment=``). ``$`` needs nothing:
   ``Environment=`` does not expand variables, and the templates hand values to the
   container by name (``docker run -e KEY``), never through an Exec line. The line must
-  stay under fleet's 2048 bytes.
+  stay under fleet's 2048 bytes, and a template must print ``{{ environment }}`` on a line
+  of its own in ``[Service]`` (checked when it is loaded).
 
 A refused value raises :class:`UnitValueError`, which names the field; the deploy route
 checks the same rule on the request's fields before anything happens, and answers 400.
@@ -175,17 +176,17 @@ class UnitText(str):
     lines): a template prints it as it is."""
 
 
-def unit_value(field: str, value: object, how: Literal["word", "environment"] = "word") -> UnitText:
+def unit_value(field: str, value: object, how: Literal["word", "environment"] = "word") -> str:
     """The one gate between a value and a unit file (the rule is in the module docstring).
 
-    ``how="word"``: the value itself, if it is a word that every reader of a unit reads
-    back as itself. ``how="environment"``: the value escaped for the inside of a
-    double-quoted ``Environment=`` word, which systemd unquotes to exactly the value.
-    :class:`UnitText` passes as it is; integers are written in decimal. Anything else
-    raises :class:`UnitValueError` naming ``field``; the message never repeats an
-    environment value.
+    ``how="word"``: the value itself as :class:`UnitText`, if it is a word that every
+    reader of a unit reads back as itself; :class:`UnitText` passes as it is.
+    ``how="environment"``: the value escaped for the inside of a double-quoted
+    ``Environment=`` word, which systemd unquotes to exactly the value. Integers are
+    written in decimal. Anything else raises :class:`UnitValueError` naming ``field``; the
+    message never repeats an environment value.
     """
-    if isinstance(value, UnitText):
+    if how == "word" and isinstance(value, UnitText):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
@@ -200,7 +201,7 @@ def unit_value(field: str, value: object, how: Literal["word", "environment"] = 
             "text); encode the value (base64, for example)",
         )
     if how == "environment":
-        return UnitText(value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%"))
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     if not _PLAIN_WORD_RE.fullmatch(value):
         raise UnitValueError(
             field,
@@ -421,7 +422,8 @@ def compile_template(name: str, source: str) -> UnitTemplate:
         raise TemplateError(
             f"Unit template {name} has a syntax error on line {error.lineno}: {error.message}."
         ) from None
-    unknown = jinja2.meta.find_undeclared_variables(ast) - TEMPLATE_VARIABLES - set(_JINJA.globals)
+    used = jinja2.meta.find_undeclared_variables(ast)
+    unknown = used - TEMPLATE_VARIABLES - set(_JINJA.globals)
     if unknown:
         first = min(
             (node for node in ast.find_all(jinja2.nodes.Name) if node.name in unknown),
@@ -432,8 +434,21 @@ def compile_template(name: str, source: str) -> UnitTemplate:
             f"{first.lineno}; the placeholders are: {', '.join(sorted(TEMPLATE_VARIABLES))}."
         )
     template = UnitTemplate(name, source, _JINJA.from_string(source))
-    options = render_unit(template, sample_context())
+    sample = sample_context()
+    options = render_unit(template, sample)
     _check_unit(name, options)
+    if "environment" in used:
+        # Quoted Environment= lines are safe as lines of their own in [Service] only; inside
+        # another line (an Exec line, say) a shell could read the value.
+        wanted = [
+            UnitOption(section="Service", name="Environment", value=line.partition("=")[2])
+            for line in (environment_line(k, v) for k, v in sample.env.items())
+        ]
+        if any(option not in options for option in wanted):
+            raise TemplateError(
+                f"Unit template {name} prints {{{{ environment }}}} inside a line or outside "
+                "[Service]: give it a line of its own in the [Service] section."
+            )
     return template
 
 

@@ -9,6 +9,7 @@ one more, and gives the value back unchanged.
 
 from __future__ import annotations
 
+import re
 import shlex
 import unicodedata
 
@@ -244,3 +245,18 @@ def test_a_template_whose_own_text_holds_a_line_separator_is_refused() -> None:
     # \r\n line ends are one line end, as for systemd.
     options = parse_unit("[Service]\r\nExecStart=/bin/true\r\nA=b\r\n")
     assert [(o.name, o.value) for o in options] == [("ExecStart", "/bin/true"), ("A", "b")]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "[Service]\nExecStart=/bin/sh -c {{ environment }}\n",
+        "[Unit]\n{{ environment }}\n[Service]\nExecStart=/bin/true\n",
+    ],
+)
+def test_the_environment_lines_must_stand_alone_in_service(source: str) -> None:
+    # Inside an Exec line the quoted value would reach a shell: refused at start-up.
+    with pytest.raises(
+        TemplateError, match=re.escape("prints {{ environment }} inside a line or outside")
+    ):
+        compile_template("mid-line", source)
