@@ -102,10 +102,11 @@ async def rollback(request: web.Request) -> web.Response:
         )
     live = next(r for r in reversed(records) if r.state is DeployState.SUCCEEDED)
     try:  # a record kept from before the units' rule
-        validate_env(target.env, f"env of deploy {target.id}")
+        validate_env(target.env)
     except UnitValueError as exc:
         raise ApiError(
-            409, f"The release to roll back to cannot be deployed again: {exc}"
+            409,
+            f"The release to roll back to (deploy {target.id}) cannot be deployed again: its {exc}",
         ) from None
     event = DeployRequested(
         service=service,

@@ -156,3 +156,29 @@ async def test_accepted_values_reach_the_environment_exactly_and_run_nothing(
     assert await eventually(environment, timeout=20, interval=0.1) == env
     assert (await api.finished(created["id"]))["state"] == "succeeded"
     assert not exists(marker)
+
+
+async def test_a_rollback_to_a_record_with_a_hostile_env_is_refused(
+    hostile_api: Api, marker: Path
+) -> None:
+    # A record written before the rule (tampered with here) must not reach a unit again.
+    api = hostile_api
+    v1 = await api.deployed({"version": "v1", "env": {"HOSTILE_X": "fine"}})
+    v2 = await api.deployed({"version": "v2", "destroy_previous": True})
+    assert (v1["state"], v2["state"]) == ("succeeded", "succeeded")
+    store = api.deployster.store
+    record = await store.get_deploy(api.service, v1["id"])
+    assert record is not None
+    record.env = {"HOSTILE_X": f"x\u2028ExecStartPre=/bin/touch {marker}\u2028#"}
+    await store.save_deploy(record)
+
+    resp = await api.client.post(api.url("/rollback"), headers=api.auth)
+    data = await resp.json()
+    assert resp.status == 409, data
+    assert (
+        f"(deploy {v1['id']}) cannot be deployed again: its env.HOSTILE_X contains"
+        in (data["description"])
+    )
+    assert "touch" not in data["description"]
+    assert sorted(await api.units()) == sorted(v2["units"])
+    assert not exists(marker)
