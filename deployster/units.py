@@ -1,4 +1,4 @@
-"""Unit templates: the systemd unit each instance runs, rendered to fleet's option list.
+r"""Unit templates: the systemd unit each instance runs, rendered to fleet's option list.
 
 fleet does not take unit files: it takes an ordered list of ``{"section", "name", "value"}``
 options (`reference/fleet-api.md` §3). Deployster keeps the unit as what operators know, a
@@ -31,9 +31,45 @@ Three layers of substitution meet in a unit and must not be confused:
   Exec lines, ``$VAR`` and ``${VAR}``; ``$$`` is its escape for a ``$`` the shell must see.
 * ``/bin/sh`` then runs the scripts of the Exec lines.
 
-Everything a template interpolates is either validated to contain no character that one
-of those layers would interpret (names, image, endpoints, keys), or quoted for systemd
-(environment values, see :func:`environment_line`).
+What goes into a unit
+---------------------
+
+Every value a template prints passes :func:`unit_value`, the one gate between a value and
+a unit file. It is the template environment's ``finalize`` hook, so a template cannot
+forget it, and :class:`UnitContext` runs every variable through it when it is built, so
+that the error names the variable. The rule:
+
+* No value may hold a character that some reader of the unit takes for the end of a line
+  or refuses: the C0 and C1 control characters (``\n``, ``\r``, NUL, VT, FF, FS, GS, RS,
+  NEL U+0085 among them; a tab only inside an environment value), U+2028 and U+2029,
+  lone surrogates (not UTF-8), and the noncharacters U+FDD0..U+FDEF and U+xFFFE/U+xFFFF
+  (systemd's UTF-8 check refuses them). systemd itself ends a line at ``\n`` only (at
+  ``\r`` and NUL too since v240; older versions cut the line there), and inside a line
+  reads U+2028 and NEL as plain text; but fleet's go-systemd trims Unicode white space,
+  and Python's ``str.splitlines`` (the parser bug behind this rule) and many log viewers
+  break lines at all of them, so they are refused rather than carried.
+* A value printed bare (names, versions, timestamps, image, paths, keys, endpoints, and
+  every variable a template gains later) must be one word of ``[A-Za-z0-9_@+=:,./-]``
+  that starts with a letter, a digit, ``_``, ``.`` or ``/``: nothing systemd reads as a
+  specifier (``%``) or a variable (``$``), no quote, backslash or white space that would
+  split or join words, nothing the shell interprets (``; & | < > * ? ~`` ...), and no
+  leading ``-`` that a command would take for an option. Such a word reads back as itself
+  in every position of a unit: an Exec line, a shell script in double quotes, a plain
+  value, an ``Environment=`` assignment. Anything else is refused, never quoted: the
+  right quoting depends on where the template put the value.
+* An environment value is quoted instead (:func:`environment_line`, ``how="environment"``):
+  the assignment becomes one double-quoted word, ``Environment="KEY=value"``, with ``\``
+  and ``"`` escaped by a backslash (systemd's unquoting and C unescaping give them back)
+  and ``%`` doubled (systemd expands specifiers in ``Environment=``). ``$`` needs nothing:
+  ``Environment=`` does not expand variables, and the templates hand values to the
+  container by name (``docker run -e KEY``), never through an Exec line. The line must
+  stay under fleet's 2048 bytes, and a template must print ``{{ environment }}`` on a line
+  of its own in ``[Service]`` (checked when it is loaded).
+
+A refused value raises :class:`UnitValueError`, which names the field; the deploy route
+checks the same rule on the request's fields before anything happens, and answers 400.
+The unit parser below splits lines as systemd does, at ``\n`` (``\r\n`` counts as one),
+and refuses a template whose own text holds one of the refused characters.
 
 An instance announces itself in etcd under :func:`announce_key` with an
 :class:`Announcement`; the instances watch reads that layout back with
@@ -48,7 +84,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
 import jinja2.meta
@@ -103,14 +139,77 @@ X_FLEET_OPTIONS = frozenset(
 LINE_MAX = 2048
 
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Values interpolated bare into Exec lines and shell scripts: nothing that systemd (%, $,
-# quotes, backslash) or sh (quotes, ;, &, |, <, >, spaces, globs) would interpret.
-_PLAIN_WORD_RE = re.compile(r"[A-Za-z0-9_@+=:,./~-]+")
+# A value printed bare: one word that systemd (%, $, quotes, backslash, white space) and sh
+# (quotes, ;, &, |, <, >, globs, ~) leave alone, not starting with a command-line option's '-'.
+_PLAIN_WORD_RE = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_@+=:,./-]*")
+# What no unit can carry (see the module docstring): C0 and C1 controls, line and paragraph
+# separators, lone surrogates, noncharacters. The tab is allowed inside quotes only.
+_NONCHARACTERS = "\ufdd0-\ufdef" + "".join(
+    f"{chr(plane * 0x10000 + 0xFFFE)}{chr(plane * 0x10000 + 0xFFFF)}" for plane in range(17)
+)
+_UNCARRIABLE_RE = re.compile(
+    f"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff{_NONCHARACTERS}]"
+)
+# A systemd unit file line ends at \n; \r\n counts as one end.
+_LINE_END_RE = re.compile(r"\r?\n")
+# systemd's WHITESPACE: what it strips around names and values (never Unicode spaces).
+_WHITESPACE = " \t\r\n"
 _SECTION_RE = re.compile(r"\[([^\[\]]+)\]")
 
 
 class TemplateError(ValueError):
     """A unit template that cannot be loaded or rendered; the message names file and problem."""
+
+
+class UnitValueError(TemplateError):
+    """A value that cannot go into a unit. ``field`` names it, ``problem`` says why as a
+    clause that follows the field's name (``contains the character U+2028 ...``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}.")
+        self.field = field
+        self.problem = problem
+
+
+class UnitText(str):
+    """Text :func:`unit_value` has passed or built (checked words, quoted ``Environment=``
+    lines): a template prints it as it is."""
+
+
+def unit_value(field: str, value: object, how: Literal["word", "environment"] = "word") -> str:
+    """The one gate between a value and a unit file (the rule is in the module docstring).
+
+    ``how="word"``: the value itself as :class:`UnitText`, if it is a word that every
+    reader of a unit reads back as itself; :class:`UnitText` passes as it is.
+    ``how="environment"``: the value escaped for the inside of a double-quoted
+    ``Environment=`` word, which systemd unquotes to exactly the value. Integers are
+    written in decimal. Anything else raises :class:`UnitValueError` naming ``field``; the
+    message never repeats an environment value.
+    """
+    if how == "word" and isinstance(value, UnitText):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise UnitValueError(field, "must be text to go into a unit")
+    bad = _UNCARRIABLE_RE.search(value)
+    if bad is not None:
+        raise UnitValueError(
+            field,
+            f"contains the character U+{ord(bad.group()):04X} at position {bad.start()}, "
+            "which a unit file cannot carry (a line break, a control character or not "
+            "text); encode the value (base64, for example)",
+        )
+    if how == "environment":
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if not _PLAIN_WORD_RE.fullmatch(value):
+        raise UnitValueError(
+            field,
+            f"is {value!r}, which cannot go into a unit: use one word of letters, digits and "
+            "'_@+=:,./-' that starts with a letter, a digit, '_', '.' or '/' (no spaces, "
+            "quotes, '%' or '$')",
+        )
+    return UnitText(value)
 
 
 class Announcement(BaseModel):
@@ -171,49 +270,34 @@ def service_of_repository(prefix: str, repository: str) -> str | None:
     return repository if repository and "/" not in repository else None
 
 
-def validate_env(env: Mapping[str, str]) -> dict[str, str]:
-    """Check a deploy's environment; raise ValueError with a sentence the API can return."""
+def validate_env(env: Mapping[str, str], field: str = "env") -> dict[str, str]:
+    """Check a deploy's environment with :func:`unit_value`'s rule; raise
+    :class:`UnitValueError` naming ``field`` or ``field.KEY``. Returns a copy."""
     checked: dict[str, str] = {}
     for key, value in env.items():
         if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
-            raise ValueError(
-                f"Environment variable name {key!r} is not valid: use letters, digits and "
-                "'_', not starting with a digit."
+            raise UnitValueError(
+                field,
+                f"has the variable name {key!r}, which is not valid: use letters, digits "
+                "and '_', not starting with a digit",
             )
         if not isinstance(value, str):
-            raise ValueError(f"The value of environment variable {key} must be a string.")
-        if "\n" in value or "\r" in value or "\0" in value:
-            raise ValueError(
-                f"The value of environment variable {key} contains a line break or a NUL "
-                "character, which a unit file cannot carry; encode it (base64, for example)."
-            )
-        if len(environment_line(key, value).encode()) >= LINE_MAX:
-            raise ValueError(
-                f"The value of environment variable {key} is too long: fleet takes unit file "
-                f"lines of less than {LINE_MAX} bytes; pass a reference (a file, a secret "
-                "store) instead."
+            raise UnitValueError(f"{field}.{key}", "must be a string")
+        line = environment_line(key, value, field)
+        if len(line.encode()) >= LINE_MAX:
+            raise UnitValueError(
+                f"{field}.{key}",
+                f"is too long: fleet takes unit file lines of less than {LINE_MAX} bytes; "
+                "pass a reference (a file, a secret store) instead",
             )
         checked[key] = value
     return checked
 
 
-def environment_line(key: str, value: str) -> str:
-    """One ``Environment=`` line with systemd's quoting.
-
-    Inside double quotes systemd unescapes ``\\`` and ``"``; ``%`` is doubled because
-    fleet's systemd expands specifiers in Environment= values too.
-    """
-    quoted = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    return f'Environment="{key}={quoted}"'
-
-
-def _check_plain(what: str, value: str) -> str:
-    if not _PLAIN_WORD_RE.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} cannot go into a unit: use letters, digits and "
-            "'_@+=:,./~-' only (no spaces, quotes, '%' or '$')."
-        )
-    return value
+def environment_line(key: str, value: str, field: str = "env") -> UnitText:
+    """One ``Environment="KEY=value"`` line; the value quoted by :func:`unit_value`."""
+    quoted = unit_value(f"{field}.{key}", value, "environment")
+    return UnitText(f'Environment="{unit_value(field, key)}={quoted}"')
 
 
 @dataclass(frozen=True)
@@ -232,17 +316,19 @@ class UnitContext:
         # Frozen: a validated copy replaces the caller's mapping, so later changes to the
         # caller's dict cannot reach a rendered unit.
         object.__setattr__(self, "env", validate_env(self.env))
-        _check_plain("Image", self.image)
-        _check_plain("etcd endpoint list", self.etcd_endpoints)
-        _check_plain("Announce key", self.announce_key)
-        _check_plain("Python interpreter path", self.python)
         if not 1 <= self.container_port <= 65535:
-            raise ValueError(f"Container port {self.container_port} is not between 1 and 65535.")
+            raise UnitValueError(
+                "container_port", f"is {self.container_port}, not between 1 and 65535"
+            )
+        self.variables()  # a value that cannot go into a unit fails here, by its name
 
     def variables(self) -> dict[str, Any]:
-        """The template's namespace (see TEMPLATE_VARIABLES)."""
+        """The template's namespace (see TEMPLATE_VARIABLES), every value through
+        :func:`unit_value` under its own name. ``env`` is the checked mapping, for
+        ``{% for key in env %}`` and ``{% if %}``; its values go into the unit quoted, as
+        ``environment``, and one printed elsewhere meets the rule for words."""
         unit = self.unit
-        return {
+        words = {
             "service": unit.service,
             "version": unit.version,
             "timestamp": unit.timestamp,
@@ -251,13 +337,17 @@ class UnitContext:
             "description": unit.description,
             "container": unit.container,
             "image": self.image,
-            "env": dict(self.env),
             "etcd_endpoints": self.etcd_endpoints,
             "announce_key": self.announce_key,
             "container_port": self.container_port,
             "python": self.python,
-            "environment": "\n".join(environment_line(k, v) for k, v in self.env.items()),
         }
+        namespace: dict[str, Any] = {name: unit_value(name, value) for name, value in words.items()}
+        namespace["env"] = dict(self.env)
+        namespace["environment"] = UnitText(
+            "\n".join(environment_line(k, v) for k, v in self.env.items())
+        )
+        return namespace
 
 
 def sample_context() -> UnitContext:
@@ -281,9 +371,18 @@ class UnitTemplate:
     compiled: jinja2.Template = field(repr=False, compare=False)
 
 
+def _finalize(value: object) -> object:
+    # Every {{ ... }} of every template: what is not a checked variable (an expression, an
+    # env value, a filter's result) meets the rule here. StrictUndefined raises when printed.
+    if isinstance(value, jinja2.Undefined):
+        return value
+    return unit_value("a value the template prints", value)
+
+
 _JINJA = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     autoescape=False,
+    finalize=_finalize,
     keep_trailing_newline=True,
     # {% if %} / {% for %} on lines of their own leave no blank lines or indentation.
     trim_blocks=True,
@@ -323,7 +422,8 @@ def compile_template(name: str, source: str) -> UnitTemplate:
         raise TemplateError(
             f"Unit template {name} has a syntax error on line {error.lineno}: {error.message}."
         ) from None
-    unknown = jinja2.meta.find_undeclared_variables(ast) - TEMPLATE_VARIABLES - set(_JINJA.globals)
+    used = jinja2.meta.find_undeclared_variables(ast)
+    unknown = used - TEMPLATE_VARIABLES - set(_JINJA.globals)
     if unknown:
         first = min(
             (node for node in ast.find_all(jinja2.nodes.Name) if node.name in unknown),
@@ -334,8 +434,21 @@ def compile_template(name: str, source: str) -> UnitTemplate:
             f"{first.lineno}; the placeholders are: {', '.join(sorted(TEMPLATE_VARIABLES))}."
         )
     template = UnitTemplate(name, source, _JINJA.from_string(source))
-    options = render_unit(template, sample_context())
+    sample = sample_context()
+    options = render_unit(template, sample)
     _check_unit(name, options)
+    if "environment" in used:
+        # Quoted Environment= lines are safe as lines of their own in [Service] only; inside
+        # another line (an Exec line, say) a shell could read the value.
+        wanted = [
+            UnitOption(section="Service", name="Environment", value=line.partition("=")[2])
+            for line in (environment_line(k, v) for k, v in sample.env.items())
+        ]
+        if any(option not in options for option in wanted):
+            raise TemplateError(
+                f"Unit template {name} prints {{{{ environment }}}} inside a line or outside "
+                "[Service]: give it a line of its own in the [Service] section."
+            )
     return template
 
 
@@ -374,8 +487,9 @@ def render_unit(template: UnitTemplate, context: UnitContext) -> list[UnitOption
 def parse_unit(text: str, name: str = "unit") -> list[UnitOption]:
     """Parse systemd unit file text into fleet options, in file order.
 
-    Follows systemd's syntax: ``[Section]`` headers; ``Name=Value`` with whitespace around
-    both stripped; repeated names kept in order (fleet and systemd give them meaning); lines
+    Follows systemd's syntax: lines end at ``\\n`` (``\\r\\n`` counts as one, any other
+    line break or control character is refused, see the module docstring); ``[Section]``
+    headers; ``Name=Value`` with systemd's whitespace (space, tab) around both stripped; repeated names kept in order (fleet and systemd give them meaning); lines
     starting with ``#`` or ``;`` and blank lines dropped, also inside a continuation; a
     trailing backslash continues the value on the next line. systemd replaces the backslash
     with a space and keeps the next line's indentation; here the whitespace around the join
@@ -391,10 +505,10 @@ def parse_unit(text: str, name: str = "unit") -> list[UnitOption]:
         nonlocal section
         header = _SECTION_RE.fullmatch(line)
         if header:
-            section = header.group(1).strip()
+            section = header.group(1).strip(_WHITESPACE)
             return
         key, equals, value = line.partition("=")
-        key = key.strip()
+        key = key.strip(_WHITESPACE)
         if not equals or not key:
             raise TemplateError(
                 f"Unit template {name}, line {number}: {line!r} is neither a [Section] header "
@@ -404,10 +518,17 @@ def parse_unit(text: str, name: str = "unit") -> list[UnitOption]:
             raise TemplateError(
                 f"Unit template {name}, line {number}: {key}= comes before any [Section] header."
             )
-        options.append(UnitOption(section=section, name=key, value=value.strip()))
+        options.append(UnitOption(section=section, name=key, value=value.strip(_WHITESPACE)))
 
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    for number, raw in enumerate(_LINE_END_RE.split(text), start=1):
+        bad = _UNCARRIABLE_RE.search(raw)
+        if bad is not None:
+            raise TemplateError(
+                f"Unit template {name}, line {number}: the character U+{ord(bad.group()):04X} "
+                "cannot be in a unit file (a line break other than \\n, a control character "
+                "or not text)."
+            )
+        line = raw.strip(_WHITESPACE)
         if not line:
             # As in systemd, a blank line ends a continuation.
             if pending is not None:
@@ -418,7 +539,7 @@ def parse_unit(text: str, name: str = "unit") -> list[UnitOption]:
             continue
         continued = _ends_with_continuation(line)
         if continued:
-            line = line[:-1].rstrip()
+            line = line[:-1].rstrip(_WHITESPACE)
         if pending is None:
             pending, pending_line = line, number
         else:

@@ -6,6 +6,15 @@ renders them with go-systemd's `Serialize` whenever it needs the text: the
 same unit" when their renderings hash the same (`unit.MatchUnitFiles`).
 `render_unit_file` reproduces that rendering byte for byte.
 
+`parse_unit_file` reads unit file text as systemd's `config_parse` does, and
+`build_service_spec` runs the options through that rendering and parsing, so a
+machine sees what a fleet host's systemd would see in the file fleet wrote: an
+option value holding a line break becomes further lines there as well. Lines end
+at `\n`, `\r\n`, a lone `\r` or NUL (systemd since v240; older versions cut
+the line at `\r` or NUL instead), never at the other characters Python's
+`str.splitlines` breaks at (VT, FF, FS, GS, RS, NEL, U+2028, U+2029): systemd
+keeps those inside the line.
+
 `build_service_spec` reads the `[Service]` section into a `ServiceSpec` for one
 machine, with systemd's rules: specifiers are expanded when the unit is loaded,
 an empty assignment (`ExecStartPre=`) resets a list, a setting that does not
@@ -39,8 +48,15 @@ from deployster.fleet import UnitOption
 from .environ import parse_environment_assignments, split_words
 from .unitname import expand_specifiers
 
-# go-systemd's deserializer refuses lines this long (systemd's LINE_MAX).
+# go-systemd's deserializer refuses lines this long (systemd's LINE_MAX); a line of its
+# check ends at \r or \n.
 _LINE_MAX = 2048
+_GO_SYSTEMD_LINE_END = re.compile(r"[\r\n]")
+# Where systemd (v240 and later, read_line) ends a line of a unit file.
+_SYSTEMD_LINE_END = re.compile(r"\r\n|[\n\r\0]")
+# systemd's WHITESPACE and COMMENTS.
+_WHITESPACE = " \t\n\r"
+_COMMENTS = "#;"
 
 DEFAULT_TIMEOUT_START = 90.0  # systemd's DefaultTimeoutStartSec
 # systemd's default is 90 s; 10 s keeps a stuck `docker stop` from holding a
@@ -105,9 +121,65 @@ def check_serializable(options: Sequence[UnitOption]) -> None:
             raise InvalidUnitOptions(f"found garbage after section name {option.section}")
         if "\n" in option.name or "\r" in option.name:
             raise InvalidUnitOptions("unexpected newline encountered while parsing option name")
-    for line in render_unit_file(options).splitlines():
+    for line in _GO_SYSTEMD_LINE_END.split(render_unit_file(options)):
         if len(line.encode()) >= _LINE_MAX:
             raise InvalidUnitOptions(f"line too long (max {_LINE_MAX} bytes)")
+
+
+def parse_unit_file(text: str) -> tuple[list[UnitOption], list[str]]:
+    """The options systemd reads from unit file text, and the lines it ignores (as warnings).
+
+    systemd's `config_parse`: a line whose first non-blank character is `#` or `;` is a
+    comment, also inside a continuation; a line ending in an unescaped backslash goes on
+    in the next one, the backslash becoming a space; `[Section]` starts a section;
+    `Name=Value` with blanks around both stripped. A line outside any section, without
+    `=` or without a name is ignored; a `[` line without its `]` makes the unit fail to
+    load (`UnitLoadError`).
+    """
+    options: list[UnitOption] = []
+    ignored: list[str] = []
+    section: str | None = None
+    continuation: str | None = None
+    for line in _SYSTEMD_LINE_END.split(text):
+        if line.lstrip(_WHITESPACE).startswith(tuple(_COMMENTS)):
+            continue
+        joined = line if continuation is None else continuation + line
+        if _ends_escaped(joined):
+            continuation = joined[:-1] + " "
+            continue
+        continuation = None
+        section = _parse_line(joined, section, options, ignored)
+    if continuation is not None:
+        _parse_line(continuation, section, options, ignored)
+    return options, ignored
+
+
+def _ends_escaped(text: str) -> bool:
+    trailing = len(text) - len(text.rstrip("\\"))
+    return trailing % 2 == 1
+
+
+def _parse_line(
+    line: str, section: str | None, options: list[UnitOption], ignored: list[str]
+) -> str | None:
+    stripped = line.strip(_WHITESPACE)
+    if not stripped:
+        return section
+    if stripped.startswith("["):
+        if not stripped.endswith("]"):
+            raise UnitLoadError(f"Invalid section header {stripped!r}")
+        return stripped[1:-1]
+    name, equals, value = stripped.partition("=")
+    name = name.strip(_WHITESPACE)
+    if section is None:
+        ignored.append(f"assignment outside of section {stripped!r}, ignoring")
+    elif not equals:
+        ignored.append(f"missing '=' in {stripped!r}, ignoring line")
+    elif not name:
+        ignored.append(f"missing key name before '=' in {stripped!r}, ignoring line")
+    else:
+        options.append(UnitOption(section=section, name=name, value=value.strip(_WHITESPACE)))
+    return section
 
 
 def parse_timespan(text: str) -> float | None:
@@ -206,11 +278,14 @@ class ServiceSpec:
 def build_service_spec(
     options: Iterable[UnitOption], unit_name: str, machine_id: str, hostname: str
 ) -> ServiceSpec:
-    """Read the `[Service]` section of `unit_name` as loaded on `machine_id`."""
+    """Read the `[Service]` section of `unit_name` as loaded on `machine_id`: from the
+    unit file fleet would write for `options`, as systemd reads it."""
     if not unit_name.endswith(".service"):
         raise UnitLoadError("localfleet runs only .service units")
     builder = _SpecBuilder(unit_name, machine_id, hostname)
-    for option in options:
+    parsed, ignored = parse_unit_file(render_unit_file(options))
+    builder.warn(ignored)
+    for option in parsed:
         if option.section == "Service":
             builder.apply(option.name, option.value)
     return builder.build()
@@ -230,6 +305,9 @@ class _SpecBuilder:
         self._success_signals: set[int] = set()
         self._warnings: list[str] = []
         self._ignored: list[str] = []
+
+    def warn(self, warnings: Iterable[str]) -> None:
+        self._warnings.extend(warnings)
 
     def _expand(self, text: str) -> str:
         return expand_specifiers(text, self._unit_name, self._machine_id, self._hostname)

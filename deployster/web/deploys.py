@@ -16,7 +16,7 @@ import secrets
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployster import naming
 from deployster.aio import cancel_and_wait
@@ -31,11 +31,11 @@ from deployster.events import (
     UnitsSubmitted,
 )
 from deployster.store import DeployRecord, DeployState, new_deploy_id
-from deployster.units import validate_env
+from deployster.units import UnitValueError, validate_env
 from deployster.web.auth import USER
 from deployster.web.context import CLOSING, services
 from deployster.web.errors import ApiError
-from deployster.web.inputs import checked, read_json, service_name
+from deployster.web.inputs import checked, read_json, service_name, unit_fields
 from handlers.deploys import rollback_target, service_units
 
 routes = web.RouteTableDef()
@@ -55,11 +55,6 @@ class DeployBody(BaseModel):
     # Another deploy of the service is running: queue behind it (202) instead of a 409.
     wait_for_lock: bool = False
 
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return validate_env(value)
-
 
 class DeployEnvelope(BaseModel):
     deploy: DeployBody
@@ -75,6 +70,11 @@ async def create_deploy(request: web.Request) -> web.Response:
         if body.timestamp
         else naming.now_timestamp()
     )
+    # Everything of the request that a unit file will carry, by the units' own rule.
+    env = unit_fields(
+        {"name": service, "deploy.version": body.version, "deploy.timestamp": timestamp},
+        body.env,
+    )
     event = DeployRequested(
         service=service,
         deploy_id=new_deploy_id(),
@@ -82,7 +82,7 @@ async def create_deploy(request: web.Request) -> web.Response:
         timestamp=timestamp,
         instance_count=body.instance_count,
         destroy_previous=body.destroy_previous,
-        env=body.env,
+        env=env,
         actor=request[USER],
         wait_for_lock=body.wait_for_lock,
     )
@@ -101,6 +101,13 @@ async def rollback(request: web.Request) -> web.Response:
             409, f"Service {service!r} has no earlier successful release to roll back to."
         )
     live = next(r for r in reversed(records) if r.state is DeployState.SUCCEEDED)
+    try:  # a record kept from before the units' rule
+        validate_env(target.env)
+    except UnitValueError as exc:
+        raise ApiError(
+            409,
+            f"The release to roll back to (deploy {target.id}) cannot be deployed again: its {exc}",
+        ) from None
     event = DeployRequested(
         service=service,
         deploy_id=new_deploy_id(),
