@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from deployster.web import deploys, meta, metrics, openapi, policies, tasks, webhooks
+from deployster.web import deploys, meta, metrics, openapi, page, policies, tasks, webhooks
 from deployster.web.auth import basic_auth_middleware
 from deployster.web.context import CLOSING, SERVICES, Services
 from deployster.web.errors import error_middleware
@@ -33,4 +33,5 @@ def create_app(services: Services, username: str, password: str) -> web.Applicat
     app.add_routes(openapi.routes)
     app.add_routes(webhooks.routes)
     app.add_routes(tasks.routes)
+    app.add_routes(page.routes)
     return app
