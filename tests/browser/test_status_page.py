@@ -15,7 +15,7 @@ import pytest
 from browser.conftest import TIMEZONE, WEBHOOK_SECRET, StatusPage, loopback
 from helpers import eventually
 from integration.conftest import FAST_POLICY, Api
-from playwright.async_api import Locator, Page, expect
+from playwright.async_api import Dialog, Locator, Page, expect
 from webhook_samples import REGISTRY_V1, registry, registry_event
 
 DOCS = pathlib.Path(__file__).parents[2] / "docs"
@@ -239,3 +239,60 @@ async def test_the_page_guard_catches_script_errors(status_page: StatusPage) -> 
 )
 def test_only_loopback_counts_as_this_machine(url: str, allowed: bool) -> None:
     assert loopback(url) is allowed
+
+
+async def test_actions_ask_first_and_use_deployctls_requests(status_page: StatusPage) -> None:
+    api, page = status_page.api, status_page.page
+    v1 = await api.deployed({"version": "v1"})
+    await status_page.open(f"#/services/{api.service}")
+    history = section(page, "Deploys").locator("tbody tr")
+    await expect(history).to_have_count(1, timeout=LIVE)
+    questions: list[str] = []
+    answer = {"accept": False}
+
+    async def on_dialog(dialog: Dialog) -> None:
+        questions.append(dialog.message)
+        await (dialog.accept() if answer["accept"] else dialog.dismiss())
+
+    page.on("dialog", on_dialog)
+    await page.get_by_text("Actions", exact=True).click()
+    await page.get_by_label("Version").fill("v2")
+    await page.get_by_label("Version").press("Enter")
+    await expect(page.locator(".result")).to_have_text("Cancelled: nothing was sent.")
+    assert questions == [f"Deploy v2 of {api.service}, replacing the live release?"]
+    assert (
+        len((await (await api.client.get(api.url("/deploys"), headers=api.auth)).json())["deploys"])
+        == 1
+    )
+
+    # Accepted: the deploy is sent as deployctl sends it, and its view follows it.
+    answer["accept"] = True
+    await page.get_by_role("button", name="Deploy…").click()
+    await expect(page).to_have_url(re.compile(f"#/services/{api.service}/deploys/"), timeout=LIVE)
+    await expect(page.locator(".state")).to_have_text("✓ succeeded", timeout=LIVE)
+    v2 = await api.record(page.url.rsplit("/", 1)[1])
+    assert (v2["version"], v2["source"], v2["actor"], v2["destroy_previous"]) == (
+        "v2",
+        "api",
+        "deployster",
+        True,
+    )
+
+    # Roll back: v1 again, from the service view.
+    await status_page.go(f"#/services/{api.service}")
+    await page.get_by_text("Actions", exact=True).click()
+    await page.get_by_role("button", name="Roll back…").click()
+    await expect(page.locator(".state")).to_have_text("✓ succeeded", timeout=LIVE)
+    back = await api.record(page.url.rsplit("/", 1)[1])
+    assert (back["version"], back["source"]) == ("v1", "rollback")
+    assert questions[-1] == f"Roll {api.service} back to the release before the live one?"
+
+    # Destroy the rolled-back-to release's units from its deploy view.
+    await page.get_by_text("Actions", exact=True).click()
+    await page.get_by_role("button", name="Destroy this release's units…").click()
+    await expect(page.locator(".result")).to_have_text(
+        f"✓ The units of v1 ({back['timestamp']}) are destroyed."
+    )
+    assert questions[-1].startswith(f"Destroy the units of {api.service} v1 ({back['timestamp']})")
+    assert await api.units() == []
+    assert v1["timestamp"] != back["timestamp"]

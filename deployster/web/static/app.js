@@ -323,6 +323,69 @@ function webhookTable(name, log) {
   );
 }
 
+// Ask first, then send; a refusal (400, 409, ...) is shown in `result`.
+async function act(question, request, result, done) {
+  if (!window.confirm(question)) {
+    setText(result, "Cancelled: nothing was sent.");
+    return;
+  }
+  setText(result, "Sending…");
+  try {
+    done(await request());
+  } catch (err) {
+    setText(result, `✗ ${err.message}`);
+  }
+}
+
+const json = (body) => ({
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+});
+
+// Deploy a version and roll back, with deployctl's requests (its defaults included).
+function serviceActions(name) {
+  const base = `/v1/services/${path(name)}`;
+  const result = h("p", { class: "result", role: "status", "aria-live": "polite" });
+  const version = h("input", { id: "deploy-version", required: true, autocomplete: "off", spellcheck: "false" });
+  const count = h("input", { id: "deploy-count", type: "number", min: "0", max: "100", value: "0" });
+  const replace = h("input", { id: "deploy-replace", type: "checkbox", checked: true });
+  const follow = ({ deploy }) => {
+    location.hash = `#/services/${path(name, "deploys", deploy.id)}`;
+  };
+  const deploy = (event) => {
+    event.preventDefault();
+    const wanted = version.value.trim();
+    const body = { version: wanted, destroy_previous: replace.checked, instance_count: Number(count.value) || 0 };
+    act(`Deploy ${wanted} of ${name}${replace.checked ? ", replacing the live release" : ""}?`,
+      () => api(`${base}/deploys`, json({ deploy: body })), result, follow);
+  };
+  const rollback = () => act(`Roll ${name} back to the release before the live one?`,
+    () => api(`${base}/rollback`, { method: "POST" }), result, follow);
+  return h("details", { class: "actions" },
+    h("summary", {}, "Actions"),
+    h("form", { class: "deploy-form", onsubmit: deploy },
+      h("div", {}, h("label", { for: "deploy-version" }, "Version"), version),
+      h("div", {}, h("label", { for: "deploy-count" }, "Instances (0: as now)"), count),
+      h("div", { class: "check" }, replace, h("label", { for: "deploy-replace" }, "Replace the live release")),
+      h("button", { type: "submit" }, "Deploy…")),
+    h("p", {}, h("button", { type: "button", class: "secondary", onclick: rollback }, "Roll back…")),
+    result);
+}
+
+// Destroy the units of the deploy's release (deployctl destroy --timestamp).
+function deployActions(name, current) {
+  const result = h("p", { class: "result", role: "status", "aria-live": "polite" });
+  const destroy = () => {
+    const { version, timestamp } = current();
+    act(`Destroy the units of ${name} ${version} (${timestamp})? Its instances stop serving.`,
+      () => api(`/v1/services/${path(name, "deploys", version)}?timestamp=${encodeURIComponent(timestamp)}`, { method: "DELETE" }),
+      result, () => setText(result, `✓ The units of ${version} (${timestamp}) are destroyed.`));
+  };
+  return h("details", { class: "actions" },
+    h("summary", {}, "Actions"),
+    h("p", {}, h("button", { type: "button", class: "danger", onclick: destroy }, "Destroy this release's units…")),
+    result);
+}
+
 function serviceView(name) {
   const problem = problemBox();
   const now = h("div");
@@ -330,7 +393,7 @@ function serviceView(name) {
   const policy = h("div");
   const hooks = h("div");
   const heading = page(name, [link("#/", "Services"), name], problem,
-    h("section", { "aria-labelledby": "now" }, h("h2", { id: "now" }, "Now"), now),
+    h("section", { "aria-labelledby": "now" }, h("h2", { id: "now" }, "Now"), now, serviceActions(name)),
     h("section", { "aria-labelledby": "history" }, h("h2", { id: "history" }, "Deploys"), history),
     h("div", { class: "columns" },
       h("section", { "aria-labelledby": "policy" }, h("h2", { id: "policy" }, "Policy in force"), policy),
@@ -384,8 +447,9 @@ function deployView(name, id) {
   const failure = h("div", { class: "failure", role: "alert", hidden: true });
   const events = h("ol", { class: "events", role: "log", "aria-live": "polite", "aria-label": "Progress events" });
   const streamNote = h("p", { class: "muted stream" });
+  let latest = null;
   const heading = page(`Deploy ${id}`, [link("#/", "Services"), link(`#/services/${path(name)}`, name), id],
-    problem, state, failure, summary,
+    problem, state, failure, summary, deployActions(name, () => latest),
     h("section", { "aria-labelledby": "progress" }, h("h2", { id: "progress" }, "Progress"), streamNote, events));
   const url = `/v1/services/${path(name, "deploys", id)}`;
   const seen = new Set();
@@ -403,6 +467,7 @@ function deployView(name, id) {
   }
 
   function render(record) {
+    latest = record;
     setText(heading, `Deploy of ${record.version}`);
     document.title = `${name} ${record.version} · Deployster`;
     state.replaceChildren(stateBadge(record.state),
