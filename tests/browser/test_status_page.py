@@ -296,3 +296,46 @@ async def test_actions_ask_first_and_use_deployctls_requests(status_page: Status
     assert questions[-1].startswith(f"Destroy the units of {api.service} v1 ({back['timestamp']})")
     assert await api.units() == []
     assert v1["timestamp"] != back["timestamp"]
+
+
+async def test_the_page_rides_out_a_lost_connection_and_a_refused_events_stream(
+    status_page: StatusPage,
+) -> None:
+    api, page = status_page.api, status_page.page
+    await api.deployed({"version": "v1"})
+    await status_page.open()
+    conn, problem = page.locator("#conn"), page.get_by_role("alert")
+    await expect(conn).to_have_text("● live", timeout=LIVE)
+
+    # The browser cannot reach Deployster: the page says so, keeps trying, and recovers.
+    await page.route("**/v1/services", lambda route: route.abort("connectionrefused"))
+    await expect(conn).to_have_text("✗ cannot reach Deployster; retrying", timeout=LIVE)
+    await expect(problem).to_have_text("Could not load: Deployster cannot be reached.")
+    await page.unroute("**/v1/services")
+    await expect(conn).to_have_text("● live", timeout=LIVE)
+    await expect(problem).to_be_hidden()
+
+    # The events stream is refused: the deploy view reads the record instead, to the end.
+    await page.route(
+        "**/events",
+        lambda route: route.fulfill(
+            status=503, json={"error": "unavailable", "description": "Blocked by the test."}
+        ),
+    )
+    slow = {"DEPLOYSTER_WORKLOAD_STARTUP_DELAY": "2"}
+    v2 = (await api.deploy({"version": "v2", "destroy_previous": True, "env": slow}))["deploy"]
+    await status_page.go(f"#/services/{api.service}/deploys/{v2['id']}")
+    await expect(page.locator(".stream")).to_have_text(
+        "The live stream is unavailable; reading the record every few seconds.", timeout=LIVE
+    )
+    await expect(page.locator(".state")).to_have_text("✓ succeeded", timeout=LIVE)
+    done = await api.record(v2["id"])
+    await expect(page.locator(".events li")).to_have_count(len(done["events"]))
+
+    # What the browser logged about the blocked requests, and nothing else.
+    expected = ("net::ERR_CONNECTION_REFUSED", "the server responded with a status of 503")
+    for sign in expected:
+        assert any(sign in p for p in status_page.problems), status_page.problems
+    status_page.problems[:] = [
+        p for p in status_page.problems if not any(sign in p for sign in expected)
+    ]
