@@ -44,8 +44,9 @@ async def api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncItera
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
+    """Chromium for the tests of one module (it does not idle through the other tiers)."""
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield launched

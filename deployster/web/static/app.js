@@ -128,7 +128,7 @@ function table(caption, columns, rows, empty) {
 
 function facts(pairs) {
   return h("dl", { class: "facts" },
-    pairs.filter(Boolean).map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value))));
+    pairs.map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value))));
 }
 
 // Re-render without losing the keyboard user's place.
@@ -276,7 +276,7 @@ function policyFacts(policy) {
   return facts([
     ["Health check", `GET ${hc.path} every ${hc.interval} s, timeout ${hc.timeout} s`],
     ["Thresholds", `healthy after ${plural(hc.healthy_threshold, "pass", "passes")}, unhealthy after ${plural(hc.unhealthy_threshold, "failure")}`],
-    ["Healthy for", `${policy.min_healthy_time} s before routing counts`],
+    ["Healthy for", `${policy.min_healthy_time} s before an instance counts as ready`],
     ["Deadlines", `${policy.instance_deadline} s per instance, ${policy.deploy_deadline} s per deploy`],
     ["Drain", `${policy.drain} s`],
     ["Instances", policy.instance_count ? String(policy.instance_count) : "as many as the running release (else 1)"],
