@@ -12,6 +12,7 @@ from deployster.web import (
     metrics,
     notifications,
     openapi,
+    page,
     policies,
     tasks,
     webhooks,
@@ -43,4 +44,5 @@ def create_app(services: Services, username: str, password: str) -> web.Applicat
     app.add_routes(webhooks.routes)
     app.add_routes(tasks.routes)
     app.add_routes(notifications.routes)
+    app.add_routes(page.routes)
     return app

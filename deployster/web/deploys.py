@@ -179,6 +179,7 @@ async def list_services(request: web.Request) -> web.Response:
                     {
                         "unit": str(i.unit),
                         "url": i.url,
+                        "machine": i.machine,
                         "healthy": i.healthy,
                         "routed": i.routed,
                         "last_probe": i.describe_last_probe(),

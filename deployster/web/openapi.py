@@ -70,6 +70,7 @@ class LatestDeploy(BaseModel):
 class InstanceView(BaseModel):
     unit: str
     url: str
+    machine: str  # the fleet machine it announced itself from
     healthy: bool
     routed: bool
     last_probe: str
@@ -126,7 +127,7 @@ ANSWERS: list[type[BaseModel]] = [
 ERRORS = {
     400: "The request is not valid; the description says which field and why.",
     401: "HTTP basic auth is missing or wrong (a webhook: its secret is).",
-    404: "No such service, deploy or version (a webhook: it is off, no secret is set).",
+    404: "No such service, deploy, version or page file (a webhook: it is off, no secret is set).",
     409: "Another deploy (or exclusive task) of the service holds its lock, or there is nothing "
     "to roll back to.",
     413: "The body is larger than 1 MiB.",
@@ -227,6 +228,30 @@ def paths() -> dict[str, dict[str, Any]]:
         ),
     }
     return {
+        "/": {
+            "get": _op(
+                "The status page (HTML; the browser's basic-auth prompt is the login)",
+                {200: _text("the page", "text/html")},
+                (),
+                params=(),
+            )
+        },
+        "/static/{file}": {
+            "get": _op(
+                "The status page's stylesheet (style.css) and script (app.js)",
+                {
+                    200: {
+                        "description": "the file",
+                        "content": {
+                            "text/css": {"schema": {"type": "string"}},
+                            "text/javascript": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+                (404,),
+                params=(_path_param("file", "the file's name"),),
+            )
+        },
         "/v1/version": {
             "get": _op("Deployster's version", {200: _text("the version")}, (), params=())
         },
