@@ -60,6 +60,12 @@ SERVE_FLAGS: list[tuple[str, str]] = [
         "Docker Engine API for tasks: unix:///PATH, http://HOST:PORT or https://HOST:PORT",
     ),
     ("task-max-timeout", "the longest time limit in seconds a task may ask for"),
+    ("docker-cli", "the docker program the docker template's units run (a bare name: PATH)"),
+    ("etcdctl", "the etcdctl program the docker template's units announce with"),
+    (
+        "publish-address",
+        "where instances publish their port, unless a service's policy names an address",
+    ),
 ]
 
 

@@ -26,6 +26,10 @@ def generate_password() -> str:
     return password
 
 
+# A program path a unit file can carry bare: no spaces, quotes, '%' or '$'.
+_PROGRAM = r"^[A-Za-z0-9_@+=:,./~-]+$"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEPLOYSTER_", extra="ignore")
 
@@ -56,6 +60,12 @@ class Settings(BaseSettings):
     webhook_secret_harbor: SecretStr | None = None
     webhook_secret_ghcr: SecretStr | None = None
     docker_endpoint: str = "unix:///var/run/docker.sock"
+    # What the docker template's units call, where CoreOS keeps them; a bare name is looked
+    # up on the machine's PATH. The address instances publish their port on, unless a
+    # service's policy names one.
+    docker_cli: str = Field("/usr/bin/docker", pattern=_PROGRAM)
+    etcdctl: str = Field("/usr/bin/etcdctl", pattern=_PROGRAM)
+    publish_address: str = Field("0.0.0.0", pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
     task_max_timeout: float = Field(600.0, gt=0)
 
     @field_validator("etcd")

@@ -60,6 +60,11 @@ from deployster.naming import UnitName
 
 BUILTIN_TEMPLATES = ("docker", "workload")
 DEFAULT_CONTAINER_PORT = 3000
+# The programs a unit calls where CoreOS keeps them; `deployster up` passes what it finds.
+DEFAULT_DOCKER = "/usr/bin/docker"
+DEFAULT_ETCDCTL = "/usr/bin/etcdctl"
+# Kubernetes' names: pull before every start, only when the image is missing, or never.
+PULL_POLICIES = ("always", "missing", "never")
 
 #: The names a template can use; anything else is an error at load time.
 TEMPLATE_VARIABLES = frozenset(
@@ -78,6 +83,10 @@ TEMPLATE_VARIABLES = frozenset(
         "container_port",
         "python",
         "environment",
+        "docker",
+        "etcdctl",
+        "pull_policy",
+        "publish_address",
     }
 )
 
@@ -227,6 +236,10 @@ class UnitContext:
     env: Mapping[str, str] = field(default_factory=dict)
     container_port: int = DEFAULT_CONTAINER_PORT
     python: str = field(default_factory=lambda: sys.executable)
+    docker: str = DEFAULT_DOCKER
+    etcdctl: str = DEFAULT_ETCDCTL
+    pull_policy: str = "missing"
+    publish_address: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         # Frozen: a validated copy replaces the caller's mapping, so later changes to the
@@ -236,6 +249,13 @@ class UnitContext:
         _check_plain("etcd endpoint list", self.etcd_endpoints)
         _check_plain("Announce key", self.announce_key)
         _check_plain("Python interpreter path", self.python)
+        _check_plain("docker program", self.docker)
+        _check_plain("etcdctl program", self.etcdctl)
+        _check_plain("Publish address", self.publish_address)
+        if self.pull_policy not in PULL_POLICIES:
+            raise ValueError(
+                f"Pull policy {self.pull_policy!r} is not one of {', '.join(PULL_POLICIES)}."
+            )
         if not 1 <= self.container_port <= 65535:
             raise ValueError(f"Container port {self.container_port} is not between 1 and 65535.")
 
@@ -256,6 +276,10 @@ class UnitContext:
             "announce_key": self.announce_key,
             "container_port": self.container_port,
             "python": self.python,
+            "docker": self.docker,
+            "etcdctl": self.etcdctl,
+            "pull_policy": self.pull_policy,
+            "publish_address": self.publish_address,
             "environment": "\n".join(environment_line(k, v) for k, v in self.env.items()),
         }
 

@@ -59,7 +59,15 @@ from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
 from deployster.routers import Router, RouterError
 from deployster.store import DeployRecord, DeployState, DeployStep, LockHolder, Store
-from deployster.units import UnitContext, UnitTemplate, announce_key, image_name, render_unit
+from deployster.units import (
+    DEFAULT_DOCKER,
+    DEFAULT_ETCDCTL,
+    UnitContext,
+    UnitTemplate,
+    announce_key,
+    image_name,
+    render_unit,
+)
 from handlers.instances import InstancesHandler
 
 log = structlog.get_logger(__name__)
@@ -90,6 +98,10 @@ class DeployConfig:
     router_timeout: float = 30.0
     # How often a queued deploy looks whether the service's lock is free.
     queue_poll: float = 0.5
+    # What the units call, and where instances publish unless the policy says.
+    docker: str = DEFAULT_DOCKER
+    etcdctl: str = DEFAULT_ETCDCTL
+    publish_address: str = "0.0.0.0"
 
 
 class DeployRejectedError(Exception):
@@ -651,4 +663,9 @@ class DeployHandler:
             env=record.env,
             etcd_endpoints=self.config.etcd_endpoints,
             announce_key=announce_key(self.config.etcd_prefix, name),
+            container_port=record.policy.container_port,
+            pull_policy=record.policy.pull_policy,
+            publish_address=record.policy.publish_address or self.config.publish_address,
+            docker=self.config.docker,
+            etcdctl=self.config.etcdctl,
         )
