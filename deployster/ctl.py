@@ -163,11 +163,22 @@ class SseParser:
         return None
 
 
-def progress_line(progress: Mapping[str, Any], started: float | None) -> str:
-    """One event of a deploy as ``--wait`` prints it: time since the first, kind, message."""
+def progress_line(
+    progress: Mapping[str, Any], started: float | None, previous: str | None = None
+) -> str:
+    """One event of a deploy as ``--wait`` prints it: time since the first, kind, message.
+
+    A message of several lines (a failed unit's last log lines) is indented under the
+    first; one that repeats the ``previous`` message (the rollback's end after its start)
+    keeps its first line only.
+    """
     at = _epoch(progress.get("at"))
     offset = f"+{at - started:6.1f}s" if at is not None and started is not None else " " * 8
-    return f"[{offset}] {progress.get('kind', '?')}: {progress.get('message', '')}"
+    message = str(progress.get("message", ""))
+    if "\n" in message and message == previous:
+        message = message.split("\n", 1)[0] + " (log lines above)"
+    message = message.replace("\n", "\n" + " " * 11)
+    return f"[{offset}] {progress.get('kind', '?')}: {message}"
 
 
 def _epoch(text: Any) -> float | None:
@@ -482,6 +493,7 @@ async def _follow(api: _Api, service: str, deploy_id: str, timeout: float) -> in
     url = api.service_url(service, "deploys", deploy_id, "events")
     last_id = ""
     started: float | None = None
+    previous: str | None = None
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -500,7 +512,8 @@ async def _follow(api: _Api, service: str, deploy_id: str, timeout: float) -> in
                             last_id = event.get("id", last_id)
                             progress = json.loads(event["data"])
                             started = started if started is not None else _epoch(progress.get("at"))
-                            print(progress_line(progress, started), flush=True)
+                            print(progress_line(progress, started, previous), flush=True)
+                            previous = progress.get("message")
                             kind = progress.get("kind")
                             if kind in FINAL_STATES:
                                 print(f"Deploy {deploy_id} {str(kind).replace('_', ' ')}.")

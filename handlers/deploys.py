@@ -575,9 +575,7 @@ class DeployHandler:
             return
         for state in states:
             if state.name in record.units and state.active_state == "failed":
-                raise RollBack(
-                    f"unit {state.name} failed (systemd {state.active_state}/{state.sub_state})"
-                )
+                raise RollBack(await self.fleet.describe_failure(state))
 
     async def _switch(self, record: DeployRecord) -> None:
         previous = [n for n in map(UnitName.parse, record.previous_units) if n is not None]

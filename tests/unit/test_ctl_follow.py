@@ -37,6 +37,22 @@ def test_progress_line_shows_the_time_since_the_first_event() -> None:
     assert progress_line({"kind": "x", "message": "y"}, started) == "[        ] x: y"
 
 
+def test_progress_line_indents_log_lines_and_prints_them_once() -> None:
+    reason = "unit web@1.service failed (systemd failed/failed); its last log lines:\n  sh[7]: boom"
+    rolling = {"kind": "rolling_back", "message": reason}
+    assert progress_line(rolling, None) == (
+        "[        ] rolling_back: unit web@1.service failed (systemd failed/failed); "
+        "its last log lines:\n             sh[7]: boom"
+    )
+    rolled = {"kind": "rolled_back", "message": reason}
+    assert progress_line(rolled, None, previous=reason) == (
+        "[        ] rolled_back: unit web@1.service failed (systemd failed/failed); "
+        "its last log lines: (log lines above)"
+    )
+    # A one-line message that repeats is printed whole.
+    assert progress_line({"kind": "b", "message": "same"}, None, "same") == "[        ] b: same"
+
+
 def test_releases_table_marks_the_live_release() -> None:
     deploys = [
         {
