@@ -202,7 +202,8 @@ def releases_table(deploys: Sequence[Mapping[str, Any]]) -> str:
                 _cell(d.get("source")),
                 _short_time(d.get("created_at")),
                 str(len(d.get("units") or [])),
-                _cell(d.get("error")),
+                # A failed unit's log lines, on the row: "first line | next | ...".
+                " | ".join(line.strip() for line in _cell(d.get("error")).splitlines()),
             )
         )
     return format_table(rows, padding=2)

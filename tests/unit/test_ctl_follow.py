@@ -146,3 +146,11 @@ def test_status_text_with_and_without_instances() -> None:
     ]
     detail = status_text(services[:1], detail=True)
     assert "u2    http://h:2  no       no      connection refused\n" in detail
+
+
+def test_releases_table_keeps_a_failed_units_log_lines_on_its_row() -> None:
+    error = "unit a failed (systemd failed/failed); its last log lines:\n  sh[7]: boom\n  done"
+    deploys = [{"id": "d1", "version": "v1", "state": "rolled_back", "error": error}]
+    lines = releases_table(deploys).splitlines()
+    assert len(lines) == 2
+    assert lines[1].endswith("its last log lines: | sh[7]: boom | done")
