@@ -97,7 +97,9 @@ def format_table(rows: Sequence[Sequence[str]], padding: int = TABLE_PADDING) ->
     """
     widths = [max(len(row[i]) for row in rows) + padding for i in range(len(rows[0]) - 1)]
     return "".join(
-        "".join(cell.ljust(width) for cell, width in zip(row, widths)) + row[-1] + "\n"
+        "".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + row[-1]
+        + "\n"
         for row in rows
     )
 
