@@ -138,6 +138,17 @@ def _tools(args: argparse.Namespace) -> tuple[str, str]:
     return docker or "docker", etcdctl or "etcdctl"
 
 
+def _image_prefix(args: argparse.Namespace) -> str:
+    """The prefix the server will use: its flags, else its environment, else its default."""
+    return (
+        args.registry_url
+        or os.environ.get("DEPLOYSTER_REGISTRY_URL")
+        or args.docker_hub_username
+        or os.environ.get("DEPLOYSTER_DOCKER_HUB_USERNAME")
+        or "deployster"
+    ).rstrip("/")
+
+
 def _spawn(
     argv: list[str], log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -360,6 +371,8 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
         f"  template  {args.template}"
         + (
             f"  (docker {docker}, etcdctl {etcdctl}, published on {args.publish_address})\n"
+            f"  images    {_image_prefix(args)}/<service>:<version>, serving port 3000 with "
+            "/health (pulled when missing)\n"
             if args.template == "docker"
             else "\n"
         )

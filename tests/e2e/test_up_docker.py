@@ -168,6 +168,7 @@ async def test_up_deploys_cycles_rolls_back_and_destroys_a_real_image(
     host = f"{service}.localhost"
     assert f"template  docker  (docker {podman_docker_cli()}," in up.banner
     assert "published on 127.0.0.1" in up.banner
+    assert f"images    {images.prefix}/<service>:<version>" in up.banner
     for version, cmd in (("v1", SERVE), ("v2", SERVE), ("v3", BROKEN)):
         local = http_image(
             podman,
