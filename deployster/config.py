@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployster.etcd import Endpoint
+from deployster.units import DEFAULT_DOCKER, DEFAULT_ETCDCTL, DEFAULT_PUBLISH_ADDRESS
 
 
 def generate_password() -> str:
@@ -63,9 +64,9 @@ class Settings(BaseSettings):
     # What the docker template's units call, where CoreOS keeps them; a bare name is looked
     # up on the machine's PATH. The address instances publish their port on, unless a
     # service's policy names one.
-    docker_cli: str = Field("/usr/bin/docker", pattern=_PROGRAM)
-    etcdctl: str = Field("/usr/bin/etcdctl", pattern=_PROGRAM)
-    publish_address: str = Field("0.0.0.0", pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+    docker_cli: str = Field(DEFAULT_DOCKER, pattern=_PROGRAM)
+    etcdctl: str = Field(DEFAULT_ETCDCTL, pattern=_PROGRAM)
+    publish_address: str = Field(DEFAULT_PUBLISH_ADDRESS, pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
     task_max_timeout: float = Field(600.0, gt=0)
 
     @field_validator("etcd")

@@ -63,6 +63,8 @@ DEFAULT_CONTAINER_PORT = 3000
 # The programs a unit calls where CoreOS keeps them; `deployster up` passes what it finds.
 DEFAULT_DOCKER = "/usr/bin/docker"
 DEFAULT_ETCDCTL = "/usr/bin/etcdctl"
+# Every address of the machine, where routers on other machines reach the instances.
+DEFAULT_PUBLISH_ADDRESS = "0.0.0.0"
 # Kubernetes' names: pull before every start, only when the image is missing, or never.
 PULL_POLICIES = ("always", "missing", "never")
 
@@ -239,7 +241,7 @@ class UnitContext:
     docker: str = DEFAULT_DOCKER
     etcdctl: str = DEFAULT_ETCDCTL
     pull_policy: str = "missing"
-    publish_address: str = "0.0.0.0"
+    publish_address: str = DEFAULT_PUBLISH_ADDRESS
 
     def __post_init__(self) -> None:
         # Frozen: a validated copy replaces the caller's mapping, so later changes to the

@@ -62,6 +62,7 @@ from deployster.store import DeployRecord, DeployState, DeployStep, LockHolder, 
 from deployster.units import (
     DEFAULT_DOCKER,
     DEFAULT_ETCDCTL,
+    DEFAULT_PUBLISH_ADDRESS,
     UnitContext,
     UnitTemplate,
     announce_key,
@@ -101,7 +102,7 @@ class DeployConfig:
     # What the units call, and where instances publish unless the policy says.
     docker: str = DEFAULT_DOCKER
     etcdctl: str = DEFAULT_ETCDCTL
-    publish_address: str = "0.0.0.0"
+    publish_address: str = DEFAULT_PUBLISH_ADDRESS
 
 
 class DeployRejectedError(Exception):
