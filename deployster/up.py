@@ -220,10 +220,6 @@ def _server_argv(
         "json",
         "--router",
         args.router,
-        "--traefik-api",
-        f"http://{traefik_api}",
-        "--traefik-entrypoint",
-        "web",
         "--docker-endpoint",
         args.docker_endpoint,
         "--docker-cli",
@@ -233,6 +229,8 @@ def _server_argv(
         "--publish-address",
         args.publish_address,
     ]
+    if args.router == "traefik":
+        argv += ["--traefik-api", f"http://{traefik_api}", "--traefik-entrypoint", "web"]
     for flag in ("registry_url", "docker_hub_username"):
         value = getattr(args, flag)
         if value is not None:  # else DEPLOYSTER_* or the server's default
