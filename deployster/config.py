@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deployster.etcd import Endpoint
 from deployster.notify import NotifyTarget, check_url
+from deployster.units import DEFAULT_DOCKER, DEFAULT_ETCDCTL, DEFAULT_PUBLISH_ADDRESS
 
 
 def generate_password() -> str:
@@ -25,6 +26,10 @@ def generate_password() -> str:
     while (password := secrets.token_urlsafe(18)).startswith("-"):
         pass
     return password
+
+
+# A program path a unit file can carry bare: no spaces, quotes, '%' or '$'.
+_PROGRAM = r"^[A-Za-z0-9_@+=:,./~-]+$"
 
 
 class Settings(BaseSettings):
@@ -63,6 +68,12 @@ class Settings(BaseSettings):
     notify_format: Literal["json", "slack"] = "json"
     public_url: str = ""
     docker_endpoint: str = "unix:///var/run/docker.sock"
+    # What the docker template's units call, where CoreOS keeps them; a bare name is looked
+    # up on the machine's PATH. The address instances publish their port on, unless a
+    # service's policy names one.
+    docker_cli: str = Field(DEFAULT_DOCKER, pattern=_PROGRAM)
+    etcdctl: str = Field(DEFAULT_ETCDCTL, pattern=_PROGRAM)
+    publish_address: str = Field(DEFAULT_PUBLISH_ADDRESS, pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
     task_max_timeout: float = Field(600.0, gt=0)
 
     @field_validator("etcd")

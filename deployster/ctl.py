@@ -97,7 +97,9 @@ def format_table(rows: Sequence[Sequence[str]], padding: int = TABLE_PADDING) ->
     """
     widths = [max(len(row[i]) for row in rows) + padding for i in range(len(rows[0]) - 1)]
     return "".join(
-        "".join(cell.ljust(width) for cell, width in zip(row, widths)) + row[-1] + "\n"
+        "".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + row[-1]
+        + "\n"
         for row in rows
     )
 
@@ -163,11 +165,22 @@ class SseParser:
         return None
 
 
-def progress_line(progress: Mapping[str, Any], started: float | None) -> str:
-    """One event of a deploy as ``--wait`` prints it: time since the first, kind, message."""
+def progress_line(
+    progress: Mapping[str, Any], started: float | None, previous: str | None = None
+) -> str:
+    """One event of a deploy as ``--wait`` prints it: time since the first, kind, message.
+
+    A message of several lines (a failed unit's last log lines) is indented under the
+    first; one that repeats the ``previous`` message (the rollback's end after its start)
+    keeps its first line only.
+    """
     at = _epoch(progress.get("at"))
     offset = f"+{at - started:6.1f}s" if at is not None and started is not None else " " * 8
-    return f"[{offset}] {progress.get('kind', '?')}: {progress.get('message', '')}"
+    message = str(progress.get("message", ""))
+    if "\n" in message and message == previous:
+        message = message.split("\n", 1)[0] + " (log lines above)"
+    message = message.replace("\n", "\n" + " " * 11)
+    return f"[{offset}] {progress.get('kind', '?')}: {message}"
 
 
 def _epoch(text: Any) -> float | None:
@@ -191,7 +204,8 @@ def releases_table(deploys: Sequence[Mapping[str, Any]]) -> str:
                 _cell(d.get("source")),
                 _short_time(d.get("created_at")),
                 str(len(d.get("units") or [])),
-                _cell(d.get("error")),
+                # A failed unit's log lines, on the row: "first line | next | ...".
+                " | ".join(line.strip() for line in _cell(d.get("error")).splitlines()),
             )
         )
     return format_table(rows, padding=2)
@@ -482,6 +496,7 @@ async def _follow(api: _Api, service: str, deploy_id: str, timeout: float) -> in
     url = api.service_url(service, "deploys", deploy_id, "events")
     last_id = ""
     started: float | None = None
+    previous: str | None = None
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -500,7 +515,8 @@ async def _follow(api: _Api, service: str, deploy_id: str, timeout: float) -> in
                             last_id = event.get("id", last_id)
                             progress = json.loads(event["data"])
                             started = started if started is not None else _epoch(progress.get("at"))
-                            print(progress_line(progress, started), flush=True)
+                            print(progress_line(progress, started, previous), flush=True)
+                            previous = progress.get("message")
                             kind = progress.get("kind")
                             if kind in FINAL_STATES:
                                 print(f"Deploy {deploy_id} {str(kind).replace('_', ' ')}.")

@@ -22,7 +22,9 @@ existing unit without validating it (§4, 6c), so a stored state can be any stri
 
 The client follows pages through ``nextPageToken`` until it is absent, creates units then
 launches them in two PUTs as fleetctl does, and turns ``{"error": {"code", "message"}}`` into
-typed exceptions that the API layer reports as 502 with a sentence naming fleet. Its endpoint is
+typed exceptions that the API layer reports as 502 with a sentence naming fleet. It also
+reads localfleet's one resource of its own, a unit's last journal lines (``/journal/{name}``),
+to say why a unit failed; on fleet, which answers 404 there, the unit state is all there is. Its endpoint is
 ``unix:///var/run/fleet.sock`` (fleet's default socket), ``http://HOST:PORT`` or
 ``https://HOST:PORT``.
 """
@@ -198,6 +200,9 @@ class FleetRejected(FleetError):
     """400/415: fleet refused the request as malformed."""
 
 
+# A journal line longer than this is cut: a deploy's error carries several of them.
+JOURNAL_LINE_MAX = 300
+
 _ERRORS: dict[int, type[FleetError]] = {
     400: FleetRejected,
     404: FleetNotFound,
@@ -271,6 +276,31 @@ class FleetClient:
             async for page in self._pages("/state", UnitStatePage, params)
             for state in page.states
         ]
+
+    async def journal(self, name: str, lines: int = 20) -> list[str] | None:
+        """The last lines of a unit's journal, where the fleet offers them (localfleet's
+        ``/journal/{name}``); None where it does not (fleet, a unit loaded nowhere)."""
+        try:
+            body = await self._request("GET", f"/journal/{name}", params={"lines": str(lines)})
+        except (FleetNotFound, FleetRejected):
+            return None
+        found = body.get("lines")
+        if not isinstance(found, list):
+            return None
+        return [str(line)[:JOURNAL_LINE_MAX] for line in found]
+
+    async def describe_failure(self, state: UnitState, lines: int = 10) -> str:
+        """Why a unit failed, in a sentence a deploy can show: systemd's state, then the last
+        lines of its journal where the fleet offers them, else where to read them."""
+        head = f"unit {state.name} failed (systemd {state.active_state}/{state.sub_state})"
+        try:
+            found = await self.journal(state.name, lines)
+        except FleetError:
+            found = None
+        if not found:
+            where = f" on machine {state.machine_id[:8]}" if state.machine_id else ""
+            return f"{head}; its log: fleetctl journal {state.name} (or journalctl -u {state.name}{where})"
+        return f"{head}; its last log lines:\n" + "\n".join(f"  {line}" for line in found)
 
     async def list_machines(self) -> list[Machine]:
         return [

@@ -9,6 +9,9 @@ more) with a sentence, before anything is stored.
 
 from __future__ import annotations
 
+import ipaddress
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployster.notify import NotifyTarget
@@ -77,3 +80,22 @@ class ServicePolicy(BaseModel):
     exclusive_tasks: bool = False
     # Who hears of this service's deploys and tasks, besides the server's --notify-url.
     notify: list[NotifyTarget] = Field(default_factory=list, max_length=10)
+    # The docker template's container: the port the image listens on (the original's 3000),
+    # when to pull the image (Kubernetes' names: before every start, only when missing on the
+    # machine, or never), and the host address its port is published on; None takes the
+    # server's -publish-address (0.0.0.0, where routers on other machines reach it).
+    container_port: int = Field(3000, ge=1, le=65535)
+    pull_policy: Literal["always", "missing", "never"] = "missing"
+    publish_address: str | None = None
+
+    @field_validator("publish_address")
+    @classmethod
+    def _publish_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.IPv4Address(value)
+            except ValueError:
+                raise ValueError(
+                    "the publish address must be an IPv4 address, such as 127.0.0.1 or 0.0.0.0"
+                ) from None
+        return value

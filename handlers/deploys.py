@@ -59,7 +59,16 @@ from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
 from deployster.routers import Router, RouterError
 from deployster.store import DeployRecord, DeployState, DeployStep, LockHolder, Store
-from deployster.units import UnitContext, UnitTemplate, announce_key, image_name, render_unit
+from deployster.units import (
+    DEFAULT_DOCKER,
+    DEFAULT_ETCDCTL,
+    DEFAULT_PUBLISH_ADDRESS,
+    UnitContext,
+    UnitTemplate,
+    announce_key,
+    image_name,
+    render_unit,
+)
 from handlers.instances import InstancesHandler
 
 log = structlog.get_logger(__name__)
@@ -90,6 +99,10 @@ class DeployConfig:
     router_timeout: float = 30.0
     # How often a queued deploy looks whether the service's lock is free.
     queue_poll: float = 0.5
+    # What the units call, and where instances publish unless the policy says.
+    docker: str = DEFAULT_DOCKER
+    etcdctl: str = DEFAULT_ETCDCTL
+    publish_address: str = DEFAULT_PUBLISH_ADDRESS
 
 
 class DeployRejectedError(Exception):
@@ -563,9 +576,7 @@ class DeployHandler:
             return
         for state in states:
             if state.name in record.units and state.active_state == "failed":
-                raise RollBack(
-                    f"unit {state.name} failed (systemd {state.active_state}/{state.sub_state})"
-                )
+                raise RollBack(await self.fleet.describe_failure(state))
 
     async def _switch(self, record: DeployRecord) -> None:
         previous = [n for n in map(UnitName.parse, record.previous_units) if n is not None]
@@ -651,4 +662,9 @@ class DeployHandler:
             env=record.env,
             etcd_endpoints=self.config.etcd_endpoints,
             announce_key=announce_key(self.config.etcd_prefix, name),
+            container_port=record.policy.container_port,
+            pull_policy=record.policy.pull_policy,
+            publish_address=record.policy.publish_address or self.config.publish_address,
+            docker=self.config.docker,
+            etcdctl=self.config.etcdctl,
         )

@@ -108,6 +108,9 @@ class UnitInstance:
             return None
         return JOB_LAUNCHED if self._job_launched else JOB_LOADED
 
+    def journal_tail(self, lines: int) -> list[str]:
+        return self._journal.tail(lines) if self._journal is not None else []
+
     async def run(self) -> None:
         try:
             while True:
@@ -291,6 +294,27 @@ class Agent:
     def job_state(self, unit_name: str, machine_id: str) -> str | None:
         instance = self._instances.get((unit_name, machine_id))
         return instance.job_state if instance is not None else None
+
+    def journal_tail(self, unit_name: str, lines: int) -> list[str] | None:
+        """The last lines of a unit's journal on every machine it is loaded on (a global
+        unit's prefixed by the machine); None when it is loaded nowhere."""
+        found = sorted(
+            (
+                (machine, instance)
+                for (name, machine), instance in self._instances.items()
+                if name == unit_name
+            ),
+            key=lambda pair: pair[0],
+        )
+        if not found:
+            return None
+        if len(found) == 1:
+            return found[0][1].journal_tail(lines)
+        return [
+            f"{machine[:8]} {line}"
+            for machine, instance in found
+            for line in instance.journal_tail(lines)
+        ]
 
     async def shutdown(self) -> None:
         """Stop and unload every unit (ExecStop, SIGTERM, ExecStopPost...) and wait for all of them."""

@@ -11,6 +11,12 @@ its handlers, and they are part of the contract:
   `/discovery`, where fleet answers 400;
 - `{name}` is one segment of the decoded path, so `@` and `:` need no escaping.
 
+One resource is localfleet's own: `GET /fleet/v1/journal/{name}?lines=N` answers
+`{"lines": [...]}`, the last N (default 20, at most 100) lines of the unit's
+journal, where fleet leaves a failed unit's reason in the machine's journal.
+fleet answers 404 there, as localfleet does for a unit loaded on no machine, so
+a client reads it when it is offered and falls back to the unit state.
+
 `_put_unit` follows fleet's `unitsResource.set` check by check (fleet-api.md
 §4), including its quirks: replacing the options of an existing unit is not
 re-validated and resets the desired state to `inactive` unless the request
@@ -33,6 +39,7 @@ from aiohttp import web
 from deployster.fleet import JOB_INACTIVE, JOB_STATES
 
 from .agent import Agent
+from .journal import TAIL_LINES
 from .pagination import InvalidPageToken, PageToken, page_token_from_query, slice_page
 from .registry import Registry, UnitRecord
 from .unitfile import InvalidUnitOptions, check_serializable, unit_hash
@@ -157,6 +164,8 @@ async def _route(request: web.Request) -> web.StreamResponse:
             return _discovery(request)
         if path == f"{prefix}/machines":
             return await _machines(request)
+        if path.startswith(f"{prefix}/journal/"):
+            return _journal(request, path[len(prefix) + len("/journal/") :])
         for resource, collection, item in (("units", _units, _unit), ("state", _states, _state)):
             base = f"{prefix}/{resource}"
             if path == base:
@@ -322,6 +331,23 @@ async def _state(request: web.Request, name: str) -> web.Response:
         if state.name == name:
             return _json_response(200, state.to_wire())
     raise ApiError(404, "unit state does not exist")
+
+
+# /journal (localfleet's own)
+
+
+def _journal(request: web.Request, name: str) -> web.Response:
+    if request.method != "GET":
+        raise ApiError(405, "only GET supported against this resource")
+    if not name or "/" in name:
+        raise ApiError(404)
+    raw = request.query.get("lines", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= TAIL_LINES:
+        raise ApiError(400, f"lines must be a number from 1 to {TAIL_LINES}")
+    lines = request.app[AGENT_KEY].journal_tail(name, int(raw))
+    if lines is None:
+        raise ApiError(404, "unit is not loaded on any machine")
+    return _json_response(200, {"lines": lines})
 
 
 # /machines

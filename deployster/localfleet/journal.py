@@ -13,17 +13,23 @@ lines about the unit ("Main process exited, code=exited, status=1").
 
 Writes are small, unbuffered appends (O_APPEND), so the instances of a global
 unit can share one file without tearing lines.
+
+Each journal also keeps its last `TAIL_LINES` lines in memory (`tail`), with or
+without a state directory: the API serves them as `GET /fleet/v1/journal/{unit}`,
+so that a deploy whose unit failed can say why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import os
 import pathlib
 import sys
 
 _CHUNK = 65536
+TAIL_LINES = 100
 LOCALFLEET_TAG = "localfleet"
 
 
@@ -34,6 +40,7 @@ class UnitJournal:
         self._unit_name = unit_name
         self._machine = machine_id[:8]
         self._fd: int | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(
@@ -42,6 +49,7 @@ class UnitJournal:
 
     def write(self, tag: str, pid: int | None, text: str) -> None:
         source = f"{tag}[{pid}]" if pid is not None else tag
+        self._tail.append(f"{source}: {text}")
         if self._fd is not None:
             now = (
                 datetime.datetime.now(datetime.UTC)
@@ -52,6 +60,10 @@ class UnitJournal:
         else:
             sys.stderr.write(f"{self._unit_name}[{self._machine}] {source}: {text}\n")
             sys.stderr.flush()
+
+    def tail(self, lines: int) -> list[str]:
+        """The last ``lines`` lines, oldest first, as ``<tag>[<pid>]: <text>``."""
+        return list(self._tail)[-lines:] if lines > 0 else []
 
     def note(self, text: str) -> None:
         """A line from localfleet itself, as systemd writes its own lines about a unit."""

@@ -169,14 +169,21 @@ class LocalFleet:
 
 
 def _remove_stale_socket(path: pathlib.Path) -> None:
-    """A socket left by a previous run would make bind fail; anything else at that path is not ours to delete."""
+    """A socket left by a previous run would make bind fail; a socket something still
+    listens on, or anything else at that path, is not ours to delete."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise InvalidListenAddress(f"{path} exists and is not a socket")
-    path.unlink()
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: left by a run that ended
+            return
+    raise InvalidListenAddress(f"{path} is in use: another process listens on it")
 
 
 async def serve(

@@ -127,6 +127,20 @@ def start_podman(workdir: Path, insecure_registries: list[str]) -> Podman:
     return Podman(sock, process, log, env)
 
 
+def podman_docker_cli() -> str:
+    """The ``docker`` of Debian's podman-docker (a script that runs podman), wherever PATH
+    has it; another docker CLI may come first on PATH, so each one is read."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder or ".") / "docker"
+        try:
+            head = candidate.read_bytes()[:512]
+        except OSError:
+            continue
+        if head.startswith(b"#!") and b"podman" in head:
+            return str(candidate)
+    pytest.fail("the e2e tier needs podman's docker CLI (podman-docker): run scripts/e2e-prereqs")
+
+
 # -- the test image ---------------------------------------------------------------------------
 
 

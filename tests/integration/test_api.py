@@ -239,6 +239,11 @@ async def test_a_failing_unit_rolls_back_and_keeps_the_old_release(api: Api) -> 
     done = await api.finished(bad["id"])
     assert done["state"] == "rolled_back"
     assert "failed" in done["error"] and api.service in done["error"]
+    # The reason is in the error and the events, though the failed units are destroyed.
+    assert "its last log lines:" in done["error"]
+    assert "DEPLOYSTER_WORKLOAD_STARTUP_DELAY" in done["error"]
+    assert "Main process exited, code=exited, status=2" in done["error"]
+    assert [e["message"] for e in done["events"] if e["kind"] == "rolling_back"] == [done["error"]]
     assert sorted(await api.units()) == sorted(old["units"])
 
 

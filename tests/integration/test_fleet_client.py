@@ -18,6 +18,7 @@ from deployster.fleet import (
     FleetRejected,
     FleetUnavailable,
     UnitOption,
+    UnitState,
 )
 
 SLEEPER = [UnitOption(section="Service", name="ExecStart", value="/bin/sleep 300")]
@@ -107,3 +108,53 @@ async def test_unreachable_fleet_is_typed(tmp_path: Path) -> None:
 def test_endpoint_forms() -> None:
     with pytest.raises(ValueError, match="unix:///PATH"):
         FleetClient("tcp://127.0.0.1:1")
+
+
+async def test_a_failed_unit_is_described_with_its_last_log_lines(localfleet: str) -> None:
+    name = "journal-test@1.service"
+    failing = [
+        UnitOption(
+            section="Service",
+            name="ExecStartPre",
+            value="/bin/sh -c 'echo starting; echo cannot read /etc/app.conf >&2; exit 3'",
+        ),
+        *SLEEPER,
+    ]
+    async with FleetClient(localfleet) as fleet:
+        await fleet.create_unit(name, failing)
+        await fleet.set_desired_state(name, "launched")
+        try:
+
+            async def failed() -> UnitState | None:
+                states = await fleet.list_states(unit_name=name)
+                return states[0] if states and states[0].active_state == "failed" else None
+
+            state = await eventually(failed)
+            described = await fleet.describe_failure(state)
+            head, _, lines = described.partition("\n")
+            assert head == f"unit {name} failed (systemd failed/failed); its last log lines:"
+            assert "  sh[" in lines and "]: cannot read /etc/app.conf" in lines
+            assert "ExecStartPre process exited, code=exited, status=3" in lines
+            assert len(lines.splitlines()) <= 10
+            assert await fleet.journal(name, 1) == [described.splitlines()[-1].strip()]
+            # Garbage: a line count fleet's API refuses, a unit nobody loaded.
+            assert await fleet.journal(name, 0) is None
+            assert await fleet.journal(name, 10**6) is None
+            assert await fleet.journal("nobody@1.service") is None
+        finally:
+            await fleet.destroy_unit(name)
+        gone = UnitState(name=name, machine_id=state.machine_id, active_state="failed")
+        described = await fleet.describe_failure(gone)
+        assert described.endswith(
+            f"its log: fleetctl journal {name} (or journalctl -u {name} "
+            f"on machine {state.machine_id[:8]})"
+        )
+
+
+async def test_a_failure_is_still_described_when_fleet_is_gone(tmp_path: Path) -> None:
+    state = UnitState(name="web@1.service", active_state="failed", sub_state="failed")
+    async with FleetClient(f"unix://{tmp_path}/missing.sock") as fleet:
+        assert await fleet.describe_failure(state) == (
+            "unit web@1.service failed (systemd failed/failed); "
+            "its log: fleetctl journal web@1.service (or journalctl -u web@1.service)"
+        )

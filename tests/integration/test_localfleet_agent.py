@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -237,3 +238,20 @@ async def test_embedded_on_a_unix_socket_with_a_small_page_size(tmp_path: pathli
             ) as response:
                 assert response.status == 400  # a token for page size 100 is not one of ours
     assert not socket_path.exists()
+
+
+async def test_a_live_socket_is_never_taken_over_a_stale_one_is(tmp_path: pathlib.Path) -> None:
+    socket_path = tmp_path / "fleet.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(socket_path))
+    stale.close()  # a socket file nobody listens on: what a killed run leaves
+    async with LocalFleet(f"unix:{socket_path}") as first:
+        with pytest.raises(StartupError, match="is in use"):
+            await LocalFleet(f"unix:{socket_path}").start()
+        connector = aiohttp.UnixConnector(path=str(socket_path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get("http://localhost/fleet/v1/machines") as response,
+        ):
+            assert response.status == 200  # the first one still answers on its socket
+        assert first.endpoint == f"unix://{socket_path}"

@@ -73,3 +73,31 @@ async def test_bad_policies_get_a_400_and_nothing_is_stored(
     assert data["error"] == "invalid_request" and f"'{field}'" in data["description"]
     current = await (await api.client.get(policy_url(api), headers=api.auth)).json()
     assert current["policy"] == ServicePolicy().model_dump(mode="json")
+
+
+async def test_container_settings_default_keep_and_refuse_garbage(api: Api) -> None:
+    defaults = (await (await api.client.get(policy_url(api), headers=api.auth)).json())["policy"]
+    assert (
+        defaults["container_port"],
+        defaults["pull_policy"],
+        defaults["publish_address"],
+    ) == (3000, "missing", None)
+    given = {"container_port": 8080, "pull_policy": "never", "publish_address": "127.0.0.1"}
+    resp = await api.client.put(policy_url(api), headers=api.auth, json={"policy": given})
+    assert resp.status == 200
+    assert {k: (await resp.json())["policy"][k] for k in given} == given
+    for field, value in [
+        ("container_port", 0),
+        ("container_port", 70000),
+        ("pull_policy", "IfNotPresent"),
+        ("publish_address", "localhost"),
+        ("publish_address", "127.0.0.1; rm -rf /"),
+        ("publish_address", "::1"),
+    ]:
+        resp = await api.client.put(
+            policy_url(api), headers=api.auth, json={"policy": {field: value}}
+        )
+        assert resp.status == 400, (field, value)
+        assert f"'policy.{field}'" in (await resp.json())["description"]
+    kept = (await (await api.client.get(policy_url(api), headers=api.auth)).json())["policy"]
+    assert {k: kept[k] for k in given} == given

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,6 +117,23 @@ def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
         password = re.search(r"password (\S+)\)", banner).group(1)  # type: ignore[union-attr]
         assert f"http://127.0.0.1:{api_port}" in banner
 
+        # A second up on the same state dir is refused, naming the first; it leaves the
+        # first's socket alone.
+        second = subprocess.run(
+            [
+                console_script("deployster"),
+                *("up", "--template", "workload", "--state-dir", str(state)),
+                *("--listen", "127.0.0.1:0", "--etcd-listen", "127.0.0.1:0"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert f"is in use by another deployster up (pid {up.pid})" in second.stderr
+        assert "Deployster is up" not in second.stdout
+        assert (state / "fleet.sock").is_socket()
+
         deployed = ctl(api_port, password, "deploy", "hello", "v1", "--instances", "3")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert deployed.stdout.startswith("Deploy triggered!\n")
@@ -174,3 +192,44 @@ def test_up_then_deployctl_deploy_and_list(tmp_path: Path) -> None:
         assert len(listed.stdout.splitlines()) == 5, listed.stdout
     finally:
         stop_up(up)
+
+
+def up_fails(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> str:
+    """Run an up that must fail at start; its stderr."""
+    done = subprocess.run(
+        [
+            console_script("deployster"),
+            *("up", "--state-dir", str(tmp_path / "state"), *flags),
+            *("--listen", "127.0.0.1:0", "--etcd-listen", "127.0.0.1:0"),
+            *("--http-listen", "127.0.0.1:0", "--traefik-api-listen", "127.0.0.1:0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Deployster is up" not in done.stdout
+    return done.stderr
+
+
+def test_up_start_failures_say_what_and_where(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        err = up_fails(tmp_path, "--template", "workload", "--etcd-peer-port", str(port))
+        assert f"--etcd-peer-port 127.0.0.1:{port}: cannot listen there" in err
+
+    # etcd's data dir holds garbage: etcd exits at start, and the sentence names its log.
+    (tmp_path / "state" / "etcd").mkdir()
+    (tmp_path / "state" / "etcd" / "member").write_text("not a member dir")
+    err = up_fails(tmp_path, "--template", "workload")
+    log = tmp_path / "state" / "logs" / "etcd.log"
+    assert re.search(rf"etcd exited with code \d+ at start; see {re.escape(str(log))}", err), err
+    assert log.read_text()
+
+    # The docker template without a docker CLI: the sentence says what to do.
+    (tmp_path / "state" / "etcd" / "member").unlink()
+    err = up_fails(tmp_path, env={"PATH": str(tmp_path / "empty"), "HOME": str(tmp_path)})
+    assert "there is none on PATH" in err and "--docker-cli" in err

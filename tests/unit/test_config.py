@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from deployster.cli import build_parser
+from deployster.cli import build_parser, main
 from deployster.config import Settings, generate_password
 from deployster.server import StartupError, tls_context
 
@@ -94,3 +94,21 @@ def test_generated_passwords_never_look_like_a_flag() -> None:
     assert len(passwords) == 2000
     assert not any(p.startswith("-") for p in passwords)
     assert all(len(p) == 24 for p in passwords)
+
+
+def test_the_unit_programs_and_publish_address_default_to_coreos_and_refuse_garbage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = Settings()
+    assert (settings.docker_cli, settings.etcdctl, settings.publish_address) == (
+        "/usr/bin/docker",
+        "/usr/bin/etcdctl",
+        "0.0.0.0",
+    )
+    for flag, value in [
+        ("--docker-cli", "docker; rm -rf /"),
+        ("--etcdctl", "etc ctl"),
+        ("--publish-address", "localhost"),
+    ]:
+        assert main(["serve", flag, value]) == 2
+        assert f"deployster: {flag[1:]}: " in capsys.readouterr().err

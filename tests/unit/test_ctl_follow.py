@@ -37,6 +37,22 @@ def test_progress_line_shows_the_time_since_the_first_event() -> None:
     assert progress_line({"kind": "x", "message": "y"}, started) == "[        ] x: y"
 
 
+def test_progress_line_indents_log_lines_and_prints_them_once() -> None:
+    reason = "unit web@1.service failed (systemd failed/failed); its last log lines:\n  sh[7]: boom"
+    rolling = {"kind": "rolling_back", "message": reason}
+    assert progress_line(rolling, None) == (
+        "[        ] rolling_back: unit web@1.service failed (systemd failed/failed); "
+        "its last log lines:\n             sh[7]: boom"
+    )
+    rolled = {"kind": "rolled_back", "message": reason}
+    assert progress_line(rolled, None, previous=reason) == (
+        "[        ] rolled_back: unit web@1.service failed (systemd failed/failed); "
+        "its last log lines: (log lines above)"
+    )
+    # A one-line message that repeats is printed whole.
+    assert progress_line({"kind": "b", "message": "same"}, None, "same") == "[        ] b: same"
+
+
 def test_releases_table_marks_the_live_release() -> None:
     deploys = [
         {
@@ -130,3 +146,11 @@ def test_status_text_with_and_without_instances() -> None:
     ]
     detail = status_text(services[:1], detail=True)
     assert "u2    http://h:2  no       no      connection refused\n" in detail
+
+
+def test_releases_table_keeps_a_failed_units_log_lines_on_its_row() -> None:
+    error = "unit a failed (systemd failed/failed); its last log lines:\n  sh[7]: boom\n  done"
+    deploys = [{"id": "d1", "version": "v1", "state": "rolled_back", "error": error}]
+    lines = releases_table(deploys).splitlines()
+    assert len(lines) == 2
+    assert lines[1].endswith("its last log lines: | sh[7]: boom | done")

@@ -80,13 +80,18 @@ def test_docker_template_renders_the_whole_unit() -> None:
         ("Service", "Environment", '"GREETING=say \\"hi\\" 100%%"'),
         ("Service", "TimeoutStartSec", "0"),
         ("Service", "TimeoutStopSec", "40"),
-        ("Service", "ExecStartPre", "/usr/bin/docker pull mmmhm/hello-world:0fbb804"),
+        (
+            "Service",
+            "ExecStartPre",
+            '/bin/sh -c "/usr/bin/docker inspect --type=image mmmhm/hello-world:0fbb804 '
+            '>/dev/null 2>&1 || /usr/bin/docker pull mmmhm/hello-world:0fbb804"',
+        ),
         ("Service", "ExecStartPre", f"-/usr/bin/docker rm -f {CONTAINER}"),
         (
             "Service",
             "ExecStart",
-            f"/usr/bin/docker run --rm --name {CONTAINER} -p 3000 -e DATABASE_URL -e GREETING "
-            "mmmhm/hello-world:0fbb804",
+            f"/usr/bin/docker run --rm --name {CONTAINER} -p 0.0.0.0::3000 -e DATABASE_URL "
+            "-e GREETING mmmhm/hello-world:0fbb804",
         ),
         ("Service", "ExecStartPost", announce),
         ("Service", "ExecStop", withdraw),
@@ -101,13 +106,60 @@ def test_docker_template_follows_the_container_port_and_an_empty_env() -> None:
     assert (
         "Service",
         "ExecStart",
-        f"/usr/bin/docker run --rm --name {CONTAINER} -p 8080 mmmhm/hello-world:0fbb804",
+        f"/usr/bin/docker run --rm --name {CONTAINER} -p 0.0.0.0::8080 mmmhm/hello-world:0fbb804",
     ) in options
     assert [o for o in options if o[1] == "Environment"] == [
         ("Service", "Environment", "ETCDCTL_API=3")
     ]
     post = next(value for _, name, value in options if name == "ExecStartPost")
     assert f"docker port {CONTAINER} 8080 " in post
+
+
+def test_docker_template_takes_the_programs_the_pull_policy_and_the_publish_address() -> None:
+    image = "mmmhm/hello-world:0fbb804"
+
+    def render(**changes: object) -> list[tuple[str, str, str]]:
+        ctx = context(env={}, docker="docker", etcdctl="/venv/bin/etcdctl", **changes)
+        return triples(render_unit(load_template("docker"), ctx))
+
+    def pre(options: list[tuple[str, str, str]]) -> list[str]:
+        return [value for _, name, value in options if name == "ExecStartPre"]
+
+    always = render(pull_policy="always", publish_address="127.0.0.1")
+    assert pre(always) == [f"docker pull {image}", f"-docker rm -f {CONTAINER}"]
+    assert (
+        "Service",
+        "ExecStart",
+        f"docker run --rm --name {CONTAINER} -p 127.0.0.1::3000 {image}",
+    ) in always
+    post = next(value for _, name, value in always if name == "ExecStartPost")
+    # Published on one address: that address is announced, not the machine's.
+    assert "url=http://127.0.0.1:$${hostport##*:};" in post
+    assert "COREOS_PRIVATE_IPV4" not in post
+    assert "/venv/bin/etcdctl --endpoints=" in post
+    stop = next(value for _, name, value in always if name == "ExecStop")
+    assert stop.startswith('/bin/sh -c "/venv/bin/etcdctl --endpoints=')
+    assert stop.endswith(f'docker stop -t 30 {CONTAINER}"')
+    assert not [v for *_, v in always if "/usr/bin/" in v]
+
+    never = pre(render(pull_policy="never"))
+    assert len(never) == 2 and "docker pull" not in never[0]
+    assert never[0].startswith(f'/bin/sh -c "docker inspect --type=image {image} >/dev/null ||')
+    assert "the pull policy is never" in never[0]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"pull_policy": "sometimes"},
+        {"docker": "/usr/bin/docker; rm -rf /"},
+        {"etcdctl": "etc ctl"},
+        {"publish_address": "$HOST"},
+    ],
+)
+def test_docker_template_context_refuses_garbage(changes: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        context(**changes)
 
 
 def test_workload_template() -> None:
@@ -281,6 +333,10 @@ def test_every_template_variable_is_available(tmp_path: Path) -> None:
         "X-announce_key": KEY,
         "X-container": CONTAINER,
         "X-container_port": "3000",
+        "X-docker": "/usr/bin/docker",
+        "X-etcdctl": "/usr/bin/etcdctl",
+        "X-pull_policy": "missing",
+        "X-publish_address": "0.0.0.0",
         "X-description": "hello-world-0fbb804-2015.03.02-00.31.45",
         "X-etcd_endpoints": ETCD,
         "X-image": "mmmhm/hello-world:0fbb804",
