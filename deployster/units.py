@@ -281,6 +281,16 @@ def service_of_repository(prefix: str, repository: str) -> str | None:
     return repository if repository and "/" not in repository else None
 
 
+#: Variables a unit's own host commands read (the loader, the shell, docker, etcdctl, CoreOS's
+#: address): a deploy's env is the environment of those commands too, so these would change
+#: what runs on the host or where an instance is announced, not only the service.
+HOST_ENV = re.compile(
+    r"LD_[A-Z0-9_]*|PATH|IFS|ENV|BASH_ENV|SHELLOPTS|HOME|DOCKER_[A-Z0-9_]*|ETCDCTL_[A-Z0-9_]*"
+    r"|COREOS_[A-Z0-9_]*",
+    re.ASCII,
+)
+
+
 def validate_env(env: Mapping[str, str], field: str = "env") -> dict[str, str]:
     """Check a deploy's environment with :func:`unit_value`'s rule; raise
     :class:`UnitValueError` naming ``field`` or ``field.KEY``. Returns a copy."""
@@ -291,6 +301,12 @@ def validate_env(env: Mapping[str, str], field: str = "env") -> dict[str, str]:
                 field,
                 f"has the variable name {key!r}, which is not valid: use letters, digits "
                 "and '_', not starting with a digit",
+            )
+        if HOST_ENV.fullmatch(key):
+            raise UnitValueError(
+                f"{field}.{key}",
+                "is read by the host's own commands in the unit (the loader, the shell, docker, "
+                "etcdctl), not only by the service; set it in the image instead",
             )
         if not isinstance(value, str):
             raise UnitValueError(f"{field}.{key}", "must be a string")

@@ -115,6 +115,32 @@ async def test_a_line_break_in_a_value_is_a_400_naming_the_field(
     assert not exists(marker)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "PATH",
+        "IFS",
+        "DOCKER_HOST",
+        "ETCDCTL_ENDPOINTS",
+        "COREOS_PRIVATE_IPV4",
+    ],
+)
+async def test_a_variable_the_hosts_own_commands_read_is_a_400(
+    hostile_api: Api, marker: Path, name: str
+) -> None:
+    """The deploy's env is also the environment of the unit's host commands (docker, sh,
+    etcdctl): a preloaded library, a search path or an announced address must not come
+    from a deploy."""
+    status, data = await post_deploy(
+        hostile_api, {"deploy": {"version": "v1", "env": {name: str(marker)}}}
+    )
+    assert status == 400, data
+    assert f"deploy.env.{name}" in data["description"] and str(marker) not in data["description"]
+    assert await hostile_api.units() == []
+
+
 async def test_unicode_digits_in_the_timestamp_are_a_400_naming_the_field(
     hostile_api: Api,
 ) -> None:
