@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployster import naming
+from deployster import logs, naming
 from deployster.aio import cancel_and_wait
 from deployster.events import (
     DeployFailed,
@@ -58,7 +58,7 @@ class DeployBody(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return validate_env(value)
+        return logs.register_env(validate_env(value))
 
 
 class DeployEnvelope(BaseModel):
@@ -69,11 +69,15 @@ class DeployEnvelope(BaseModel):
 async def create_deploy(request: web.Request) -> web.Response:
     service = service_name(request)
     body = (await read_json(request, DeployEnvelope)).deploy
-    checked(naming.validate_version, body.version)
+    checked(naming.validate_version, body.version, field="deploy.version")
     timestamp = (
-        checked(naming.validate_timestamp, body.timestamp)
+        checked(naming.validate_timestamp, body.timestamp, field="deploy.timestamp")
         if body.timestamp
         else naming.now_timestamp()
+    )
+    # Every unit name the deploy may need must fit, before the service's lock is taken.
+    checked(
+        naming.check_length, service, body.version, timestamp, MAX_INSTANCES, field="deploy.version"
     )
     event = DeployRequested(
         service=service,
