@@ -91,6 +91,11 @@ class Settings(BaseSettings):
                 found[source] = secret.get_secret_value()
         return found
 
+    def secret_values(self) -> list[str]:
+        """The value of every secret setting (each ``SecretStr``), for the log masking."""
+        values = (getattr(self, name) for name in type(self).model_fields)
+        return [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+
     @property
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")

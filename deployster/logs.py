@@ -1,9 +1,22 @@
 """Logging with structlog: JSON lines for machines, a readable console for people.
 
 Every line is one event name plus fields. Lines written while a deploy is handled carry its
-``service`` and ``deploy_id`` through contextvars (bound by the bus). A last processor masks
-any field whose name says it holds a secret, so a careless ``log.info(..., password=...)``
-still never reaches the output.
+``service`` and ``deploy_id`` through contextvars (bound by the bus). Lines of the standard
+library's loggers (aiohttp's own error lines, asyncio) go through the same processors, so they
+are rendered and masked alike.
+
+Secrets never reach the output. Tracebacks are rendered without frame locals (a frame of the
+auth middleware holds the API password, one of a deploy its ``env``). Masking is the last step
+before rendering, applied to the final event with its exception text, through nested dicts and
+lists, and once more to the rendered line:
+
+* by field name: a field whose name says it holds a secret (``password``, ``token``, ``env``,
+  ...) is replaced whole, so a careless ``log.info(..., password=...)`` shows ``***``;
+* by value: the process registers the secrets it knows (``register_secret``: the API password
+  and webhook secrets at start, every deploy's ``env`` values when they are read) and every
+  occurrence of one in any string is replaced by ``***``. Values shorter than
+  ``MIN_SECRET_LENGTH`` are not masked by value: masking ``1`` or ``on`` in every line would
+  make the logs useless and such a value protects nothing.
 """
 
 from __future__ import annotations
@@ -11,47 +24,152 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any
+import threading
+from typing import Any, TextIO
 
 import structlog
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
+from structlog.tracebacks import ExceptionDictTransformer
+
+MASK = "***"
+#: Shorter values are masked by field name only, never by value.
+MIN_SECRET_LENGTH = 4
+# Env values of old deploys give way to new ones past this many (a record read again
+# registers its values again).
+MAX_SECRETS = 10_000
 
 _SECRET_FIELD = re.compile(r"pass(word)?|secret|token|authorization|credential|env$", re.I)
 # Docker Hub's webhook URL carries its secret as the last path segment.
 _SECRET_PATH = re.compile(r"^(/v1/webhooks/dockerhub/)[^/]+")
 
 
-def _mask_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in event_dict:
-        if key != "event" and _SECRET_FIELD.search(key):
-            event_dict[key] = "***"
-        elif key == "path" and isinstance(event_dict[key], str):
-            event_dict[key] = _SECRET_PATH.sub(r"\1***", event_dict[key])
-    return event_dict
+class SecretValues:
+    """The secret values this process knows, matched as one regexp (longest first)."""
+
+    def __init__(self, limit: int = MAX_SECRETS) -> None:
+        self._limit = limit
+        self._values: dict[str, None] = {}  # insertion order: the oldest goes first
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()  # stdlib logging may run in other threads
+
+    def add(self, value: str) -> None:
+        if len(value) < MIN_SECRET_LENGTH:
+            return
+        with self._lock:
+            if value in self._values:
+                self._values[value] = self._values.pop(value)  # now the newest
+                return
+            self._values[value] = None
+            while len(self._values) > self._limit:
+                del self._values[next(iter(self._values))]
+            self._pattern = None
+
+    def mask(self, text: str) -> str:
+        with self._lock:
+            if not self._values:
+                return text
+            if self._pattern is None:
+                ordered = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile("|".join(map(re.escape, ordered)))
+            pattern = self._pattern
+        return pattern.sub(MASK, text)
 
 
-def configure(log_format: str = "auto") -> None:
-    """``auto`` picks console on a terminal and JSON otherwise."""
-    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
-    )
+SECRETS = SecretValues()
+_stdlib_handler: logging.Handler | None = None  # the one configure() installed last
+
+
+def register_secret(*values: str | None) -> None:
+    """Never log these values (the empty and the too short ones are ignored)."""
+    for value in values:
+        if value:
+            SECRETS.add(value)
+
+
+def register_env(env: dict[str, str]) -> dict[str, str]:
+    """Register a deploy's or task's env values; returns ``env`` (for use in validators)."""
+    register_secret(*env.values())
+    return env
+
+
+def _masked(value: Any, key: str = "") -> Any:
+    if key and key != "event" and _SECRET_FIELD.search(key):
+        return MASK
+    if isinstance(value, str):
+        if key == "path":
+            value = _SECRET_PATH.sub(rf"\1{MASK}", value)
+        return SECRETS.mask(value)
+    if isinstance(value, dict):
+        return {k: _masked(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_masked(v) for v in value]
+    return value
+
+
+def mask_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """The last processor before rendering: mask by field name and by known value."""
+    return {k: _masked(v, k) for k, v in event_dict.items()}
+
+
+class _MaskedRenderer:
+    """The renderer, then the known values masked once more in what it wrote (whatever a
+    renderer adds, it cannot add a secret)."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> Any:
+        rendered = self._renderer(logger, name, event_dict)
+        return SECRETS.mask(rendered) if isinstance(rendered, str) else rendered
+
+
+def _final_processors(use_json: bool) -> list[Any]:
+    """Exception rendering (no locals), masking, rendering: shared by structlog's and the
+    standard library's lines."""
+    if use_json:
+        exceptions: Any = structlog.processors.ExceptionRenderer(
+            ExceptionDictTransformer(show_locals=False)
+        )
+        renderer: Any = structlog.processors.JSONRenderer()
+    else:
+        # A plain traceback string: the console renderer's rich and better-exceptions
+        # formatters would show frame locals.
+        exceptions = structlog.processors.format_exc_info
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    return [exceptions, mask_secrets, _MaskedRenderer(renderer)]
+
+
+def configure(log_format: str = "auto", stream: TextIO | None = None) -> None:
+    """``auto`` picks console on a terminal and JSON otherwise; lines go to ``stream``
+    (standard error by default)."""
+    out = stream or sys.stderr
+    use_json = log_format == "json" or (log_format == "auto" and not out.isatty())
+    final = _final_processors(use_json)
+    common = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _mask_secrets,
-            structlog.processors.dict_tracebacks
-            if use_json
-            else structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *common, *final],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *common],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+        )
+    )
+    global _stdlib_handler
+    root = logging.getLogger()
+    if _stdlib_handler is not None:
+        root.removeHandler(_stdlib_handler)
+    _stdlib_handler = handler
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 class AccessLogger(AbstractAccessLogger):
