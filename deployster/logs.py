@@ -16,7 +16,9 @@ lists, and once more to the rendered line:
   and webhook secrets at start, every deploy's ``env`` values when they are read) and every
   occurrence of one in any string is replaced by ``***``. Values shorter than
   ``MIN_SECRET_LENGTH`` are not masked by value: masking ``1`` or ``on`` in every line would
-  make the logs useless and such a value protects nothing.
+  make the logs useless and such a value protects nothing;
+* the input quoted in a pydantic validation error (``input_value=...``) is replaced whole: it
+  may hold a secret cut short, which no value matches.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ MAX_SECRETS = 10_000
 _SECRET_FIELD = re.compile(r"pass(word)?|secret|token|authorization|credential|env$", re.I)
 # Docker Hub's webhook URL carries its secret as the last path segment.
 _SECRET_PATH = re.compile(r"^(/v1/webhooks/dockerhub/)[^/]+")
+# pydantic's validation errors quote the input, cut short in the middle when long: a secret
+# would show only in part, which masking by value cannot find.
+_PYDANTIC_INPUT = re.compile(r"(input_value=).*?(, input_type=)")
 
 
 class SecretValues:
@@ -99,7 +104,7 @@ def _masked(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         if key == "path":
             value = _SECRET_PATH.sub(rf"\1{MASK}", value)
-        return SECRETS.mask(value)
+        return SECRETS.mask(_PYDANTIC_INPUT.sub(rf"\1{MASK}\2", value))
     if isinstance(value, dict):
         return {k: _masked(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

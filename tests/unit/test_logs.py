@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 
+import pydantic
 import pytest
 import structlog
 
@@ -112,3 +113,15 @@ def test_a_longer_secret_wins_over_a_secret_it_contains() -> None:
     known.add("abcd")
     known.add("abcdefgh")
     assert known.mask("xabcdefghx abcd") == "x***x ***"
+
+
+def test_the_input_quoted_by_a_validation_error_is_masked(output: io.StringIO) -> None:
+    logs.configure("json", stream=output)
+    long_secret = "x" * 40 + SECRET  # pydantic cuts it short in the middle
+    try:
+        pydantic.TypeAdapter(dict[str, str]).validate_python(["KEY", long_secret])
+    except pydantic.ValidationError:
+        structlog.get_logger().exception("failed")
+    text = output.getvalue()
+    assert "input_value=***, input_type=list" in text
+    assert SECRET[-10:] not in text
