@@ -29,6 +29,7 @@ import sys
 import threading
 from typing import Any, TextIO
 
+import ahocorasick
 import structlog
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
@@ -50,12 +51,12 @@ _PYDANTIC_INPUT = re.compile(r"(input_value=).*?(, input_type=)")
 
 
 class SecretValues:
-    """The secret values this process knows, matched as one regexp (longest first)."""
+    """The secret values this process knows, found in a text in one pass (Aho-Corasick)."""
 
     def __init__(self, limit: int = MAX_SECRETS) -> None:
         self._limit = limit
         self._values: dict[str, None] = {}  # insertion order: the oldest goes first
-        self._pattern: re.Pattern[str] | None = None
+        self._automaton: ahocorasick.Automaton | None = None  # None: rebuild before use
         self._lock = threading.Lock()  # stdlib logging may run in other threads
 
     def add(self, value: str) -> None:
@@ -68,17 +69,28 @@ class SecretValues:
             self._values[value] = None
             while len(self._values) > self._limit:
                 del self._values[next(iter(self._values))]
-            self._pattern = None
+            self._automaton = None
+
+    def _current(self) -> ahocorasick.Automaton | None:
+        with self._lock:
+            if self._automaton is None and self._values:
+                automaton = ahocorasick.Automaton()
+                for value in self._values:
+                    automaton.add_word(value, len(value))
+                automaton.make_automaton()
+                self._automaton = automaton  # never changed again: safe to share
+            return self._automaton
 
     def mask(self, text: str) -> str:
-        with self._lock:
-            if not self._values:
-                return text
-            if self._pattern is None:
-                ordered = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(map(re.escape, ordered)))
-            pattern = self._pattern
-        return pattern.sub(MASK, text)
+        """``text`` with every known value replaced by ``***`` (leftmost, longest first)."""
+        automaton = self._current()
+        if automaton is None:
+            return text
+        parts, start = [], 0
+        for end, length in automaton.iter_long(text):
+            parts += [text[start : end - length + 1], MASK]
+            start = end + 1
+        return "".join(parts) + text[start:] if parts else text
 
 
 SECRETS = SecretValues()
