@@ -426,7 +426,7 @@ class DeployHandler:
         """Something unforeseen between taking the lock and fleet running the units: the
         deploy ends failed with the reason and its units are destroyed; the lock is released
         even when etcd cannot be told (the lease then runs out)."""
-        reason = f"the deploy could not be started: {exc or type(exc).__name__}"
+        reason = f"the deploy could not be started: {str(exc) or type(exc).__name__}"
         log.error("deploy_not_started", reason=reason, exc_info=exc)
         try:
             await self._destroy_all(record.units)
