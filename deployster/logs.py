@@ -7,16 +7,17 @@ are rendered and masked alike.
 
 Secrets never reach the output. Tracebacks are rendered without frame locals (a frame of the
 auth middleware holds the API password, one of a deploy its ``env``). Masking is the last step
-before rendering, applied to the final event with its exception text, through nested dicts and
-lists, and once more to the rendered line:
+before rendering, applied to the final event with its exception text (rendered into plain strings
+and dicts by then), through nested dicts and lists, keys included:
 
 * by field name: a field whose name says it holds a secret (``password``, ``token``, ``env``,
   ...) is replaced whole, so a careless ``log.info(..., password=...)`` shows ``***``;
 * by value: the process registers the secrets it knows (``register_secret``: the API password
   and webhook secrets at start, every deploy's ``env`` values when they are read) and every
-  occurrence of one in any string is replaced by ``***``. Values shorter than
-  ``MIN_SECRET_LENGTH`` are not masked by value: masking ``1`` or ``on`` in every line would
-  make the logs useless and such a value protects nothing;
+  occurrence of one in any string is replaced by ``***`` (except the fields the pipeline itself
+  writes: level, timestamp, logger). Values shorter than ``MIN_SECRET_LENGTH`` are not masked
+  by value: masking ``1``, ``true`` or ``fail`` in every line would make the logs useless and
+  such a value protects little;
 * the input quoted in a pydantic validation error (``input_value=...``) is replaced whole: it
   may hold a secret cut short, which no value matches.
 """
@@ -36,8 +37,9 @@ from aiohttp.web import BaseRequest, StreamResponse
 from structlog.tracebacks import ExceptionDictTransformer
 
 MASK = "***"
-#: Shorter values are masked by field name only, never by value.
-MIN_SECRET_LENGTH = 4
+#: Shorter values are masked by field name only, never by value: env values such as ``true``,
+#: ``fail`` or ``debug`` would otherwise turn every ``request_failed`` into ``request_***ed``.
+MIN_SECRET_LENGTH = 6
 # Env values of old deploys give way to new ones past this many (a record read again
 # registers its values again).
 MAX_SECRETS = 10_000
@@ -110,15 +112,22 @@ def register_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# Written by the pipeline, never from input: an env value such as ``warning`` must not mask
+# the level of every warning.
+_OWN_FIELDS = frozenset({"level", "timestamp", "logger"})
+
+
 def _masked(value: Any, key: str = "") -> Any:
     if key and key != "event" and _SECRET_FIELD.search(key):
         return MASK
+    if key in _OWN_FIELDS:
+        return value
     if isinstance(value, str):
         if key == "path":
             value = _SECRET_PATH.sub(rf"\1{MASK}", value)
         return SECRETS.mask(_PYDANTIC_INPUT.sub(rf"\1{MASK}\2", value))
     if isinstance(value, dict):
-        return {k: _masked(v, str(k)) for k, v in value.items()}
+        return {SECRETS.mask(str(k)): _masked(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_masked(v) for v in value]
     return value
@@ -127,18 +136,6 @@ def _masked(value: Any, key: str = "") -> Any:
 def mask_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """The last processor before rendering: mask by field name and by known value."""
     return {k: _masked(v, k) for k, v in event_dict.items()}
-
-
-class _MaskedRenderer:
-    """The renderer, then the known values masked once more in what it wrote (whatever a
-    renderer adds, it cannot add a secret)."""
-
-    def __init__(self, renderer: Any) -> None:
-        self._renderer = renderer
-
-    def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> Any:
-        rendered = self._renderer(logger, name, event_dict)
-        return SECRETS.mask(rendered) if isinstance(rendered, str) else rendered
 
 
 def _final_processors(use_json: bool) -> list[Any]:
@@ -154,7 +151,7 @@ def _final_processors(use_json: bool) -> list[Any]:
         # formatters would show frame locals.
         exceptions = structlog.processors.format_exc_info
         renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
-    return [exceptions, mask_secrets, _MaskedRenderer(renderer)]
+    return [exceptions, mask_secrets, renderer]
 
 
 def configure(log_format: str = "auto", stream: TextIO | None = None) -> None:

@@ -76,11 +76,20 @@ def test_fields_named_like_secrets_are_masked_at_any_depth(output: io.StringIO) 
 
 def test_values_shorter_than_the_floor_are_left_alone(output: io.StringIO) -> None:
     logs.configure("json", stream=output)
-    logs.register_secret("on", "abc", "abcd-floor")
-    structlog.get_logger().info("short", flag="on", word="abc", long="abcd-floor")
+    logs.register_secret("on", "fail", "debug", "abcdef-floor")
+    structlog.get_logger().info("request_failed", flag="on", word="debug", long="abcdef-floor")
     line = json.loads(output.getvalue())
-    assert (line["flag"], line["word"], line["long"]) == ("on", "abc", "***")
-    assert logs.MIN_SECRET_LENGTH == 4
+    assert line["event"] == "request_failed"
+    assert (line["flag"], line["word"], line["long"]) == ("on", "debug", "***")
+    assert logs.MIN_SECRET_LENGTH == 6
+
+
+def test_the_pipelines_own_fields_are_never_masked_by_value(output: io.StringIO) -> None:
+    logs.configure("json", stream=output)
+    logs.register_secret("warning")  # e.g. an env value LOG_LEVEL=warning
+    structlog.get_logger().warning("probe_failed", reason="a warning")
+    line = json.loads(output.getvalue())
+    assert (line["level"], line["reason"]) == ("warning", "a ***")
 
 
 def test_standard_library_lines_go_through_the_same_masking(output: io.StringIO) -> None:
@@ -110,9 +119,9 @@ def test_the_registry_keeps_the_newest_values_up_to_its_limit() -> None:
 
 def test_a_longer_secret_wins_over_a_secret_it_contains() -> None:
     known = logs.SecretValues()
-    known.add("abcd")
-    known.add("abcdefgh")
-    assert known.mask("xabcdefghx abcd") == "x***x ***"
+    known.add("abcdef")
+    known.add("abcdefghij")
+    assert known.mask("xabcdefghijx abcdef") == "x***x ***"
 
 
 def test_the_input_quoted_by_a_validation_error_is_masked(output: io.StringIO) -> None:
