@@ -26,6 +26,7 @@ from integration.conftest import FAST_POLICY, Api, running_api
 
 from deployster.etcd import free_port
 from deployster.logs import AccessLogger
+from deployster.store import DeployRecord
 
 REGISTRY_V1 = "application/vnd.docker.distribution.events.v1+json"
 
@@ -147,6 +148,30 @@ async def test_an_exception_in_the_deploy_handler_with_a_bad_policy_and_env_in_s
     # The lock was released: with a readable policy the service deploys.
     await api.deployster.store.save_policy(api.service, FAST_POLICY)
     assert (await api.deployed({"version": "v1"}))["state"] == "succeeded"
+
+
+async def test_a_resumed_deploy_that_cannot_start_with_env_in_scope(
+    api: Api, server_log_tail: LogTail
+) -> None:
+    # A pending record an older server left, with a secret env value and a unit name that no
+    # longer passes (full-width digits): it fails once, logged without the value.
+    stamp = "\uff12\uff10\uff12\uff16.11.26-00.00.00"
+    pending = DeployRecord(
+        id="20261126-000000-envsec",
+        service=api.service,
+        version="v9",
+        timestamp=stamp,
+        instance_count=1,
+        destroy_previous=False,
+        env={"API_KEY": ENV_SECRET},
+        units=[f"{api.service}:v9:{stamp}@1.service"],
+        policy=FAST_POLICY,
+    )
+    await api.deployster.store.save_deploy(pending)
+    assert await api.deployster.deploys.resume() == 1
+    text = await logged(server_log_tail, "deploy_not_started", "InvalidName", "deploy_finished")
+    assert_no_secret(text)
+    assert await api.deployster.deploys.resume() == 0
 
 
 async def test_a_task_error_with_env_in_scope(api: Api, server_log_tail: LogTail) -> None:
