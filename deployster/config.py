@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.cert and self.key else 'http'}://{host}:{port}"
 
+    def secret_values(self) -> list[str]:
+        """The value of every secret setting (each ``SecretStr``), for the log masking."""
+        values = (getattr(self, name) for name in type(self).model_fields)
+        return [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+
     @property
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")

@@ -1,7 +1,7 @@
-"""Unit and container names: format, parse and validate.
+r"""Unit and container names: format, parse and validate.
 
 Deploy state that fleet must be able to tell apart lives in the unit name, exactly as the
-original Deployster encoded it (`reference/original-deployster.md` §3)::
+original Deployster encoded it::
 
     <service>:<version>:<timestamp>@<instance>.service
 
@@ -10,8 +10,11 @@ never repeat (fleet bug #1131) and one version can be redeployed beside itself. 
 router ids use the same parts joined by ``-`` because ``:`` is not allowed there.
 
 Service and version are checked here, before anything reaches fleet, against fleet's name
-rules (`reference/fleet-api.md` §6) narrowed by the grammar itself: ``:`` and ``@`` are the
-delimiters, so neither may appear inside a part.
+rules narrowed by the grammar itself: ``:`` and ``@`` are the delimiters, so neither may appear
+inside a part. Digits are ASCII digits (``[0-9]``, never ``\d``, which matches any Unicode
+digit such as the full-width digits of U+FF10..U+FF19). The whole name must fit the limit of the host's systemd, which
+is stricter than fleet's: ``check_length`` lets the API refuse a deploy before anything is
+locked or written.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from datetime import UTC, datetime
 
 TIMESTAMP_FORMAT = "%Y.%m.%d-%H.%M.%S"
 UNIT_SUFFIX = ".service"
-# fleet caps unit names at 256 characters (api/units.go ValidateName).
-MAX_UNIT_NAME = 256
+# fleet caps unit names at 256 characters (api/units.go ValidateName); systemd's UNIT_NAME_MAX
+# of 256 counts the terminating NUL, so the host's systemd takes at most 255.
+MAX_UNIT_NAME = 255
 
 _SERVICE_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 # A version is a Docker tag: starts with a word character, at most 128 characters.
 _VERSION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_TIMESTAMP_RE = re.compile(r"\d{4}\.\d{2}\.\d{2}-\d{2}\.\d{2}\.\d{2}")
+_TIMESTAMP_RE = re.compile(r"[0-9]{4}\.[0-9]{2}\.[0-9]{2}-[0-9]{2}\.[0-9]{2}\.[0-9]{2}")
+_INSTANCE_RE = re.compile(r"[0-9]+")
 # The same rules as JSON Schema patterns, for the API's OpenAPI document.
 SERVICE_PATTERN = f"^{_SERVICE_RE.pattern}$"
 VERSION_PATTERN = f"^{_VERSION_RE.pattern}$"
@@ -67,6 +72,17 @@ def validate_timestamp(timestamp: str) -> str:
     return timestamp
 
 
+def check_length(service: str, version: str, timestamp: str, instance: int) -> None:
+    """Refuse parts whose unit name (for instance number ``instance``) would be too long."""
+    name = f"{service}:{version}:{timestamp}@{instance}{UNIT_SUFFIX}"
+    if len(name) > MAX_UNIT_NAME:
+        raise InvalidName(
+            f"The unit name for service {service!r} and version {version!r} would be "
+            f"{len(name)} characters (instance {instance}), longer than the limit of "
+            f"{MAX_UNIT_NAME}; use a shorter service name or version."
+        )
+
+
 def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
 
@@ -98,32 +114,36 @@ class UnitName:
         validate_timestamp(timestamp)
         if instance < 1:
             raise InvalidName(f"Instance numbers start at 1, not {instance}.")
-        unit = cls(service, version, timestamp, instance)
-        if len(str(unit)) > MAX_UNIT_NAME:
-            raise InvalidName(
-                f"The unit name for service {service!r} and version {version!r} would be longer "
-                f"than fleet's limit of {MAX_UNIT_NAME} characters."
-            )
-        return unit
+        check_length(service, version, timestamp, instance)
+        return cls(service, version, timestamp, instance)
 
     @classmethod
     def parse(cls, name: str) -> UnitName | None:
         """Parse a fleet unit name; ``None`` for units Deployster does not manage.
 
-        The rules are the original's (`units/extractable_unit.go`): managed means exactly two
-        ``:``; the instance is between the last ``@`` and the last ``.``.
+        The rules are the original's: managed means exactly two ``:``; the instance (ASCII
+        digits) is between the last ``@`` and the last ``.``.
         """
         if name.count(":") != 2 or not name.endswith(UNIT_SUFFIX):
             return None
         stem = name[: -len(UNIT_SUFFIX)]
         head, at, instance = stem.rpartition("@")
-        if not at or not instance.isdigit():
+        if not at or not _INSTANCE_RE.fullmatch(instance):
             return None
         service, version_ts = head.split(":", 1)
         version, _, timestamp = version_ts.rpartition(":")
         if not (service and version and timestamp):
             return None
         return cls(service, version, timestamp, int(instance))
+
+    @classmethod
+    def parse_valid(cls, name: str) -> UnitName:
+        """Parse a unit name Deployster wrote and check its parts as ``build`` does (a record
+        written by an older server may hold one that no longer passes)."""
+        parsed = cls.parse(name)
+        if parsed is None:
+            raise InvalidName(f"{name!r} is not a unit name of a Deployster deploy.")
+        return cls.build(parsed.service, parsed.version, parsed.timestamp, parsed.instance)
 
     @property
     def release(self) -> str:

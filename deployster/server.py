@@ -16,7 +16,7 @@ import aetcd
 import structlog
 from aiohttp import web
 
-from deployster import __version__
+from deployster import __version__, logs
 from deployster import etcd as etcd_adapter
 from deployster.bus import EventBus
 from deployster.config import Settings
@@ -102,6 +102,7 @@ class Deployster:
         template: UnitTemplate,
         deploy_config: DeployConfig | None = None,
     ) -> None:
+        logs.register_secret(*settings.secret_values())
         password = settings.password.get_secret_value() if settings.password else ""
         if not password:
             raise StartupError("A password is required.")

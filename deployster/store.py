@@ -16,8 +16,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import aetcd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from deployster import logs
 from deployster.aio import cancel_and_wait
 from deployster.etcd import EtcdError, LeaseKeeper, WatchEvent, watch_prefix
 from deployster.events import DeployRequested
@@ -94,6 +95,11 @@ class DeployRecord(BaseModel):
     )
     submitted_at: float = 0.0  # epoch seconds: instance deadlines count from here
     events: list[Progress] = Field(default_factory=list)
+
+    @field_validator("env")
+    @classmethod
+    def _never_logged(cls, env: dict[str, str]) -> dict[str, str]:
+        return logs.register_env(env)  # a record read back (e.g. to resume) is a deploy handled
 
     def note(self, kind: str, message: str, unit: str | None = None) -> None:
         """Add a progress event; it is kept (and streamed) with the record's next save."""

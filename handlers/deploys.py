@@ -240,8 +240,14 @@ class DeployHandler:
                 DeployFailed(service=event.service, deploy_id=event.deploy_id, reason=exc.message)
             )
             return
-        record = await self.store.save_deploy(record)
-        await self._submit(record)
+        except Exception as exc:
+            await self._abandon(record, exc)
+            return
+        try:
+            record = await self.store.save_deploy(record)
+            await self._submit(record)
+        except Exception as exc:
+            await self._abandon(record, exc)
 
     def _reject(self, event: DeployRequested, exc: DeployRejectedError) -> None:
         log.info("deploy_rejected", reason=str(exc))
@@ -339,6 +345,9 @@ class DeployHandler:
                 return
             except (EtcdError, aetcd.ClientError, FleetError) as exc:
                 log.warning("deploy_queue_retrying", reason=str(exc))
+            except Exception as exc:
+                await self._abandon(record, exc)
+                return
             await asyncio.sleep(self.config.queue_poll)
 
     async def _my_turn(self, record: DeployRecord) -> bool:
@@ -363,7 +372,10 @@ class DeployHandler:
         record.note("resumed", f"a restarted server resumes the deploy at step {record.step}")
         await self._lock(record, adopt=True)
         if record.state is DeployState.PENDING:
-            await self._submit(record)
+            try:
+                await self._submit(record)
+            except Exception as exc:
+                await self._abandon(record, exc)  # never pending again at the next start
         else:
             self._spawn(record, self._run(record))
 
@@ -423,12 +435,25 @@ class DeployHandler:
         if keeper is not None:
             await keeper.revoke()
 
+    async def _abandon(self, record: DeployRecord, exc: Exception) -> None:
+        """Something unforeseen between taking the lock and fleet running the units: the
+        deploy ends failed with the reason and its units are destroyed; the lock is released
+        even when etcd cannot be told (the lease then runs out)."""
+        reason = f"the deploy could not be started: {str(exc) or type(exc).__name__}"
+        log.error("deploy_not_started", reason=reason, exc_info=exc)
+        try:
+            await self._destroy_all(record.units)
+            await self._finish(record, DeployState.FAILED, reason)
+        finally:
+            keeper = self._leases.pop(record.id, None)
+            if keeper is not None:
+                await keeper.stop()
+
     async def _submit(self, record: DeployRecord) -> None:
         created: list[str] = []
         try:
             for unit in record.units:
-                name = UnitName.parse(unit)
-                assert name is not None
+                name = UnitName.parse_valid(unit)
                 options = render_unit(self.template, self._context(name, record))
                 try:
                     await self.fleet.create_unit(unit, options)

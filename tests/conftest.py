@@ -1,4 +1,5 @@
-"""Fixtures shared by every tier: real etcd, ports, bounded waits."""
+"""Fixtures shared by every tier: real etcd, ports, bounded waits, and the check that no
+server log of the whole run holds a known secret."""
 
 from __future__ import annotations
 
@@ -9,9 +10,33 @@ from pathlib import Path
 import aetcd
 import pytest
 import structlog
+from helpers import KNOWN_SECRETS, LogTail, leaked_secrets
 
-from deployster import etcd
+from deployster import etcd, logs
 from deployster.etcd import EtcdServer
+
+# Where every server of this run logs: the session's temporary directory (set by server_log).
+_log_root: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The lines of every in-process server, through the production pipeline (JSON, masked),
+    in one file. Servers run as processes write their ``*.log`` files under the session's
+    temporary directory too; pytest_sessionfinish searches them all for known secrets."""
+    root = tmp_path_factory.getbasetemp()
+    _log_root.append(root)
+    path = root / "servers.log"
+    with open(path, "a", encoding="utf-8") as out:
+        logs.configure("json", stream=out)
+        yield path
+        logs.configure("json")  # lines after the session go to standard error
+
+
+@pytest.fixture
+def server_log_tail(server_log: Path) -> LogTail:
+    """What the in-process servers log from now on."""
+    return LogTail(server_log)
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +83,17 @@ def private_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """A skipped test is a check that did not run: under CI that fails the run."""
+    """A skipped test is a check that did not run: under CI that fails the run. A known secret
+    in any server log of the run fails it always."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if _log_root:
+        leaks = leaked_secrets(sorted(_log_root[0].rglob("*.log")), KNOWN_SECRETS)
+        if leaks and reporter is not None:
+            reporter.write_line("Known secrets found in server logs:", red=True)
+            for leak in leaks:
+                reporter.write_line(f"  {leak}", red=True)
+        if leaks:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if os.environ.get("CI") and reporter is not None and reporter.stats.get("skipped"):
         reporter.write_line(
             "CI: skipped tests count as failures; install what they need.", red=True

@@ -1,5 +1,5 @@
 """Helpers for tests: bounded waits instead of fixed sleeps, process checks, a receiver of
-notifications."""
+notifications, and the suite's known secrets."""
 
 from __future__ import annotations
 
@@ -16,6 +16,65 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 T = TypeVar("T")
+
+#: Every secret the suite hands to a server (passwords, webhook secrets, env values). At the end
+#: of the session every server log is searched for each of them and the run fails on a find
+#: (tests/conftest.py). Tests add the secrets they generate with ``known_secret``.
+PASSWORD = "integration-secret"
+E2E_PASSWORD = "e2e-secret"
+WEBHOOK_SECRET = "suite-webhook-secret"
+ENV_SECRET = "suite-env-secret-value"
+KNOWN_SECRETS: list[str] = [
+    PASSWORD,
+    E2E_PASSWORD,
+    WEBHOOK_SECRET,
+    ENV_SECRET,
+]
+
+
+def known_secret(value: str) -> str:
+    """Add ``value`` to the secrets no server log may contain; returns it."""
+    KNOWN_SECRETS.append(value)
+    return value
+
+
+def leaked_secrets(paths: list[pathlib.Path], secrets: list[str]) -> list[str]:
+    """``file: secret`` for each secret found in each of ``paths``."""
+    found = []
+    for path in paths:
+        text = path.read_text(errors="replace")
+        found += [f"{path}: {secret!r}" for secret in secrets if secret in text]
+    return found
+
+
+class LogTail:
+    """What was written to a log file since this object was made."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.start = path.stat().st_size
+
+    def text(self) -> str:
+        with open(self.path, encoding="utf-8") as log:
+            log.seek(self.start)
+            return log.read()
+
+
+class LoggedProcess(subprocess.Popen[str]):
+    """A server process whose standard error a test reads with ``communicate()``; what was
+    read is also appended to ``log``, where the session's secret check finds it."""
+
+    def __init__(self, args: list[str], log: pathlib.Path, **kwargs: object) -> None:
+        super().__init__(args, **kwargs)  # type: ignore[call-overload]
+        self.log = log
+
+    def communicate(  # type: ignore[override]
+        self, input: str | None = None, timeout: float | None = None
+    ) -> tuple[str, str]:
+        out, err = super().communicate(input, timeout)
+        with open(self.log, "a", encoding="utf-8") as kept:
+            kept.write(err or "")
+        return out, err
 
 
 async def eventually(

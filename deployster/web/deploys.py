@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployster import naming
+from deployster import logs, naming
 from deployster.aio import cancel_and_wait
 from deployster.events import (
     DeployFailed,
@@ -64,16 +64,22 @@ class DeployEnvelope(BaseModel):
 async def create_deploy(request: web.Request) -> web.Response:
     service = service_name(request)
     body = (await read_json(request, DeployEnvelope)).deploy
-    checked(naming.validate_version, body.version)
+    checked(naming.validate_version, body.version, field="deploy.version")
     timestamp = (
-        checked(naming.validate_timestamp, body.timestamp)
+        checked(naming.validate_timestamp, body.timestamp, field="deploy.timestamp")
         if body.timestamp
         else naming.now_timestamp()
     )
+    # Env values are secrets: masked in every log line from here on.
+    logs.register_env(body.env)
     # Everything of the request that a unit file will carry, by the units' own rule.
     env = unit_fields(
         {"name": service, "deploy.version": body.version, "deploy.timestamp": timestamp},
         body.env,
+    )
+    # Every unit name the deploy may need must fit, before the service's lock is taken.
+    checked(
+        naming.check_length, service, body.version, timestamp, MAX_INSTANCES, field="deploy.version"
     )
     event = DeployRequested(
         service=service,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -14,6 +14,7 @@ from deployster.units import UnitValueError, unit_value, validate_env
 from deployster.web.errors import ApiError, validation_sentence
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 async def read_json(request: web.Request, model: type[M]) -> M:
@@ -30,12 +31,13 @@ async def read_json(request: web.Request, model: type[M]) -> M:
         raise ApiError(400, validation_sentence(exc)) from None
 
 
-def checked(check: Callable[[str], str], value: str) -> str:
-    """Run a naming check; its sentence becomes a 400."""
+def checked(check: Callable[..., T], *args: Any, field: str = "") -> T:
+    """Run a naming check; its sentence becomes a 400 (naming the body's ``field`` if given)."""
     try:
-        return check(value)
+        return check(*args)
     except naming.InvalidName as exc:
-        raise ApiError(400, str(exc)) from None
+        where = f"The field '{field}' is not valid: " if field else ""
+        raise ApiError(400, f"{where}{exc}") from None
 
 
 def service_name(request: web.Request) -> str:

@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployster import naming
+from deployster import logs, naming
 from deployster.web.auth import USER
 from deployster.web.context import services
 from deployster.web.errors import ApiError
@@ -61,7 +61,7 @@ class TaskBody(BaseModel):
                 raise ValueError(
                     f"the value of environment variable {key} contains a NUL character"
                 )
-        return value
+        return logs.register_env(value)
 
 
 class TaskEnvelope(BaseModel):

@@ -36,7 +36,7 @@ TIMEZONE = "Australia/Adelaide"
 
 
 @pytest.fixture
-async def api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]  # noqa: F811
+async def api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
     """The integration tier's Deployster, with the webhooks on (one secret for every source)."""
     async with running_api(
         aiohttp_client, etcd_endpoint, localfleet, webhook_secret=WEBHOOK_SECRET

@@ -14,11 +14,10 @@ from aiohttp import encode_basic_auth
 from aiohttp.test_utils import TestClient
 from e2e.podman import Podman, build_image, remove_containers, remove_images, start_podman
 from e2e.registry import Registry, start_registry
+from helpers import E2E_PASSWORD as PASSWORD
 
 from deployster.config import Settings
 from deployster.server import Deployster
-
-PASSWORD = "e2e-secret"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_http
+from helpers import known_secret, wait_http
 
 from deployster import __version__
 from deployster.etcd import EtcdServer, free_port
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(900)
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = secrets.token_hex(4)
-PASSWORD = "e2e-" + secrets.token_hex(8)
+PASSWORD = known_secret("e2e-" + secrets.token_hex(8))
 # What the multi-stage build may add to its base: the virtualenv with Deployster and its
 # dependencies (no compilers, caches, pip or sources).
 MAX_ADDED_BYTES = 90 * 1024 * 1024

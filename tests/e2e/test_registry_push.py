@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from e2e.registry import build_image, push, require_tools, start_registry
-from helpers import eventually
+from helpers import eventually, known_secret
 from integration.conftest import FAST_POLICY, Api, localfleet, running_api  # noqa: F401  (localfleet: a fixture)
 
 from deployster.etcd import free_port
 from deployster.naming import UnitName
 from deployster.store import DeployRecord
 
-SECRET = f"registry-hook-{secrets.token_hex(8)}"
+SECRET = known_secret(f"registry-hook-{secrets.token_hex(8)}")
 
 
 async def webhook_deploy(api: Api, count: int) -> DeployRecord:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import encode_basic_auth
 from aiohttp.test_utils import TestClient
-from helpers import eventually, wait_http
+from helpers import PASSWORD, eventually, wait_http
 from integration.traefik import Traefik, traefik  # noqa: F401  (a fixture for every integration test)
 
 from deployster.config import Settings
@@ -24,7 +24,6 @@ from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
 from handlers.deploys import DeployConfig, service_units
 
-PASSWORD = "integration-secret"
 # Production defaults wait 10 s of healthy time and drain for 10 s; tests need neither.
 FAST_POLICY = ServicePolicy(
     health=HealthPolicy(interval=0.1, timeout=1.0, healthy_threshold=1, unhealthy_threshold=2),

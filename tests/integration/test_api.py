@@ -7,7 +7,7 @@ import re
 
 import aiohttp
 import pytest
-from helpers import eventually
+from helpers import ENV_SECRET, eventually
 from integration.conftest import FAST_POLICY, PASSWORD, Api, basic_auth
 
 from deployster.config import Settings
@@ -370,7 +370,7 @@ async def test_every_log_line_of_a_deploy_names_service_and_deploy(
 ) -> None:
     old = await api.deployed({"version": "v1", "instance_count": 2})
     new = await api.deployed(
-        {"version": "v2", "destroy_previous": True, "env": {"SECRET_TOKEN": "hunter2"}}
+        {"version": "v2", "destroy_previous": True, "env": {"SECRET_TOKEN": ENV_SECRET}}
     )
     deploy_lines = [
         line
@@ -394,7 +394,7 @@ async def test_every_log_line_of_a_deploy_names_service_and_deploy(
     for line in deploy_lines:
         assert line["service"] == api.service
         assert line["deploy_id"] in (old["id"], new["id"])
-    assert "hunter2" not in repr(log_lines)
+    assert ENV_SECRET not in repr(log_lines)
 
 
 async def test_etcd_down_is_a_503_and_nothing_reaches_fleet(

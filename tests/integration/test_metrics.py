@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from helpers import eventually
+from helpers import WEBHOOK_SECRET, eventually
 from integration.conftest import FAST_POLICY, Api, running_api
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -83,7 +83,7 @@ async def test_metrics_need_auth(api: Api) -> None:
 @pytest.fixture
 async def hooked_api(aiohttp_client, etcd_endpoint: str, localfleet: str) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
     async with running_api(
-        aiohttp_client, etcd_endpoint, localfleet, webhook_secret="hook-secret"
+        aiohttp_client, etcd_endpoint, localfleet, webhook_secret=WEBHOOK_SECRET
     ) as running:
         yield running
 
@@ -103,7 +103,7 @@ async def test_metrics_count_webhook_decisions_by_source_and_result(hooked_api: 
         "/v1/webhooks/registry",
         data=b'{"events": []}',
         headers={
-            "Authorization": "Bearer hook-secret",
+            "Authorization": f"Bearer {WEBHOOK_SECRET}",
             "Content-Type": "application/vnd.docker.distribution.events.v2+json",
         },
     )

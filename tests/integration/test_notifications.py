@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import Received, Receiver, eventually
+from helpers import Received, Receiver, eventually, known_secret
 from integration.conftest import FAST_POLICY, Api, running_api
 
 from deployster.etcd import free_port
 from deployster.notify import NotifyTarget
 
-SECRET = "notify-integration-secret"
+SECRET = known_secret("notify-integration-secret")
 FAST_RETRIES = (0.2, 0.2, 0.2)
 
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers import WEBHOOK_SECRET
 from integration.conftest import PASSWORD, Api, localfleet_process, running_api
 
 from deployster.web.auth import PUBLIC_ROUTES
@@ -74,7 +75,7 @@ async def fuzzed_api(
             etcd_endpoint,
             fleet,
             template=str(template),
-            webhook_secret="fuzzing-secret",
+            webhook_secret=WEBHOOK_SECRET,
         ) as running:
             yield running
 

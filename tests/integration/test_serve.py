@@ -16,19 +16,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import LoggedProcess
 
 from deployster.etcd import EtcdServer, free_port
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Starts `deployster serve` processes; any still running at the end is killed."""
+def serve(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts `deployster serve` processes (what a test reads of their logs is kept in a log
+    file for the session's secret check); any still running at the end is killed."""
     children: list[subprocess.Popen[str]] = []
 
     def start(*flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYSTER_")}
-        child = subprocess.Popen(
+        child = LoggedProcess(
             [sys.executable, "-m", "deployster", "serve", *flags],
+            tmp_path / f"serve-{len(children) + 1}.log",
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

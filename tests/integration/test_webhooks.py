@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aioresponses import aioresponses
-from helpers import eventually
+from helpers import eventually, known_secret
 from integration.conftest import FAST_POLICY, Api, running_api
 from webhook_samples import (
     REGISTRY_V1,
@@ -29,8 +29,8 @@ from deployster.naming import UnitName
 from deployster.store import DeployRecord, LockHolder
 from handlers.webhooks import WebhookHandler
 
-SECRET = f"hook-{secrets.token_hex(8)}"
-GHCR_SECRET = f"gh-{secrets.token_hex(8)}"
+SECRET = known_secret(f"hook-{secrets.token_hex(8)}")
+GHCR_SECRET = known_secret(f"gh-{secrets.token_hex(8)}")
 CALLBACK = (
     "https://registry.hub.docker.com/u/deployster/hook/2141b5bi5i5b02bec211i4eeih0242eg11000a/"
 )

@@ -4,8 +4,10 @@ from datetime import UTC, datetime
 import pytest
 
 from deployster.naming import (
+    MAX_UNIT_NAME,
     InvalidName,
     UnitName,
+    check_length,
     format_timestamp,
     parse_timestamp,
     validate_service,
@@ -79,6 +81,36 @@ def test_timestamp_layout_is_utc() -> None:
     assert parse_timestamp("2015.03.02-00.31.45") == moment
 
 
-def test_unit_names_longer_than_fleets_limit_are_refused() -> None:
-    with pytest.raises(InvalidName, match="256"):
+def test_unit_names_longer_than_systemds_limit_are_refused() -> None:
+    with pytest.raises(InvalidName, match="255"):
         UnitName.build("s" * 120, "v" * 128, "2015.03.02-00.31.45", 1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "\uff12\uff10\uff12\uff16.01.01-00.00.00",  # full-width digits
+        "2026.01.01-00.00.0\u0663",  # an Arabic-Indic digit
+        "2026.02.30-00.00.00",  # no such day
+    ],
+)
+def test_timestamps_take_ascii_digits_of_a_real_date_only(bad: str) -> None:
+    with pytest.raises(InvalidName):
+        validate_timestamp(bad)
+    with pytest.raises(InvalidName):
+        UnitName.parse_valid(f"web:v1:{bad}@1.service")
+
+
+def test_the_length_check_counts_the_largest_instance_number() -> None:
+    service, stamp = "s" * 120, "2026.01.01-00.00.00"
+    fits = MAX_UNIT_NAME - len(f"{service}::{stamp}@100.service")
+    check_length(service, "v" * fits, stamp, 100)
+    with pytest.raises(InvalidName, match="instance 100"):
+        check_length(service, "v" * (fits + 1), stamp, 100)
+    UnitName.build(service, "v" * (fits + 1), stamp, 99)
+
+
+def test_a_unit_name_with_a_non_ascii_instance_is_not_managed() -> None:
+    assert UnitName.parse("web:v1:2026.01.01-00.00.00@\u00b2.service") is None
+    with pytest.raises(InvalidName, match="not a unit name"):
+        UnitName.parse_valid("web:v1:2026.01.01-00.00.00@\u00b2.service")

@@ -302,13 +302,13 @@ def test_service_of_repository(prefix: str, repository: str, service: str | None
 
 
 def test_the_dockerhub_token_in_a_logged_path_is_masked() -> None:
-    from deployster.logs import _mask_secrets
+    from deployster.logs import mask_secrets
 
-    line = _mask_secrets(
+    line = mask_secrets(
         None, "info", {"event": "http_request", "path": "/v1/webhooks/dockerhub/s3cret-token"}
     )
     assert line["path"] == "/v1/webhooks/dockerhub/***"
     assert (
-        _mask_secrets(None, "info", {"path": "/v1/webhooks/registry"})["path"]
+        mask_secrets(None, "info", {"path": "/v1/webhooks/registry"})["path"]
         == "/v1/webhooks/registry"
     )
