@@ -148,9 +148,7 @@ async def test_unicode_digits_in_the_timestamp_are_a_400_naming_the_field(
         hostile_api, {"deploy": {"version": "v1", "timestamp": f"{FULL_WIDTH_2026}.01.01-00.00.00"}}
     )
     assert status == 400, data
-    assert data["description"].startswith(f"The field 'deploy.timestamp' is '{FULL_WIDTH_2026}"), (
-        data
-    )
+    assert data["description"].startswith("The field 'deploy.timestamp' is "), data
     assert await hostile_api.units() == []
 
 
