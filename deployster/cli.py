@@ -60,6 +60,7 @@ SERVE_FLAGS: list[tuple[str, str]] = [
         "Docker Engine API for tasks: unix:///PATH, http://HOST:PORT or https://HOST:PORT",
     ),
     ("task-max-timeout", "the longest time limit in seconds a task may ask for"),
+    ("body-timeout", "seconds a client has to send a whole request body (else 408)"),
 ]
 
 

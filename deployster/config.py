@@ -8,6 +8,7 @@ the others.
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,8 @@ class Settings(BaseSettings):
     webhook_secret_ghcr: SecretStr | None = None
     docker_endpoint: str = "unix:///var/run/docker.sock"
     task_max_timeout: float = Field(600.0, gt=0)
+    # Seconds a client has to send a whole request body (408 and the connection closed after).
+    body_timeout: float = Field(10.0, ge=0.1, le=300)
 
     @field_validator("etcd")
     @classmethod
@@ -94,7 +97,7 @@ class Settings(BaseSettings):
     @property
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
-        if not port.isdigit():
+        if not re.fullmatch("[0-9]{1,5}", port):
             raise ValueError(f"-listen {self.listen!r} is not HOST:PORT")
         return host or "0.0.0.0", int(port)
 

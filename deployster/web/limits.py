@@ -1,0 +1,147 @@
+"""What a request may send, in one place: body size and read deadline, JSON depth, and the
+number of webhook bodies read before their sender has proved anything.
+
+Every limit answers in the JSON error envelope: 413 for a body over the size limit, 408 for
+a body that does not arrive within the deadline (the connection is closed), 400 for JSON
+that is not valid, nested too deep, has a key twice or a NaN/Infinity, 503 for a webhook body
+beyond the unauthenticated ones in flight. The README's "Security / Limits" lists them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from deployster.web.errors import TOO_LARGE, ApiError
+
+MAX_BODY = 1024 * 1024  # bytes of a request body (aiohttp's client_max_size as well)
+BODY_TIMEOUT = 10.0  # seconds to receive a whole request body (setting --body-timeout)
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects; Deployster's own bodies need 4
+MAX_ENV_VARS = 256  # environment variables of a deploy or a task
+MAX_ENV_BYTES = 64 * 1024  # their names and values together, UTF-8
+MAX_COMMAND_ARGS = 512  # arguments of a task's command
+MAX_COMMAND_BYTES = 32 * 1024  # the command's arguments together, UTF-8
+MAX_EVENT_ID = 18  # digits of a Last-Event-ID
+MAX_UNVERIFIED = 16  # webhook bodies read at once before their signature is checked (GHCR)
+
+#: aiohttp's connection settings (``web.Application(handler_args=...)``): an idle connection,
+#: or one that has not finished its request headers, is closed after ``keepalive_timeout``
+#: seconds; a body left unread after the answer is read and dropped for ``lingering_time``
+#: at most, then the connection is closed; a header line may have 8190 bytes.
+HANDLER_ARGS: dict[str, Any] = {
+    "keepalive_timeout": 30.0,
+    "lingering_time": 2.0,
+    "max_line_size": 8190,
+    "max_field_size": 8190,
+}
+
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
+UNVERIFIED_KEY = web.AppKey("unverified", "InFlight")
+
+# A JSON string (skipped whole, escapes included) or a bracket: enough to measure nesting.
+_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+class JsonRefused(ValueError):
+    """The body is not JSON Deployster takes; the message is a sentence for the caller."""
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body within the size limit and the app's read deadline, else a 413 or 408."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(413, TOO_LARGE, close=True)
+    deadline = request.app[BODY_TIMEOUT_KEY]
+    try:
+        async with asyncio.timeout(deadline):
+            return await request.read()  # a 413 past the app's client_max_size (MAX_BODY)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"The request body did not arrive within {deadline:g} s; send it whole and at once.",
+            close=True,
+        ) from None
+    except HttpProcessingError as exc:  # e.g. a broken chunked encoding
+        raise ApiError(400, f"The request body is not valid HTTP: {exc.message}.") from None
+
+
+def load_json(raw: bytes) -> Any:
+    """``raw`` as JSON, refused (JsonRefused) when not valid, nested deeper than
+    MAX_JSON_DEPTH, holding a key twice in one object, or NaN/Infinity."""
+    depth = 0
+    for token in _JSON_TOKENS.finditer(raw):
+        first = token[0][:1]
+        if first in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise JsonRefused(
+                    f"The JSON is nested deeper than {MAX_JSON_DEPTH} arrays or objects."
+                )
+        elif first in (b"]", b"}"):
+            depth -= 1
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except JsonRefused:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise JsonRefused(f"The body is not valid JSON: {exc}.") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise JsonRefused(f"The JSON has the key {twice[:100]!r} twice in one object.")
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonRefused(f"The JSON holds {name}, which is not a number JSON allows.")
+
+
+def bounded_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` within MAX_ENV_VARS and MAX_ENV_BYTES, else ValueError (a pydantic validator)."""
+    if len(env) > MAX_ENV_VARS:
+        raise ValueError(f"at most {MAX_ENV_VARS} environment variables are allowed")
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in env.items())
+    if size > MAX_ENV_BYTES:
+        raise ValueError(f"the environment has {size} bytes, more than {MAX_ENV_BYTES}")
+    return env
+
+
+def bounded_command(parts: list[str]) -> None:
+    """A command within MAX_COMMAND_ARGS and MAX_COMMAND_BYTES, else ValueError."""
+    if len(parts) > MAX_COMMAND_ARGS:
+        raise ValueError(f"the command has more than {MAX_COMMAND_ARGS} arguments")
+    size = sum(len(part.encode()) for part in parts)
+    if size > MAX_COMMAND_BYTES:
+        raise ValueError(f"the command has {size} bytes, more than {MAX_COMMAND_BYTES}")
+
+
+class InFlight:
+    """At most ``limit`` requests at once in a section; beyond that a 503 to retry later."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    @contextmanager
+    def slot(self, what: str) -> Iterator[None]:
+        if self.count >= self.limit:
+            raise ApiError(
+                503,
+                f"Deployster is reading {self.limit} {what} already; send it again shortly.",
+                {"Retry-After": "1"},
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
