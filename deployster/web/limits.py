@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import accumulate
 from typing import Any
 
 from aiohttp import web
@@ -45,8 +46,10 @@ HANDLER_ARGS: dict[str, Any] = {
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
 UNVERIFIED_KEY = web.AppKey("unverified", "InFlight")
 
-# A JSON string (skipped whole, escapes included) or a bracket: enough to measure nesting.
-_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+# Nesting is measured on the brackets outside JSON strings (escapes included), in C loops.
+_JSON_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 class JsonRefused(ValueError):
@@ -74,17 +77,9 @@ async def read_body(request: web.Request) -> bytes:
 def load_json(raw: bytes) -> Any:
     """``raw`` as JSON, refused (JsonRefused) when not valid, nested deeper than
     MAX_JSON_DEPTH, holding a key twice in one object, or NaN/Infinity."""
-    depth = 0
-    for token in _JSON_TOKENS.finditer(raw):
-        first = token[0][:1]
-        if first in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise JsonRefused(
-                    f"The JSON is nested deeper than {MAX_JSON_DEPTH} arrays or objects."
-                )
-        elif first in (b"]", b"}"):
-            depth -= 1
+    brackets = _JSON_STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if brackets and max(accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > MAX_JSON_DEPTH:
+        raise JsonRefused(f"The JSON is nested deeper than {MAX_JSON_DEPTH} arrays or objects.")
     try:
         return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except JsonRefused:
