@@ -23,6 +23,7 @@ from deployster.web.limits import (
     MAX_UNVERIFIED,
     UNVERIFIED_KEY,
     InFlight,
+    defer_continue,
 )
 
 log = structlog.get_logger(__name__)
@@ -45,13 +46,13 @@ def create_app(
         app[CLOSING].set()
 
     app.on_shutdown.append(end_streams)
-    app.add_routes(meta.routes)
-    app.add_routes(deploys.routes)
-    app.add_routes(policies.routes)
-    app.add_routes(metrics.routes)
-    app.add_routes(openapi.routes)
-    app.add_routes(webhooks.routes)
-    app.add_routes(tasks.routes)
+    for table in (meta, deploys, policies, metrics, openapi, webhooks, tasks):
+        for route in table.routes:
+            assert isinstance(route, web.RouteDef)
+            # "Expect: 100-continue" is answered when the route reads the body (read_body),
+            # after auth and the webhook secrets: never to a sender that has not proved itself.
+            add = getattr(app.router, f"add_{route.method.lower()}")  # add_get adds HEAD
+            add(route.path, route.handler, expect_handler=defer_continue, **route.kwargs)
     return app
 
 

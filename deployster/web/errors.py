@@ -27,6 +27,7 @@ _CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     502: "bad_gateway",
     503: "unavailable",
     504: "gateway_timeout",

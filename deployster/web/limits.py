@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from itertools import accumulate
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from deployster.web.errors import TOO_LARGE, ApiError
+from deployster.web.errors import TOO_LARGE, ApiError, error_response
 
 MAX_BODY = 1024 * 1024  # bytes of a request body (aiohttp's client_max_size as well)
 BODY_TIMEOUT = 10.0  # seconds to receive a whole request body (setting --body-timeout)
@@ -56,10 +56,26 @@ class JsonRefused(ValueError):
     """The body is not JSON Deployster takes; the message is a sentence for the caller."""
 
 
+async def defer_continue(request: web.Request) -> web.Response | None:
+    """Every route's ``expect_handler``: aiohttp's own says "100 Continue" before any
+    middleware runs, so a client without credentials would be invited to send its body.
+    Here an ``Expect`` other than ``100-continue`` is a 417 and the 100 waits for read_body."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(417, "Only 'Expect: 100-continue' is understood.")
+    return None
+
+
 async def read_body(request: web.Request) -> bytes:
-    """The whole body within the size limit and the app's read deadline, else a 413 or 408."""
+    """The whole body within the size limit and the app's read deadline, else a 413 or 408.
+    A client that waits for "100 Continue" gets it now, past auth and every check before."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, TOO_LARGE, close=True)
+    if (
+        request.version == HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer itself has not begun (as aiohttp does)
     deadline = request.app[BODY_TIMEOUT_KEY]
     try:
         async with asyncio.timeout(deadline):

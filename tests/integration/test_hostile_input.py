@@ -14,6 +14,7 @@ import json
 import resource
 import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -200,6 +201,68 @@ async def test_unauthenticated_unfinished_webhook_bodies_are_answered_and_let_go
     assert all(closed)
     for c in conns:
         c.close()
+    assert rss_mib() - before < 30
+
+
+@pytest.mark.parametrize(
+    "path,headers,expect_continue",
+    [
+        ("/v1/webhooks/registry", {"Authorization": "Bearer wrong"}, False),
+        ("/v1/webhooks/dockerhub/wrong", {}, False),
+        ("/v1/webhooks/harbor", {}, False),
+        ("/v1/webhooks/registry", {"Authorization": f"Bearer {SECRET}"}, True),
+        ("/v1/services/web/deploys", {"Authorization": "Basic d3Jvbmc6d3Jvbmc="}, False),
+    ],
+)
+async def test_100_continue_only_after_the_secret_is_checked(
+    hostile: Api, path: str, headers: dict[str, str], expect_continue: bool
+) -> None:
+    """A sender that waits for "100 Continue" is invited to send its body only once its
+    secret (or basic auth) passed; aiohttp's default says it before any check."""
+    api = hostile
+    conn = await Raw.open(api)
+    await conn.send(
+        request_head(
+            "POST",
+            path,
+            {
+                **headers,
+                "Content-Type": REGISTRY_V1,
+                "Content-Length": "12",
+                "Expect": "100-continue",
+            },
+        )
+    )
+    if expect_continue:
+        assert await conn.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await conn.send(b'{"events":[]')  # 12 bytes, not valid JSON
+        status, _, body = await conn.answer()
+        assert status == 400 and "not valid JSON" in envelope(body)["description"]
+    else:
+        status, _, body = await conn.answer()
+        assert status == 401 and envelope(body)["error"] == "unauthorized"
+    conn.close()
+
+
+async def test_an_unknown_expectation_is_a_417(hostile: Api) -> None:
+    api = hostile
+    resp = await api.client.put(
+        api.url("/policy"), json={"policy": {}}, headers={**api.auth, "Expect": "magic"}
+    )
+    await refused(resp, 417, "100-continue")
+
+
+async def test_a_compressed_body_is_bounded_by_its_decompressed_size(hostile: Api) -> None:
+    api = hostile
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    bomb = packer.compress(b" " * (256 * 1024 * 1024)) + packer.flush()  # 256 MiB in 250 KiB
+    before = rss_mib()
+    resp = await api.client.put(
+        api.url("/policy"),
+        data=bomb,
+        headers={**api.auth, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    await refused(resp, 413, "1 MiB")
     assert rss_mib() - before < 30
 
 
