@@ -35,12 +35,14 @@ MAX_UNVERIFIED = 16  # webhook bodies read at once before their signature is che
 #: aiohttp's connection settings (``web.Application(handler_args=...)``): an idle connection,
 #: or one that has not finished its request headers, is closed after ``keepalive_timeout``
 #: seconds; a body left unread after the answer is read and dropped for ``lingering_time``
-#: at most, then the connection is closed; a header line may have 8190 bytes.
+#: at most, then the connection is closed; a header line may have 8190 bytes, a request 128
+#: header lines.
 HANDLER_ARGS: dict[str, Any] = {
     "keepalive_timeout": 30.0,
     "lingering_time": 2.0,
     "max_line_size": 8190,
     "max_field_size": 8190,
+    "max_headers": 128,
 }
 
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)

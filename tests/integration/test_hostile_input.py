@@ -433,6 +433,8 @@ async def production_runner(hostile: Api) -> AsyncIterator[tuple[str, int]]:
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", "8190 bytes"),
         (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "8190 bytes"),
         (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", "not valid HTTP"),
+        (b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 200 + b"\r\n", "not valid HTTP"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", "not"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "not valid HTTP"),  # TLS on plain
     ],
 )
