@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     @property
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
-        if not re.fullmatch("[0-9]{1,5}", port):
+        if not re.fullmatch("[0-9]{1,5}", port) or int(port) > 65535:
             raise ValueError(f"-listen {self.listen!r} is not HOST:PORT")
         return host or "0.0.0.0", int(port)
 

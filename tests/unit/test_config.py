@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from deployster.cli import build_parser
 from deployster.config import Settings, generate_password
@@ -94,3 +95,17 @@ def test_generated_passwords_never_look_like_a_flag() -> None:
     assert len(passwords) == 2000
     assert not any(p.startswith("-") for p in passwords)
     assert all(len(p) == 24 for p in passwords)
+
+
+@pytest.mark.parametrize(
+    "listen", [":３０００", "host:²", "host:", "host:123456", "host:99999", "host:-1"]
+)
+def test_a_listen_port_is_ascii_digits(listen: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        Settings(listen=listen).listen_host_port
+
+
+@pytest.mark.parametrize("seconds", [0, 0.01, 301])
+def test_the_body_timeout_is_bounded(seconds: float) -> None:
+    with pytest.raises(ValidationError):
+        Settings(body_timeout=seconds)
