@@ -98,11 +98,12 @@ def test_generated_passwords_never_look_like_a_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "listen", [":３０００", "host:²", "host:", "host:123456", "host:99999", "host:-1"]
+    "listen",
+    [":\uff13\uff10\uff10\uff10", "host:²", "host:", "host:123456", "host:99999", "host:-1"],
 )
 def test_a_listen_port_is_ascii_digits(listen: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
-        Settings(listen=listen).listen_host_port
+        assert Settings(listen=listen).listen_host_port
 
 
 @pytest.mark.parametrize("seconds", [0, 0.01, 301])
