@@ -1,10 +1,12 @@
-"""What a request may send, in one place: body size and read deadline, JSON depth, and the
-number of webhook bodies read before their sender has proved anything.
+"""What a request may send, in one place: body size and read deadline, JSON depth, sizes
+of env and commands, aiohttp's connection limits, when "100 Continue" is said, and the number
+of webhook bodies read before their sender has proved anything.
 
 Every limit answers in the JSON error envelope: 413 for a body over the size limit, 408 for
 a body that does not arrive within the deadline (the connection is closed), 400 for JSON
-that is not valid, nested too deep, has a key twice or a NaN/Infinity, 503 for a webhook body
-beyond the unauthenticated ones in flight. The README's "Security / Limits" lists them all.
+that is not valid, nested too deep, has a key twice or a NaN/Infinity, 417 for an unknown
+``Expect``, 503 for a webhook body beyond the unverified ones in flight. The README's
+"Security / Limits" lists them all.
 """
 
 from __future__ import annotations
