@@ -95,16 +95,23 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def load_json(raw: bytes) -> Any:
-    """``raw`` as JSON, refused (JsonRefused) when not valid, nested deeper than
-    MAX_JSON_DEPTH, holding a key twice in one object, or NaN/Infinity."""
+    """``raw`` as JSON, refused (JsonRefused) when not UTF-8 or not valid, nested deeper than
+    MAX_JSON_DEPTH, holding a key twice in one object, or NaN/Infinity.
+
+    UTF-8 only (as RFC 8259 asks of JSON between systems): in UTF-16 a quote or bracket byte
+    can be half of another character, which would hide nesting from the scan."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonRefused(f"The body is not UTF-8: {exc.reason} at byte {exc.start}.") from None
     brackets = _JSON_STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
     if brackets and max(accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > MAX_JSON_DEPTH:
         raise JsonRefused(f"The JSON is nested deeper than {MAX_JSON_DEPTH} arrays or objects.")
     try:
-        return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except JsonRefused:
         raise
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise JsonRefused(f"The body is not valid JSON: {exc}.") from None
 
 

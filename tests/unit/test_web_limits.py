@@ -57,7 +57,11 @@ def test_the_depth_scan_costs_less_than_parsing_itself() -> None:
         (b'{"a": NaN}', "NaN"),
         (b"[Infinity]", "Infinity"),
         (b"{", "not valid JSON"),
-        (b"\xff", "not valid JSON"),
+        (b"\xff", "not UTF-8"),
+        ('["\u00e9"]'.encode("utf-16"), "not UTF-8"),
+        # UTF-16 of ASCII is valid UTF-8 (with NULs): scanned as the parser would read it.
+        (('["\u2200' + "[" * 100 + '"]').encode("utf-16-le"), "nested deeper"),
+        (b"\xef\xbb\xbf{}", "not valid JSON"),  # a byte order mark
         (b"1" * 5000, "not valid JSON"),
     ],
 )
