@@ -6,9 +6,9 @@ own secret (``deployster/webhooks.py``) from the path or the headers before it r
 of the body (GHCR, whose signature covers the body, has its signature's form checked first
 and at most ``limits.MAX_UNVERIFIED`` bodies read at once before the signature is checked),
 and answers 404 while no secret is configured for its source. Bodies are read within the
-size limit and deadline of ``deployster/web/limits.py``. A bad secret is a 401, a body that is not the
-provider's format a 400, and everything else a 202 with the decision for each event, the
-reason included: registries retry anything but a 2xx. ``GET /v1/webhooks/events`` (basic
+size limit and deadline of ``deployster/web/limits.py``. A bad secret is a 401, a body that
+is not the provider's format a 400, and everything else a 202 with the decision for each
+event, the reason included: registries retry anything but a 2xx. ``GET /v1/webhooks/events`` (basic
 auth) lists the last 100 decisions.
 """
 
