@@ -396,6 +396,27 @@ async def test_an_authenticated_chunked_body_that_never_ends_is_cut_at_the_deadl
     conn.close()
 
 
+async def test_an_authenticated_webhook_body_that_never_ends_is_cut_at_the_deadline(
+    hostile: Api,
+) -> None:
+    api = hostile
+    conn = await Raw.open(api)
+    head = request_head(
+        "POST",
+        "/v1/webhooks/registry",
+        {
+            "Authorization": f"Bearer {SECRET}",
+            "Content-Type": REGISTRY_V1,
+            "Content-Length": "5000",
+        },
+    )
+    await conn.send(head + b'{"events": [')
+    status, _, body = await conn.answer(timeout=BODY_TIMEOUT + 3)
+    assert status == 408 and envelope(body)["error"] == "request_timeout"
+    assert await conn.closed_within(4)
+    conn.close()
+
+
 async def test_a_body_over_the_limit_is_refused_from_its_content_length(hostile: Api) -> None:
     api = hostile
     conn = await Raw.open(api)
@@ -579,7 +600,9 @@ async def test_odd_record_ids_are_a_404_without_a_lookup(
     await refused(resp, status, "id")
 
 
-@pytest.mark.parametrize("name", ["%00", "a%2Fb", "%E2%80%A8", "-a", "caf%C3%A9", "%EF%BC%91"])
+@pytest.mark.parametrize(
+    "name", ["%00", "a%2Fb", "%E2%80%A8", "-a", "caf%C3%A9", "%EF%BC%91", "%2E%2E", "%zz"]
+)
 async def test_odd_service_names_are_a_400(hostile: Api, name: str) -> None:
     api = hostile
     resp = await api.client.get(URL(f"/v1/services/{name}/deploys", encoded=True), headers=api.auth)
