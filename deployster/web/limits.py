@@ -92,6 +92,8 @@ async def read_body(request: web.Request) -> bytes:
         ) from None
     except HttpProcessingError as exc:  # e.g. a broken chunked encoding
         raise ApiError(400, f"The request body is not valid HTTP: {exc.message}.") from None
+    except ConnectionError:  # the client went away mid-body: nobody to answer, nothing to log
+        raise ApiError(400, "The connection closed before the body ended.", close=True) from None
 
 
 def load_json(raw: bytes) -> Any:

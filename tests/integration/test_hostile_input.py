@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from integration.conftest import Api, running_api
+from integration.conftest import Api, basic_auth, running_api
 from webhook_samples import REGISTRY_V1, registry, registry_event
 from yarl import URL
 
@@ -472,6 +472,31 @@ async def test_aiohttps_own_protocol_errors_answer_in_the_envelope(
     assert data["error"] == "invalid_request" and words in data["description"]
     assert await conn.closed_within(2)
     conn.close()
+
+
+@pytest.mark.parametrize("path", ["/deploys", "/policy", "/tasks", "webhook"])
+async def test_a_client_that_leaves_mid_body_costs_no_error_log(
+    hostile: Api,
+    production_runner: tuple[str, int],
+    log_lines: list[dict[str, object]],
+    path: str,
+) -> None:
+    """Served as ``deployster serve`` serves (aiohttp's test server cancels the route
+    instead): the read fails with a ConnectionResetError, which is no server error."""
+    api = hostile
+    if path == "webhook":
+        method, url = "POST", "/v1/webhooks/registry"
+        headers = {"Authorization": f"Bearer {SECRET}", "Content-Type": REGISTRY_V1}
+    else:
+        method, url = ("PUT" if path == "/policy" else "POST"), api.url(path)
+        headers = {**basic_auth("deployster", "unused"), "Content-Type": "application/json"}
+    _, writer = await asyncio.open_connection(*production_runner)
+    writer.write(request_head(method, url, {**headers, "Content-Length": "5000"}) + b'{"x": "')
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the route is reading the body now
+    writer.transport.abort()
+    await asyncio.sleep(0.3)
+    assert [line for line in log_lines if line["log_level"] in ("error", "critical")] == []
 
 
 # -- finding 9: unbounded inputs -------------------------------------------------------------
