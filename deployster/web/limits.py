@@ -48,7 +48,6 @@ HANDLER_ARGS: dict[str, Any] = {
 }
 
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
-UNVERIFIED_KEY = web.AppKey("unverified", "InFlight")
 
 # Nesting is measured on the brackets outside JSON strings (escapes included), in C loops.
 _JSON_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -169,3 +168,6 @@ class InFlight:
             yield
         finally:
             self.count -= 1
+
+
+UNVERIFIED_KEY = web.AppKey("unverified", InFlight)
