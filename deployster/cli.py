@@ -70,6 +70,7 @@ SERVE_FLAGS: list[tuple[str, str]] = [
         "publish-address",
         "where instances publish their port, unless a service's policy names an address",
     ),
+    ("body-timeout", "seconds a client has to send a whole request body (else 408)"),
 ]
 # Flags that may be given more than once.
 REPEATED_FLAGS = {"notify-url"}

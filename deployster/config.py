@@ -8,6 +8,7 @@ the others.
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated, Literal
@@ -75,6 +76,8 @@ class Settings(BaseSettings):
     etcdctl: str = Field(DEFAULT_ETCDCTL, pattern=_PROGRAM)
     publish_address: str = Field(DEFAULT_PUBLISH_ADDRESS, pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
     task_max_timeout: float = Field(600.0, gt=0)
+    # Seconds a client has to send a whole request body (408 and the connection closed after).
+    body_timeout: float = Field(10.0, ge=0.1, le=300)
 
     @field_validator("etcd")
     @classmethod
@@ -145,7 +148,7 @@ class Settings(BaseSettings):
     @property
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
-        if not port.isdigit():
+        if not re.fullmatch("[0-9]{1,5}", port) or int(port) > 65535:
             raise ValueError(f"-listen {self.listen!r} is not HOST:PORT")
         return host or "0.0.0.0", int(port)
 

@@ -3,13 +3,15 @@
 Stored in etcd at ``<prefix>/services/<service>/policy`` and read when a deploy starts, so a
 change applies to the next deploy. Every field has the server's default (ARCHITECTURE.md and
 `reference/anchors.md`); a policy stored with some fields only takes the defaults for the rest.
-Durations are seconds, as numbers. Bounds reject values that are negative or absurd (a day or
-more) with a sentence, before anything is stored.
+Durations are seconds, as numbers. Bounds reject values that are too small to be meant (a
+probe every 1e-9 s would spin a CPU) or absurd (a day or more) with a sentence, before
+anything is stored; the README's "Security / Limits" lists them.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,22 +20,32 @@ from deployster.notify import NotifyTarget
 from deployster.tagpolicy import TagPolicy
 
 DAY = 86400.0
+MIN_PROBE_INTERVAL = 0.1  # seconds between two probes of one instance, at least
+MIN_PROBE_TIMEOUT = 0.1
+MAX_HEALTH_PATH = 1024  # characters
+
+# A path and query as a URL has them: printable ASCII, no space, no fragment.
+_HEALTH_PATH = re.compile(rf"/[!-~]{{0,{MAX_HEALTH_PATH - 1}}}", re.ASCII)
 
 
 class HealthPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = "/health"
-    interval: float = Field(1.0, gt=0, le=3600)
-    timeout: float = Field(2.0, gt=0, le=3600)
+    interval: float = Field(1.0, ge=MIN_PROBE_INTERVAL, le=3600)
+    timeout: float = Field(2.0, ge=MIN_PROBE_TIMEOUT, le=3600)
     healthy_threshold: int = Field(2, ge=1, le=100)
     unhealthy_threshold: int = Field(3, ge=1, le=100)
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c.isspace() for c in value):
-            raise ValueError("the health path must start with '/' and contain no spaces")
+        if not _HEALTH_PATH.fullmatch(value) or "#" in value:
+            raise ValueError(
+                "the health path must start with '/' and hold at most "
+                f"{MAX_HEALTH_PATH} printable ASCII characters, without spaces or '#' "
+                "(percent-encode others)"
+            )
         return value
 
 

@@ -27,7 +27,7 @@ from deployster.metrics import Metrics
 from deployster.routers import Router, TraefikRouter, VulcandRouter
 from deployster.store import NotificationStore, Store, TaskStore
 from deployster.units import TemplateError, UnitTemplate, load_template
-from deployster.web.app import create_app
+from deployster.web.app import ApiRunner, create_app
 from deployster.web.context import Services
 from deployster.webhooks import SOURCES as WEBHOOK_SOURCES
 from handlers.deploys import DeployConfig, DeployHandler
@@ -186,7 +186,9 @@ class Deployster:
             tasks=self.tasks,
             notifier=self.notifier,
         )
-        self.app = create_app(services, settings.username, password)
+        self.app = create_app(
+            services, settings.username, password, body_timeout=settings.body_timeout
+        )
         self.app.on_shutdown.append(self._end_task_streams)
 
     async def _end_task_streams(self, _: web.Application) -> None:
@@ -269,7 +271,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(deployster.app, access_log_class=AccessLogger, handle_signals=False)
+    runner = ApiRunner(deployster.app, access_log_class=AccessLogger, handle_signals=False)
     await runner.setup()
     host, port = settings.listen_host_port
     try:

@@ -9,10 +9,16 @@ A policy string is one of:
   ``prerelease: true`` (Keel's ``all`` always takes them; here that is an explicit opt-in).
   With no live release yet, any version is taken; a live version that is not semver stops
   semver policies (nothing to compare with).
-* ``glob:<pattern>`` (shell wildcards, whole tag), ``regexp:<pattern>`` (Python ``re``,
-  searched as Keel's Go ``MatchString`` does: anchor with ``^...$``), ``exact:<tag>``. These
+* ``glob:<pattern>`` (shell wildcards, whole tag), ``regexp:<pattern>`` (RE2 syntax, as
+  Keel's Go ``regexp`` is, searched as its ``MatchString`` does: anchor with ``^...$``),
+  ``exact:<tag>``. These
   have no order: a matching tag is taken, the live one again too when it was pushed anew
   (``latest`` with a new digest: Keel #297).
+
+Regular expressions run on RE2 (``google-re2``), whose matching takes time linear in the
+tag's length whatever the pattern: ``^(a+)+$`` cannot freeze the server. A pattern RE2 cannot
+run (backreferences, lookaround) or one longer than ``MAX_PATTERN`` characters is refused
+when the policy is stored; a tag longer than ``MAX_TAG`` (Docker's own bound) never matches.
 
 Versions are parsed by the ``semver`` library (SemVer 2.0 precedence, pre-release rules,
 build metadata ignored) after an optional leading ``v``; ``1.2`` is read as ``1.2.0``.
@@ -21,13 +27,33 @@ build metadata ignored) after an optional leading ``v``; ``1.2`` is read as ``1.
 from __future__ import annotations
 
 import fnmatch
-import re
+import functools
 from dataclasses import dataclass
 
+import re2
 import semver
 
 SEMVER_KINDS = ("all", "major", "minor", "patch")
 PATTERN_KINDS = ("glob", "regexp", "exact")
+MAX_TAG = 128  # characters of a Docker tag
+MAX_PATTERN = 256  # characters of a policy's pattern
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error comes back as the 400's sentence
+_RE2_OPTIONS.max_mem = 1 << 20  # a pattern whose program needs more is refused
+
+
+@functools.lru_cache(maxsize=256)
+def _regexp(pattern: str) -> re2._Regexp:
+    """The compiled pattern; ValueError with a sentence when RE2 cannot run it."""
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error as exc:
+        why = exc.args[0].decode(errors="replace") if exc.args else "not valid"
+        raise ValueError(
+            f"the regular expression {pattern!r} is not one RE2 runs ({why}): "
+            "use RE2 syntax, without backreferences or lookaround"
+        ) from None
 
 
 def parse_version(tag: str) -> semver.Version | None:
@@ -57,13 +83,10 @@ class TagPolicy:
             )
         if not pattern:
             raise ValueError(f"the tag policy {text!r} needs a pattern after '{kind}:'")
+        if len(pattern) > MAX_PATTERN:
+            raise ValueError(f"the pattern of a tag policy has at most {MAX_PATTERN} characters")
         if kind == "regexp":
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(
-                    f"the regular expression {pattern!r} does not compile: {exc}"
-                ) from None
+            _regexp(pattern)
         return cls(kind, pattern)
 
     def __str__(self) -> str:
@@ -71,6 +94,8 @@ class TagPolicy:
 
     def wants(self, tag: str, live: str | None, prerelease: bool = False) -> str | None:
         """None when the policy takes ``tag`` over the live version ``live``, else why not."""
+        if len(tag) > MAX_TAG:
+            return f"a tag has at most {MAX_TAG} characters, this one {len(tag)}"
         if self.kind == "glob":
             return (
                 None
@@ -78,7 +103,8 @@ class TagPolicy:
                 else f"tag {tag!r} does not match {self}"
             )
         if self.kind == "regexp":
-            return None if re.search(self.pattern, tag) else f"tag {tag!r} does not match {self}"
+            matched = _regexp(self.pattern).search(tag)
+            return None if matched else f"tag {tag!r} does not match {self}"
         if self.kind == "exact":
             return None if tag == self.pattern else f"tag {tag!r} is not {self.pattern!r}"
         new = parse_version(tag)

@@ -1,7 +1,8 @@
 """Push webhooks: the wire formats of Docker Hub, registry notifications, Harbor and GHCR.
 
 The one place that knows what each provider sends (`reference/webhooks.md`) and how each
-proves who it is. Every check of a secret runs in constant time, before the body is parsed,
+proves who it is. Every check of a secret runs in constant time, before the body is read
+(GHCR: its signature's form before, the signature itself once the body is read, before parsing),
 and never puts the secret or what was given in a message. Each delivery becomes a
 :class:`Delivery`: the pushes worth a decision (repository, tag, digest, event id), and the
 events that are not pushes of a tag, each with the reason (blob pushes, pulls, mounts,
@@ -10,8 +11,8 @@ deletes, untagged manifests, other event types).
 | source | path | authentication |
 |---|---|---|
 | Docker Hub | ``/v1/webhooks/dockerhub/{token}`` | the token in the URL (Hub signs nothing) |
-| registry (distribution) | ``/v1/webhooks/registry`` | ``Authorization: Bearer <secret>`` (a static header in its config) |
-| Harbor | ``/v1/webhooks/harbor`` | the policy's "Auth Header", sent verbatim as ``Authorization`` |
+| registry (distribution) | ``/v1/webhooks/registry`` | ``Authorization: Bearer <secret>`` (a static header in its config; the bare secret is refused) |
+| Harbor | ``/v1/webhooks/harbor`` | the policy's "Auth Header", sent verbatim as ``Authorization``: ``Bearer <secret>`` or the bare secret |
 | GHCR (GitHub ``package`` event) | ``/v1/webhooks/ghcr`` | ``X-Hub-Signature-256``: HMAC-SHA256 of the raw body |
 """
 
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
+
+from deployster.web.limits import JsonRefused, load_json
 
 SOURCES = ("dockerhub", "registry", "harbor", "ghcr")
 
@@ -103,10 +106,20 @@ def check_token(given: str, secret: str) -> None:
         raise WebhookUnauthorized("The token in the webhook URL is wrong.")
 
 
-def check_authorization(header: str | None, secret: str) -> None:
-    """``Authorization: Bearer <secret>`` (registry, Harbor); Harbor's "Auth Header" may also
-    be the bare secret."""
-    if not header:
+def check_bearer(header: str | None, secret: str) -> None:
+    """``Authorization: Bearer <secret>`` (registry notifications: a static header of the
+    endpoint in the registry's config, where the scheme is written out)."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise WebhookUnauthorized("The Authorization header is missing: send 'Bearer <secret>'.")
+    if not _same(given.strip(), secret):
+        raise WebhookUnauthorized("The secret in the Authorization header is wrong.")
+
+
+def check_harbor_auth(header: str | None, secret: str) -> None:
+    """Harbor sends its policy's "Auth Header" verbatim as ``Authorization``: ``Bearer
+    <secret>`` or the bare secret."""
+    if not header or not header.strip():
         raise WebhookUnauthorized("The Authorization header is missing: send 'Bearer <secret>'.")
     scheme, _, rest = header.partition(" ")
     given = rest.strip() if scheme.lower() == "bearer" else header.strip()
@@ -119,11 +132,22 @@ def github_signature(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def check_github_signature(body: bytes, header: str | None, secret: str) -> None:
+_GITHUB_SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
+
+
+def github_signature_given(header: str | None) -> None:
+    """The signature header is there and has its form (checked before the body is read)."""
     if not header:
         raise WebhookUnauthorized(
             "X-Hub-Signature-256 is missing: set the webhook's secret in GitHub."
         )
+    if not _GITHUB_SIGNATURE.fullmatch(header.strip()):
+        raise WebhookUnauthorized("X-Hub-Signature-256 is not 'sha256=' and 64 hex digits.")
+
+
+def check_github_signature(body: bytes, header: str | None, secret: str) -> None:
+    github_signature_given(header)
+    assert header is not None
     if not _same(header.strip(), github_signature(body, secret)):
         raise WebhookUnauthorized("X-Hub-Signature-256 does not match the body and the secret.")
 
@@ -133,9 +157,9 @@ def check_github_signature(body: bytes, header: str | None, secret: str) -> None
 
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedPayload(f"The body is not valid JSON: {exc}.") from None
+        return load_json(body)
+    except JsonRefused as exc:
+        raise MalformedPayload(str(exc)) from None
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -205,19 +229,18 @@ def parse_registry(body: bytes, content_type: str) -> Delivery:
         repository, tag = _optional_text(target, "repository"), _optional_text(target, "tag")
         media_type, digest = _optional_text(target, "mediaType"), _optional_text(target, "digest")
 
-        def skip(reason: str) -> None:
-            delivery.skipped.append(Skipped("registry", event_id, reason, repository, tag))
-
         if not _optional_text(event, "id") or not action or not repository:
-            skip("a malformed event (no id, action or target.repository)")
+            skip = "a malformed event (no id, action or target.repository)"
         elif action != "push":
-            skip(f"a {action} event, not a push")
+            skip = f"a {action} event, not a push"
         elif media_type not in MANIFEST_TYPES:
-            skip(f"a push of {media_type or 'an unknown media type'}, not of an image manifest")
+            skip = f"a push of {media_type or 'an unknown media type'}, not of an image manifest"
         elif not tag:
-            skip("a manifest pushed by digest, without a tag")
+            skip = "a manifest pushed by digest, without a tag"
         else:
             delivery.pushes.append(Push("registry", repository, tag, digest, event_id))
+            continue
+        delivery.skipped.append(Skipped("registry", event_id, skip, repository, tag))
     return delivery
 
 

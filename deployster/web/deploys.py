@@ -12,11 +12,12 @@ rest read records or fleet's units, or publish ``DestroyRequested``.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployster import logs, naming
 from deployster.aio import cancel_and_wait
@@ -35,7 +36,8 @@ from deployster.units import UnitValueError, validate_env
 from deployster.web.auth import USER
 from deployster.web.context import CLOSING, services
 from deployster.web.errors import ApiError
-from deployster.web.inputs import checked, read_json, service_name, unit_fields
+from deployster.web.inputs import checked, read_json, record_id, service_name, unit_fields
+from deployster.web.limits import MAX_EVENT_ID, bounded_env
 from handlers.deploys import rollback_target, service_units
 
 routes = web.RouteTableDef()
@@ -54,6 +56,11 @@ class DeployBody(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     # Another deploy of the service is running: queue behind it (202) instead of a 409.
     wait_for_lock: bool = False
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return bounded_env(value)  # the unit rule runs in the route, naming the field
 
 
 class DeployEnvelope(BaseModel):
@@ -207,7 +214,7 @@ async def list_deploys(request: web.Request) -> web.Response:
 @routes.get("/v1/services/{name}/deploys/{id}")
 async def get_deploy(request: web.Request) -> web.Response:
     service = service_name(request)
-    deploy_id = request.match_info["id"]
+    deploy_id = record_id(request, "deploy")
     record = await services(request).store.get_deploy(service, deploy_id)
     if record is None:
         raise ApiError(404, f"Service {service!r} has no deploy {deploy_id!r}.")
@@ -220,9 +227,9 @@ async def deploy_events(request: web.Request) -> web.StreamResponse:
     ``event`` = its kind, ``data`` = the event as JSON); the stream ends after the last one."""
     store = services(request).store
     service = service_name(request)
-    deploy_id = request.match_info["id"]
+    deploy_id = record_id(request, "deploy")
     last_seen = request.headers.get("Last-Event-ID", "0").strip() or "0"
-    if not last_seen.isdigit():
+    if not re.fullmatch(f"[0-9]{{1,{MAX_EVENT_ID}}}", last_seen):
         raise ApiError(400, "Last-Event-ID must be the number of an event of this stream.")
     if await store.get_deploy(service, deploy_id) is None:
         raise ApiError(404, f"Service {service!r} has no deploy {deploy_id!r}.")

@@ -23,23 +23,33 @@ _CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     502: "bad_gateway",
     503: "unavailable",
     504: "gateway_timeout",
 }
 
 
+TOO_LARGE = "The request body is larger than the limit of 1 MiB."  # limits.MAX_BODY
+
+
 class ApiError(Exception):
     def __init__(
-        self, status: int, description: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        description: str,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(description)
         self.status = status
         self.description = description
         self.headers = headers or {}
+        self.close = close  # close the connection after the answer (a body left unread)
 
 
 def error_response(
@@ -67,7 +77,7 @@ def _http_error_description(exc: web.HTTPException, request: web.Request) -> str
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return f"Only {', '.join(sorted(exc.allowed_methods))} are allowed on {request.path}."
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return "The request body is larger than the limit of 1 MiB."
+        return TOO_LARGE
     return exc.reason
 
 
@@ -76,7 +86,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.description, exc.headers)
+        response = error_response(exc.status, exc.description, exc.headers)
+        if exc.close:
+            response.force_close()
+        return response
     except EtcdError as exc:
         log.warning("etcd_error", path=request.path, reason=str(exc))
         return error_response(

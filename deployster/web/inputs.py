@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -12,19 +12,22 @@ from pydantic import BaseModel, ValidationError
 from deployster import naming
 from deployster.units import UnitValueError, unit_value, validate_env
 from deployster.web.errors import ApiError, validation_sentence
+from deployster.web.limits import JsonRefused, load_json, read_body
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+RECORD_ID = "^[0-9A-Za-z._-]{1,64}$"  # any deploy or task id (OpenAPI's pattern too)
 
 
 async def read_json(request: web.Request, model: type[M]) -> M:
+    """The body as ``model``, within every limit of ``deployster/web/limits.py``."""
     if request.content_type != "application/json":
         raise ApiError(415, "Send the request body as JSON with Content-Type: application/json.")
-    raw = await request.read()  # raises 413 past the app's client_max_size
+    raw = await read_body(request)
     try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
+        data = load_json(raw or b"null")
+    except JsonRefused as exc:
+        raise ApiError(400, str(exc)) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -38,6 +41,14 @@ def checked(check: Callable[..., T], *args: Any, field: str = "") -> T:
     except naming.InvalidName as exc:
         where = f"The field '{field}' is not valid: " if field else ""
         raise ApiError(400, f"{where}{exc}") from None
+
+
+def record_id(request: web.Request, kind: str) -> str:
+    """The ``{id}`` of a deploy or task; one no record can have is a 404 without a look-up."""
+    value = request.match_info["id"]
+    if not re.fullmatch(RECORD_ID, value):
+        raise ApiError(404, f"No {kind} has an id like that: ids are letters, digits, '-' and '.'.")
+    return value
 
 
 def service_name(request: web.Request) -> str:

@@ -17,6 +17,8 @@ from deployster import __version__, naming, webhooks
 from deployster.notify import DeliveryOutcome
 from deployster.store import DeployRecord, Progress, TaskRecord
 from deployster.web.deploys import DeployEnvelope
+from deployster.web.inputs import RECORD_ID
+from deployster.web.limits import MAX_EVENT_ID
 from deployster.web.policies import PolicyEnvelope
 from deployster.web.tasks import TaskEnvelope
 from handlers.webhooks import Decision
@@ -130,10 +132,11 @@ ERRORS = {
     404: "No such service, deploy, version or page file (a webhook: it is off, no secret is set).",
     409: "Another deploy (or exclusive task) of the service holds its lock, or there is nothing "
     "to roll back to.",
+    408: "The body did not arrive within the server's body timeout (10 s by default).",
     413: "The body is larger than 1 MiB.",
     415: "The body is not sent as application/json.",
     502: "fleet (or, for tasks, the Docker engine or the image's registry) failed or cannot be reached.",
-    503: "etcd cannot be reached.",
+    503: "etcd cannot be reached (a webhook: or too many bodies are being read; retry).",
 }
 NAME = {
     "name": "name",
@@ -190,7 +193,7 @@ def _webhook(
             f"A push notification from {provider} (no basic auth: {secret}); 202 with the decision "
             "for each event, also when nothing is deployed",
             {202: _json(WebhookAnswer, "the decisions, each with its reason")},
-            (400, 401, 404, 413, 415),
+            (400, 401, 404, 408, 413, 415),
             params=params,
             body={t: {"schema": {"type": "object"}} for t in content_types},
             public=True,
@@ -219,7 +222,7 @@ def _text(description: str, content_type: str = "text/plain") -> dict[str, Any]:
 
 
 def paths() -> dict[str, dict[str, Any]]:
-    deploy_id = _path_param("id", "the deploy's id")
+    deploy_id = _path_param("id", "the deploy's id", RECORD_ID)
     version = _path_param("version", "a version (image tag)", naming.VERSION_PATTERN)
     started = {
         201: _json(DeployAnswer, "fleet accepted the units; the deploy goes on"),
@@ -305,7 +308,7 @@ def paths() -> dict[str, dict[str, Any]]:
         },
         "/v1/services/{name}/deploys": {
             "post": _op(
-                "Deploy a version", started, (400, 409, 413, 415, 502), body=DeployEnvelope
+                "Deploy a version", started, (400, 408, 409, 413, 415, 502), body=DeployEnvelope
             ),
             "get": _op(
                 "The deploy history, newest first", {200: _json(DeployList, "the deploys")}, (400,)
@@ -332,7 +335,7 @@ def paths() -> dict[str, dict[str, Any]]:
                         "name": "Last-Event-ID",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": f"^[0-9]{{1,{MAX_EVENT_ID}}}$"},
                     },
                 ),
             ),
@@ -382,7 +385,7 @@ def paths() -> dict[str, dict[str, Any]]:
                         },
                     }
                 },
-                (400, 409, 413, 415, 502),
+                (400, 408, 409, 413, 415, 502),
                 body=TaskEnvelope,
             ),
             "get": _op(
@@ -404,7 +407,7 @@ def paths() -> dict[str, dict[str, Any]]:
                 (400, 404, 409),
                 params=(
                     NAME,
-                    _path_param("id", "the task's id"),
+                    _path_param("id", "the task's id", RECORD_ID),
                     {
                         "name": "follow",
                         "in": "query",
@@ -452,7 +455,7 @@ def paths() -> dict[str, dict[str, Any]]:
             "put": _op(
                 "Set the service's policy (missing fields take the defaults)",
                 {200: _json(PolicyEnvelope, "the policy now in force")},
-                (400, 413, 415),
+                (400, 408, 413, 415),
                 body=PolicyEnvelope,
             ),
         },

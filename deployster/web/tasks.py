@@ -20,13 +20,15 @@ from deployster import logs, naming
 from deployster.web.auth import USER
 from deployster.web.context import services
 from deployster.web.errors import ApiError
-from deployster.web.inputs import checked, read_json, service_name
+from deployster.web.inputs import checked, read_json, record_id, service_name
+from deployster.web.limits import bounded_command, bounded_env
 from handlers.tasks import TaskRejected, TaskRun, TaskRunner, TaskSpec, trailer
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MIN_TASK_TIMEOUT = 1.0  # seconds: a smaller limit cannot even pull and start a container
 
 
 class TaskBody(BaseModel):
@@ -35,7 +37,7 @@ class TaskBody(BaseModel):
 
     version: str
     command: str | list[str]
-    timeout: float | None = Field(None, gt=0)
+    timeout: float | None = Field(None, ge=MIN_TASK_TIMEOUT)
     env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("command")
@@ -46,6 +48,7 @@ class TaskBody(BaseModel):
             raise ValueError("the command is empty")
         if any("\0" in part for part in parts):
             raise ValueError("the command contains a NUL character")
+        bounded_command(parts)
         return value
 
     @field_validator("env")
@@ -61,7 +64,7 @@ class TaskBody(BaseModel):
                 raise ValueError(
                     f"the value of environment variable {key} contains a NUL character"
                 )
-        return logs.register_env(value)
+        return logs.register_env(bounded_env(value))
 
 
 class TaskEnvelope(BaseModel):
@@ -124,7 +127,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     """The record; with ``?follow=1`` the output (from the start of the kept tail) as it
     comes, ending with the trailer, as the POST streams it."""
     service = service_name(request)
-    task_id = request.match_info["id"]
+    task_id = record_id(request, "task")
     follow = request.query.get("follow", "") not in ("", "0", "false")
     runner = _runner(request)
     run = runner.running(task_id)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from deployster.cli import build_parser, main
 from deployster.config import Settings, generate_password
@@ -112,3 +113,18 @@ def test_the_unit_programs_and_publish_address_default_to_coreos_and_refuse_garb
     ]:
         assert main(["serve", flag, value]) == 2
         assert f"deployster: {flag[1:]}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [":\uff13\uff10\uff10\uff10", "host:²", "host:", "host:123456", "host:99999", "host:-1"],
+)
+def test_a_listen_port_is_ascii_digits(listen: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        assert Settings(listen=listen).listen_host_port
+
+
+@pytest.mark.parametrize("seconds", [0, 0.01, 301])
+def test_the_body_timeout_is_bounded(seconds: float) -> None:
+    with pytest.raises(ValidationError):
+        Settings(body_timeout=seconds)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from deployster.policy import AutoDeployPolicy
-from deployster.tagpolicy import TagPolicy
+from deployster.tagpolicy import MAX_PATTERN, MAX_TAG, TagPolicy
 
 TAKEN = None
 
@@ -63,3 +65,34 @@ def test_auto_deploy_is_off_by_default() -> None:
         True,
         None,
     )
+
+
+def test_regexps_run_in_linear_time() -> None:
+    """``^(a+)+$`` backtracks exponentially in Python's ``re`` (minutes at 30 a's); RE2 does
+    not, at the longest tag Docker allows."""
+    policy = TagPolicy.parse("regexp:^(a+)+$")
+    started = time.monotonic()
+    for length in (30, MAX_TAG - 1):
+        assert policy.wants("a" * length + "-", None) is not None
+        assert policy.wants("a" * length, None) is None
+    assert time.monotonic() - started < 0.1
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("regexp:(a)\\1", "RE2"),
+        ("regexp:(?<=v)1", "RE2"),
+        ("regexp:((a{100}){100}){100}", "RE2"),
+        ("regexp:" + "a" * (MAX_PATTERN + 1), f"at most {MAX_PATTERN}"),
+        ("exact:" + "a" * (MAX_PATTERN + 1), f"at most {MAX_PATTERN}"),
+    ],
+)
+def test_patterns_re2_cannot_run_or_too_long_are_refused(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        TagPolicy.parse(text)
+
+
+def test_digits_in_regexps_are_ascii_and_tags_are_bounded() -> None:
+    assert TagPolicy.parse("regexp:^v\\d+$").wants("v\u0661\u0662", None) is not None
+    assert "at most 128" in (TagPolicy.parse("glob:*").wants("a" * (MAX_TAG + 1), None) or "")

@@ -138,12 +138,13 @@ def test_registry_acts_on_tagged_manifest_pushes_only() -> None:
     }
 
 
-def test_registry_authorization() -> None:
-    webhooks.check_authorization("Bearer s3cret", "s3cret")
-    webhooks.check_authorization("bearer  s3cret", "s3cret")
-    for header in (None, "", "Bearer wrong", "Basic czNjcmV0", "Bearer s3cret2"):
+def test_registry_authorization_takes_bearer_only() -> None:
+    webhooks.check_bearer("Bearer s3cret", "s3cret")
+    webhooks.check_bearer("bearer  s3cret", "s3cret")
+    # The bare secret is refused: the registry's config writes the scheme out.
+    for header in (None, "", "Bearer", "Bearer ", "Bearer wrong", "Basic czNjcmV0", "s3cret"):
         with pytest.raises(WebhookUnauthorized):
-            webhooks.check_authorization(header, "s3cret")
+            webhooks.check_bearer(header, "s3cret")
 
 
 @pytest.mark.parametrize(
@@ -176,10 +177,11 @@ def test_harbor_sample() -> None:
         == push.event_id
     )
     # Harbor sends its "Auth Header" verbatim: "Bearer <secret>" or the bare secret.
-    webhooks.check_authorization("Bearer h4rbor", "h4rbor")
-    webhooks.check_authorization("h4rbor", "h4rbor")
-    with pytest.raises(WebhookUnauthorized):
-        webhooks.check_authorization("h4rbor!", "h4rbor")
+    webhooks.check_harbor_auth("Bearer h4rbor", "h4rbor")
+    webhooks.check_harbor_auth("h4rbor", "h4rbor")
+    for header in (None, "", "  ", "h4rbor!", "Bearer h4rbor!"):
+        with pytest.raises(WebhookUnauthorized):
+            webhooks.check_harbor_auth(header, "h4rbor")
 
 
 def test_harbor_other_events_and_cloudevents() -> None:
