@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # service's policy names one.
     docker_cli: str = Field(DEFAULT_DOCKER, pattern=_PROGRAM)
     etcdctl: str = Field(DEFAULT_ETCDCTL, pattern=_PROGRAM)
-    publish_address: str = Field(DEFAULT_PUBLISH_ADDRESS, pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+    publish_address: str = Field(DEFAULT_PUBLISH_ADDRESS, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
     task_max_timeout: float = Field(600.0, gt=0)
     # Seconds a client has to send a whole request body (408 and the connection closed after).
     body_timeout: float = Field(10.0, ge=0.1, le=300)

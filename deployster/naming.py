@@ -29,7 +29,9 @@ UNIT_SUFFIX = ".service"
 # of 256 counts the terminating NUL, so the host's systemd takes at most 255.
 MAX_UNIT_NAME = 255
 
-_SERVICE_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+# At most 128 characters, like a version: with a version, a timestamp and an instance it must
+# still fit a unit name (check_length), and it names etcd keys and router services.
+_SERVICE_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9_])?")
 # A version is a Docker tag: starts with a word character, at most 128 characters.
 _VERSION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _TIMESTAMP_RE = re.compile(r"[0-9]{4}\.[0-9]{2}\.[0-9]{2}-[0-9]{2}\.[0-9]{2}\.[0-9]{2}")
@@ -47,8 +49,8 @@ class InvalidName(ValueError):
 def validate_service(service: str) -> str:
     if not _SERVICE_RE.fullmatch(service):
         raise InvalidName(
-            f"Service name {service!r} is not valid: use letters, digits, '-', '_' and '.', "
-            "starting with a letter or digit."
+            f"Service name {service[:140]!r} is not valid: use at most 128 letters, digits, "
+            "'-', '_' and '.', starting with a letter or digit."
         )
     return service
 

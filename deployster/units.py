@@ -252,7 +252,7 @@ def parse_announce_key(prefix: str, key: str) -> UnitName | None:
     if not key.startswith(base):
         return None
     parts = key[len(base) :].split("/")
-    if len(parts) != 3 or not parts[2].isdigit():
+    if len(parts) != 3 or not (parts[2].isascii() and parts[2].isdigit()):
         return None
     service, release, instance = parts
     version, colon, timestamp = release.rpartition(":")

@@ -90,7 +90,7 @@ def _password(args: argparse.Namespace, state_dir: Path) -> str:
 def _address(value: str, flag: str) -> str:
     """``HOST:PORT`` checked free to listen on; port 0 becomes a free port."""
     host, colon, port = value.rpartition(":")
-    if not colon or not host or not port.isdigit() or int(port) > 65535:
+    if not colon or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise UpError(f"{flag} {value!r} is not HOST:PORT")
     if port == "0":
         return f"{host}:{free_port(host)}"

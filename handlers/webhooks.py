@@ -162,9 +162,12 @@ class WebhookHandler:
 
     # -- receiving (called by the routes) ----------------------------------------------
 
-    def rejected(self, source: str, reason: str) -> Decision:
-        """Note a delivery refused before any push was read (bad secret, malformed body)."""
-        return self._note(Decision(source=source, decision="rejected", reason=reason))
+    def rejected(self, source: str, reason: str, *, stranger: bool = False) -> Decision:
+        """Note a delivery refused before any push was read (bad secret, malformed body).
+        A ``stranger`` (no valid secret) is logged and counted but not kept among the
+        decisions: anyone can send those, and they must not push real decisions out."""
+        decision = Decision(source=source, decision="rejected", reason=reason)
+        return self._note(decision, keep=not stranger)
 
     async def receive(self, delivery: Delivery) -> list[Decision]:
         """Decide every event of an authenticated delivery; raises asyncio.TimeoutError when a
@@ -529,8 +532,9 @@ class WebhookHandler:
             tag=skipped.tag,
         )
 
-    def _note(self, decision: Decision) -> Decision:
-        self._decisions.append(decision)
+    def _note(self, decision: Decision, keep: bool = True) -> Decision:
+        if keep:
+            self._decisions.append(decision)
         fields = decision.model_dump(exclude={"at"}, exclude_defaults=True)
         log.info("webhook_decision", **fields)
         if self.metrics is not None:

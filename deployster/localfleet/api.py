@@ -342,7 +342,7 @@ def _journal(request: web.Request, name: str) -> web.Response:
     if not name or "/" in name:
         raise ApiError(404)
     raw = request.query.get("lines", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= TAIL_LINES:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= TAIL_LINES:
         raise ApiError(400, f"lines must be a number from 1 to {TAIL_LINES}")
     lines = request.app[AGENT_KEY].journal_tail(name, int(raw))
     if lines is None:

@@ -61,7 +61,7 @@ def parse_listen(listen: str) -> ListenAddress:
             raise InvalidListenAddress("unix: needs a socket path, e.g. unix:/tmp/fleet.sock")
         return ListenAddress(unix_path=pathlib.Path(path))
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise InvalidListenAddress(
             f"cannot listen on {listen!r}: use unix:PATH or HOST:PORT (port 0 picks a free port)"
         )

@@ -127,7 +127,7 @@ def _scan_live_process_groups() -> set[int] | None:
         return None
     groups: set[int] = set()
     for entry in entries:
-        if not entry.isdigit():
+        if not (entry.isascii() and entry.isdigit()):
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as file:

@@ -82,7 +82,7 @@ _TIME_UNITS = {
     "M": 2629800.0, "month": 2629800.0, "months": 2629800.0,
     "y": 31557600.0, "year": 31557600.0, "years": 31557600.0,
 }  # fmt: skip
-_TIME_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-zµ]*)")
+_TIME_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-zµ]*)")
 
 
 class UnitLoadError(ValueError):
@@ -383,7 +383,7 @@ class _SpecBuilder:
             self._success_signals.clear()
             return
         for word in value.split():
-            if word.isdigit() and int(word) <= 255:
+            if word.isascii() and word.isdigit() and int(word) <= 255:
                 self._success_exit_codes.add(int(word))
                 continue
             signal_name = word if word.startswith("SIG") else f"SIG{word}"

@@ -244,7 +244,7 @@ class TraefikRouter:
         for kv in await self.etcd.get_prefix(prefix.encode()):
             rest = kv.key.decode()[len(prefix) :]
             index, _, field = rest.partition("/")
-            if field == "url" and index.isdigit():
+            if field == "url" and index.isascii() and index.isdigit():
                 urls[int(index)] = kv.value.decode()
         mprefix = self.mappings_prefix(service)
         ids = {

@@ -50,12 +50,13 @@ class DeployBody(BaseModel):
     model_config = ConfigDict(extra="ignore")  # the original accepted service_name etc.
 
     version: str = Field(json_schema_extra={"pattern": naming.VERSION_PATTERN})
-    destroy_previous: bool = False
-    instance_count: int = Field(0, ge=0, le=MAX_INSTANCES)
+    # JSON's own types only: "3" or "true" is a client bug to report, not to guess at.
+    destroy_previous: bool = Field(False, strict=True)
+    instance_count: int = Field(0, ge=0, le=MAX_INSTANCES, strict=True)
     timestamp: str = Field("", json_schema_extra={"pattern": f"^$|{naming.TIMESTAMP_PATTERN}"})
     env: dict[str, str] = Field(default_factory=dict)
     # Another deploy of the service is running: queue behind it (202) instead of a 409.
-    wait_for_lock: bool = False
+    wait_for_lock: bool = Field(False, strict=True)
 
     @field_validator("env")
     @classmethod

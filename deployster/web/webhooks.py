@@ -64,7 +64,7 @@ async def _receive(request: web.Request, source: _Source) -> web.Response:
             source.signature(request, body, secret)
         delivery = source.parse(request, body)
     except webhooks.WebhookUnauthorized as exc:
-        handler.rejected(source.name, str(exc))
+        handler.rejected(source.name, str(exc), stranger=True)
         raise ApiError(401, str(exc)) from None
     except webhooks.UnsupportedMediaType as exc:
         handler.rejected(source.name, str(exc))

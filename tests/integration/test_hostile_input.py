@@ -574,6 +574,10 @@ async def test_deploy_env_beyond_its_bounds_is_a_400(hostile: Api) -> None:
         (b'{"deploy": {"version": "v1", "instance_count": 1e400}}', "instance_count"),
         (b'{"deploy": {"version": "v1", "instance_count": ' + b"9" * 5000 + b"}}", "not valid"),
         (b'{"deploy": {"version": "v1", "instance_count": -3}}', "instance_count"),
+        (b'{"deploy": {"version": "v1", "instance_count": "3"}}', "instance_count"),
+        (b'{"deploy": {"version": "v1", "instance_count": 2.0}}', "instance_count"),
+        (b'{"deploy": {"version": "v1", "destroy_previous": "yes"}}', "destroy_previous"),
+        (b'{"deploy": {"version": "v1", "wait_for_lock": 1}}', "wait_for_lock"),
         (b"[]", "valid dictionary"),
         (b'"deploy"', "not valid"),
         (b"null", "not valid"),
@@ -626,7 +630,8 @@ async def test_odd_record_ids_are_a_404_without_a_lookup(
 
 
 @pytest.mark.parametrize(
-    "name", ["%00", "a%2Fb", "%E2%80%A8", "-a", "caf%C3%A9", "%EF%BC%91", "%2E%2E", "%zz"]
+    "name",
+    ["%00", "a%2Fb", "%E2%80%A8", "-a", "caf%C3%A9", "%EF%BC%91", "%2E%2E", "%zz", "a" * 129],
 )
 async def test_odd_service_names_are_a_400(hostile: Api, name: str) -> None:
     api = hostile

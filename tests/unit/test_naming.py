@@ -114,3 +114,9 @@ def test_a_unit_name_with_a_non_ascii_instance_is_not_managed() -> None:
     assert UnitName.parse("web:v1:2026.01.01-00.00.00@\u00b2.service") is None
     with pytest.raises(InvalidName, match="not a unit name"):
         UnitName.parse_valid("web:v1:2026.01.01-00.00.00@\u00b2.service")
+
+
+def test_a_service_name_is_at_most_128_characters() -> None:
+    assert validate_service("a" * 128) == "a" * 128
+    with pytest.raises(InvalidName, match="at most 128"):
+        validate_service("a" * 129)
