@@ -36,6 +36,7 @@ import aiohttp
 
 from deployster.config import generate_password
 from deployster.etcd import EtcdError, EtcdServer, etcd_binary, free_port
+from deployster.processes import Part, Supervisor
 from deployster.routers import RouterError
 from deployster.routers.traefik import traefik_command
 
@@ -188,17 +189,6 @@ def _wait_http(
     raise UpError(f"{what} did not answer within {timeout:.0f} s; see {log}")
 
 
-def _stop(child: subprocess.Popen[bytes], timeout: float) -> None:
-    if child.poll() is not None:
-        return
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-
-
 def _server_argv(
     args: argparse.Namespace, etcd: str, fleet: str, traefik_api: str, tools: tuple[str, str]
 ) -> list[str]:
@@ -266,7 +256,9 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    children: list[tuple[str, subprocess.Popen[bytes], float]] = []
+    supervisor = Supervisor(
+        lambda line: print(f"deployster up: {line}", file=sys.stderr, flush=True)
+    )
     try:
         tools = _tools(args)
         listen = _address(args.listen, "--listen")
@@ -284,53 +276,56 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             client_port=int(etcd_listen.rpartition(":")[2]),
             peer_port=int(peer_listen.rpartition(":")[2]),
         )
-        try:
+
+        def start_etcd() -> subprocess.Popen[bytes]:
             etcd.start(log_path=etcd_log)
             assert etcd.process is not None
-            children.append(("etcd", etcd.process, 10.0))
+            return etcd.process
+
+        try:
+            supervisor.start(Part("etcd", start_etcd, etcd_log, 10.0))
             etcd.wait_ready()
         except EtcdError as exc:
             raise UpError(f"{exc}; see {etcd_log}") from None
 
         if args.router == "traefik":
-            traefik = _spawn(
-                traefik_command(
-                    etcd.endpoint, "traefik", http_listen, traefik_api, log_level="INFO"
-                ),
-                logs_dir / "traefik.log",
+            traefik_log = logs_dir / "traefik.log"
+            argv = traefik_command(
+                etcd.endpoint, "traefik", http_listen, traefik_api, log_level="INFO"
             )
-            children.append(("traefik", traefik, 10.0))
-            _wait_http(
-                f"http://{traefik_api}/api/version",
-                None,
-                traefik,
-                "Traefik",
-                logs_dir / "traefik.log",
+            traefik = supervisor.start(
+                Part("traefik", lambda: _spawn(argv, traefik_log), traefik_log, 10.0)
             )
+            _wait_http(f"http://{traefik_api}/api/version", None, traefik, "Traefik", traefik_log)
 
         # localfleet replaces a socket left by a run that ended, never one that answers.
-        localfleet = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "deployster",
+        localfleet_log = logs_dir / "localfleet.log"
+        localfleet_argv = [
+            sys.executable,
+            "-m",
+            "deployster",
+            "localfleet",
+            "--listen",
+            f"unix:{socket_path}",
+            "--machines",
+            str(args.machines),
+            "--state-dir",
+            str(state_dir / "localfleet"),
+        ]
+        localfleet = supervisor.start(
+            Part(
                 "localfleet",
-                "--listen",
-                f"unix:{socket_path}",
-                "--machines",
-                str(args.machines),
-                "--state-dir",
-                str(state_dir / "localfleet"),
-            ],
-            logs_dir / "localfleet.log",
+                lambda: _spawn(localfleet_argv, localfleet_log),
+                localfleet_log,
+                60.0,
+            )
         )
-        children.append(("localfleet", localfleet, 60.0))
         _wait_http(
             "http://fleet/fleet/v1/machines",
             None,
             localfleet,
             "localfleet",
-            logs_dir / "localfleet.log",
+            localfleet_log,
             unix=str(socket_path),
         )
 
@@ -339,25 +334,30 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             for flag in SECRET_FLAGS
             if getattr(args, flag)
         }
-        server = _spawn(
-            _server_argv(args, etcd.endpoint, f"unix://{socket_path}", traefik_api, tools),
-            logs_dir / "server.log",
-            # Through the environment, not argv: other users can read a process's argv.
-            env={"DEPLOYSTER_PASSWORD": password, **secrets},
+        server_log = logs_dir / "server.log"
+        server_argv = _server_argv(args, etcd.endpoint, f"unix://{socket_path}", traefik_api, tools)
+        # Through the environment, not argv: other users can read a process's argv.
+        server_env = {"DEPLOYSTER_PASSWORD": password, **secrets}
+        server = supervisor.start(
+            Part(
+                "server",
+                lambda: _spawn(server_argv, server_log, env=server_env),
+                server_log,
+                30.0,
+                needs=("etcd", "localfleet"),
+            )
         )
-        children.append(("server", server, 30.0))
         url = f"http://{listen}"
         _wait_http(
             f"{url}/v1/version",
             aiohttp.BasicAuth("deployster", password),
             server,
             "the server",
-            logs_dir / "server.log",
+            server_log,
         )
     except (UpError, EtcdError, RouterError, OSError) as exc:
         print(f"deployster up: {exc}", file=sys.stderr)
-        for _, child, timeout in reversed(children):
-            _stop(child, timeout)
+        supervisor.stop()
         return 1
 
     docker, etcdctl = tools
@@ -384,19 +384,8 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
         f"Press Ctrl-C to stop.",
         flush=True,
     )
-    exit_code = 0
-    while not stopping:
-        for name, child, _ in children:
-            if child.poll() is not None:
-                print(
-                    f"deployster up: {name} exited with code {child.returncode}; stopping. "
-                    f"See {logs_dir / (name + '.log')}",
-                    file=sys.stderr,
-                )
-                stopping, exit_code = True, 1
-        time.sleep(0.2)
+    supervisor.run(lambda: stopping)
     print("Stopping...", flush=True)
-    for _, child, timeout in reversed(children):
-        _stop(child, timeout)
+    supervisor.stop()
     print("Stopped.", flush=True)
-    return exit_code
+    return 0
