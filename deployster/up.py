@@ -32,13 +32,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import aetcd
 import aiohttp
 
 from deployster.config import generate_password
 from deployster.etcd import EtcdError, EtcdServer, etcd_binary, free_port
+from deployster.etcd import client as etcd_client
 from deployster.processes import Part, Supervisor
 from deployster.routers import RouterError
-from deployster.routers.traefik import traefik_command
+from deployster.routers.traefik import TraefikRouter, traefik_command
 
 # up's flags that become the server's environment: secrets stay off command lines.
 SECRET_FLAGS = (
@@ -48,6 +50,10 @@ SECRET_FLAGS = (
     "webhook_secret_harbor",
     "webhook_secret_ghcr",
 )
+
+
+# How long a start waits for the deployed services to be served again before saying it is up.
+SERVED_TIMEOUT = 30.0
 
 
 class UpError(Exception):
@@ -187,6 +193,43 @@ def _wait_http(
             return
         time.sleep(0.2)
     raise UpError(f"{what} did not answer within {timeout:.0f} s; see {log}")
+
+
+async def _unserved(
+    api: str, auth: aiohttp.BasicAuth, etcd_endpoint: str, traefik_api: str, timeout: float
+) -> list[str]:
+    """Wait until Traefik serves, for every service, the servers its etcd keys name, and each
+    of them answers; return the URLs that still do not when ``timeout`` is over.
+
+    After a restart Traefik starts empty, then loads the servers of the previous run, whose
+    units localfleet has just started again on new ports: until the server has probed them
+    and written their new URLs, Traefik would send requests to ports nobody listens on."""
+    deadline = time.monotonic() + timeout
+    async with (
+        etcd_client(etcd_endpoint) as etcd,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+    ):
+        router = TraefikRouter(etcd, root_key="traefik", api_url=f"http://{traefik_api}")
+
+        async def answers(url: str) -> bool:
+            try:
+                async with session.get(url):
+                    return True
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        while True:
+            async with session.get(f"{api}/v1/services", auth=auth) as resp:
+                names = [service["name"] for service in (await resp.json())["services"]]
+            unserved: list[str] = []
+            for name in names:
+                wanted = set((await router.servers(name)).values())
+                served = await router.served_urls(name, session) or set()
+                unserved += sorted(wanted ^ served)
+                unserved += [url for url in sorted(wanted & served) if not await answers(url)]
+            if not unserved or time.monotonic() > deadline:
+                return unserved
+            await asyncio.sleep(0.2)
 
 
 def _server_argv(
@@ -355,37 +398,66 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             "the server",
             server_log,
         )
-    except (UpError, EtcdError, RouterError, OSError) as exc:
+        if args.router == "traefik":
+            unserved = asyncio.run(
+                _unserved(
+                    url,
+                    aiohttp.BasicAuth("deployster", password),
+                    etcd.endpoint,
+                    traefik_api,
+                    SERVED_TIMEOUT,
+                )
+            )
+            if unserved:
+                print(
+                    f"deployster up: after {SERVED_TIMEOUT:.0f} s Traefik still routes to "
+                    f"{', '.join(unserved)}, which it does not serve yet or which do not "
+                    "answer; Deployster re-registers or removes them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    except (
+        UpError,
+        EtcdError,
+        RouterError,
+        OSError,
+        aetcd.ClientError,
+        aiohttp.ClientError,
+    ) as exc:
         print(f"deployster up: {exc}", file=sys.stderr)
         supervisor.stop()
         return 1
 
-    docker, etcdctl = tools
-    print(
-        f"Deployster is up.\n"
-        f"  API       {url}  (user deployster, password {password})\n"
-        f"  etcd      {etcd.endpoint}  (peer port {etcd.peer_port})\n"
-        f"  fleet     unix://{socket_path}\n"
-        f"  template  {args.template}"
-        + (
-            f"  (docker {docker}, etcdctl {etcdctl}, published on {args.publish_address})\n"
-            f"  images    {_image_prefix(args)}/<service>:<version>, serving port 3000 with "
-            "/health (pulled when missing)\n"
-            if args.template == "docker"
-            else "\n"
+    try:
+        docker, etcdctl = tools
+        print(
+            f"Deployster is up.\n"
+            f"  API       {url}  (user deployster, password {password})\n"
+            f"  etcd      {etcd.endpoint}  (peer port {etcd.peer_port})\n"
+            f"  fleet     unix://{socket_path}\n"
+            f"  template  {args.template}"
+            + (
+                f"  (docker {docker}, etcdctl {etcdctl}, published on {args.publish_address})\n"
+                f"  images    {_image_prefix(args)}/<service>:<version>, serving port 3000 with "
+                "/health (pulled when missing)\n"
+                if args.template == "docker"
+                else "\n"
+            )
+            + (
+                f"  traffic   http://{http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
+                if args.router == "traefik"
+                else "  router    vulcand (not started here)\n"
+            )
+            + f"  logs      {logs_dir}\n"
+            f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3 --wait\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
         )
-        + (
-            f"  traffic   http://{http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
-            if args.router == "traefik"
-            else "  router    vulcand (not started here)\n"
-        )
-        + f"  logs      {logs_dir}\n"
-        f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3 --wait\n"
-        f"Press Ctrl-C to stop.",
-        flush=True,
-    )
-    supervisor.run(lambda: stopping)
-    print("Stopping...", flush=True)
-    supervisor.stop()
+        supervisor.run(lambda: stopping)
+        print("Stopping...", flush=True)
+    finally:
+        # However the loop ends (a signal, or an exception such as a closed stdout), no part
+        # outlives up.
+        supervisor.stop()
     print("Stopped.", flush=True)
     return 0
