@@ -440,6 +440,23 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
                 )
         eventually(lambda: api_answers(api_port), 30, "the API answers once its port is free")
         assert load.failed(since)[0] == 0
+
+        # Stopping up stops everything, units included; a new up on the same state dir
+        # starts them again on new ports and says it is up only once Traefik serves those:
+        # not one failed request from its first line on.
+        before = set(workload_urls(state, etcd_port))
+        load.stop()
+        assert "Stopped." in output.stop()
+        up, banner = start_up(state, api_port, etcd_port, http_port)
+        output = Output(up, banner)
+        load = Load(http_port)
+        time.sleep(2)
+        failed, total = load.failed(0)
+        print(
+            f"failed/all requests in the first 2 s after a restarted up said it is up: {failed}/{total}"
+        )
+        assert (failed, total > 0) == (0, True)
+        assert before.isdisjoint(workload_urls(state, etcd_port))
     finally:
         if load is not None:
             load.stop()
