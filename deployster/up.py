@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -172,6 +173,7 @@ def _wait_http(
     child: subprocess.Popen[bytes],
     what: str,
     log: Path,
+    stopping: Callable[[], bool],
     unix: str | None = None,
     timeout: float = 30.0,
 ) -> None:
@@ -188,6 +190,8 @@ def _wait_http(
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stopping():
+            raise UpError(f"stopped while waiting for {what} to answer")
         if child.poll() is not None:
             raise UpError(f"{what} exited with code {child.returncode} at start; see {log}")
         if asyncio.run(probe()):
@@ -197,7 +201,12 @@ def _wait_http(
 
 
 async def _unserved(
-    api: str, auth: aiohttp.BasicAuth, etcd_endpoint: str, traefik_api: str, timeout: float
+    api: str,
+    auth: aiohttp.BasicAuth,
+    etcd_endpoint: str,
+    traefik_api: str,
+    timeout: float,
+    stopping: Callable[[], bool],
 ) -> list[str]:
     """Wait until Traefik serves, for every service, the servers its etcd keys name, and each
     of them answers; return the URLs that still do not when ``timeout`` is over.
@@ -228,7 +237,7 @@ async def _unserved(
                 served = await router.served_urls(name, session) or set()
                 unserved += sorted(wanted ^ served)
                 unserved += [url for url in sorted(wanted & served) if not await answers(url)]
-            if not unserved or time.monotonic() > deadline:
+            if not unserved or time.monotonic() > deadline or stopping():
                 return unserved
             await asyncio.sleep(0.2)
 
@@ -340,7 +349,14 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             traefik = supervisor.start(
                 Part("traefik", lambda: _spawn(argv, traefik_log), traefik_log, 10.0)
             )
-            _wait_http(f"http://{traefik_api}/api/version", None, traefik, "Traefik", traefik_log)
+            _wait_http(
+                f"http://{traefik_api}/api/version",
+                None,
+                traefik,
+                "Traefik",
+                traefik_log,
+                lambda: stopping,
+            )
 
         # localfleet replaces a socket left by a run that ended, never one that answers.
         localfleet_log = logs_dir / "localfleet.log"
@@ -370,6 +386,7 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             localfleet,
             "localfleet",
             localfleet_log,
+            lambda: stopping,
             unix=str(socket_path),
         )
 
@@ -398,6 +415,7 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             server,
             "the server",
             server_log,
+            lambda: stopping,
         )
         if args.router == "traefik":
             unserved = asyncio.run(
@@ -407,6 +425,7 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
                     etcd.endpoint,
                     traefik_api,
                     SERVED_TIMEOUT,
+                    lambda: stopping,
                 )
             )
             if unserved:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from deployster.processes import MAX_DELAY, Part, Supervisor, exit_status
@@ -96,3 +97,23 @@ def test_exit_status_in_words() -> None:
     assert exit_status(0) == "exited with code 0"
     assert exit_status(-9) == "was killed by SIGKILL"
     assert exit_status(-200) == "was killed by signal 200"
+
+
+def test_a_stop_does_not_wait_for_a_pending_restart() -> None:
+    said: list[str] = []
+    started: list[int] = []
+    supervisor = Supervisor(said.append)
+    dead = spawner("raise SystemExit(1)", started)
+    supervisor.start(dead)
+    alive = spawner("import time; time.sleep(60)", started)
+    alive.name = "etcd"
+    supervisor.start(alive)
+    dies(dead)
+    supervisor.check(dead.started_at + 1)
+    assert dead.restart_at is not None
+    checks = iter([False, True])
+    began = time.monotonic()
+    supervisor.run(lambda: next(checks))
+    supervisor.stop()
+    assert time.monotonic() - began < 2
+    assert len(started) == 2 and not alive.running
