@@ -54,6 +54,8 @@ SECRET_FLAGS = (
 )
 
 
+# The etcd prefix Traefik reads its configuration from (the server's default too).
+TRAEFIK_ROOT_KEY = "traefik"
 # How long a start waits for the deployed services to be served again before saying it is up.
 SERVED_TIMEOUT = 30.0
 
@@ -219,7 +221,7 @@ async def _unserved(
         etcd_client(etcd_endpoint) as etcd,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
     ):
-        router = TraefikRouter(etcd, root_key="traefik", api_url=f"http://{traefik_api}")
+        router = TraefikRouter(etcd, root_key=TRAEFIK_ROOT_KEY, api_url=f"http://{traefik_api}")
 
         async def answers(url: str) -> bool:
             try:
@@ -228,17 +230,25 @@ async def _unserved(
             except (aiohttp.ClientError, TimeoutError):
                 return False
 
-        while True:
+        async def unserved() -> list[str]:
             async with session.get(f"{api}/v1/services", auth=auth) as resp:
+                resp.raise_for_status()
                 names = [service["name"] for service in (await resp.json())["services"]]
-            unserved: list[str] = []
+            found: list[str] = []
             for name in names:
                 wanted = set((await router.servers(name)).values())
                 served = await router.served_urls(name, session) or set()
-                unserved += sorted(wanted ^ served)
-                unserved += [url for url in sorted(wanted & served) if not await answers(url)]
-            if not unserved or time.monotonic() > deadline or stopping():
-                return unserved
+                found += sorted(wanted ^ served)
+                found += [url for url in sorted(wanted & served) if not await answers(url)]
+            return found
+
+        while True:
+            try:
+                found = await unserved()
+            except (aiohttp.ClientError, TimeoutError, aetcd.ClientError, ValueError) as exc:
+                found = [f"(the services are not known: {exc})"]
+            if not found or time.monotonic() > deadline or stopping():
+                return found
             await asyncio.sleep(0.2)
 
 
@@ -344,10 +354,17 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
         if args.router == "traefik":
             traefik_log = logs_dir / "traefik.log"
             argv = traefik_command(
-                etcd.endpoint, "traefik", http_listen, traefik_api, log_level="INFO"
+                etcd.endpoint, TRAEFIK_ROOT_KEY, http_listen, traefik_api, log_level="INFO"
             )
             traefik = supervisor.start(
-                Part("traefik", lambda: _spawn(argv, traefik_log), traefik_log, 10.0)
+                # Started without etcd, Traefik would serve an empty configuration.
+                Part(
+                    "traefik",
+                    lambda: _spawn(argv, traefik_log),
+                    traefik_log,
+                    10.0,
+                    needs=("etcd",),
+                )
             )
             _wait_http(
                 f"http://{traefik_api}/api/version",
@@ -436,14 +453,7 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    except (
-        UpError,
-        EtcdError,
-        RouterError,
-        OSError,
-        aetcd.ClientError,
-        aiohttp.ClientError,
-    ) as exc:
+    except (UpError, EtcdError, RouterError, OSError) as exc:
         print(f"deployster up: {exc}", file=sys.stderr)
         supervisor.stop()
         return 1
