@@ -179,8 +179,12 @@ async def test_a_failed_deploy_shows_its_reason(status_page: StatusPage) -> None
     await expect(page.locator(".state")).to_have_text("↶ rolled back", timeout=LIVE)
     done = await api.finished(bad["id"])
     assert done["state"] == "rolled_back" and done["error"]
+    # The reason carries the failed unit's own last log lines (the workload names the variable).
+    assert "last log lines" in done["error"], done["error"]
+    assert "DEPLOYSTER_WORKLOAD_STARTUP_DELAY" in done["error"], done["error"]
     failure = page.get_by_role("alert").filter(has_text="Why it was rolled back")
     await expect(failure.locator(".reason")).to_have_text(done["error"])
+    await expect(failure.locator(".reason")).to_contain_text("DEPLOYSTER_WORKLOAD_STARTUP_DELAY")
     await expect(page.locator(".events li").last).to_contain_text(done["error"])
 
     # The service keeps its live release; its history says what happened.
