@@ -666,7 +666,8 @@ async def _execute(args: argparse.Namespace, ssl_context: ssl.SSLContext | bool)
     )
     async with session:
         try:
-            return await args.execute(args, _Api(args.url, session))
+            code: int = await args.execute(args, _Api(args.url, session))
+            return code
         except (aiohttp.ClientError, TimeoutError) as error:
             return _error(f"cannot reach Deployster at {args.url}: {_connection_failure(error)}")
 

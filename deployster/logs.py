@@ -35,6 +35,7 @@ import structlog
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import Processor
 
 MASK = "***"
 #: Shorter values are masked by field name only, never by value: env values such as ``true``,
@@ -160,7 +161,7 @@ def configure(log_format: str = "auto", stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     use_json = log_format == "json" or (log_format == "auto" and not out.isatty())
     final = _final_processors(use_json)
-    common = [
+    common: list[Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

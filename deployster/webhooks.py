@@ -225,7 +225,8 @@ def parse_registry(body: bytes, content_type: str) -> Delivery:
         event = raw if isinstance(raw, dict) else {}
         event_id = _optional_text(event, "id") or f"events[{index}]"
         action = _optional_text(event, "action")
-        target = event.get("target") if isinstance(event.get("target"), dict) else {}
+        raw_target = event.get("target")
+        target: dict[str, Any] = raw_target if isinstance(raw_target, dict) else {}
         repository, tag = _optional_text(target, "repository"), _optional_text(target, "tag")
         media_type, digest = _optional_text(target, "mediaType"), _optional_text(target, "digest")
 
@@ -313,12 +314,10 @@ def parse_ghcr(
     package = _object(data.get("package", data.get("registry_package")), "package")
     action = _optional_text(data, "action")
     version = _object(package.get("package_version"), "package.package_version")
-    metadata = (
-        version.get("container_metadata")
-        if isinstance(version.get("container_metadata"), dict)
-        else {}
-    )
-    tag_info = metadata.get("tag") if isinstance(metadata.get("tag"), dict) else {}
+    raw_metadata = version.get("container_metadata")
+    metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
+    raw_tag = metadata.get("tag")
+    tag_info: dict[str, Any] = raw_tag if isinstance(raw_tag, dict) else {}
     tag, digest = _optional_text(tag_info, "name"), _optional_text(tag_info, "digest")
     repository = _ghcr_repository(package, version)
     event_id = event_id or f"package-version-{version.get('id', _synthetic_id(body))}"

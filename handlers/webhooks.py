@@ -213,9 +213,9 @@ class WebhookHandler:
 
     async def _service_for(self, repository: str) -> tuple[str | None, str]:
         policies = await self.store.list_policies()
-        for service, policy in sorted(policies.items()):
+        for name, policy in sorted(policies.items()):
             if policy.auto_deploy.repository == repository:
-                return service, ""
+                return name, ""
         service = service_of_repository(self.image_prefix, repository)
         if service is not None:
             try:

@@ -13,6 +13,7 @@ from base64 import b64decode
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from deployster.web.errors import ApiError
 
@@ -47,7 +48,7 @@ def basic_auth_middleware(username: str, password: str) -> Any:
     expected_password = password.encode()
 
     @web.middleware
-    async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if is_public(request):
             return await handler(request)
         header = request.headers.get("Authorization", "")

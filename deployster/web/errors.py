@@ -6,10 +6,9 @@ The original's envelope had the same two keys (`reference/original-deployster.md
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from deployster.etcd import EtcdError
@@ -82,7 +81,7 @@ def _http_error_description(exc: web.HTTPException, request: web.Request) -> str
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
