@@ -44,7 +44,14 @@ def create_app(
 ) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[error_middleware, basic_auth_middleware(username, password)],
+        middlewares=[
+            # A client URL with a trailing slash asks for //v1/...: a permanent redirect (308,
+            # method and body kept) to the path with single slashes, as the 2015 server
+            # redirected it; never a 404 that an old client would show as an empty table.
+            web.normalize_path_middleware(append_slash=False, merge_slashes=True),
+            error_middleware,
+            basic_auth_middleware(username, password),
+        ],
         handler_args=HANDLER_ARGS,
     )
     app[SERVICES] = services

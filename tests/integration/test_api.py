@@ -466,3 +466,27 @@ async def test_services_list_the_live_release_and_instance_health(api: Api) -> N
     healthy = [i for i in service["instances"] if i["healthy"]]
     assert sorted(i["unit"] for i in healthy) == sorted(v1["units"])
     assert all(i["routed"] for i in healthy)
+
+
+async def test_repeated_slashes_redirect_to_the_route_keeping_method_and_body(api: Api) -> None:
+    """A client URL with a trailing slash sends //v1/...; it reaches the route, as with the
+    2015 server, instead of a 404 that its client showed as an empty table."""
+    root = str(api.client.make_url("/")).rstrip("/")  # a real client's URL with a slash too
+    session = api.client.session
+    units = f"{root}//v1/services/{api.service}/units"
+    async with session.get(units, headers=api.auth, allow_redirects=False) as resp:
+        assert resp.status == 308
+        assert resp.headers["Location"] == f"/v1/services/{api.service}/units"
+    async with session.get(units, headers=api.auth) as resp:
+        assert resp.status == 200 and await resp.json() == {"units": []}
+    async with session.post(
+        f"{root}//v1/services/{api.service}//deploys",
+        json={"deploy": {"version": "v1", "instance_count": 1}},
+        headers=api.auth,
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+        created = await resp.json()
+    await api.finished(created["deploy"]["id"])
+    # A path that resolves nowhere stays a 404 in the envelope, after auth.
+    async with session.get(f"{root}//v1//nothing", headers=api.auth) as resp:
+        assert resp.status == 404 and (await resp.json())["error"] == "not_found"
