@@ -26,6 +26,7 @@ import aetcd
 import structlog
 
 from deployster.aio import cancel_and_wait
+from deployster.errors import TemporaryError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 
@@ -40,8 +41,8 @@ CHANNEL_OPTIONS = {
 log = structlog.get_logger(__name__)
 
 
-class EtcdError(RuntimeError):
-    """etcd could not be reached or answered with an error."""
+class EtcdError(TemporaryError, RuntimeError):
+    """etcd could not be reached or answered with an error; etcd may answer later."""
 
 
 @dataclass(frozen=True)

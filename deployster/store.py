@@ -197,8 +197,10 @@ class LeaseLocks:
         held = await self.acquire(
             service, LockHolder(holder=holder, actor=actor, reason=reason, lease=keeper.lease_id)
         )
-        if held is None or held.holder == holder:
+        if held is None:
             return keeper
+        # Held, even by the same holder name: on another lease it is someone else's (a peer
+        # server resuming the same deploy), never to be shared.
         with _etcd_errors():
             await keeper.revoke()
         return held

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +55,7 @@ from deployster.events import (
 )
 from deployster.metrics import Metrics
 from deployster.store import DeployState, Store, new_deploy_id
+from deployster.supervise import start_supervised
 from deployster.tagpolicy import parse_version
 from deployster.units import service_of_repository
 from deployster.webhooks import SOURCES, Delivery, Push, Skipped
@@ -306,11 +306,9 @@ class WebhookHandler:
         lane.pending = event
         lane.wake.set()
         if lane.task is None or lane.task.done():
-            # A context of its own: not the log context of the push that happened to start it.
-            lane.task = asyncio.create_task(
-                self._work(event.service, lane),
-                name=f"webhooks:{event.service}",
-                context=contextvars.Context(),
+            # Supervised, in a log context of its own (not that of the push that started it).
+            lane.task = start_supervised(
+                f"webhooks:{event.service}", lambda: self._work(event.service, lane)
             )
 
     async def on_deploy_ended(self, event: DeploySucceeded | DeployFailed) -> None:
