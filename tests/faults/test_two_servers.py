@@ -1,0 +1,105 @@
+"""Two servers on one etcd and one fleet: concurrent deploys through both, one owner per
+deploy, and a server killed mid-deploy whose deploy the other finishes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from faults.conftest import Paused
+from integration.test_resume import (
+    SLOW_POLICY,
+    ServerProcess,
+    get_record,
+    http,
+    unit_names,
+    wait_state,
+    wait_up,
+)
+
+from deployster.etcd import EtcdServer
+from handlers.deploys import LOCK_TTL, RESYNC
+
+ENDED = ("succeeded", "failed", "rolled_back")
+
+
+def peer_of(server: ServerProcess, log_dir: Path) -> ServerProcess:
+    """A second server with the same etcd prefix, fleet and router: a peer."""
+    peer = ServerProcess(log_dir, "", "")
+    flags = list(server.flags)
+    flags[flags.index("--listen") + 1] = f"127.0.0.1:{peer.port}"
+    peer.flags = flags
+    return peer
+
+
+async def deploy(
+    session: aiohttp.ClientSession, service: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    async with session.post(f"/v1/services/{service}/deploys", json={"deploy": body}) as resp:
+        data = await resp.json()
+        assert resp.status in (201, 202), data
+        return dict(data["deploy"])
+
+
+async def test_a_peer_finishes_the_deploy_of_a_killed_server(
+    tmp_path: Path, private_etcd: EtcdServer, fault_fleet: tuple[str, Paused]
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = ServerProcess(tmp_path / "a", private_etcd.endpoint, fault_fleet[0])
+    b = peer_of(a, tmp_path / "b")
+    one, two = f"svc-{secrets.token_hex(3)}", f"svc-{secrets.token_hex(3)}"
+    a.start()
+    b.start()
+    try:
+        async with http(a.url) as sa, http(b.url) as sb:
+            await wait_up(sa, a)
+            await wait_up(sb, b)
+            for service in (one, two):
+                async with sa.put(
+                    f"/v1/services/{service}/policy", json={"policy": SLOW_POLICY}
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+
+            # Concurrent deploys, one through each server; neither server adopts the other's.
+            first, other = await asyncio.gather(
+                deploy(sa, one, {"version": "v1", "instance_count": 2}),
+                deploy(sb, two, {"version": "v1"}),
+            )
+            first, other = await asyncio.gather(
+                wait_state(sb, one, first["id"], ENDED, 60),
+                wait_state(sa, two, other["id"], ENDED, 60),
+            )
+            assert first["state"] == other["state"] == "succeeded", (first, other)
+            for record in (first, other):
+                assert "resumed" not in [e["kind"] for e in record["events"]], record
+
+            # Server a dies while its deploy waits (min_healthy_time 3 s): b takes it over
+            # once a's lock lease is gone, and finishes it.
+            second = await deploy(sa, one, {"version": "v2", "destroy_previous": True})
+            running = await wait_state(sa, one, second["id"], ("running", *ENDED), 30)
+            assert running["state"] == "running", running
+            a.kill()
+            killed_at = time.monotonic()
+            done = await wait_state(sb, one, second["id"], ENDED, LOCK_TTL + 45)
+            took = time.monotonic() - killed_at
+            print(f"\n[two-servers] the peer finished the deploy {took:.1f} s after the kill")
+            assert done["state"] == "succeeded", (done, b.log_text())
+            assert took < LOCK_TTL + RESYNC + 10, took  # the lock's TTL plus one pass (and slack)
+            kinds = [e["kind"] for e in done["events"]]
+            assert kinds.count("resumed") == 1, kinds
+            assert await unit_names(sb, one) == sorted(done["units"])
+            assert (await get_record(sb, one, second["id"]))["step"] == "done"
+            assert "deploy_resumed" in b.log_text()
+            for service, version in ((one, "v2"), (two, "v1")):
+                with contextlib.suppress(Exception):
+                    async with sb.delete(f"/v1/services/{service}/deploys/{version}"):
+                        pass
+    finally:
+        a.cleanup()
+        b.cleanup()
