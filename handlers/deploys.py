@@ -620,12 +620,14 @@ class DeployHandler:
                 created.append(unit)
             for unit in units:
                 await self.fleet.set_desired_state(unit, "launched")
-        except FleetError as exc:
+        except Exception as exc:
             if is_temporary(exc):
-                raise
-            with contextlib.suppress(FleetError):
+                raise  # retried: every unit is submitted again, idempotently
+            with contextlib.suppress(Exception):
                 await self._destroy_each(created)
-            raise DeployRejectedError(f"fleet refused the units: {exc.message}") from exc
+            if isinstance(exc, FleetError):
+                raise DeployRejectedError(f"fleet refused the units: {exc.message}") from exc
+            raise
         record.state, record.step = DeployState.RUNNING, DeployStep.WAITING
         record.submitted_at = time.time()
         record.note("submitted", f"fleet accepted {len(units)} unit(s): {', '.join(units)}")
