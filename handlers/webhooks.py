@@ -11,9 +11,11 @@ decides what each push means and follows it through:
    digest and tag already taken within 24 h, is a duplicate (keys on 24 h leases in etcd);
    the tag policy must take the tag over the live version. The answer is ``PushDecided``,
    which the route returns (202 either way: registries retry anything else).
-3. **Queue.** One slot per service, also kept in etcd so a restart does not lose it: a
-   newer push replaces the queued one (latest wins), except that a semver policy never
-   lets a lower version replace a higher one.
+3. **Queue.** One slot per service in etcd, so a restart does not lose it and every server
+   sees it: a newer push replaces the queued one (latest wins), except that a semver policy
+   never lets a lower version replace a higher one. A worker deploys a push only after taking
+   it from the slot (compare-and-delete): a push another server's newer one replaced is
+   dropped, so the latest push wins across servers too.
 4. **Deploy.** One worker per service waits until no deploy of the service holds its lock
    (woken by ``DeploySucceeded``/``DeployFailed``, with a bounded poll of the lock as a
    fallback), checks the policy again against the then live version, and publishes
@@ -68,6 +70,7 @@ DECIDE_TIMEOUT = 30.0  # the route's wait for a decision (etcd reads and writes 
 LOCK_POLL = 5.0  # fallback poll of the lock, should a deploy's end event be missed
 CALLBACK_TIMEOUT = 10.0
 RETRY_INITIAL, RETRY_MAX = 0.2, 5.0  # backoff of a worker that met an unreachable etcd
+SUPERSEDED = "superseded by a push queued later (on this server or another) before it could deploy"
 
 DecisionKind = Literal["queued", "deployed", "ignored", "rejected", "failed"]
 
@@ -385,6 +388,11 @@ class WebhookHandler:
             )
             await self._dequeue(push)
             return False
+        # Take the push from its slot in etcd: of several servers (or a newer push), only
+        # the slot's holder deploys, so the latest push wins across servers too.
+        if not await self.store.delete_queued_push(service, push.model_dump_json()):
+            self._note(self._about(push, "ignored", SUPERSEDED))
+            return False
         deploy_id = new_deploy_id()
         ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._following[deploy_id] = ended
@@ -416,18 +424,19 @@ class WebhookHandler:
         if isinstance(result, DeployRejected) and result.status == 409:
             self._following.pop(deploy_id, None)
             log.info("webhook_push_waiting", reason=result.description)
-            return True
+            if await self.store.restore_queued_push(service, push.model_dump_json()):
+                return True
+            self._note(self._about(push, "ignored", SUPERSEDED))
+            return False
         if isinstance(result, (DeployRejected, DeployFailed)):
             self._following.pop(deploy_id, None)
             reason = result.description if isinstance(result, DeployRejected) else result.reason
             self._note(
                 self._about(push, "failed", f"the deploy did not start: {reason}", deploy_id)
             )
-            await self._dequeue(push)
             self._callback(push, "error", f"Deployster could not deploy {push.tag}: {reason}")
             return False
         self._note(self._about(push, "deployed", f"deploying {push.tag}", deploy_id))
-        await self._dequeue(push)
         outcome = await self._follow(service, deploy_id, ended)
         if isinstance(outcome, DeploySucceeded):
             self._callback(push, "success", f"Deployster deployed {push.tag} (deploy {deploy_id}).")

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 from faults.conftest import Paused
+from integration.conftest import running_api
 from integration.test_resume import (
     SLOW_POLICY,
     ServerProcess,
@@ -20,6 +21,14 @@ from integration.test_resume import (
     unit_names,
     wait_state,
     wait_up,
+)
+from integration.test_webhooks import (
+    SECRET,
+    decisions,
+    finished_webhook_deploy,
+    push_registry,
+    set_policy,
+    webhook_deploys,
 )
 
 from deployster.etcd import EtcdServer
@@ -103,3 +112,36 @@ async def test_a_peer_finishes_the_deploy_of_a_killed_server(
     finally:
         a.cleanup()
         b.cleanup()
+
+
+async def test_the_latest_push_wins_across_servers(
+    aiohttp_client,  # type: ignore[no-untyped-def]
+    private_etcd: EtcdServer,
+    fault_fleet: tuple[str, Paused],
+) -> None:
+    """A push queued on one server and a later one on the other: only the later deploys."""
+    prefix = f"/deployster-peers-{secrets.token_hex(4)}"
+    common = {"prefix": prefix, "webhook_secret": SECRET, "vulcand_prefix": f"v-{prefix[1:]}"}
+    async with (
+        running_api(aiohttp_client, private_etcd.endpoint, fault_fleet[0], **common) as a,
+        running_api(aiohttp_client, private_etcd.endpoint, fault_fleet[0], **common) as b,
+    ):
+        b.service = a.service
+        await set_policy(a, enabled=True, policy="all")
+        policy = await a.deployster.store.get_policy(a.service)
+        await a.deployster.store.save_policy(
+            a.service, policy.model_copy(update={"min_healthy_time": 2.0})
+        )
+        running = (await a.deploy({"version": "v1.0.0"}))["deploy"]  # holds the lock 2 s
+        [first] = await push_registry(a, "v1.1.0")
+        [later] = await push_registry(b, "v1.2.0")
+        assert first["decision"] == later["decision"] == "queued", (first, later)
+
+        record = await finished_webhook_deploy(a, timeout=60)
+        assert (record.state, record.version) == ("succeeded", "v1.2.0"), record
+        assert (await a.finished(running["id"]))["state"] == "succeeded"
+        await asyncio.sleep(RESYNC + 1)  # both servers' lanes looked at the lock again
+        assert [r.version for r in await webhook_deploys(a)] == ["v1.2.0"]
+        dropped = [d for d in await decisions(a) if d["tag"] == "v1.1.0"]
+        assert dropped[0]["decision"] == "ignored" and "superseded" in dropped[0]["reason"]
+        assert await a.deployster.store.list_queued_pushes() == []
