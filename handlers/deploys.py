@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -184,10 +184,12 @@ def rollback_target(records: list[DeployRecord]) -> DeployRecord | None:
 
 @dataclass(eq=False)
 class _Worker:
-    """One service's worker: a task that runs passes, and the event that wakes it."""
+    """One service's worker: a task that runs passes, the event that wakes it, and the
+    destroy requests it takes between two steps of a deploy."""
 
     wake: asyncio.Event
     task: asyncio.Task[None] | None = None
+    destroys: list[DestroyRequested] = field(default_factory=list)
 
 
 class DeployHandler:
@@ -440,6 +442,8 @@ class DeployHandler:
         backoff = RETRY_INITIAL
         while True:
             worker.wake.clear()
+            while worker.destroys:
+                await self._destroy_version(worker.destroys.pop(0))
             try:
                 delay = await self._pass(service)
                 backoff = RETRY_INITIAL
@@ -711,6 +715,14 @@ class DeployHandler:
             raise first
 
     async def on_destroy_requested(self, event: DestroyRequested) -> None:
+        """A request to the service's worker, which answers with ``UnitsDestroyed``: never
+        in the middle of a deploy's step."""
+        self.wake(event.service)
+        worker = self._workers[event.service]
+        worker.destroys.append(event)
+        worker.wake.set()
+
+    async def _destroy_version(self, event: DestroyRequested) -> None:
         destroyed: list[str] = []
         failures: dict[str, str] = {}
         try:
@@ -728,6 +740,11 @@ class DeployHandler:
             await self._deregister(event.service, matching)
         except RouterTimeout as exc:
             log.warning("router_not_confirmed", reason=str(exc))
+        except Exception as exc:  # the router's etcd: destroying now would cut live traffic
+            if not is_temporary(exc):
+                log.exception("units_not_deregistered")
+            failures["*"] = f"the router could not be updated first: {exc}"
+            matching = []
         for name in matching:
             try:
                 await self._destroy_each([name])
