@@ -123,7 +123,12 @@ class Reaper:
         await cancel_and_wait(self._task)
 
     async def on_deploy_finished(self, event: DeploySucceeded | DeployFailed) -> None:
-        await self.prune(event.service)
+        try:
+            await self.prune(event.service)
+        except Exception as exc:
+            if not is_temporary(exc):
+                raise
+            log.warning("deploy_history_not_pruned", reason=str(exc))  # the next pass prunes
 
     async def _loop(self) -> None:
         while True:
