@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 
 from deployster.store import DeployRecord, DeployState, DeployStep
 
-WAIT_POLL = 0.05  # seconds between looks while instances come up (memory reads only)
+# Seconds between looks while instances come up, at most: an instance that becomes healthy,
+# unhealthy or withdrawn wakes the worker at once, and one that will be ready after its
+# min_healthy_time is looked at again exactly then.
+WAIT_POLL = 0.5
 QUEUE_POLL = 0.5  # seconds between looks whether a queued deploy's turn came
 
 
@@ -188,6 +191,7 @@ def _waiting(record: DeployRecord, observed: Observed, deploy_deadline: float) -
     noted = {(e.kind, e.unit) for e in record.events}
     notes: list[Note] = []
     ready: dict[str, str] = {}  # unit -> url
+    delay = WAIT_POLL
     for unit in record.units:
         instance = observed.instances.get(unit)
         if instance is None or not instance.routed or instance.healthy_for is None:
@@ -196,6 +200,7 @@ def _waiting(record: DeployRecord, observed: Observed, deploy_deadline: float) -
             ready[unit] = instance.url
             kind, message = "instance_ready", f"{unit} is healthy and routed at {instance.url}"
         else:
+            delay = min(delay, policy.min_healthy_time - instance.healthy_for)
             kind = "instance_healthy"
             message = (
                 f"{unit} passes its health check and is routed at {instance.url}; "
@@ -217,7 +222,8 @@ def _waiting(record: DeployRecord, observed: Observed, deploy_deadline: float) -
         return StartRollback(
             _late_reason(record, observed, late, observed.now > deploy_deadline), tuple(notes)
         )
-    return Wait(WAIT_POLL, tuple(notes))
+    deadline = min(instance_deadline, deploy_deadline) - observed.now
+    return Wait(min(delay, deadline + 0.01), tuple(notes))  # just past the deadline, at most
 
 
 def _late_reason(

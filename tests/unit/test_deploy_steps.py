@@ -135,6 +135,18 @@ TABLE = [
         ),
     ),
     (
+        "waiting, one ready in 0.25 s: looked at again then",
+        record(DeployStep.WAITING, events=(("instance_healthy", NEW[0]),)),
+        seen(instances=ready(NEW[0], healthy_for=4.75)),
+        Wait(0.25),
+    ),
+    (
+        "waiting, the deadline comes before the next poll",
+        record(DeployStep.WAITING),
+        seen(T0 + 59.75),
+        Wait(0.26),
+    ),
+    (
         "waiting, healthy but not routed yet",
         record(DeployStep.WAITING),
         seen(instances={NEW[0]: InstanceView(url="http://h:0", healthy_for=9, routed=False)}),
