@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from faults.conftest import Paused
 from helpers import eventually
 from integration.conftest import FAST_POLICY, Api
@@ -42,11 +43,17 @@ async def step_reached(api: Api, deploy_id: str, kind: str, timeout: float = 30)
     await eventually(reached, timeout=timeout, interval=0.05)
 
 
+@pytest.mark.parametrize(
+    "at",
+    ["submitted", "retiring"],
+    ids=["while the new release comes up", "while the old release is drained and destroyed"],
+)
 async def test_etcd_paused_10s_mid_deploy_the_deploy_still_succeeds(
-    fault_api: Api, fault_traefik: Traefik, fault_etcd: Paused
+    fault_api: Api, fault_traefik: Traefik, fault_etcd: Paused, at: str
 ) -> None:
     api = fault_api
-    # Instances stay in the waiting step 2 s (min_healthy_time): the pause lands there.
+    # Instances stay in the waiting step 2 s (min_healthy_time): a pause at "submitted" lands
+    # there; at "retiring" it lands in the drain, before the old units are destroyed.
     await api.deployster.store.save_policy(
         api.service,
         FAST_POLICY.model_copy(
@@ -60,7 +67,7 @@ async def test_etcd_paused_10s_mid_deploy_the_deploy_still_succeeds(
 
     async def deploy_with_a_pause() -> None:
         second = (await api.deploy({"version": "v2", "destroy_previous": True}))["deploy"]
-        await step_reached(api, second["id"], "submitted")
+        await step_reached(api, second["id"], at)
         paused_at = time.monotonic()
         async with fault_etcd.paused(10):
             pass
