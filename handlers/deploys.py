@@ -282,12 +282,14 @@ class DeployHandler:
         )
         taken = await self._take_lock(record)
         if isinstance(taken, LockHolder):
-            if event.wait_for_lock:
-                await self._queue(record, taken)
-            else:
-                self._reject(event, LockHeld(event.service, taken))
+            await self._refuse(event, record, taken)
             return
         try:
+            running = await self._running(record)
+            if running is not None:
+                await self._unlock(record)
+                await self._refuse(event, record, running)
+                return
             record = await self.store.save_deploy(await self._plan(record))
         except DeployRejectedError as exc:
             await self._unlock(record)
@@ -306,6 +308,31 @@ class DeployHandler:
             )
             return
         self.wake(record.service)
+
+    async def _running(self, record: DeployRecord) -> LockHolder | None:
+        """The service's unfinished deploy that is past its queue, if any: its lock may be
+        free for a moment (its lease expired while etcd was away, and its worker has not
+        taken it again yet), but it still runs, and a second deploy must not start beside it."""
+        for other in await self.store.list_deploys(record.service):
+            if (
+                other.id != record.id
+                and not other.state.finished
+                and other.step is not DeployStep.QUEUED
+            ):
+                return LockHolder(
+                    holder=other.id,
+                    actor=other.actor,
+                    reason=f"deploy of {other.version}",
+                    since=other.created_at,
+                    lease=0,
+                )
+        return None
+
+    async def _refuse(self, event: DeployRequested, record: DeployRecord, held: LockHolder) -> None:
+        if event.wait_for_lock:
+            await self._queue(record, held)
+        else:
+            self._reject(event, LockHeld(event.service, held))
 
     def _reject(self, event: DeployRequested, exc: DeployRejectedError) -> None:
         log.info("deploy_rejected", reason=str(exc))

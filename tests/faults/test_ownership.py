@@ -40,3 +40,18 @@ async def test_a_lost_lock_stops_the_worker_before_the_switch(fault_api: Api) ->
     assert "resumed" in [e["kind"] for e in done["events"]]
     assert sorted(await api.units()) == sorted(done["units"])
     assert await store.locks.holder(api.service) is None
+
+
+async def test_a_deploy_whose_lock_lapsed_still_blocks_a_second_one(fault_api: Api) -> None:
+    """The lock's lease expired (etcd was away) and the worker has not taken it again yet:
+    a new deploy is still refused, and the first one finishes."""
+    api = fault_api
+    store = api.deployster.store
+    await store.save_policy(api.service, FAST_POLICY.model_copy(update={"min_healthy_time": 2}))
+    running = (await api.deploy({"version": "v1", "instance_count": 1}))["deploy"]
+    await api.deployster.etcd.delete(store.locks._key(api.service))  # as a lapsed lease does
+    refused = await api.deploy({"version": "v2"}, expect=409)
+    assert running["id"] in refused["description"], refused
+    done = await api.finished(running["id"], timeout=30)
+    assert done["state"] == "succeeded", done
+    assert [r.version for r in await store.list_deploys(api.service)] == ["v1"]
