@@ -306,7 +306,7 @@ async def keep_lease_alive(client: aetcd.Client, lease_id: int, ttl: float) -> N
             async with asyncio.timeout(interval):
                 reply = await client.refresh_lease(lease_id)
         except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError, TimeoutError) as error:
-            log.warning("etcd_lease_refresh_failed", lease=f"{lease_id:x}", error=str(error))
+            log.warning("etcd_lease_refresh_failed", lease=f"{lease_id:x}", error=repr(error))
             next_tick = max(next_tick, loop.time())
             continue
         if reply is None or reply.TTL <= 0:

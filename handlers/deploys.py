@@ -478,7 +478,9 @@ class DeployHandler:
                 if not is_temporary(exc):
                     raise  # a bug: the supervisor logs it and starts the worker again
                 log.warning("deploy_step_retrying", reason=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
+                # An instance routed again (etcd is back) or a request ends the wait early.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(worker.wake.wait(), backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
                 continue
             if delay is None:
