@@ -145,3 +145,37 @@ async def test_the_latest_push_wins_across_servers(
         dropped = [d for d in await decisions(a) if d["tag"] == "v1.1.0"]
         assert dropped[0]["decision"] == "ignored" and "superseded" in dropped[0]["reason"]
         assert await a.deployster.store.list_queued_pushes() == []
+
+
+async def test_a_clean_stop_hands_the_deploy_over_at_once(
+    tmp_path: Path, private_etcd: EtcdServer, fault_fleet: tuple[str, Paused]
+) -> None:
+    """SIGTERM mid-deploy revokes the lock's lease: the next start resumes the deploy without
+    waiting for the lease to expire."""
+    server = ServerProcess(tmp_path, private_etcd.endpoint, fault_fleet[0])
+    service = f"svc-{secrets.token_hex(3)}"
+    server.start()
+    try:
+        async with http(server.url) as session:
+            await wait_up(session, server)
+            slow = {**SLOW_POLICY, "min_healthy_time": 4}
+            async with session.put(f"/v1/services/{service}/policy", json={"policy": slow}) as resp:
+                assert resp.status == 200, await resp.text()
+            started = await deploy(session, service, {"version": "v1", "instance_count": 1})
+            running = await wait_state(session, service, started["id"], ("running", *ENDED), 30)
+            assert running["state"] == "running", running
+            assert server.stop() == 0, server.log_text()
+            stopped_at = time.monotonic()
+            server.start()
+            await wait_up(session, server)
+            done = await wait_state(session, service, started["id"], ENDED, 60)
+            took = time.monotonic() - stopped_at
+            print(f"\n[clean-stop] the deploy ended {took:.1f} s after the stop")
+            assert done["state"] == "succeeded", (done, server.log_text())
+            assert took < LOCK_TTL, took  # not the lease's expiry: it was handed over
+            assert [e["kind"] for e in done["events"]].count("resumed") == 1
+            with contextlib.suppress(Exception):
+                async with session.delete(f"/v1/services/{service}/deploys/v1"):
+                    pass
+    finally:
+        server.cleanup()
