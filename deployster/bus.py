@@ -14,7 +14,7 @@ waiter gets the exception at once instead of waiting for an answer that will nev
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
@@ -36,7 +36,6 @@ class EventBus:
         self._workers: dict[str, asyncio.Task[None]] = {}
         # (answers this predicate, future, id of the event whose handler failures it takes)
         self._waiters: list[tuple[Predicate, asyncio.Future[Event], str]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     def subscribe(self, event_type: type[E], handler: Callable[[E], Awaitable[None]]) -> None:
@@ -74,20 +73,14 @@ class EventBus:
         finally:
             self._waiters.remove(waiter)
 
-    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str, **context: str) -> None:
-        """Run long work (following a deploy) beside the lanes, supervised like a handler."""
-        task = asyncio.create_task(self._supervise(coro, name, context), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def queue_depth(self) -> int:
         """Events waiting in every lane (a gauge: a growing number means a stuck handler)."""
         return sum(lane.qsize() for lane in self._lanes.values())
 
     async def close(self) -> None:
-        """Stop the lanes and spawned work; pending events are dropped (etcd has the state)."""
+        """Stop the lanes; pending events are dropped (etcd has the state)."""
         self._closed = True
-        await cancel_and_wait(*self._workers.values(), *self._tasks)
+        await cancel_and_wait(*self._workers.values())
 
     async def _run_lane(self, service: str, lane: asyncio.Queue[Event]) -> None:
         while True:
@@ -108,16 +101,6 @@ class EventBus:
         for _, future, cause in self._waiters:
             if cause == event.id and not future.done():
                 future.set_exception(exc)
-
-    @staticmethod
-    async def _supervise(work: Awaitable[None], name: str, context: dict[str, str]) -> None:
-        with structlog.contextvars.bound_contextvars(**context):
-            try:
-                await work
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("handler_failed", handler=name)
 
 
 def _name(handler: Handler) -> str:

@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from deployster.errors import PermanentError, TemporaryError
+
 API_VERSION = "1.41"
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
 STDOUT, STDERR = 1, 2
@@ -48,15 +50,15 @@ class DockerError(Exception):
         self.status = status
 
 
-class DockerUnreachable(DockerError):
-    """Nothing answers at the endpoint."""
+class DockerUnreachable(DockerError, TemporaryError):
+    """Nothing answers at the endpoint (yet)."""
 
 
-class NotFound(DockerError):
+class NotFound(DockerError, PermanentError):
     """The engine answered 404: no such container or image."""
 
 
-class PullError(DockerError):
+class PullError(DockerError, PermanentError):
     """The pull stream reported an error (its HTTP status was 200)."""
 
 

@@ -26,6 +26,7 @@ import aetcd
 import structlog
 
 from deployster.aio import cancel_and_wait
+from deployster.errors import TemporaryError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 
@@ -40,8 +41,8 @@ CHANNEL_OPTIONS = {
 log = structlog.get_logger(__name__)
 
 
-class EtcdError(RuntimeError):
-    """etcd could not be reached or answered with an error."""
+class EtcdError(TemporaryError, RuntimeError):
+    """etcd could not be reached or answered with an error; etcd may answer later."""
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ async def keep_lease_alive(client: aetcd.Client, lease_id: int, ttl: float) -> N
             async with asyncio.timeout(interval):
                 reply = await client.refresh_lease(lease_id)
         except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError, TimeoutError) as error:
-            log.warning("etcd_lease_refresh_failed", lease=f"{lease_id:x}", error=str(error))
+            log.warning("etcd_lease_refresh_failed", lease=f"{lease_id:x}", error=repr(error))
             next_tick = max(next_tick, loop.time())
             continue
         if reply is None or reply.TTL <= 0:

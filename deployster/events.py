@@ -101,12 +101,6 @@ class UnitsDestroyed(Event):
     failures: dict[str, str] = Field(default_factory=dict)
 
 
-class DeployResumed(Event):
-    """An unfinished deploy found in etcd at start: drive it on from its record."""
-
-    deploy_id: str
-
-
 class InstanceHealthy(Event):
     """An announced instance passed its health checks and is registered with the router."""
 

@@ -46,6 +46,8 @@ from pydantic import (
     model_validator,
 )
 
+from deployster.errors import PermanentError, TemporaryError
+
 # fleet's JobState: the values of a unit's desiredState and currentState.
 JOB_INACTIVE = "inactive"
 JOB_LOADED = "loaded"
@@ -184,20 +186,21 @@ class FleetError(Exception):
         self.message = message
 
 
-class FleetUnavailable(FleetError):
-    """No answer from fleet: socket missing, connection refused, timeout."""
+class FleetUnavailable(FleetError, TemporaryError):
+    """No answer from fleet (socket missing, connection refused, timeout), a 5xx, or an
+    answer that is not JSON: fleet may answer later."""
 
 
-class FleetNotFound(FleetError):
+class FleetNotFound(FleetError, PermanentError):
     """404: the unit (or its state) does not exist."""
 
 
-class FleetConflict(FleetError):
+class FleetConflict(FleetError, PermanentError):
     """409: e.g. the unit already exists with the same options."""
 
 
-class FleetRejected(FleetError):
-    """400/415: fleet refused the request as malformed."""
+class FleetRejected(FleetError, PermanentError):
+    """400/415 and any other 4xx: fleet refused the request as malformed."""
 
 
 # A journal line longer than this is cut: a deploy's error carries several of them.
@@ -340,7 +343,7 @@ class FleetClient:
                 try:
                     return dict(await resp.json(content_type=None))
                 except ValueError:
-                    raise FleetError(
+                    raise FleetUnavailable(
                         f"fleet answered {method} {path} with a body that is not JSON",
                         resp.status,
                     ) from None
@@ -356,5 +359,5 @@ def _error_from(status: int, text: str, method: str, path: str) -> FleetError:
     except ValidationError:
         message = text.strip()[:200]
     detail = f": {message}" if message else ""
-    cls = _ERRORS.get(status, FleetError)
+    cls = _ERRORS.get(status, FleetUnavailable if status >= 500 else FleetRejected)
     return cls(f"fleet answered {method} {path} with {status}{detail}", status)

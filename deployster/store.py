@@ -204,8 +204,10 @@ class LeaseLocks:
         held = await self.acquire(
             service, LockHolder(holder=holder, actor=actor, reason=reason, lease=keeper.lease_id)
         )
-        if held is None or held.holder == holder:
+        if held is None:
             return keeper
+        # Held, even by the same holder name: on another lease it is someone else's (a peer
+        # server resuming the same deploy), never to be shared.
         with _etcd_errors():
             await keeper.revoke()
         return held
@@ -370,16 +372,30 @@ class Store:
         with _etcd_errors():
             await self.etcd.put(self._queued_key(service), push_json.encode())
 
-    async def delete_queued_push(self, service: str, push_json: str) -> None:
-        """Forget the queued push of ``service`` if it is still ``push_json``."""
+    async def delete_queued_push(self, service: str, push_json: str) -> bool:
+        """Forget (take) the queued push of ``service`` if it is still ``push_json``: True
+        when it was, so that of several servers exactly one deploys it."""
         key = self._queued_key(service)
         txn = self.etcd.transactions
         with _etcd_errors():
-            await self.etcd.transaction(
+            taken, _ = await self.etcd.transaction(
                 compare=[txn.value(key) == push_json.encode()],
                 success=[txn.delete(key)],
                 failure=[],
             )
+        return bool(taken)
+
+    async def restore_queued_push(self, service: str, push_json: str) -> bool:
+        """Put a taken push back unless a newer one was queued meanwhile; True if put back."""
+        key = self._queued_key(service)
+        txn = self.etcd.transactions
+        with _etcd_errors():
+            restored, _ = await self.etcd.transaction(
+                compare=[txn.version(key) == 0],
+                success=[txn.put(key, push_json.encode())],
+                failure=[],
+            )
+        return bool(restored)
 
     async def list_queued_pushes(self) -> list[str]:
         with _etcd_errors():

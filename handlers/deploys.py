@@ -1,30 +1,31 @@
-"""Deploys: the state machine from ``DeployRequested`` to a healthy, routed release.
+"""Deploys: one worker per service drives its deploys, level-triggered, to a terminal state.
 
-This is the one place where a deploy's steps live. Each step is written to the deploy's
-record in etcd before it starts, so a restarted server picks the deploy up where it was
-(``DeployResumed``), and each step is idempotent (a unit that exists already, a server that
-is not registered, a unit that is gone: none is an error).
+What a deploy does next is decided in one place, the pure :func:`handlers.reconcile.next_step`
+(its module docstring draws the state machine). This module is the part that does I/O:
 
-1. **Lock** the service (an etcd key on a kept-alive lease): a second deploy of the same
-   service while one runs is refused with 409 naming the holder, or, when the caller asked to
-   wait (``wait_for_lock``), recorded as ``queued`` and started once the lock is free, oldest
-   queued first, within the policy's ``deploy_deadline``. A crashed server's lock goes with
-   its lease; a resumed deploy adopts its own lock.
-2. **Plan**, holding the lock, with the original's rules (`reference/original-deployster.md`
-   §2.2, §5.1): the service's current units decide the instance count and whether
-   ``destroy_previous`` can be honoured; the two 400 texts are kept verbatim, double spaces
-   included. The service's policy (``PUT .../policy``) is read now and kept in the record: a
-   policy change applies to the next deploy, never to a running one.
-3. **Record** the deploy (``pending``), then **submit** every unit (create, then launch, as
-   fleetctl does). If fleet fails half-way, the units already created are destroyed again.
-4. **Wait** (start-first) until every new instance is healthy, has stayed healthy for the
-   policy's ``min_healthy_time``, and is routed (``handlers/instances.py`` probes and
-   registers; the router confirms). A new unit that fleet reports ``failed``, or an instance
-   not healthy within ``instance_deadline`` (or the deploy past ``deploy_deadline``), rolls
-   back: the new instances are deregistered and destroyed, the old ones never lost traffic.
-5. **Switch** (with ``destroy_previous``): deregister every previous unit of the service (as a
-   set, failed leftovers included, never paired by instance number), wait until the router
-   applied it and the ``drain`` time passed, then destroy them.
+- **Admission** (``DeployRequested``, on the bus lane, so the route can answer): take the
+  service's lock (an etcd key on a kept-alive lease). Held by another deploy: 409 naming the
+  holder, or, when the caller asked to wait (``wait_for_lock``), a ``queued`` record that the
+  worker starts once the lock is free, oldest first, within the policy's ``deploy_deadline``.
+  Then **plan** with the original's rules (``plan`` below: the service's current units decide
+  the instance count and whether ``destroy_previous`` can be honoured; the two 400 texts are
+  kept verbatim, double spaces included), keep the service's policy in the record (a policy
+  change applies to the next deploy), save the record and wake the worker. Anything that goes
+  wrong after the lock was taken releases it.
+- **The worker** of a service: bus events (a request, an instance that became healthy), a
+  timer and a periodic look at etcd for deploys nobody drives only *wake* it. Each pass reads
+  the service's deploy records and what is (fleet's units and states, the instances' health
+  and routing), asks ``next_step``, records the step, performs it idempotently (a unit that
+  exists, a server that is not registered, a unit that is gone: none is an error) and looks
+  again. A temporary error (etcd, fleet or the router not answering) is retried with capped
+  backoff, and the deploy's deadlines still end it; a permanent one ends the deploy with its
+  sentence (``reconcile.on_permanent``).
+- **Ownership.** A server drives a deploy only while it holds the deploy's lock: before every
+  step that changes fleet or the router it checks that the lock is still its own (same deploy,
+  same lease, lease not expired). A lock whose lease is alive belongs to whoever holds it, a
+  peer or a previous run of this server; once the lease is gone (its holder died), the first
+  server to take the lock resumes the deploy where its record says. Two servers may share one
+  etcd and fleet.
 
 Every step also adds a progress event to the record (``DeployRecord.note``): the events
 stream of the API and ``deployctl deploy --wait`` show them.
@@ -33,32 +34,35 @@ stream of the API and ``deployctl deploy --wait`` show them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-import aetcd
 import structlog
 
+from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
-from deployster.etcd import EtcdError, LeaseKeeper
+from deployster.errors import PermanentError, is_temporary
+from deployster.etcd import LeaseKeeper
 from deployster.events import (
     DeployFailed,
     DeployQueued,
     DeployRejected,
     DeployRequested,
-    DeployResumed,
     DeploySucceeded,
     DestroyRequested,
+    InstanceHealthy,
+    InstanceUnhealthy,
+    InstanceWithdrawn,
     UnitsDestroyed,
     UnitsSubmitted,
 )
 from deployster.fleet import FleetClient, FleetConflict, FleetError, FleetNotFound, Unit
 from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
-from deployster.routers import Router, RouterError
+from deployster.routers import Router, RouterTimeout
 from deployster.store import DeployRecord, DeployState, DeployStep, LockHolder, Store
+from deployster.supervise import start_supervised
 from deployster.units import (
     DEFAULT_DOCKER,
     DEFAULT_ETCDCTL,
@@ -69,7 +73,23 @@ from deployster.units import (
     image_name,
     render_unit,
 )
+from handlers import reconcile
 from handlers.instances import InstancesHandler
+from handlers.reconcile import (
+    ConfirmRouted,
+    Destroy,
+    Done,
+    Finish,
+    InstanceView,
+    Observed,
+    Plan,
+    Remove,
+    Retire,
+    StartRollback,
+    Step,
+    Submit,
+    Wait,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +104,7 @@ TOO_MANY_INSTANCES = (
 )
 LOCK_TTL = 15  # seconds a crashed server's lock outlives it
 RETRY_INITIAL, RETRY_MAX = 0.2, 5.0  # backoff of a step that met an unreachable etcd or fleet
+RESYNC = LOCK_TTL / 3  # seconds between looks for deploys nobody drives (a dead peer's)
 
 
 @dataclass(frozen=True)
@@ -97,15 +118,13 @@ class DeployConfig:
     poll_interval: float = 1.0
     # Longest wait for the router to confirm a change.
     router_timeout: float = 30.0
-    # How often a queued deploy looks whether the service's lock is free.
-    queue_poll: float = 0.5
     # What the units call, and where instances publish unless the policy says.
     docker: str = DEFAULT_DOCKER
     etcdctl: str = DEFAULT_ETCDCTL
     publish_address: str = DEFAULT_PUBLISH_ADDRESS
 
 
-class DeployRejectedError(Exception):
+class DeployRejectedError(PermanentError):
     """The request cannot be honoured as asked (a 400 or 409 with this sentence)."""
 
     def __init__(self, description: str, status: int = 400) -> None:
@@ -126,8 +145,8 @@ class LockHeld(DeployRejectedError):
         self.held = held
 
 
-class RollBack(Exception):
-    """The new release cannot become healthy; the message says which instance and why."""
+class LockLost(Exception):
+    """This server no longer holds the lock of the deploy it drives: it must stop touching it."""
 
 
 async def service_units(fleet: FleetClient, service: str) -> list[tuple[UnitName, Unit]]:
@@ -176,6 +195,16 @@ def rollback_target(records: list[DeployRecord]) -> DeployRecord | None:
     return next((r for r in reversed(succeeded[:-1]) if r.version != live.version), None)
 
 
+@dataclass(eq=False)
+class _Worker:
+    """One service's worker: a task that runs passes, the event that wakes it, and the
+    destroy requests it takes between two steps of a deploy."""
+
+    wake: asyncio.Event
+    task: asyncio.Task[None] | None = None
+    destroys: list[DestroyRequested] = field(default_factory=list)
+
+
 class DeployHandler:
     def __init__(
         self,
@@ -194,60 +223,129 @@ class DeployHandler:
         self.config = config
         self.router = router
         self.instances = instances
-        self._leases: dict[str, LeaseKeeper] = {}
+        self._keepers: dict[str, LeaseKeeper] = {}  # deploy id -> the lease of its lock
+        self._workers: dict[str, _Worker] = {}
+        self._resync: asyncio.Task[None] | None = None
+        self._failed_read: dict[str, tuple[float, dict[str, str]]] = {}  # fleet states cache
 
     def register(self) -> None:
         self.bus.subscribe(DeployRequested, self.on_requested)
-        self.bus.subscribe(DeployResumed, self.on_resumed)
         self.bus.subscribe(DestroyRequested, self.on_destroy_requested)
+        for woken_by in (InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn):
+            self.bus.subscribe(woken_by, self._on_instance)
 
     async def resume(self) -> int:
-        """Re-drive every unfinished deploy found in etcd; returns how many."""
-        unfinished = [r for r in await self.store.list_deploys() if not r.state.finished]
-        for record in unfinished:
-            self.bus.publish(DeployResumed(service=record.service, deploy_id=record.id))
-        return len(unfinished)
+        """Wake the worker of every service with an unfinished deploy (each resumes a deploy
+        only once its lock is free), and keep looking for such deploys every few seconds, so
+        that a dead peer's deploys are taken over; returns how many deploys are unfinished."""
+        unfinished = await self._unfinished_services()
+        if self._resync is None:
+            self._resync = start_supervised("deploys-resync", self._resync_loop)
+        return sum(unfinished.values())
 
     async def close(self) -> None:
-        """Stop keeping locks alive without releasing them: a restart resumes and adopts them."""
-        for keeper in self._leases.values():
-            await keeper.stop()
+        """Stop the workers, then hand their locks over: revoked, so that the next server to
+        start (or a peer) resumes their deploys at once; a lease etcd cannot revoke now
+        expires within ``LOCK_TTL``."""
+        await cancel_and_wait(self._resync, *(w.task for w in self._workers.values()))
+        for keeper in self._keepers.values():
+            with contextlib.suppress(Exception):
+                await keeper.revoke()
+        self._keepers.clear()
 
-    # -- handlers ----------------------------------------------------------------------
+    def wake(self, service: str) -> None:
+        worker = self._workers.get(service)
+        if worker is None:
+            worker = self._workers[service] = _Worker(asyncio.Event())
+            worker.task = start_supervised(
+                f"deploys:{service}", lambda: self._work(service, worker), service=service
+            )
+        worker.wake.set()
+
+    async def _on_instance(
+        self, event: InstanceHealthy | InstanceUnhealthy | InstanceWithdrawn
+    ) -> None:
+        if event.service in self._workers:
+            self._workers[event.service].wake.set()
+
+    async def _unfinished_services(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in await self.store.list_deploys():
+            if not record.state.finished:
+                counts[record.service] = counts.get(record.service, 0) + 1
+        for service in counts:
+            self.wake(service)
+        return counts
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC)
+            try:
+                await self._unfinished_services()
+            except Exception as exc:
+                if not is_temporary(exc):
+                    raise
+                log.warning("deploys_resync_skipped", reason=str(exc))
+
+    # -- admission (the bus lane: the route waits for its outcome) -----------------------
 
     async def on_requested(self, event: DeployRequested) -> None:
         record = DeployRecord.from_request(
             event, event.instance_count, event.destroy_previous, ServicePolicy()
         )
-        try:
-            await self._lock(record)
-        except LockHeld as exc:
-            if event.wait_for_lock:
-                await self._queue(record, exc.held)
-            else:
-                self._reject(event, exc)
+        taken = await self._take_lock(record)
+        if isinstance(taken, LockHolder):
+            await self._refuse(event, record, taken)
             return
         try:
-            record = await self._plan(record)
+            running = await self._running(record)
+            if running is not None:
+                await self._unlock(record)
+                await self._refuse(event, record, running)
+                return
+            record = await self.store.save_deploy(await self._plan(record))
         except DeployRejectedError as exc:
             await self._unlock(record)
             self._reject(event, exc)
             return
-        except FleetError as exc:
+        except Exception as exc:
+            # Nothing was submitted: the lock goes, and the route answers with the reason.
             await self._unlock(record)
-            log.warning("deploy_not_started", reason=exc.message)
+            reason = exc.message if isinstance(exc, FleetError) else str(exc)
+            if is_temporary(exc) or isinstance(exc, PermanentError):
+                log.warning("deploy_not_started", reason=reason)
+            else:
+                log.exception("deploy_not_started")
             self.bus.publish(
-                DeployFailed(service=event.service, deploy_id=event.deploy_id, reason=exc.message)
+                DeployFailed(service=event.service, deploy_id=event.deploy_id, reason=reason)
             )
             return
-        except Exception as exc:
-            await self._abandon(record, exc)
-            return
-        try:
-            record = await self.store.save_deploy(record)
-            await self._submit(record)
-        except Exception as exc:
-            await self._abandon(record, exc)
+        self.wake(record.service)
+
+    async def _running(self, record: DeployRecord) -> LockHolder | None:
+        """The service's unfinished deploy that is past its queue, if any: its lock may be
+        free for a moment (its lease expired while etcd was away, and its worker has not
+        taken it again yet), but it still runs, and a second deploy must not start beside it."""
+        for other in await self.store.list_deploys(record.service):
+            if (
+                other.id != record.id
+                and not other.state.finished
+                and other.step is not DeployStep.QUEUED
+            ):
+                return LockHolder(
+                    holder=other.id,
+                    actor=other.actor,
+                    reason=f"deploy of {other.version}",
+                    since=other.created_at,
+                    lease=0,
+                )
+        return None
+
+    async def _refuse(self, event: DeployRequested, record: DeployRecord, held: LockHolder) -> None:
+        if event.wait_for_lock:
+            await self._queue(record, held)
+        else:
+            self._reject(event, LockHeld(event.service, held))
 
     def _reject(self, event: DeployRequested, exc: DeployRejectedError) -> None:
         log.info("deploy_rejected", reason=str(exc))
@@ -260,13 +358,26 @@ class DeployHandler:
             )
         )
 
+    async def _queue(self, record: DeployRecord, held: LockHolder) -> None:
+        """Record the deploy as queued behind the lock's holder; the worker starts it."""
+        record.step = DeployStep.QUEUED
+        record.policy = await self.store.get_policy(record.service)  # its deadline bounds the wait
+        record.note("queued", f"waiting for deploy {held.holder} ({held.reason}) to finish")
+        record = await self.store.save_deploy(record)
+        log.info("deploy_queued", behind=held.holder)
+        self.bus.publish(
+            DeployQueued(service=record.service, deploy_id=record.id, behind=held.holder)
+        )
+        self.wake(record.service)
+
     async def _plan(self, record: DeployRecord) -> DeployRecord:
         """Fill in the policy, the instance count, the units and the units they replace; the
         caller holds the service's lock, so what runs cannot change meanwhile.
 
         ``record.instance_count`` and ``destroy_previous`` are what was asked for; the
-        returned record has what will be done. Raises DeployRejectedError for the original's
-        400s, FleetError when fleet cannot say what runs.
+        returned record has what will be done, at step ``submitting``. Raises
+        DeployRejectedError for the original's 400s, FleetError when fleet cannot say what
+        runs.
         """
         policy = await self.store.get_policy(record.service)
         current = await service_units(self.fleet, record.service)
@@ -284,6 +395,7 @@ class DeployHandler:
                 "policy": policy,
                 "instance_count": count,
                 "destroy_previous": destroy_previous,
+                "step": DeployStep.SUBMITTING,
                 "units": [
                     str(UnitName.build(record.service, record.version, record.timestamp, n))
                     for n in range(1, count + 1)
@@ -305,338 +417,289 @@ class DeployHandler:
         )
         return record
 
-    async def _queue(self, record: DeployRecord, held: LockHolder) -> None:
-        """Record the deploy as queued behind the lock's holder and wait for its turn."""
-        record.step = DeployStep.QUEUED
-        record.policy = await self.store.get_policy(record.service)  # its deadline bounds the wait
-        record.note("queued", f"waiting for deploy {held.holder} ({held.reason}) to finish")
-        record = await self.store.save_deploy(record)
-        log.info("deploy_queued", behind=held.holder)
-        self.bus.publish(
-            DeployQueued(service=record.service, deploy_id=record.id, behind=held.holder)
-        )
-        self._spawn(record, self._dequeue(record))
+    # -- locks ----------------------------------------------------------------------------
 
-    async def _dequeue(self, record: DeployRecord) -> None:
-        """Poll until this deploy is the oldest queued one and the lock is free, then take the
-        lock, plan (the service changed while it waited) and submit."""
-        deadline = record.created_at.timestamp() + record.policy.deploy_deadline
-        while True:
-            try:
-                if time.time() > deadline:
-                    await self._finish(
-                        record,
-                        DeployState.FAILED,
-                        f"the service's lock was not free within the deploy deadline "
-                        f"of {record.policy.deploy_deadline:g} s",
-                    )
-                    return
-                if await self._my_turn(record):
-                    await self._lock(record)
-                    planned = await self._plan(record)
-                    planned.step = DeployStep.SUBMITTING
-                    record = await self.store.save_deploy(planned)
-                    await self._submit(record)
-                    return
-            except LockHeld:
-                pass  # another deploy took it first
-            except DeployRejectedError as exc:
-                await self._finish(record, DeployState.FAILED, str(exc))
-                return
-            except (EtcdError, aetcd.ClientError, FleetError) as exc:
-                log.warning("deploy_queue_retrying", reason=str(exc))
-            except Exception as exc:
-                await self._abandon(record, exc)
-                return
-            await asyncio.sleep(self.config.queue_poll)
-
-    async def _my_turn(self, record: DeployRecord) -> bool:
-        holder = await self.store.locks.holder(record.service)
-        if holder is not None and holder.holder != record.id:
-            return False
-        queued = [
-            r
-            for r in await self.store.list_deploys(record.service)
-            if r.step is DeployStep.QUEUED and not r.state.finished
-        ]
-        return bool(queued) and queued[0].id == record.id
-
-    async def on_resumed(self, event: DeployResumed) -> None:
-        record = await self.store.get_deploy(event.service, event.deploy_id)
-        if record is None or record.state.finished:
-            return
-        log.info("deploy_resumed", state=record.state, step=record.step)
-        if record.step is DeployStep.QUEUED:
-            self._spawn(record, self._dequeue(record))
-            return
-        record.note("resumed", f"a restarted server resumes the deploy at step {record.step}")
-        await self._lock(record, adopt=True)
-        if record.state is DeployState.PENDING:
-            try:
-                await self._submit(record)
-            except Exception as exc:
-                await self._abandon(record, exc)  # never pending again at the next start
-        else:
-            self._spawn(record, self._run(record))
-
-    async def on_destroy_requested(self, event: DestroyRequested) -> None:
-        destroyed: list[str] = []
-        failures: dict[str, str] = {}
-        try:
-            current = await service_units(self.fleet, event.service)
-        except FleetError as exc:
-            failures["*"] = exc.message
-            current = []
-        matching = [
-            n
-            for n, _ in current
-            if n.version == event.version
-            and (not event.timestamp or n.timestamp == event.timestamp)
-        ]
-        await self._retire(matching)
-        for name in matching:
-            try:
-                await self._destroy(str(name))
-                destroyed.append(str(name))
-            except FleetError as exc:
-                failures[str(name)] = exc.message
-        log.info("units_destroyed", version=event.version, units=destroyed, failures=failures)
-        self.bus.publish(
-            UnitsDestroyed(
-                service=event.service,
-                request_id=event.request_id,
-                units=destroyed,
-                failures=failures,
-            )
-        )
-
-    # -- steps -------------------------------------------------------------------------
-
-    async def _lock(self, record: DeployRecord, adopt: bool = False) -> None:
-        if record.id in self._leases:
-            return  # held already (a step retried after an etcd error)
+    async def _take_lock(self, record: DeployRecord) -> LeaseKeeper | LockHolder:
+        """Take the service's lock for ``record`` on a new lease: the keeper, or who holds it."""
         taken = await self.store.locks.take(
-            record.service,
-            record.id,
-            record.actor,
-            f"deploy of {record.version}",
-            LOCK_TTL,
-            adopt=adopt,
+            record.service, record.id, record.actor, f"deploy of {record.version}", LOCK_TTL
         )
-        if isinstance(taken, LockHolder):
-            raise LockHeld(record.service, taken)
-        if not record.started_at:
-            record.started_at = time.time()
-        self._leases[record.id] = taken
+        if isinstance(taken, LeaseKeeper):
+            self._keepers[record.id] = taken
+            if not record.started_at:
+                record.started_at = time.time()
+        return taken
+
+    async def _owned(self, record: DeployRecord) -> bool:
+        """True while this server holds ``record``'s lock: same deploy, same lease, the lease
+        not expired. A lock found lost is let go of here."""
+        keeper = self._keepers.get(record.id)
+        if keeper is None:
+            return False
+        holder = await self.store.locks.holder(record.service)
+        if (
+            not keeper.expired.is_set()
+            and holder is not None
+            and holder.holder == record.id
+            and holder.lease == keeper.lease_id
+        ):
+            return True
+        log.warning(
+            "deploy_lock_lost",
+            deploy_id=record.id,
+            holder=holder.holder if holder else None,
+            lease_expired=keeper.expired.is_set(),
+        )
+        del self._keepers[record.id]
+        await keeper.stop()
+        return False
+
+    async def _check_owned(self, record: DeployRecord) -> None:
+        """Before a step that changes fleet or the router: stop unless the lock is ours."""
+        if not await self._owned(record):
+            raise LockLost(record.id)
 
     async def _unlock(self, record: DeployRecord) -> None:
-        await self.store.locks.release(record.service, record.id)
-        keeper = self._leases.pop(record.id, None)
+        """Release ``record``'s lock. Best effort: a lock etcd cannot delete now goes with its
+        lease, which is no longer kept alive."""
+        keeper = self._keepers.pop(record.id, None)
         if keeper is not None:
-            await keeper.revoke()
-
-    async def _abandon(self, record: DeployRecord, exc: Exception) -> None:
-        """Something unforeseen between taking the lock and fleet running the units: the
-        deploy ends failed with the reason and its units are destroyed; the lock is released
-        even when etcd cannot be told (the lease then runs out)."""
-        reason = f"the deploy could not be started: {str(exc) or type(exc).__name__}"
-        log.error("deploy_not_started", reason=reason, exc_info=exc)
+            await keeper.stop()
         try:
-            await self._destroy_all(record.units)
-            await self._finish(record, DeployState.FAILED, reason)
-        finally:
-            keeper = self._leases.pop(record.id, None)
+            await self.store.locks.release(record.service, record.id)
             if keeper is not None:
-                await keeper.stop()
+                await keeper.revoke()
+        except Exception as exc:
+            if not is_temporary(exc):
+                raise
+            log.warning("deploy_lock_left_to_expire", reason=str(exc), ttl=LOCK_TTL)
 
-    async def _submit(self, record: DeployRecord) -> None:
-        created: list[str] = []
-        try:
-            for unit in record.units:
-                name = UnitName.parse_valid(unit)
-                options = render_unit(self.template, self._context(name, record))
-                try:
-                    await self.fleet.create_unit(unit, options)
-                except FleetConflict:
-                    pass  # already submitted before a restart: same name, same options
-                created.append(unit)
-            for unit in record.units:
-                await self.fleet.set_desired_state(unit, "launched")
-        except FleetError as exc:
-            await self._destroy_all(created)
-            await self._finish(
-                record, DeployState.FAILED, f"fleet refused the units: {exc.message}"
-            )
-            return
-        record.state, record.step = DeployState.RUNNING, DeployStep.WAITING
-        record.submitted_at = time.time()
-        record.note(
-            "submitted", f"fleet accepted {len(record.units)} unit(s): {', '.join(record.units)}"
-        )
-        record = await self.store.save_deploy(record)
-        log.info("units_submitted", units=record.units)
-        self.bus.publish(
-            UnitsSubmitted(service=record.service, deploy_id=record.id, units=record.units)
-        )
-        self._spawn(record, self._run(record))
+    # -- the worker ---------------------------------------------------------------------
 
-    def _spawn(self, record: DeployRecord, work: Coroutine[Any, Any, None]) -> None:
-        """Follow the deploy beside the bus's lanes: waiting its turn, or driving it to its end."""
-        self.bus.spawn(
-            work,
-            name=f"deploy:{record.service}:{record.id}",
-            service=record.service,
-            deploy_id=record.id,
-        )
-
-    async def _run(self, record: DeployRecord) -> None:
-        """Drive the deploy to its end. etcd (or fleet) being unreachable for a while is not
-        the deploy's fault: the step is retried with backoff (every step is idempotent), and
-        only the deploy's own deadlines end it."""
+    async def _work(self, service: str, worker: _Worker) -> None:
+        """Passes until cancelled: woken by events, by its own requeue delay, or by the
+        periodic resync; a temporary error is retried with capped backoff."""
         backoff = RETRY_INITIAL
         while True:
+            worker.wake.clear()
+            while worker.destroys:
+                await self._destroy_version(worker.destroys.pop(0))
             try:
-                await self._advance(record)
-                return
-            except (EtcdError, aetcd.ClientError, FleetError) as exc:
-                log.warning(
-                    "deploy_step_retrying", step=record.step, reason=str(exc), retry_in=backoff
-                )
-                await asyncio.sleep(backoff)
+                delay = await self._pass(service)
+                backoff = RETRY_INITIAL
+            except Exception as exc:
+                if not is_temporary(exc):
+                    raise  # a bug: the supervisor logs it and starts the worker again
+                log.warning("deploy_step_retrying", reason=str(exc), retry_in=backoff)
+                # An instance routed again (etcd is back) or a request ends the wait early.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(worker.wake.wait(), backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
+                continue
+            if delay is None:
+                await worker.wake.wait()
+            elif delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(worker.wake.wait(), delay)
 
-    async def _advance(self, record: DeployRecord) -> None:
-        if record.step is DeployStep.WAITING:
-            try:
-                await self._wait_healthy(record)
-            except RollBack as exc:
-                record.step, record.error = DeployStep.ROLLING_BACK, str(exc)
-                record.note("rolling_back", str(exc))
-                record = await self.store.save_deploy(record)
-            else:
-                record.step = DeployStep.SWITCHING
-                record = await self.store.save_deploy(record)
-        if record.step is DeployStep.ROLLING_BACK:
-            await self._roll_back(record)
-            return
-        if record.destroy_previous:
-            await self._switch(record)
-        await self._finish(record, DeployState.SUCCEEDED)
-
-    async def _wait_healthy(self, record: DeployRecord) -> None:
-        policy = record.policy
-        units = [n for n in map(UnitName.parse, record.units) if n is not None]
-        instance_deadline = record.submitted_at + policy.instance_deadline
-        deploy_deadline = (
-            record.started_at or record.created_at.timestamp()
-        ) + policy.deploy_deadline
-        next_fleet_check = 0.0
-        noted = {(e.kind, e.unit) for e in record.events}
-        while True:
-            now = time.time()
-            if now >= next_fleet_check:
-                next_fleet_check = now + self.config.poll_interval
-                await self._check_not_failed(record)
-            ready, progress = [], []
-            for unit in units:
-                instance = self.instances.get(unit)
-                if instance is None or not instance.routed or instance.healthy_since is None:
-                    continue
-                if time.monotonic() - instance.healthy_since >= policy.min_healthy_time:
-                    ready.append(instance)
-                    progress.append(
-                        ("instance_ready", unit, f"{unit} is healthy and routed at {instance.url}")
-                    )
+    async def _pass(self, service: str) -> float | None:
+        """One look at the service and one step; the delay until the next look (None: idle
+        until woken)."""
+        unfinished = [r for r in await self.store.list_deploys(service) if not r.state.finished]
+        if not unfinished:
+            return None
+        active = next((r for r in unfinished if r.step is not DeployStep.QUEUED), None)
+        queued = [r for r in unfinished if r.step is DeployStep.QUEUED]
+        delays = []
+        if active is not None:
+            with structlog.contextvars.bound_contextvars(deploy_id=active.id):
+                if await self._owned(active) or await self._adopt(active):
+                    delays.append(await self._drive(active, await self._observe(active)))
                 else:
-                    progress.append(
-                        (
-                            "instance_healthy",
-                            unit,
-                            f"{unit} passes its health check and is routed at {instance.url}; "
-                            f"ready once healthy for {policy.min_healthy_time:g} s",
-                        )
-                    )
-            fresh = [
-                (kind, unit, message)
-                for kind, unit, message in progress
-                if (kind, str(unit)) not in noted
-            ]
-            for kind, unit, message in fresh:
-                noted.add((kind, str(unit)))
-                record.note(kind, message, unit=str(unit))
-            if fresh:
-                await self.store.save_deploy(record)
-            if len(ready) == len(units):
-                break
-            if now > min(instance_deadline, deploy_deadline):
-                late = [u for u in units if u not in {i.unit for i in ready}]
-                raise RollBack(self._late_reason(late, now > deploy_deadline, policy))
-            await asyncio.sleep(0.05)
-        try:
-            await self.router.wait_applied(
-                record.service, present=[i.url for i in ready], timeout=self.config.router_timeout
-            )
-        except RouterError as exc:
-            raise RollBack(f"the router did not route the new instances: {exc}") from None
-        log.info("release_healthy", urls=[i.url for i in ready])
-        record.note("routed", f"the router sends traffic to all {len(ready)} new instance(s)")
+                    delays.append(RESYNC)  # a live peer's (or an earlier run's) lease
+        free = bool(queued) and active is None and await self.store.locks.holder(service) is None
+        for n, record in enumerate(queued):
+            with structlog.contextvars.bound_contextvars(deploy_id=record.id):
+                observed = Observed(now=time.time(), may_start=free and n == 0)
+                delays.append(await self._drive(record, observed))
+        return min(delays)
 
-    def _late_reason(self, late: list[UnitName], whole_deploy: bool, policy: ServicePolicy) -> str:
-        unit = late[0]
-        instance = self.instances.get(unit)
-        seen = instance.describe_last_probe() if instance else "it never announced itself"
-        limit = (
-            f"the deploy deadline of {policy.deploy_deadline:g} s"
-            if whole_deploy
-            else f"its deadline of {policy.instance_deadline:g} s"
-        )
-        more = f" (and {len(late) - 1} more)" if len(late) > 1 else ""
-        return f"instance {unit} was not healthy within {limit}{more}; last probe: {seen}"
+    async def _adopt(self, record: DeployRecord) -> bool:
+        """Take over a deploy nobody drives: its lock is free once its holder's lease is gone."""
+        if await self.store.locks.holder(record.service) is not None:
+            return False
+        if isinstance(await self._take_lock(record), LockHolder):
+            return False
+        log.info("deploy_resumed", state=record.state, step=record.step)
+        record.note("resumed", f"a server resumes the deploy at step {record.step}")
+        await self.store.save_deploy(record)
+        return True
 
-    async def _check_not_failed(self, record: DeployRecord) -> None:
+    async def _observe(self, record: DeployRecord) -> Observed:
+        """What is, for the step ``record`` is at."""
+        now = time.time()
+        units: frozenset[str] = frozenset()
+        failed: dict[str, str] = {}
+        if record.step in (DeployStep.SWITCHING, DeployStep.ROLLING_BACK):
+            units = frozenset(str(n) for n, _ in await service_units(self.fleet, record.service))
+        if record.step is DeployStep.WAITING:
+            failed = await self._failed_units(record)
+        instances = {}
+        for unit in record.units:
+            name = UnitName.parse(unit)
+            instance = self.instances.get(name) if name is not None else None
+            if instance is not None:
+                since = instance.healthy_since
+                instances[unit] = InstanceView(
+                    url=instance.url,
+                    healthy_for=None if since is None else time.monotonic() - since,
+                    routed=instance.routed,
+                    last_probe=instance.describe_last_probe(),
+                )
+        return Observed(now=now, fleet_units=units, failed=failed, instances=instances)
+
+    async def _failed_units(self, record: DeployRecord) -> dict[str, str]:
+        """The deploy's units that systemd reports failed, read from fleet at most every
+        ``poll_interval``; while fleet does not answer, none is taken for failed."""
+        read_at, failed = self._failed_read.get(record.id, (0.0, {}))
+        if time.monotonic() - read_at < self.config.poll_interval:
+            return failed
         try:
             states = await self.fleet.list_states()
         except FleetError as exc:
+            if not is_temporary(exc):
+                raise
             log.warning("fleet_state_unavailable", reason=exc.message)
-            return
-        for state in states:
-            if state.name in record.units and state.active_state == "failed":
-                raise RollBack(await self.fleet.describe_failure(state))
+            return failed
+        # A unit that failed is described once, its last log lines included.
+        failed = {
+            s.name: failed.get(s.name) or await self.fleet.describe_failure(s)
+            for s in states
+            if s.name in record.units and s.active_state == "failed"
+        }
+        self._failed_read[record.id] = (time.monotonic(), failed)
+        return failed
 
-    async def _switch(self, record: DeployRecord) -> None:
-        previous = [n for n in map(UnitName.parse, record.previous_units) if n is not None]
-        urls = await self._retire(previous)
-        record.note(
-            "retiring",
-            f"{len(urls)} previous instance(s) out of the router; "
-            f"draining for {record.policy.drain:g} s",
-        )
-        await self.store.save_deploy(record)
-        await asyncio.sleep(record.policy.drain)
-        await self._destroy_all(record.previous_units)
-        record.note(
-            "previous_destroyed", f"destroyed {len(record.previous_units)} previous unit(s)"
-        )
-        log.info("previous_units_destroyed", units=record.previous_units, drained=urls)
-
-    async def _roll_back(self, record: DeployRecord) -> None:
-        log.warning("deploy_rolling_back", reason=record.error)
-        await self._retire([n for n in map(UnitName.parse, record.units) if n is not None])
-        await self._destroy_all(record.units)
-        await self._finish(record, DeployState.ROLLED_BACK, record.error)
-
-    async def _retire(self, units: list[UnitName]) -> list[str]:
-        """Take units out of the router and wait until it applied that."""
-        if not units:
-            return []
-        urls = await self.instances.retire(units)
+    async def _drive(self, record: DeployRecord, observed: Observed) -> float:
+        """Perform the step ``next_step`` picks; a permanent error leads where
+        ``on_permanent`` says. Returns the delay until the next look."""
+        step = reconcile.next_step(record, observed)
         try:
-            await self.router.wait_applied(
-                units[0].service, absent=urls, timeout=self.config.router_timeout
-            )
-        except RouterError as exc:
-            log.warning("router_not_confirmed", reason=str(exc))
-        return urls
+            return await self._perform(record, step)
+        except LockLost:
+            return RESYNC
+        except Exception as exc:
+            if is_temporary(exc):
+                raise
+            if isinstance(exc, PermanentError):
+                sentence = exc.message if isinstance(exc, FleetError) else str(exc)
+                log.warning("deploy_step_failed", step=type(step).__name__, reason=sentence)
+            else:
+                sentence = f"Deployster failed at step {record.step}: {exc!r}"
+                log.exception("deploy_step_crashed", step=type(step).__name__)
+            return await self._perform(record, reconcile.on_permanent(record, sentence))
+
+    async def _perform(self, record: DeployRecord, step: Step) -> float:
+        match step:
+            case Done():
+                return 0.0
+            case Wait(delay=delay, notes=notes):
+                if notes:
+                    self._note_all(record, notes)
+                    await self.store.save_deploy(record)
+                return delay
+            case Plan():
+                await self._start_queued(record)
+            case Submit(units=units):
+                await self._submit(record, units)
+            case ConfirmRouted(urls=urls, notes=notes):
+                await self._confirm_routed(record, urls, notes)
+            case StartRollback(reason=reason, notes=notes):
+                self._note_all(record, notes)
+                record.step, record.error = DeployStep.ROLLING_BACK, reason
+                record.note("rolling_back", reason)
+                await self.store.save_deploy(record)
+                log.warning("deploy_rolling_back", reason=reason)
+            case Retire(units=units):
+                await self._check_owned(record)
+                urls = await self._deregister(record.service, units)
+                record.note(
+                    "retiring",
+                    f"{len(urls)} previous instance(s) out of the router; "
+                    f"draining for {record.policy.drain:g} s",
+                )
+                await self.store.save_deploy(record)
+            case Destroy(units=units):
+                await self._check_owned(record)
+                await self._destroy_each(units)
+                log.info("previous_units_destroyed", units=list(units))
+            case Remove(units=units):
+                await self._check_owned(record)
+                await self._deregister(record.service, units)
+                await self._destroy_each(units)
+            case Finish(state=state, error=error, notes=notes):
+                self._note_all(record, notes)
+                await self._finish(record, state, error)
+        return 0.0
+
+    @staticmethod
+    def _note_all(record: DeployRecord, notes: tuple[reconcile.Note, ...]) -> None:
+        for kind, message, unit in notes:
+            record.note(kind, message, unit=unit)
+
+    async def _start_queued(self, record: DeployRecord) -> None:
+        """A queued deploy's turn: take the lock, plan (the service changed while it waited)."""
+        if isinstance(await self._take_lock(record), LockHolder):
+            return  # another deploy took it first: still queued
+        await self.store.save_deploy(await self._plan(record))
+
+    async def _submit(self, record: DeployRecord, units: tuple[str, ...]) -> None:
+        await self._check_owned(record)
+        created: list[str] = []
+        try:
+            for unit in units:
+                name = UnitName.parse(unit)
+                assert name is not None
+                options = render_unit(self.template, self._context(name, record))
+                # A conflict: submitted before a retry or a restart, same name, same options.
+                with contextlib.suppress(FleetConflict):
+                    await self.fleet.create_unit(unit, options)
+                created.append(unit)
+            for unit in units:
+                await self.fleet.set_desired_state(unit, "launched")
+        except Exception as exc:
+            if is_temporary(exc):
+                raise  # retried: every unit is submitted again, idempotently
+            with contextlib.suppress(Exception):
+                await self._destroy_each(created)
+            if isinstance(exc, FleetError):
+                raise DeployRejectedError(f"fleet refused the units: {exc.message}") from exc
+            raise
+        record.state, record.step = DeployState.RUNNING, DeployStep.WAITING
+        record.submitted_at = time.time()
+        record.note("submitted", f"fleet accepted {len(units)} unit(s): {', '.join(units)}")
+        await self.store.save_deploy(record)
+        log.info("units_submitted", units=list(units))
+        self.bus.publish(
+            UnitsSubmitted(service=record.service, deploy_id=record.id, units=list(units))
+        )
+
+    async def _confirm_routed(
+        self, record: DeployRecord, urls: tuple[str, ...], notes: tuple[reconcile.Note, ...]
+    ) -> None:
+        if notes:
+            self._note_all(record, notes)
+            await self.store.save_deploy(record)
+        await self.router.wait_applied(
+            record.service, present=urls, timeout=self.config.router_timeout
+        )
+        log.info("release_healthy", urls=list(urls))
+        record.note("routed", f"the router sends traffic to all {len(urls)} new instance(s)")
+        if record.destroy_previous:
+            record.step = DeployStep.SWITCHING
+            await self.store.save_deploy(record)
+        else:
+            await self._finish(record, DeployState.SUCCEEDED)
 
     async def _finish(
         self, record: DeployRecord, state: DeployState, error: str | None = None
@@ -649,6 +712,7 @@ class DeployHandler:
         )
         record.note(str(state), summary)
         await self.store.save_deploy(record)
+        self._failed_read.pop(record.id, None)
         await self._unlock(record)
         log.info("deploy_finished", state=state, error=error)
         duration = time.time() - record.created_at.timestamp()
@@ -667,18 +731,78 @@ class DeployHandler:
                 )
             )
 
-    async def _destroy_all(self, units: list[str]) -> None:
+    # -- fleet and router, idempotent ----------------------------------------------------
+
+    async def _deregister(self, service: str, units: tuple[str, ...] | list[str]) -> list[str]:
+        """Take units out of the router and wait until it applied that (RouterTimeout, a
+        temporary error, otherwise); returns the URLs they were routed at."""
+        names = [n for n in map(UnitName.parse, units) if n is not None]
+        if not names:
+            return []
+        urls = await self.instances.retire(names)
+        await self.router.wait_applied(service, absent=urls, timeout=self.config.router_timeout)
+        return urls
+
+    async def _destroy_each(self, units: tuple[str, ...] | list[str]) -> None:
+        """Destroy every unit; the first error is raised once every unit was tried."""
+        first: FleetError | None = None
         for unit in units:
             try:
-                await self._destroy(unit)
+                await self.fleet.destroy_unit(unit)
+            except FleetNotFound:
+                pass  # already gone: the goal is reached
             except FleetError as exc:
                 log.warning("unit_destroy_failed", unit=unit, reason=exc.message)
+                first = first or exc
+        if first is not None:
+            raise first
 
-    async def _destroy(self, unit: str) -> None:
+    async def on_destroy_requested(self, event: DestroyRequested) -> None:
+        """A request to the service's worker, which answers with ``UnitsDestroyed``: never
+        in the middle of a deploy's step."""
+        self.wake(event.service)
+        worker = self._workers[event.service]
+        worker.destroys.append(event)
+        worker.wake.set()
+
+    async def _destroy_version(self, event: DestroyRequested) -> None:
+        destroyed: list[str] = []
+        failures: dict[str, str] = {}
         try:
-            await self.fleet.destroy_unit(unit)
-        except FleetNotFound:
-            pass  # already gone: the goal is reached
+            current = await service_units(self.fleet, event.service)
+        except FleetError as exc:
+            failures["*"] = exc.message
+            current = []
+        matching = [
+            str(n)
+            for n, _ in current
+            if n.version == event.version
+            and (not event.timestamp or n.timestamp == event.timestamp)
+        ]
+        try:
+            await self._deregister(event.service, matching)
+        except RouterTimeout as exc:
+            log.warning("router_not_confirmed", reason=str(exc))
+        except Exception as exc:  # the router's etcd: destroying now would cut live traffic
+            if not is_temporary(exc):
+                log.exception("units_not_deregistered")
+            failures["*"] = f"the router could not be updated first: {exc}"
+            matching = []
+        for name in matching:
+            try:
+                await self._destroy_each([name])
+                destroyed.append(name)
+            except FleetError as exc:
+                failures[name] = exc.message
+        log.info("units_destroyed", version=event.version, units=destroyed, failures=failures)
+        self.bus.publish(
+            UnitsDestroyed(
+                service=event.service,
+                request_id=event.request_id,
+                units=destroyed,
+                failures=failures,
+            )
+        )
 
     def _context(self, name: UnitName, record: DeployRecord) -> UnitContext:
         return UnitContext(

@@ -11,6 +11,13 @@ policy, and:
   it recovers, because probing never stops while the instance is announced,
 - deregisters it when the announcement goes away (``InstanceWithdrawn``).
 
+Faults are normal here. Probing never waits for etcd: each prober keeps the service's policy
+it last read, and a router write that fails (the router's keys live in etcd) is kept as the
+instance's pending transition and tried again after every probe, so an instance that stops
+answering leaves the router as soon as the router can be written, and a healthy one is
+routed as soon as etcd is back. A withdrawn instance's deregistration is retried until it
+succeeds. The watch and every prober run supervised: a crash is logged and they start again.
+
 The deploy state machine reads the live view (:meth:`InstancesHandler.get`) to decide when a
 new release is healthy and routed, and *retires* instances it is replacing or rolling back, so
 that a late successful probe never puts them back into rotation.
@@ -28,7 +35,8 @@ import structlog
 
 from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
-from deployster.etcd import EtcdError, WatchEvent, watch_prefix
+from deployster.errors import is_temporary
+from deployster.etcd import WatchEvent, watch_prefix
 from deployster.events import InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn
 from deployster.health import HealthTracker, ProbeResult, Transition, probe
 from deployster.metrics import Metrics
@@ -36,6 +44,7 @@ from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
 from deployster.routers import Router
 from deployster.store import Store
+from deployster.supervise import start_supervised
 from deployster.units import Announcement, instances_prefix, parse_announce_key
 
 log = structlog.get_logger(__name__)
@@ -83,6 +92,8 @@ class InstancesHandler:
         self._retired: set[UnitName] = set()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._policies: dict[str, ServicePolicy] = {}  # the last one read, for etcd outages
+        self._deregistering: set[asyncio.Task[None]] = set()
 
     # -- the live view the deploy state machine reads -----------------------------------
 
@@ -116,13 +127,17 @@ class InstancesHandler:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
-        self._task = asyncio.create_task(
-            watch_prefix(self.etcd, instances_prefix(self.prefix), self._on_event, self._on_resync),
-            name="instances-watch",
+        self._task = start_supervised(
+            "instances-watch",
+            lambda: watch_prefix(
+                self.etcd, instances_prefix(self.prefix), self._on_event, self._on_resync
+            ),
         )
 
     async def close(self) -> None:
-        await cancel_and_wait(self._task, *(i.prober for i in self._instances.values()))
+        await cancel_and_wait(
+            self._task, *(i.prober for i in self._instances.values()), *self._deregistering
+        )
         if self._session is not None:
             await self._session.close()
 
@@ -162,7 +177,12 @@ class InstancesHandler:
             await self._withdraw(unit)
         instance = Instance(unit=unit, url=announcement.url, machine=announcement.machine)
         self._instances[unit] = instance
-        instance.prober = asyncio.create_task(self._probe_forever(instance), name=f"probe:{unit}")
+        instance.prober = start_supervised(
+            f"probe:{unit}",
+            lambda: self._probe_forever(instance),
+            service=unit.service,
+            unit=str(unit),
+        )
         log.info("instance_announced", service=unit.service, unit=str(unit), url=instance.url)
 
     async def _withdraw(self, unit: UnitName) -> None:
@@ -173,43 +193,79 @@ class InstancesHandler:
         if instance.prober is not None:
             instance.prober.cancel()
         if instance.routed:
-            await self.router.deregister(unit.service, instance.server_id)
+            try:
+                await self.router.deregister(unit.service, instance.server_id)
+            except Exception as exc:
+                if not is_temporary(exc):
+                    raise
+                log.warning("instance_deregister_retrying", service=unit.service, reason=str(exc))
+                task = asyncio.create_task(
+                    self._deregister_until_done(instance), name=f"deregister:{unit}"
+                )
+                self._deregistering.add(task)
+                task.add_done_callback(self._deregistering.discard)
         log.info("instance_withdrawn", service=unit.service, unit=str(unit))
         self.bus.publish(InstanceWithdrawn(service=unit.service, unit=str(unit), url=instance.url))
+
+    async def _deregister_until_done(self, instance: Instance) -> None:
+        """Take a withdrawn instance out of the router however long the router's etcd is
+        away; anything but a temporary error is logged (the reaper deregisters a server no
+        announcement stands behind)."""
+        unit, delay = instance.unit, 0.2
+        with structlog.contextvars.bound_contextvars(service=unit.service, unit=str(unit)):
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                try:
+                    await self.router.deregister(unit.service, instance.server_id)
+                    log.info("instance_deregistered_late")
+                    return
+                except Exception as exc:
+                    if not is_temporary(exc):
+                        log.exception("instance_deregister_failed")
+                        return
+                    log.warning("instance_deregister_retrying", reason=str(exc), retry_in=delay)
 
     # -- probing -------------------------------------------------------------------------
 
     async def _probe_forever(self, instance: Instance) -> None:
         assert self._session is not None
         unit = instance.unit
-        with structlog.contextvars.bound_contextvars(service=unit.service, unit=str(unit)):
-            policy = await self._policy(unit.service)
-            tracker = HealthTracker(policy.health)
-            pending: Transition | None = None  # a transition the router has not taken yet
-            while True:
-                started = time.monotonic()
-                result = await probe(self._session, instance.url, policy.health)
-                instance.last_probe = result
-                if not result.ok and self.metrics is not None:
-                    self.metrics.probe_failed(unit.service)
-                pending = tracker.observe(result) or pending
-                try:
-                    if pending is Transition.BECAME_HEALTHY:
-                        await self._healthy(instance)
-                    elif pending is Transition.BECAME_UNHEALTHY:
-                        await self._unhealthy(instance, result)
-                    pending = None
-                except (EtcdError, aetcd.ClientError) as exc:
-                    # The router's keys live in etcd: try the transition again next round.
-                    log.warning("instance_routing_retrying", reason=str(exc))
-                await asyncio.sleep(max(0.0, policy.health.interval - (time.monotonic() - started)))
+        policy = await self._policy(unit.service)
+        tracker = HealthTracker(policy.health)
+        pending: Transition | None = None  # a transition the router has not taken yet
+        while True:
+            started = time.monotonic()
+            result = await probe(self._session, instance.url, policy.health)
+            instance.last_probe = result
+            if not result.ok and self.metrics is not None:
+                self.metrics.probe_failed(unit.service)
+            pending = tracker.observe(result) or pending
+            try:
+                if pending is Transition.BECAME_HEALTHY:
+                    await self._healthy(instance)
+                elif pending is Transition.BECAME_UNHEALTHY:
+                    await self._unhealthy(instance, result)
+                pending = None
+            except Exception as exc:
+                if not is_temporary(exc):
+                    raise  # the supervisor logs it and probes afresh
+                # The router's keys live in etcd: try the transition again after the next probe.
+                log.warning("instance_routing_retrying", reason=str(exc))
+            await asyncio.sleep(max(0.0, policy.health.interval - (time.monotonic() - started)))
 
     async def _policy(self, service: str) -> ServicePolicy:
-        """The service's policy; while etcd is unreachable, keep asking."""
+        """The service's policy; while etcd is unreachable, the one last read (probing goes
+        on), or, for a service never read yet, keep asking."""
         while True:
             try:
-                return await self.store.get_policy(service)
-            except EtcdError as exc:
+                policy = self._policies[service] = await self.store.get_policy(service)
+                return policy
+            except Exception as exc:
+                if not is_temporary(exc):
+                    raise
+                if service in self._policies:
+                    return self._policies[service]
                 log.warning("policy_unavailable", reason=str(exc))
                 await asyncio.sleep(1.0)
 

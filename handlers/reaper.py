@@ -25,17 +25,17 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import aetcd
 import structlog
 
 from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
-from deployster.etcd import EtcdError
+from deployster.errors import is_temporary
 from deployster.events import DeployFailed, DeploySucceeded
-from deployster.fleet import FleetClient, FleetError, Machine, Unit, UnitState
+from deployster.fleet import FleetClient, Machine, Unit, UnitState
 from deployster.naming import UnitName
 from deployster.routers import Router
 from deployster.store import DeployRecord, DeployState, Store
+from deployster.supervise import start_supervised
 from deployster.units import Announcement, parse_announce_key
 from handlers.deploys import rollback_target
 
@@ -117,13 +117,18 @@ class Reaper:
         self.bus.subscribe(DeployFailed, self.on_deploy_finished)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="reaper")
+        self._task = start_supervised("reaper", self._loop)
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
 
     async def on_deploy_finished(self, event: DeploySucceeded | DeployFailed) -> None:
-        await self.prune(event.service)
+        try:
+            await self.prune(event.service)
+        except Exception as exc:
+            if not is_temporary(exc):
+                raise
+            log.warning("deploy_history_not_pruned", reason=str(exc))  # the next pass prunes
 
     async def _loop(self) -> None:
         while True:
@@ -132,7 +137,9 @@ class Reaper:
                 records = await self.store.list_deploys()
                 await self.reconcile({r.service for r in records})
                 await self._prune(records)
-            except (EtcdError, aetcd.ClientError, FleetError) as exc:
+            except Exception as exc:
+                if not is_temporary(exc):
+                    raise  # the supervisor logs it and starts the loop again
                 log.warning("reconcile_skipped", reason=str(exc))
 
     # -- history -------------------------------------------------------------------------

@@ -11,9 +11,11 @@ decides what each push means and follows it through:
    digest and tag already taken within 24 h, is a duplicate (keys on 24 h leases in etcd);
    the tag policy must take the tag over the live version. The answer is ``PushDecided``,
    which the route returns (202 either way: registries retry anything else).
-3. **Queue.** One slot per service, also kept in etcd so a restart does not lose it: a
-   newer push replaces the queued one (latest wins), except that a semver policy never
-   lets a lower version replace a higher one.
+3. **Queue.** One slot per service in etcd, so a restart does not lose it and every server
+   sees it: a newer push replaces the queued one (latest wins), except that a semver policy
+   never lets a lower version replace a higher one. A worker deploys a push only after taking
+   it from the slot (compare-and-delete): a push another server's newer one replaced is
+   dropped, so the latest push wins across servers too.
 4. **Deploy.** One worker per service waits until no deploy of the service holds its lock
    (woken by ``DeploySucceeded``/``DeployFailed``, with a bounded poll of the lock as a
    fallback), checks the policy again against the then live version, and publishes
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +57,7 @@ from deployster.events import (
 )
 from deployster.metrics import Metrics
 from deployster.store import DeployState, Store, new_deploy_id
+from deployster.supervise import start_supervised
 from deployster.tagpolicy import parse_version
 from deployster.units import service_of_repository
 from deployster.webhooks import SOURCES, Delivery, Push, Skipped
@@ -68,6 +70,7 @@ DECIDE_TIMEOUT = 30.0  # the route's wait for a decision (etcd reads and writes 
 LOCK_POLL = 5.0  # fallback poll of the lock, should a deploy's end event be missed
 CALLBACK_TIMEOUT = 10.0
 RETRY_INITIAL, RETRY_MAX = 0.2, 5.0  # backoff of a worker that met an unreachable etcd
+SUPERSEDED = "superseded by a push queued later (on this server or another) before it could deploy"
 
 DecisionKind = Literal["queued", "deployed", "ignored", "rejected", "failed"]
 
@@ -309,11 +312,9 @@ class WebhookHandler:
         lane.pending = event
         lane.wake.set()
         if lane.task is None or lane.task.done():
-            # A context of its own: not the log context of the push that happened to start it.
-            lane.task = asyncio.create_task(
-                self._work(event.service, lane),
-                name=f"webhooks:{event.service}",
-                context=contextvars.Context(),
+            # Supervised, in a log context of its own (not that of the push that started it).
+            lane.task = start_supervised(
+                f"webhooks:{event.service}", lambda: self._work(event.service, lane)
             )
 
     async def on_deploy_ended(self, event: DeploySucceeded | DeployFailed) -> None:
@@ -390,6 +391,11 @@ class WebhookHandler:
             )
             await self._dequeue(push)
             return False
+        # Take the push from its slot in etcd: of several servers (or a newer push), only
+        # the slot's holder deploys, so the latest push wins across servers too.
+        if not await self.store.delete_queued_push(service, push.model_dump_json()):
+            self._note(self._about(push, "ignored", SUPERSEDED))
+            return False
         deploy_id = new_deploy_id()
         ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._following[deploy_id] = ended
@@ -421,18 +427,19 @@ class WebhookHandler:
         if isinstance(result, DeployRejected) and result.status == 409:
             self._following.pop(deploy_id, None)
             log.info("webhook_push_waiting", reason=result.description)
-            return True
+            if await self.store.restore_queued_push(service, push.model_dump_json()):
+                return True
+            self._note(self._about(push, "ignored", SUPERSEDED))
+            return False
         if isinstance(result, (DeployRejected, DeployFailed)):
             self._following.pop(deploy_id, None)
             reason = result.description if isinstance(result, DeployRejected) else result.reason
             self._note(
                 self._about(push, "failed", f"the deploy did not start: {reason}", deploy_id)
             )
-            await self._dequeue(push)
             self._callback(push, "error", f"Deployster could not deploy {push.tag}: {reason}")
             return False
         self._note(self._about(push, "deployed", f"deploying {push.tag}", deploy_id))
-        await self._dequeue(push)
         outcome = await self._follow(service, deploy_id, ended)
         if isinstance(outcome, DeploySucceeded):
             self._callback(push, "success", f"Deployster deployed {push.tag} (deploy {deploy_id}).")

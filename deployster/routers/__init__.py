@@ -18,7 +18,13 @@ from typing import Any
 
 import aetcd
 
-from deployster.routers.base import Router, RouterError, RouterTimeout
+from deployster.routers.base import (
+    Router,
+    RouterError,
+    RouterRefused,
+    RouterTimeout,
+    RouterUnavailable,
+)
 from deployster.routers.traefik import TraefikRouter
 from deployster.routers.vulcand import VulcandRouter
 
@@ -28,7 +34,9 @@ __all__ = [
     "ROUTER_KINDS",
     "Router",
     "RouterError",
+    "RouterRefused",
     "RouterTimeout",
+    "RouterUnavailable",
     "TraefikRouter",
     "VulcandRouter",
     "make_router",
@@ -41,4 +49,4 @@ def make_router(kind: str, etcd: aetcd.Client, **options: Any) -> Router:
         return VulcandRouter(etcd, **options)
     if kind == "traefik":
         return TraefikRouter(etcd, **options)
-    raise RouterError(f"Unknown router {kind!r}: use one of {', '.join(ROUTER_KINDS)}.")
+    raise RouterRefused(f"Unknown router {kind!r}: use one of {', '.join(ROUTER_KINDS)}.")

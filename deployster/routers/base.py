@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from deployster.errors import PermanentError, TemporaryError, is_temporary
 from deployster.naming import InvalidName, validate_service
 
 # The container form of an instance id: the unit name's parts joined by '-'. No '/' (a key
@@ -28,8 +29,23 @@ class RouterError(Exception):
     """The router's keys could not be read or written as asked."""
 
 
-class RouterTimeout(RouterError):
+class RouterRefused(RouterError, PermanentError):
+    """The request cannot work as asked (a name or URL the router would mis-parse)."""
+
+
+class RouterUnavailable(RouterError, TemporaryError):
+    """The router's etcd (or its API) did not answer, or a write lost a race: retry."""
+
+
+class RouterTimeout(RouterUnavailable):
     """The router did not apply a change within the time allowed."""
+
+
+def failure(message: str, error: BaseException) -> RouterError:
+    """``error`` of the router's etcd as this adapter's own: temporary when etcd may answer
+    later, permanent otherwise (a value that does not parse)."""
+    cls = RouterUnavailable if is_temporary(error) else RouterRefused
+    return cls(f"{message}: {error}")
 
 
 @runtime_checkable
@@ -95,12 +111,12 @@ def check_service(service: str) -> str:
     try:
         return validate_service(service)
     except InvalidName as error:
-        raise RouterError(str(error)) from None
+        raise RouterRefused(str(error)) from None
 
 
 def check_server_id(server_id: str) -> str:
     if not _SERVER_ID_RE.fullmatch(server_id):
-        raise RouterError(
+        raise RouterRefused(
             f"Server id {server_id!r} is not valid: use the container form of an instance id "
             "(letters, digits, '_', '.' and '-', e.g. 'hello-v1-2026.11.26-12.00.00-1')."
         )
@@ -111,5 +127,5 @@ def check_url(url: str) -> str:
     """An absolute http(s) URL with a host, which both routers accept as a server."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RouterError(f"Server URL {url!r} is not valid: use http://HOST:PORT.")
+        raise RouterRefused(f"Server URL {url!r} is not valid: use http://HOST:PORT.")
     return url

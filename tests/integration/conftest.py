@@ -124,11 +124,15 @@ class Api:
 
 @contextlib.asynccontextmanager
 async def running_api(
-    aiohttp_client, etcd_endpoint: str, localfleet: str, **settings: object
+    aiohttp_client,
+    etcd_endpoint: str,
+    localfleet: str,
+    prefix: str = "",
+    **settings: object,
 ) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
-    """A Deployster app on a test client with its own etcd prefix and service name."""
-    # A test that restarts the server passes the same etcd_prefix twice.
-    prefix = str(settings.pop("etcd_prefix", None) or f"/deployster-test-{secrets.token_hex(4)}")
+    """A Deployster app on a test client with its own etcd prefix (or ``prefix``, shared by
+    several servers) and service name."""
+    prefix = prefix or f"/deployster-test-{secrets.token_hex(4)}"
     options: dict[str, object] = {
         "router": "vulcand",
         "vulcand_prefix": f"vulcand-{secrets.token_hex(4)}",

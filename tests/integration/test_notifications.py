@@ -131,7 +131,7 @@ async def test_a_delivery_pending_at_a_restart_is_delivered_after_it(
     down = Receiver(free_port())  # nothing listens yet: every attempt is refused
     prefix = f"/deployster-test-{secrets.token_hex(4)}"
     async with running_api(
-        aiohttp_client, etcd_endpoint, localfleet, etcd_prefix=prefix, notify_url=[down.url]
+        aiohttp_client, etcd_endpoint, localfleet, prefix=prefix, notify_url=[down.url]
     ) as api:
         api.deployster.notifier.schedule = (0.3,) * 50
         done = await api.deployed({"version": "v1", "instance_count": 1})
@@ -142,7 +142,7 @@ async def test_a_delivery_pending_at_a_restart_is_delivered_after_it(
     await down.start()
     try:
         async with running_api(
-            aiohttp_client, etcd_endpoint, localfleet, etcd_prefix=prefix, notify_url=[]
+            aiohttp_client, etcd_endpoint, localfleet, prefix=prefix, notify_url=[]
         ) as again:
             await down.received(2, timeout=15)
             assert {r.delivery for r in down.got} == ids

@@ -168,6 +168,29 @@ async def test_announces_serves_and_withdraws(
     assert await read_key(etcd_client, key) is None
 
 
+async def test_a_stale_copy_stopping_late_keeps_the_live_announcement(
+    etcd_endpoint: str, etcd_client: aetcd.Client, prefix: str, start_workload: StartWorkload
+) -> None:
+    """Two processes of one instance (an orphan beside its fresh copy): the one that stops
+    deletes only its own announcement, never the one that serves now."""
+    key = f"{prefix}/instances/hello/v1:2015.03.02-00.31.45/3"
+    stale = await start_workload(**identity_env(etcd_endpoint, key))
+    stale_url = (await announced(etcd_client, key, stale))["url"]
+    live = await start_workload(**identity_env(etcd_endpoint, key))
+
+    async def replaced() -> dict[str, str] | None:
+        found = await read_key(etcd_client, key)
+        return found if found and found["url"] != stale_url else None
+
+    live_url = (await eventually(replaced, timeout=10.0))["url"]
+    stale.process.send_signal(signal.SIGTERM)
+    assert await stale.wait() == 0, stale.output()
+    assert (await read_key(etcd_client, key) or {}).get("url") == live_url
+    live.process.send_signal(signal.SIGTERM)
+    assert await live.wait() == 0, live.output()
+    assert await read_key(etcd_client, key) is None
+
+
 async def test_failing_health(
     etcd_endpoint: str, etcd_client: aetcd.Client, prefix: str, start_workload: StartWorkload
 ) -> None:

@@ -109,22 +109,3 @@ async def test_a_request_gets_the_exception_of_its_events_handler_at_once() -> N
     with pytest.raises(KeyError, match="etcd said no"):
         await bus.request(succeeded("web", "1"), until=lambda e: False, timeout=5)
     await bus.close()
-
-
-async def test_spawned_work_is_supervised(log_lines: list[dict]) -> None:
-    bus = EventBus()
-    finished = asyncio.Event()
-
-    async def crash() -> None:
-        raise ValueError("bad")
-
-    async def ok() -> None:
-        finished.set()
-
-    bus.spawn(crash(), name="crash", service="web", deploy_id="d1")
-    bus.spawn(ok(), name="ok")
-    await asyncio.wait_for(finished.wait(), 1)
-    await asyncio.sleep(0)
-    failure = next(line for line in log_lines if line["event"] == "handler_failed")
-    assert failure["service"] == "web" and failure["deploy_id"] == "d1"
-    await bus.close()

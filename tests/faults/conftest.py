@@ -1,0 +1,129 @@
+"""Fault fixtures: an etcd, a localfleet and a Traefik of the test's own, so that the test may
+pause (SIGSTOP/SIGCONT) or kill them mid-deploy, and a Deployster app through that Traefik."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import wait_http
+from integration.conftest import FAST_POLICY, Api, running_api
+from integration.traefik import THROTTLE, Traefik
+
+from deployster.etcd import EtcdServer, free_port
+from deployster.routers.traefik import traefik_command
+
+
+@dataclass
+class Paused:
+    """A child process that a test can freeze: requests to it hang as on a dead network."""
+
+    process: subprocess.Popen[bytes]
+
+    @contextlib.asynccontextmanager
+    async def paused(self, seconds: float) -> AsyncIterator[None]:
+        """Frozen for ``seconds`` (the body runs at the start of the pause)."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+            await asyncio.sleep(seconds)
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def fault_etcd(private_etcd: EtcdServer) -> Paused:
+    assert private_etcd.process is not None
+    return Paused(private_etcd.process)
+
+
+@pytest.fixture
+def fault_fleet(tmp_path: Path) -> Iterator[tuple[str, Paused]]:
+    """localfleet with two machines, of this test alone."""
+    port = free_port()
+    log = tmp_path / "localfleet.log"
+    with open(log, "wb") as out:
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deployster",
+                "localfleet",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--machines",
+                "2",
+                "--state-dir",
+                str(tmp_path / "localfleet"),
+            ],
+            stdout=out,
+            stderr=out,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{endpoint}/fleet/v1/machines", child, log)
+        yield endpoint, Paused(child)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.terminate()
+        child.wait(60)
+
+
+@pytest.fixture
+def fault_traefik(private_etcd: EtcdServer, tmp_path: Path) -> Iterator[Traefik]:
+    """Traefik watching the test's own etcd."""
+    web_port, api_port = free_port(), free_port()
+    log = tmp_path / "traefik.log"
+    with open(log, "wb") as out:
+        child = subprocess.Popen(
+            traefik_command(
+                private_etcd.endpoint,
+                "traefik",
+                f"127.0.0.1:{web_port}",
+                f"127.0.0.1:{api_port}",
+                throttle=THROTTLE,
+            ),
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        api_url = f"http://127.0.0.1:{api_port}"
+        wait_http(f"{api_url}/api/version", child, log)
+        yield Traefik(f"http://127.0.0.1:{web_port}", api_url, "traefik", log)
+    finally:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@pytest.fixture
+async def fault_api(
+    aiohttp_client,  # type: ignore[no-untyped-def]
+    private_etcd: EtcdServer,
+    fault_fleet: tuple[str, Paused],
+    fault_traefik: Traefik,
+) -> AsyncIterator[Api]:
+    """Deployster on the test's own etcd and localfleet, routing through its Traefik."""
+    async with running_api(
+        aiohttp_client,
+        private_etcd.endpoint,
+        fault_fleet[0],
+        router="traefik",
+        traefik_root=fault_traefik.root_key,
+        traefik_api=fault_traefik.api_url,
+    ) as api:
+        await api.deployster.store.save_policy(
+            api.service, FAST_POLICY.model_copy(update={"drain": 0.5})
+        )
+        yield api
