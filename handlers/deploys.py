@@ -231,8 +231,9 @@ class DeployHandler:
     def register(self) -> None:
         self.bus.subscribe(DeployRequested, self.on_requested)
         self.bus.subscribe(DestroyRequested, self.on_destroy_requested)
-        for woken_by in (InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn):
-            self.bus.subscribe(woken_by, self._on_instance)
+        self.bus.subscribe(InstanceHealthy, self._on_instance)
+        self.bus.subscribe(InstanceUnhealthy, self._on_instance)
+        self.bus.subscribe(InstanceWithdrawn, self._on_instance)
 
     async def resume(self) -> int:
         """Wake the worker of every service with an unfinished deploy (each resumes a deploy
@@ -622,10 +623,10 @@ class DeployHandler:
                 log.warning("deploy_rolling_back", reason=reason)
             case Retire(units=units):
                 await self._check_owned(record)
-                urls = await self._deregister(record.service, units)
+                retired = await self._deregister(record.service, units)
                 record.note(
                     "retiring",
-                    f"{len(urls)} previous instance(s) out of the router; "
+                    f"{len(retired)} previous instance(s) out of the router; "
                     f"draining for {record.policy.drain:g} s",
                 )
                 await self.store.save_deploy(record)

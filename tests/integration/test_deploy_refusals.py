@@ -113,10 +113,29 @@ async def test_a_failure_between_lock_and_fleet_releases_the_lock_and_fails_the_
         event, until=lambda e: isinstance(e, DeployFailed) and e.deploy_id == broken.id, timeout=10
     )
     assert isinstance(result, DeployFailed)
+    assert str(MAX_UNIT_NAME) in result.reason  # the caller learns why
     assert await api.deployster.store.locks.holder(long_service) is None
+    # Nothing half-done: no record left pending (none was written, or it ended failed), no
+    # unit in fleet, and the next deploy of the service starts.
     record = await api.deployster.store.get_deploy(long_service, broken.id)
-    assert record is not None and record.state is DeployState.FAILED
-    assert record.error and str(MAX_UNIT_NAME) in record.error
+    assert record is None or record.state is DeployState.FAILED
+    assert await api.units(long_service) == []
+    await api.deployster.store.save_policy(long_service, FAST_POLICY)
+    resp = await api.client.post(
+        f"/v1/services/{long_service}/deploys",
+        json={"deploy": {"version": "v1", "instance_count": 1}},
+        headers=api.auth,
+    )
+    assert resp.status == 201, await resp.text()
+    started = (await resp.json())["deploy"]
+
+    async def ended() -> DeployRecord | None:
+        found = await api.deployster.store.get_deploy(long_service, started["id"])
+        return found if found and found.state.finished else None
+
+    assert (await eventually(ended, timeout=30)).state is DeployState.SUCCEEDED
+    for unit in await api.units(long_service):
+        await api.fleet.destroy_unit(unit)
 
 
 async def test_a_resumed_record_that_cannot_be_submitted_ends_failed(api: Api) -> None:

@@ -142,7 +142,7 @@ async def test_an_exception_in_the_deploy_handler_with_a_bad_policy_and_env_in_s
     key = f"{api.deployster.settings.etcd_prefix}/services/{api.service}/policy"
     await api.deployster.etcd.put(key.encode(), b'{"drain": "a while"}')
     failed = await api.deploy({"version": "v1", "env": {"API_KEY": ENV_SECRET}}, expect=502)
-    assert "could not be started" in failed["description"]
+    assert failed["description"].startswith("The deploy failed:"), failed
     text = await logged(server_log_tail, "deploy_not_started", "ValidationError")
     assert_no_secret(text)
     # The lock was released: with a readable policy the service deploys.
@@ -169,7 +169,7 @@ async def test_a_resumed_deploy_that_cannot_start_with_env_in_scope(
     )
     await api.deployster.store.save_deploy(pending)
     assert await api.deployster.deploys.resume() == 1
-    text = await logged(server_log_tail, "deploy_not_started", "InvalidName", "deploy_finished")
+    text = await logged(server_log_tail, "UnitValueError", "deploy_finished")
     assert_no_secret(text)
     assert await api.deployster.deploys.resume() == 0
 
