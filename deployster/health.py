@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable
 
 import aiohttp
-import structlog
 from pydantic import BaseModel, ConfigDict
 
 from deployster.policy import HealthPolicy
-
-log = structlog.get_logger(__name__)
 
 
 class ProbeResult(BaseModel):
@@ -106,14 +102,12 @@ class HealthTracker:
         self.state = HealthState.UNKNOWN
         self.successes = 0  # consecutive
         self.failures = 0  # consecutive
-        self.last: ProbeResult | None = None
 
     @property
     def healthy(self) -> bool:
         return self.state is HealthState.HEALTHY
 
     def observe(self, result: ProbeResult) -> Transition | None:
-        self.last = result
         if result.ok:
             self.successes, self.failures = self.successes + 1, 0
             if self.successes >= self.healthy_threshold and self.state is not HealthState.HEALTHY:
@@ -128,27 +122,3 @@ class HealthTracker:
                 self.state = HealthState.UNHEALTHY
                 return Transition.BECAME_UNHEALTHY
         return None
-
-
-async def watch_health(
-    session: aiohttp.ClientSession,
-    url: str,
-    check: HealthPolicy,
-    on_transition: Callable[[Transition, ProbeResult], Awaitable[None]],
-    tracker: HealthTracker | None = None,
-) -> None:
-    """Probe ``url`` every ``check.interval`` (start to start) until cancelled; call
-    ``on_transition`` with the transition and the probe result that caused it.
-
-    Pass a ``tracker`` to read the current state from outside while this runs.
-    """
-    tracker = tracker or HealthTracker(check)
-    loop = asyncio.get_running_loop()
-    while True:
-        started = loop.time()
-        result = await probe(session, url, check)
-        transition = tracker.observe(result)
-        if transition is not None:
-            log.info("health_transition", url=url, transition=str(transition), probe=result.detail)
-            await on_transition(transition, result)
-        await asyncio.sleep(max(0.0, check.interval - (loop.time() - started)))

@@ -1,7 +1,7 @@
 """Router adapters: how instances join and leave a service's load balancer.
 
 One protocol (`Router`), two implementations chosen by the ``--router vulcand|traefik``
-setting through `make_router`. Both write the router's own etcd layout
+setting (``deployster.server.router_for`` picks one). Both write the router's own etcd layout
 (`reference/routers.md` Part 1 for vulcand, Part 2 for Traefik) and nothing else of
 Deployster's reaches around them. The deploy logic relies on three promises:
 
@@ -13,10 +13,6 @@ Deployster's reaches around them. The deploy logic relies on three promises:
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import aetcd
 
 from deployster.routers.base import (
     Router,
@@ -39,14 +35,4 @@ __all__ = [
     "RouterUnavailable",
     "TraefikRouter",
     "VulcandRouter",
-    "make_router",
 ]
-
-
-def make_router(kind: str, etcd: aetcd.Client, **options: Any) -> Router:
-    """The adapter for ``kind`` (``vulcand`` or ``traefik``) on a connected etcd client."""
-    if kind == "vulcand":
-        return VulcandRouter(etcd, **options)
-    if kind == "traefik":
-        return TraefikRouter(etcd, **options)
-    raise RouterRefused(f"Unknown router {kind!r}: use one of {', '.join(ROUTER_KINDS)}.")

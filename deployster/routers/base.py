@@ -55,10 +55,8 @@ class Router(Protocol):
     async def ensure_service(self, service: str, rule: str | None = None) -> None:
         """Create what routing ``service`` needs; idempotent."""
 
-    async def register(
-        self, service: str, server_id: str, url: str, lease: int | None = None
-    ) -> None:
-        """Add one server to the service's load balancer, bound to ``lease`` if given."""
+    async def register(self, service: str, server_id: str, url: str) -> None:
+        """Add one server to the service's load balancer."""
 
     async def deregister(self, service: str, server_id: str) -> None:
         """Remove one server; removing a server that is not registered is not an error."""

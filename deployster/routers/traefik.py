@@ -7,7 +7,7 @@ Layout (`reference/routers.md` §2.3), values plain strings, ``<root>`` Traefik'
     <root>/http/routers/<service>/service                           <service>
     <root>/http/routers/<service>/entrypoints/0                     web         (if configured)
     <root>/http/services/<service>/loadbalancer/passhostheader      true
-    <root>/http/services/<service>/loadbalancer/servers/<n>/url     http://10.0.0.5:31001 (lease)
+    <root>/http/services/<service>/loadbalancer/servers/<n>/url     http://10.0.0.5:31001
 
 Routers and services are named after the Deployster service: ``@`` separates a name from its
 provider in Traefik (§2.3), and service names cannot contain it.
@@ -21,7 +21,7 @@ because Traefik re-lists and parses the whole root on every change (§2.2), and 
 not understand there would break the whole dynamic configuration::
 
     <bookkeeping>/<service>/next                 next free <n>
-    <bookkeeping>/<service>/servers/<server_id>  <n>   (same lease as the url key)
+    <bookkeeping>/<service>/servers/<server_id>  <n>
 
 Deregistering deletes ``servers/<n>/`` by prefix **with** the trailing slash, so that
 ``servers/1/`` never takes ``servers/10/`` (§2.4), and the mapping key, in one transaction.
@@ -174,13 +174,11 @@ class TraefikRouter:
             written=sorted(changed),
         )
 
-    async def register(
-        self, service: str, server_id: str, url: str, lease: int | None = None
-    ) -> None:
+    async def register(self, service: str, server_id: str, url: str) -> None:
         check_url(url)
         mapping = self.mapping_key(service, server_id)
         try:
-            n = await self._allocate(service, server_id, url, lease)
+            n = await self._allocate(service, server_id, url)
         except RouterError:
             raise
         except Exception as error:
@@ -194,7 +192,6 @@ class TraefikRouter:
             key=self.url_key(service, n),
             index=n,
             mapping=mapping,
-            lease=lease,
         )
 
     async def deregister(self, service: str, server_id: str) -> None:
@@ -321,7 +318,7 @@ class TraefikRouter:
             confirmed=bool(self.api_url),
         )
 
-    async def _allocate(self, service: str, server_id: str, url: str, lease: int | None) -> int:
+    async def _allocate(self, service: str, server_id: str, url: str) -> int:
         """Write the url key under this server's number, taking a new number if it has none."""
         tx = self.etcd.transactions
         mapping = self.mapping_key(service, server_id).encode()
@@ -329,13 +326,13 @@ class TraefikRouter:
         for _ in range(ALLOCATE_ATTEMPTS):
             current = await self.etcd.get(mapping)
             if current is not None:
-                # Registered before: keep its number, refresh url and lease.
+                # Registered before: keep its number, refresh its url.
                 n = int(current.value)
                 ok, _ = await self.etcd.transaction(
                     compare=[tx.mod(mapping) == current.mod_revision],
                     success=[
-                        tx.put(mapping, str(n).encode(), lease=lease),
-                        tx.put(self.url_key(service, n).encode(), url.encode(), lease=lease),
+                        tx.put(mapping, str(n).encode()),
+                        tx.put(self.url_key(service, n).encode(), url.encode()),
                     ],
                     failure=[],
                 )
@@ -351,8 +348,8 @@ class TraefikRouter:
                     ],
                     success=[
                         tx.put(counter, str(n + 1).encode()),
-                        tx.put(mapping, str(n).encode(), lease=lease),
-                        tx.put(self.url_key(service, n).encode(), url.encode(), lease=lease),
+                        tx.put(mapping, str(n).encode()),
+                        tx.put(self.url_key(service, n).encode(), url.encode()),
                     ],
                     failure=[],
                 )

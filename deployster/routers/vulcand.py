@@ -4,7 +4,7 @@ Layout (`reference/routers.md` §1.2), with ``<prefix>`` the exact string vulcan
 ``-etcdKey`` (default ``vulcand``, no leading slash on etcd v3: §1.3)::
 
     <prefix>/backends/<service>~be/backend            {"Type":"http","Settings":{}}
-    <prefix>/backends/<service>~be/servers/<server>   {"URL":"http://10.0.0.5:31001"}  (lease)
+    <prefix>/backends/<service>~be/servers/<server>   {"URL":"http://10.0.0.5:31001"}
     <prefix>/frontends/<service>~fe/frontend          {"Type":"http","BackendId":"<service>~be",
                                                        "Route":"Host(\"<service>.localhost\")",
                                                        "Settings":{"FailoverPredicate":...}}
@@ -155,13 +155,11 @@ class VulcandRouter:
             written=written,
         )
 
-    async def register(
-        self, service: str, server_id: str, url: str, lease: int | None = None
-    ) -> None:
+    async def register(self, service: str, server_id: str, url: str) -> None:
         key = self.server_key(service, server_id)
         value = server_value(url)
         try:
-            await self.etcd.put(key.encode(), value, lease=lease)
+            await self.etcd.put(key.encode(), value)
         except Exception as error:  # aetcd raises several unrelated types
             raise failure(f"Could not register {server_id} with vulcand", error) from error
         log.info(
@@ -171,7 +169,6 @@ class VulcandRouter:
             server_id=server_id,
             url=url,
             key=key,
-            lease=lease,
         )
 
     async def deregister(self, service: str, server_id: str) -> None:

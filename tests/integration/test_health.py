@@ -14,11 +14,8 @@ import pytest
 
 from deployster.etcd import free_port
 from deployster.health import (
-    HealthTracker,
     ProbeResult,
-    Transition,
     probe,
-    watch_health,
 )
 from deployster.policy import HealthPolicy
 from tests.helpers import eventually
@@ -121,40 +118,3 @@ async def test_timeout(session: aiohttp.ClientSession, silent_server: str) -> No
     assert 0.5 <= result.duration < 1.0
     default = await probe(session, silent_server, HealthPolicy(timeout=2))
     assert default.detail == "timed out after 2.0 s"
-
-
-async def test_watch_health_reports_transitions(
-    session: aiohttp.ClientSession, start_workload: StartWorkload
-) -> None:
-    good = await start_workload()
-    seen: list[tuple[Transition, ProbeResult]] = []
-
-    async def on_transition(transition: Transition, result: ProbeResult) -> None:
-        seen.append((transition, result))
-
-    tracker = HealthTracker(FAST)
-    task = asyncio.create_task(watch_health(session, good, FAST, on_transition, tracker))
-    try:
-        await eventually(lambda: _true(seen), timeout=5)
-        assert seen[0][0] == "became_healthy" and tracker.healthy
-        assert tracker.successes >= 2
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    seen.clear()
-    task = asyncio.create_task(
-        watch_health(session, f"http://127.0.0.1:{free_port()}", FAST, on_transition)
-    )
-    try:
-        await eventually(lambda: _true(seen), timeout=5)
-        transition, result = seen[0]
-        assert transition == Transition.BECAME_UNHEALTHY
-        assert result.detail == "connection refused"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-async def _true(value: object) -> bool:
-    return bool(value)

@@ -18,7 +18,7 @@ from aiohttp import web
 from helpers import eventually
 from integration.traefik import Traefik
 
-from deployster.routers import RouterTimeout, TraefikRouter, make_router
+from deployster.routers import RouterTimeout, TraefikRouter
 from deployster.testing.workload import (
     WorkloadSettings,
     announced_url,
@@ -40,11 +40,9 @@ def service() -> str:
 
 @pytest.fixture
 def router(etcd_client: aetcd.Client, traefik: Traefik) -> TraefikRouter:
-    made = make_router(
-        "traefik", etcd_client, root_key=traefik.root_key, api_url=traefik.api_url, entrypoint="web"
+    return TraefikRouter(
+        etcd_client, root_key=traefik.root_key, api_url=traefik.api_url, entrypoint="web"
     )
-    assert isinstance(made, TraefikRouter)
-    return made
 
 
 @pytest.fixture
@@ -118,27 +116,6 @@ async def test_traffic_follows_register_and_deregister(
     await router.deregister(service, f"{service}-v1-2026.11.26-12.00.00-1")
     await timed_wait(router, capsys, "absent", service, absent=[one.url], present=[two.url])
     assert await instances_reached(traefik, service, 20) == {2}
-
-
-async def test_a_server_on_a_revoked_lease_stops_receiving_traffic(
-    router: TraefikRouter,
-    etcd_client: aetcd.Client,
-    traefik: Traefik,
-    service: str,
-    backends: Callable[[int], Backend],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    one, two = await backends(1), await backends(2)  # type: ignore[misc]
-    await router.ensure_service(service)
-    lease = await etcd_client.lease(30)
-    await router.register(service, f"{service}-v1-t-1", one.url, lease=lease.id)
-    await router.register(service, f"{service}-v1-t-2", two.url)
-    await router.wait_applied(service, present=[one.url, two.url], timeout=10)
-
-    await etcd_client.revoke_lease(lease.id)
-    await timed_wait(router, capsys, "lease revoked", service, absent=[one.url])
-    assert await router.servers(service) == {f"{service}-v1-t-2": two.url}
-    assert await instances_reached(traefik, service, 10) == {2}
 
 
 async def test_same_instance_number_from_two_deploys_gets_two_indexes(

@@ -12,9 +12,8 @@ import secrets
 
 import aetcd
 import pytest
-from helpers import eventually
 
-from deployster.routers import Router, RouterTimeout, VulcandRouter, make_router
+from deployster.routers import Router, RouterTimeout, VulcandRouter
 
 SRV1 = "web-v1-2026.11.26-12.00.00-1"
 SRV2 = "web-v1-2026.11.26-12.00.00-2"
@@ -34,7 +33,7 @@ async def dump(etcd_client: aetcd.Client, prefix: str) -> dict[str, str]:
 async def test_keys_after_ensure_register_and_deregister(
     etcd_client: aetcd.Client, prefix: str
 ) -> None:
-    router = make_router("vulcand", etcd_client, prefix=prefix, settle=0.0)
+    router = VulcandRouter(etcd_client, prefix=prefix, settle=0.0)
     assert isinstance(router, Router)
     await router.ensure_service("web")
     await router.ensure_service("web")  # idempotent
@@ -87,23 +86,6 @@ async def test_write_order_is_backend_before_frontend(
     frontend = await etcd_client.get(router.frontend_key("web").encode())
     assert backend is not None and frontend is not None
     assert backend.mod_revision < frontend.mod_revision
-
-
-async def test_server_on_a_lease_disappears_when_the_lease_is_revoked(
-    etcd_client: aetcd.Client, prefix: str
-) -> None:
-    router = VulcandRouter(etcd_client, prefix=prefix, settle=0.0)
-    await router.ensure_service("web")
-    lease = await etcd_client.lease(30)
-    await router.register("web", SRV1, "http://127.0.0.1:31001", lease=lease.id)
-    await router.register("web", SRV2, "http://127.0.0.1:31002")
-    assert set(await router.servers("web")) == {SRV1, SRV2}
-
-    await etcd_client.revoke_lease(lease.id)
-    await eventually(lambda: _servers_are(router, {SRV2}), timeout=5)
-    await router.wait_applied(
-        "web", present=["http://127.0.0.1:31002"], absent=["http://127.0.0.1:31001"], timeout=5
-    )
 
 
 async def _servers_are(router: VulcandRouter, ids: set[str]) -> bool:

@@ -11,7 +11,6 @@ from deployster.routers import (
     RouterError,
     TraefikRouter,
     VulcandRouter,
-    make_router,
     vulcand,
 )
 from deployster.routers.base import check_server_id, check_url
@@ -135,10 +134,3 @@ def test_invalid_service_names_are_refused(service: str) -> None:
         vulcand.backend_id(service)
     with pytest.raises(RouterError):
         TraefikRouter(None).router_prefix(service)  # type: ignore[arg-type]
-
-
-def test_make_router() -> None:
-    assert isinstance(make_router("vulcand", None, prefix="v"), VulcandRouter)  # type: ignore[arg-type]
-    assert isinstance(make_router("traefik", None, api_url="http://x"), TraefikRouter)  # type: ignore[arg-type]
-    with pytest.raises(RouterError, match="vulcand, traefik"):
-        make_router("nginx", None)  # type: ignore[arg-type]
