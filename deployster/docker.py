@@ -16,7 +16,7 @@ both answer) over a unix socket (``unix:///var/run/docker.sock``, the default) o
   is a 200 with an error message. The calls below accept either engine's answer.
 
 Errors come out typed: :class:`DockerUnreachable` (no engine at the endpoint),
-:class:`NotFound` (404), :class:`PullError`, and :class:`DockerError` for any other failure;
+:class:`DockerNotFound` (404), :class:`PullError`, and :class:`DockerError` for any other failure;
 each message is a sentence fragment that names the engine's own words.
 """
 
@@ -54,7 +54,7 @@ class DockerUnreachable(DockerError, TemporaryError):
     """Nothing answers at the endpoint (yet)."""
 
 
-class NotFound(DockerError, PermanentError):
+class DockerNotFound(DockerError, PermanentError):
     """The engine answered 404: no such container or image."""
 
 
@@ -290,7 +290,7 @@ class DockerClient:
             return data
         message = _error_message(data)
         if status == 404:
-            raise NotFound(message, status)
+            raise DockerNotFound(message, status)
         raise DockerError(message, status)
 
     def _unreachable(self, exc: BaseException) -> DockerUnreachable:
@@ -351,7 +351,7 @@ class DockerClient:
             ) as response:
                 if response.status != 200:
                     message = _error_message(await response.read())
-                    raise (NotFound if response.status == 404 else DockerError)(
+                    raise (DockerNotFound if response.status == 404 else DockerError)(
                         message, response.status
                     )
                 async for chunk in response.content.iter_any():
@@ -372,7 +372,7 @@ class DockerClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         if status != 200:
-            raise (NotFound if status == 404 else DockerError)(_error_message(body), status)
+            raise (DockerNotFound if status == 404 else DockerError)(_error_message(body), status)
         data = json.loads(body)
         error = data.get("Error") or {}
         return ExitStatus(
@@ -395,7 +395,7 @@ class DockerClient:
             await self._call(
                 "DELETE", f"/containers/{container}", params={"force": "1"}, ok=(200, 204)
             )
-        except NotFound:
+        except DockerNotFound:
             return
 
     async def list_containers(self, labels: Mapping[str, str]) -> list[ContainerSummary]:

@@ -132,7 +132,7 @@ class DeployRejectedError(PermanentError):
         self.status = status
 
 
-class LockHeld(DeployRejectedError):
+class LockHeldError(DeployRejectedError):
     """Another deploy of the service holds its lock."""
 
     def __init__(self, service: str, held: LockHolder) -> None:
@@ -145,7 +145,7 @@ class LockHeld(DeployRejectedError):
         self.held = held
 
 
-class LockLost(Exception):
+class LockLostError(Exception):
     """This server no longer holds the lock of the deploy it drives: it must stop touching it."""
 
 
@@ -346,7 +346,7 @@ class DeployHandler:
         if event.wait_for_lock:
             await self._queue(record, held)
         else:
-            self._reject(event, LockHeld(event.service, held))
+            self._reject(event, LockHeldError(event.service, held))
 
     def _reject(self, event: DeployRequested, exc: DeployRejectedError) -> None:
         log.info("deploy_rejected", reason=str(exc))
@@ -458,7 +458,7 @@ class DeployHandler:
     async def _check_owned(self, record: DeployRecord) -> None:
         """Before a step that changes fleet or the router: stop unless the lock is ours."""
         if not await self._owned(record):
-            raise LockLost(record.id)
+            raise LockLostError(record.id)
 
     async def _unlock(self, record: DeployRecord) -> None:
         """Release ``record``'s lock. Best effort: a lock etcd cannot delete now goes with its
@@ -587,7 +587,7 @@ class DeployHandler:
         step = reconcile.next_step(record, observed)
         try:
             return await self._perform(record, step)
-        except LockLost:
+        except LockLostError:
             return RESYNC
         except Exception as exc:
             if is_temporary(exc):

@@ -88,7 +88,7 @@ class TaskSpec:
     actor: str = ""
 
 
-class TaskRejected(Exception):
+class TaskRejectedError(Exception):
     """The task cannot run as asked; nothing runs. ``status`` is the HTTP status to answer."""
 
     def __init__(self, status: int, description: str) -> None:
@@ -207,7 +207,7 @@ class TaskRun:
     def __init__(self, record: TaskRecord, tail_limit: int) -> None:
         self.record = record
         self.output = OutputTail(tail_limit)
-        # Resolved once the container runs, or with TaskRejected when it never will.
+        # Resolved once the container runs, or with TaskRejectedError when it never will.
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finished = asyncio.Event()
         self._trailer = b""
@@ -286,12 +286,12 @@ class TaskRunner:
         return self._runs.get(task_id)
 
     async def submit(self, spec: TaskSpec) -> TaskRun:
-        """Start a task; returns once its container runs. Raises TaskRejected (nothing runs)
+        """Start a task; returns once its container runs. Raises TaskRejectedError (nothing runs)
         or EtcdError (nothing was recorded)."""
         limit = self.config.max_timeout
         timeout = spec.timeout if spec.timeout is not None else min(DEFAULT_TIMEOUT, limit)
         if timeout > limit:
-            raise TaskRejected(
+            raise TaskRejectedError(
                 400,
                 f"The timeout of {timeout:g} s is longer than this server's limit of "
                 f"{limit:g} s (-task-max-timeout); ask for {limit:g} s or less.",
@@ -426,13 +426,13 @@ class TaskRunner:
                     ),
                 )
             except DockerError as exc:
-                raise TaskRejected(502, self._start_failure(record, exc)) from None
+                raise TaskRejectedError(502, self._start_failure(record, exc)) from None
             try:
                 await self.docker.start(container)
             except DockerError as exc:
                 await self._remove_quietly(container)
-                raise TaskRejected(502, self._start_failure(record, exc)) from None
-        except TaskRejected as exc:
+                raise TaskRejectedError(502, self._start_failure(record, exc)) from None
+        except TaskRejectedError as exc:
             record.state = TaskState.ERROR
             record.error = exc.description
             log.warning("task_not_started", reason=exc.description)
@@ -602,7 +602,7 @@ class TaskRunner:
         if adopt:  # it runs already: nothing to refuse
             log.warning("task_lock_held_elsewhere", holder=held.holder)
             return
-        raise TaskRejected(
+        raise TaskRejectedError(
             409,
             f"Service {record.service!r} is running task {held.holder} ({held.reason}, by "
             f"{held.actor or 'unknown'}, since {held.since:%Y-%m-%d %H:%M:%S} UTC), and its policy "

@@ -22,7 +22,7 @@ from deployster.web.context import services
 from deployster.web.errors import ApiError
 from deployster.web.inputs import checked, read_json, record_id, service_name
 from deployster.web.limits import bounded_command, bounded_env
-from handlers.tasks import TaskRejected, TaskRun, TaskRunner, TaskSpec, trailer
+from handlers.tasks import TaskRejectedError, TaskRun, TaskRunner, TaskSpec, trailer
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -110,7 +110,7 @@ async def run_task(request: web.Request) -> web.StreamResponse:
     )
     try:
         run = await runner.submit(spec)
-    except TaskRejected as exc:
+    except TaskRejectedError as exc:
         raise ApiError(exc.status, exc.description) from None
     return await _stream(request, run)
 
