@@ -93,6 +93,10 @@ class UnitInstance:
         self._journal: UnitJournal | None = None
         self._log = log.bind(unit=self.unit_name, machine=self.machine_id)
 
+    @property
+    def goal(self) -> DesiredInstance | None:
+        return self._goal
+
     def set_goal(self, goal: DesiredInstance | None) -> None:
         self._goal = goal
         self._wake.set()
@@ -263,10 +267,13 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def apply(self, desired: Mapping[InstanceKey, DesiredInstance]) -> None:
-        """Give every instance its new goal, creating instances that are newly wanted."""
+        """Give every instance whose goal changed its new goal, creating instances that are newly
+        wanted; the others are not woken."""
         for key in self._instances.keys() | desired.keys():
             goal = desired.get(key)
             instance = self._instances.get(key)
+            if instance is not None and instance.goal == goal:
+                continue
             if instance is None:
                 if goal is None:
                     continue
