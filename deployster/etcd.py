@@ -176,7 +176,7 @@ class EtcdServer:
 
 # --- Paged range reads ---------------------------------------------------------------------
 
-PAGE_SIZE = 200  # keys per range answer
+PAGE_SIZE = 100  # keys per range answer: decoding 100 deploy records takes ~10-30 ms
 
 
 async def range_pages(

@@ -123,8 +123,6 @@ class UnitInstance:
                 await self._wake.wait()
         finally:
             self._on_exit(self)
-            if self._journal is not None:
-                self._journal.close()
 
     async def _step_supervised(self) -> bool:
         try:
