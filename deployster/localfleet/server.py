@@ -103,14 +103,18 @@ class LocalFleet:
             Machine(id=machine_id(hostname, index), primary_ip=PRIMARY_IP)
             for index in range(self._machine_count)
         ]
-        self._agent = Agent(
-            AgentContext(
-                hostname=hostname,
-                base_environment=dict(os.environ),
-                log_dir=self._state_dir / "logs" if self._state_dir else None,
-            )
-        )
         self._store = RegistryStore(self._state_dir) if self._state_dir else None
+        try:
+            self._agent = Agent(
+                AgentContext(
+                    hostname=hostname,
+                    base_environment=dict(os.environ),
+                    log_dir=self._state_dir / "logs" if self._state_dir else None,
+                    runs=self._store,
+                )
+            )
+        except StateFileError as exc:
+            raise StartupError(str(exc)) from exc
         registry = Registry(machines, self._store, on_change=self._agent.apply)
         self._runner = web.AppRunner(
             create_app(registry, self._agent, self._token_limit), access_log=None
