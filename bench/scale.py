@@ -38,19 +38,21 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aetcd
 import aiohttp
 import structlog
 from aiohttp import web
 
 from deployster.config import Settings
 from deployster.etcd import EtcdServer, free_port
+from deployster.etcd import client as etcd_client
 from deployster.fleet import UnitOption
 from deployster.localfleet.server import machine_id
 from deployster.localfleet.store import RegistryStore, StoredUnit
 from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
-from deployster.store import DeployRecord, DeployState
+from deployster.store import DeployRecord, DeployState, Store
 from deployster.units import Announcement, announce_key
 from handlers.deploys import DeployConfig
 
@@ -113,16 +115,25 @@ def record(service: str, n: int) -> DeployRecord:
     return r
 
 
-async def write_etcd(dep: Deployster, units: list[UnitName], health_url: str) -> None:
-    etcd, txn = dep.etcd, dep.etcd.transactions
+async def seed(endpoint: str, count: int, health_url: str) -> None:
+    """The records, policies and announcements, written by a child process (``--seed``) so
+    that the memory they take here is not counted in the server's RSS."""
+    async with etcd_client(endpoint) as etcd:
+        await write_etcd(etcd, Store(etcd, PREFIX), unit_names(count), health_url)
+
+
+async def write_etcd(
+    etcd: aetcd.Client, store: Store, units: list[UnitName], health_url: str
+) -> None:
+    txn = etcd.transactions
     puts = []
     policy = ServicePolicy(health=HealthPolicy(interval=60, healthy_threshold=1))
     for s in range(SERVICES):
         service = service_name(s)
-        puts.append(txn.put(dep.store._policy_key(service), policy.model_dump_json().encode()))
+        puts.append(txn.put(store._policy_key(service), policy.model_dump_json().encode()))
         for n in range(1, HISTORY + 1):
             r = record(service, n)
-            puts.append(txn.put(dep.store._deploy_key(service, r.id), r.model_dump_json().encode()))
+            puts.append(txn.put(store._deploy_key(service, r.id), r.model_dump_json().encode()))
     for i, u in enumerate(units):
         a = Announcement(
             url=health_url, machine=machine_id(os.uname().nodename, i % 3), unit=str(u)
@@ -210,8 +221,7 @@ def start_children(work: Path, fleet_port: int, health_port: int) -> list[subpro
 
 async def one_size(count: int, runs: int) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"deployster-scale-{count}-"))
-    units = unit_names(count)
-    write_registry(work / "localfleet", units)
+    write_registry(work / "localfleet", unit_names(count))
     etcd = EtcdServer(work / "etcd")
     etcd.start(log_path=work / "etcd.log")
     etcd.wait_ready()
@@ -243,9 +253,15 @@ async def one_size(count: int, runs: int) -> None:
             ready = await wait_running(session, fleet, count)
             print(f"\n== {count:,} units running ({ready:.0f} s to start them) ==")
 
-            seed = await Deployster.connect(settings, config)
-            await write_etcd(seed, units, f"http://127.0.0.1:{health_port}")
-            await seed.close()
+            seeding = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--seed",
+                etcd.endpoint,
+                str(count),
+                f"http://127.0.0.1:{health_port}",
+            )
+            assert await seeding.wait() == 0
 
             start_times = []
             for _ in range(runs):
@@ -322,5 +338,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--seed", nargs=3, metavar=("ETCD", "UNITS", "HEALTH_URL"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
-    asyncio.run(main([int(s) for s in args.sizes.split(",")], args.runs))
+    if args.seed:
+        asyncio.run(seed(args.seed[0], int(args.seed[1]), args.seed[2]))
+    else:
+        asyncio.run(main([int(s) for s in args.sizes.split(",")], args.runs))

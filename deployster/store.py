@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import aetcd
 import structlog
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployster.aio import cancel_and_wait
 from deployster.etcd import EtcdError, LeaseKeeper, WatchEvent, range_pages, watch_prefix
@@ -146,6 +146,21 @@ class DeployRecord(BaseModel):
         return data
 
 
+class DeploySummary(BaseModel):
+    """What a listing of every service needs of a deploy record: decoding only these fields
+    of a record (not its events, environment and policy) is several times faster, and they
+    take a fraction of the memory."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    service: str
+    version: str
+    timestamp: str
+    state: DeployState
+    created_at: datetime
+
+
 @contextmanager
 def _etcd_errors() -> Iterator[None]:
     try:
@@ -234,7 +249,7 @@ class LeaseLocks:
             )
 
 
-_Record = TypeVar("_Record", "DeployRecord", "TaskRecord")
+_Record = TypeVar("_Record", "DeployRecord", "DeploySummary", "TaskRecord")
 
 
 async def _read_records(etcd: aetcd.Client, prefix: bytes, model: type[_Record]) -> list[_Record]:
@@ -290,6 +305,11 @@ class Store:
         """Records, oldest first; all services when ``service`` is None."""
         prefix = self._deploy_key(service) if service else f"{self.prefix}/deploys/".encode()
         return await _read_records(self.etcd, prefix, DeployRecord)
+
+    async def deploy_summaries(self, service: str | None = None) -> list[DeploySummary]:
+        """``list_deploys`` for listings that need no more than a ``DeploySummary``."""
+        prefix = self._deploy_key(service) if service else f"{self.prefix}/deploys/".encode()
+        return await _read_records(self.etcd, prefix, DeploySummary)
 
     async def delete_deploys(self, records: list[DeployRecord]) -> None:
         with _etcd_errors():
