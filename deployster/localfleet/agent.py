@@ -33,7 +33,8 @@ options, whose process still runs is adopted (`ServiceRun.adopt`): reported
 `active`/`running` at once, stopped as if this run had started it, and never
 started twice. A noted process that is no longer wanted is stopped (SIGTERM
 to its groups, SIGKILL after TimeoutStopSec... here 10 s). An adopted
-process's output is lost: it went to the previous localfleet.
+process's output went through a pipe to the previous localfleet: a write to
+it now gets a broken pipe (SIGPIPE ends a process that does not ignore it).
 
 Supervision: an exception inside an instance is logged with the unit and
 machine, its processes are killed, the unit is reported `failed`, and the
