@@ -32,7 +32,7 @@ there when it starts again: a unit still wanted launched, with the same
 options, whose process still runs is adopted (`ServiceRun.adopt`): reported
 `active`/`running` at once, stopped as if this run had started it, and never
 started twice. A noted process that is no longer wanted is stopped (SIGTERM
-to its groups, SIGKILL after TimeoutStopSec... here 10 s). An adopted
+to its process groups, SIGKILL after 10 s). An adopted
 process's output went through a pipe to the previous localfleet: a write to
 it now gets a broken pipe (SIGPIPE ends a process that does not ignore it).
 
