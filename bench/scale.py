@@ -162,6 +162,19 @@ async def wait_running(session: aiohttp.ClientSession, fleet: str, count: int) -
         await asyncio.sleep(1)
 
 
+async def all_routed(dep: Deployster, count: int) -> float:
+    """Seconds until the server has probed and routed every announced instance: the figures
+    are taken after that, not during the start's burst of probes and router writes."""
+    started = time.monotonic()
+    while True:
+        instances = dep.instances._instances.values()
+        if sum(i.routed for i in instances) >= count:
+            return time.monotonic() - started
+        if time.monotonic() - started > 300:
+            raise RuntimeError(f"only {sum(i.routed for i in instances)} of {count} routed")
+        await asyncio.sleep(0.5)
+
+
 class LagSampler:
     """The event loop's worst lateness while it runs: a 1 ms sleep that wakes late means
     something held the loop."""
@@ -272,6 +285,8 @@ async def one_size(count: int, runs: int) -> None:
                 await dep.close()
             dep = await Deployster.connect(settings, config)
             await dep.start()
+            settled = await all_routed(dep, count)
+            print(f"(every instance probed and routed {settled:.0f} s after the server started)")
             runner = web.AppRunner(dep.app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", app_port).start()
