@@ -190,7 +190,7 @@ class DeployHandler:
 
     async def resume(self) -> int:
         """Re-drive every unfinished deploy found in etcd; returns how many."""
-        unfinished = [r for r in await self.store.list_deploys() if not r.state.finished]
+        unfinished = [r for r in await self.store.deploy_summaries() if not r.state.finished]
         for record in unfinished:
             self.bus.publish(DeployResumed(service=record.service, deploy_id=record.id))
         return len(unfinished)
