@@ -106,6 +106,7 @@ class RegistryStore:
         self.path = state_dir / FILE_NAME
         self._legacy = state_dir / LEGACY_FILE_NAME
         self._db: sqlite3.Connection | None = None
+        self._runs_db: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -130,9 +131,19 @@ class RegistryStore:
             self._db = db
         return self._db
 
+    def _runs_connection(self) -> sqlite3.Connection:
+        """The runs are written without waiting for the disk: they are atomic all the same, and
+        after a power cut, the only loss they can suffer, no process they name still runs. Ten
+        thousand units starting or stopping cost ten thousand writes, not ten thousand fsyncs."""
+        if self._runs_db is None:
+            self._connection()  # creates and checks the database
+            self._runs_db = sqlite3.connect(self.path, isolation_level=None)
+            self._runs_db.execute("PRAGMA synchronous=OFF")
+        return self._runs_db
+
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
+    def _transaction(self, runs: bool = False) -> Iterator[sqlite3.Connection]:
+        db = self._runs_connection() if runs else self._connection()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -204,7 +215,7 @@ class RegistryStore:
         }
 
     def save_run(self, run: StoredRun) -> None:
-        with self._transaction() as db:
+        with self._transaction(runs=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -218,13 +229,14 @@ class RegistryStore:
             )
 
     def forget_run(self, unit: str, machine_id: str) -> None:
-        with self._transaction() as db:
+        with self._transaction(runs=True) as db:
             db.execute("DELETE FROM runs WHERE unit = ? AND machine_id = ?", (unit, machine_id))
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        for db in (self._runs_db, self._db):
+            if db is not None:
+                db.close()
+        self._db = self._runs_db = None
 
     def _import_legacy(self) -> None:
         try:
