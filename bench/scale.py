@@ -183,7 +183,15 @@ class LagSampler:
 
     def __init__(self) -> None:
         self.worst = 0.0
+        self.worst_gc = 0.0  # the longest collection of Python's cyclic garbage collector
+        self._gc_started = 0.0
         self._task: asyncio.Task[None] | None = None
+
+    def _on_gc(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.worst_gc = max(self.worst_gc, time.perf_counter() - self._gc_started)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,11 +202,13 @@ class LagSampler:
 
     def __enter__(self) -> LagSampler:
         self._task = asyncio.create_task(self._run())
+        gc.callbacks.append(self._on_gc)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
+        gc.callbacks.remove(self._on_gc)
 
 
 async def timed(runs: int, action: Callable[[], Awaitable[object]]) -> list[float]:
@@ -306,13 +316,14 @@ async def one_size(count: int, runs: int) -> None:
                 runs, lambda: asyncio.gather(dep.fleet.list_units(), dep.fleet.list_states())
             )
             services = {service_name(s) for s in range(SERVICES)}
-            passes, lags = [], []
+            passes, lags, gcs = [], [], []
             for _ in range(runs):
                 with LagSampler() as lag:
                     started = time.perf_counter()
                     await dep.reaper.reconcile(services)
                     passes.append(time.perf_counter() - started)
                 lags.append(lag.worst)
+                gcs.append(lag.worst_gc)
             posts = []
             for n in range(runs):
                 body = {"deploy": {"version": "new", "instance_count": 1}}
@@ -328,6 +339,7 @@ async def one_size(count: int, runs: int) -> None:
             print(f"GET /v1/services (1,000 services)      {fmt(every)}")
             print(f"one reconcile pass                     {fmt(passes)}")
             print(f"event loop's worst lag during a pass   {fmt(lags)}")
+            print(f"  of which the longest GC collection   {fmt(gcs)}")
             print(f"POST to 201                            {fmt(posts)}")
             print(f"a start of the server                  {fmt(start_times)}")
             print(f"server RSS after all of the above      {rss:8.0f} MiB")
