@@ -271,7 +271,8 @@ class DeployHandler:
 
     async def _unfinished_services(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for record in await self.store.list_deploys():
+        # Summaries: a start decodes no event lists, environments or policies.
+        for record in await self.store.deploy_summaries():
             if not record.state.finished:
                 counts[record.service] = counts.get(record.service, 0) + 1
         for service in counts:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import structlog
@@ -41,6 +42,9 @@ from handlers.deploys import rollback_target
 
 log = structlog.get_logger(__name__)
 
+# Items a pass handles between two yields to the event loop: a few milliseconds of work.
+YIELD_EVERY = 500
+
 
 @dataclass(frozen=True)
 class Announced:
@@ -52,29 +56,40 @@ class Announced:
     announcement: Announcement
 
 
-def stale_reason(
-    found: Announced,
-    units: Mapping[str, Unit],
-    states: Iterable[UnitState],
-    machines: Iterable[Machine],
-) -> str | None:
+@dataclass(frozen=True)
+class FleetView:
+    """fleet's units, unit states and machines as one pass read them, indexed so that each
+    announcement is checked by lookups, not by scanning every state."""
+
+    units: Mapping[str, Unit]
+    states: Mapping[tuple[str, str], UnitState]  # by (unit name, machine id)
+    machine_ids: AbstractSet[str]  # full ids and fleet's 8-character short ids
+
+    @classmethod
+    def of(
+        cls, units: Iterable[Unit], states: Iterable[UnitState], machines: Iterable[Machine]
+    ) -> FleetView:
+        return cls(
+            units={u.name: u for u in units},
+            states={(s.name, s.machine_id): s for s in states},
+            machine_ids={i for m in machines for i in (m.id, m.short_id())},
+        )
+
+
+def stale_reason(found: Announced, fleet: FleetView) -> str | None:
     """Why this announcement no longer stands for a running instance, or None if it does."""
     name = str(found.unit)
     machine = found.announcement.machine
-    unit = units.get(name)
+    unit = fleet.units.get(name)
     if unit is None:
         return f"unit {name} is gone from fleet"
-    if not any(m.matches_id(machine) for m in machines):
+    if machine not in fleet.machine_ids:
         return f"machine {machine} left the cluster"
     if unit.machine_id and unit.machine_id[:8] != machine[:8]:  # fleet's short ids match too
         return f"fleet moved unit {name} to machine {unit.machine_id}"
-    for state in states:
-        if (
-            state.name == name
-            and state.machine_id == machine
-            and state.active_state in ("failed", "inactive")
-        ):
-            return f"unit {name} is {state.active_state} on machine {machine}"
+    state = fleet.states.get((name, machine))
+    if state is not None and state.active_state in ("failed", "inactive"):
+        return f"unit {name} is {state.active_state} on machine {machine}"
     return None
 
 
@@ -163,15 +178,19 @@ class Reaper:
     async def reconcile(self, services: set[str]) -> list[str]:
         """One pass over the announcements and over the router servers of ``services`` (and of
         every announced service); returns what it did, one sentence each."""
-        units = {u.name: u for u in await self.fleet.list_units()}
-        states = await self.fleet.list_states()
-        machines = await self.fleet.list_machines()
+        fleet = FleetView.of(
+            await self.fleet.list_units(),
+            await self.fleet.list_states(),
+            await self.fleet.list_machines(),
+        )
         announced = await self._announced()
         stale = {}
-        for found in announced:
-            reason = stale_reason(found, units, states, machines)
+        for n, found in enumerate(announced, 1):
+            reason = stale_reason(found, fleet)
             if reason is not None:
                 stale[f"announcement:{found.key}:{found.raw}"] = (found, reason)
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let requests in: a pass never holds the loop for long
         backed = {(a.unit.service, a.unit.container) for a in announced}
         orphans = {}
         for service in sorted(services | {a.unit.service for a in announced}):
@@ -198,7 +217,9 @@ class Reaper:
 
     async def _announced(self) -> list[Announced]:
         found = []
-        for key, raw in (await self.store.announcements()).items():
+        for n, (key, raw) in enumerate((await self.store.announcements()).items(), 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             unit = parse_announce_key(self.prefix, key)
             if unit is None:
                 continue

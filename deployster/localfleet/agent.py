@@ -25,6 +25,17 @@ environment is nearly empty, but a user's `deployster up` needs PATH, HOME,
 DOCKER_HOST or XDG_RUNTIME_DIR (podman) to reach the units, so they are passed
 through; Environment= and EnvironmentFile= come on top.
 
+Restarts: with a state directory the agent notes in the registry's database
+which process runs each launched unit (pid, start time, process groups). A
+localfleet killed without stopping its units (kill -9, a crash) finds them
+there when it starts again: a unit still wanted launched, with the same
+options, whose process still runs is adopted (`ServiceRun.adopt`): reported
+`active`/`running` at once, stopped as if this run had started it, and never
+started twice. A noted process that is no longer wanted is stopped (SIGTERM
+to its process groups, SIGKILL after 10 s). An adopted
+process's output went through a pipe to the previous localfleet: a write to
+it now gets a broken pipe (SIGPIPE ends a process that does not ignore it).
+
 Supervision: an exception inside an instance is logged with the unit and
 machine, its processes are killed, the unit is reported `failed`, and the
 instance keeps obeying later goals; the agent never stops because of one unit.
@@ -43,7 +54,8 @@ from deployster.fleet import JOB_LAUNCHED, JOB_LOADED, UnitState
 
 from .journal import UnitJournal
 from .model import DesiredInstance
-from .service import ServiceRun
+from .service import ServiceRun, process_start_time, stop_groups
+from .store import RegistryStore, StoredRun
 from .unitfile import ServiceSpec, UnitLoadError, build_service_spec
 
 log = structlog.get_logger()
@@ -72,15 +84,21 @@ class AgentContext:
     hostname: str
     base_environment: Mapping[str, str]
     log_dir: pathlib.Path | None
+    runs: RegistryStore | None = None  # where the running processes are noted, for adoption
 
 
 class UnitInstance:
     """One unit on one machine: fleet's view of it (its job state) and systemd's (its unit state)."""
 
     def __init__(
-        self, key: InstanceKey, context: AgentContext, on_exit: Callable[[UnitInstance], None]
+        self,
+        key: InstanceKey,
+        context: AgentContext,
+        on_exit: Callable[[UnitInstance], None],
+        adopt: StoredRun | None = None,
     ) -> None:
         self.key = key
+        self._adopt = adopt  # a process a previous localfleet started for this unit
         self.unit_name, self.machine_id = key
         self._context = context
         self._on_exit = on_exit
@@ -92,6 +110,10 @@ class UnitInstance:
         self._activation: _Activation | None = None
         self._journal: UnitJournal | None = None
         self._log = log.bind(unit=self.unit_name, machine=self.machine_id)
+
+    @property
+    def goal(self) -> DesiredInstance | None:
+        return self._goal
 
     def set_goal(self, goal: DesiredInstance | None) -> None:
         self._goal = goal
@@ -122,8 +144,6 @@ class UnitInstance:
                 await self._wake.wait()
         finally:
             self._on_exit(self)
-            if self._journal is not None:
-                self._journal.close()
 
     async def _step_supervised(self) -> bool:
         try:
@@ -197,24 +217,53 @@ class UnitInstance:
             journal=self._journal,
             on_state=lambda active, sub: self._set_run_state(run, active, sub),
         )
+        adopt, self._adopt = self._adopt, None
+        if adopt is not None and adopt.unit_hash != self._loaded.hash:
+            adopt = None  # not what is wanted now; the agent stopped it
         task = asyncio.create_task(
-            self._supervise(run, stop_requested), name=f"unit:{self.unit_name}:{self.machine_id}"
+            self._supervise(run, stop_requested, adopt),
+            name=f"unit:{self.unit_name}:{self.machine_id}",
         )
         self._activation = _Activation(run, stop_requested, task)
 
-    async def _supervise(self, run: ServiceRun, stop_requested: asyncio.Event) -> None:
+    async def _supervise(
+        self, run: ServiceRun, stop_requested: asyncio.Event, adopt: StoredRun | None
+    ) -> None:
         try:
-            result = await run.execute(stop_requested)
+            if adopt is not None:
+                self._log.info("unit_adopted", pid=adopt.pid)
+                result = await run.adopt(stop_requested, adopt.pid, adopt.start_time, adopt.groups)
+            else:
+                result = await run.execute(stop_requested)
             self._log.info("unit_run_finished", result=result.value)
         except Exception:
             self._log.exception("unit_run_error")
             run.kill_all()
             self._set_run_state(run, "failed", "failed")
+        finally:
+            if self._context.runs is not None:
+                self._context.runs.forget_run(self.unit_name, self.machine_id)
 
     def _set_run_state(self, run: ServiceRun, active: str, sub: str) -> None:
         """A state from a run; ignored once that run no longer belongs to the loaded unit (after an abort)."""
         if self._activation is not None and self._activation.run is run:
             self._set_state(None, active, sub)
+            self._note_run(run, active, sub)
+
+    def _note_run(self, run: ServiceRun, active: str, sub: str) -> None:
+        """Once running, note the process in the registry's database, for a restarted
+        localfleet to adopt."""
+        pid = run.main_pid
+        if (active, sub) != ("active", "running") or self._context.runs is None or pid is None:
+            return
+        start_time = process_start_time(pid)
+        if start_time is None or self._loaded is None:
+            return
+        self._context.runs.save_run(
+            StoredRun(
+                self.unit_name, self.machine_id, self._loaded.hash, pid, start_time, run.groups
+            )
+        )
 
     async def _stop(self) -> None:
         """Stop the running activation, if any, and wait until it has fully ended."""
@@ -264,21 +313,44 @@ class Agent:
         self._context = context
         self._instances: dict[InstanceKey, UnitInstance] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Processes a previous localfleet noted, still running: adopted by the first apply.
+        self._adoptable: dict[InstanceKey, StoredRun] = {}
+        for key, run in (context.runs.runs() if context.runs else {}).items():
+            if process_start_time(run.pid) == run.start_time:
+                self._adoptable[key] = run
+            elif context.runs is not None:
+                context.runs.forget_run(*key)
 
     def apply(self, desired: Mapping[InstanceKey, DesiredInstance]) -> None:
-        """Give every instance its new goal, creating instances that are newly wanted."""
+        """Give every instance whose goal changed its new goal, creating instances that are newly
+        wanted; the others are not woken."""
         for key in self._instances.keys() | desired.keys():
             goal = desired.get(key)
             instance = self._instances.get(key)
+            if instance is not None and instance.goal == goal:
+                continue
             if instance is None:
                 if goal is None:
                     continue
-                instance = UnitInstance(key, self._context, self._forget)
+                adopt = self._adoptable.pop(key, None) if goal.launched else None
+                instance = UnitInstance(key, self._context, self._forget, adopt)
                 self._instances[key] = instance
                 task = asyncio.create_task(instance.run(), name=f"instance:{key[0]}:{key[1]}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             instance.set_goal(goal)
+        self._stop_unadopted()
+
+    def _stop_unadopted(self) -> None:
+        """The noted processes the first apply did not adopt are not wanted: stop them."""
+        for run in self._adoptable.values():
+            log.warning("unit_orphan_stopped", unit=run.unit, machine=run.machine_id, pid=run.pid)
+            task = asyncio.create_task(stop_groups(run.groups), name=f"orphan:{run.unit}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            if self._context.runs is not None:
+                self._context.runs.forget_run(run.unit, run.machine_id)
+        self._adoptable = {}
 
     def _forget(self, instance: UnitInstance) -> None:
         if self._instances.get(instance.key) is instance:

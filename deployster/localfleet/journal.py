@@ -12,7 +12,9 @@ lines about the unit ("Main process exited, code=exited, status=1").
   output of `deployster up` and of test runs stays readable.
 
 Writes are small, unbuffered appends (O_APPEND), so the instances of a global
-unit can share one file without tearing lines.
+unit can share one file without tearing lines. The file is opened for each
+write and closed again, so ten thousand units do not hold ten thousand
+descriptors (each running unit already holds one for its output pipe).
 
 Each journal also keeps its last `TAIL_LINES` lines in memory (`tail`), with or
 without a state directory: the API serves them as `GET /fleet/v1/journal/{unit}`,
@@ -39,24 +41,27 @@ class UnitJournal:
     def __init__(self, unit_name: str, machine_id: str, log_dir: pathlib.Path | None) -> None:
         self._unit_name = unit_name
         self._machine = machine_id[:8]
-        self._fd: int | None = None
+        self._path: pathlib.Path | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(
-                log_dir / f"{unit_name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-            )
+            self._path = log_dir / f"{unit_name}.log"
+            self._path.touch()
 
     def write(self, tag: str, pid: int | None, text: str) -> None:
         source = f"{tag}[{pid}]" if pid is not None else tag
         self._tail.append(f"{source}: {text}")
-        if self._fd is not None:
+        if self._path is not None:
             now = (
                 datetime.datetime.now(datetime.UTC)
                 .isoformat(timespec="milliseconds")
                 .replace("+00:00", "Z")
             )
-            os.write(self._fd, f"{now} {self._machine} {source}: {text}\n".encode())
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{now} {self._machine} {source}: {text}\n".encode())
+            finally:
+                os.close(fd)
         else:
             sys.stderr.write(f"{self._unit_name}[{self._machine}] {source}: {text}\n")
             sys.stderr.flush()
@@ -88,8 +93,3 @@ class UnitJournal:
                 self.write(tag, pid, line.decode(errors="replace"))
         if pending:
             self.write(tag, pid, pending.decode(errors="replace"))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None

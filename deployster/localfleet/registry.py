@@ -6,7 +6,8 @@ machines, and it is the only writer of them. Every change goes through
 instead of on their 2 s and 5 s timers:
 
 1. place units again (`scheduler.reconcile_schedule`);
-2. save the registry if there is a state directory (`store.py`);
+2. save the units that changed (and those placement moved) if there is a
+   state directory, in one transaction (`store.py`);
 3. tell the listener (the agent) which units each machine should run, as
    `DesiredInstance`s keyed by `(unit name, machine id)`.
 
@@ -24,7 +25,7 @@ from deployster.fleet import JOB_INACTIVE, JOB_LAUNCHED, Machine, UnitOption
 
 from .model import DesiredInstance
 from .scheduler import SchedulableUnit, machine_units, reconcile_schedule
-from .store import RegistryStore, StoredRegistry, StoredUnit
+from .store import RegistryStore, StoredUnit
 from .unitfile import unit_hash
 from .xfleet import Requirements, fleet_requirements
 
@@ -99,7 +100,7 @@ class Registry:
 
     def publish(self) -> None:
         """Place the units and hand the agent what should run, as after any change."""
-        self._commit()
+        self._commit(())
 
     # Reading
 
@@ -128,17 +129,17 @@ class Registry:
             unit=name,
             desired_state=desired_state,
         )
-        self._commit()
+        self._commit((name,))
 
     def set_desired_state(self, name: str, desired_state: str) -> None:
         self._units[name] = dataclasses.replace(self._units[name], desired_state=desired_state)
         log.info("unit_desired_state", unit=name, desired_state=desired_state)
-        self._commit()
+        self._commit((name,))
 
     def destroy_unit(self, name: str) -> None:
         del self._units[name]
         log.info("unit_destroyed", unit=name)
-        self._commit()
+        self._commit((name,))
 
     def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
         """Set or (with None) remove one metadata key; like fleet, an unknown machine id is accepted."""
@@ -148,30 +149,49 @@ class Registry:
         else:
             metadata[key] = value
         log.info("machine_metadata", machine=machine_id, key=key, value=value)
-        self._commit()
+        self._commit((), {(machine_id, key): value})
 
-    def _commit(self) -> None:
-        self._reschedule()
-        if self._store is not None:
-            self._store.save(self._snapshot())
+    def _commit(
+        self,
+        changed: Sequence[str],
+        metadata: Mapping[tuple[str, str], str | None] | None = None,
+    ) -> None:
+        moved = self._reschedule()
+        if self._store is not None and (changed or moved or metadata):
+            self._store.write({name: self._stored(name) for name in {*changed, *moved}}, metadata)
         self._on_change(self.desired_instances())
 
-    def _reschedule(self) -> None:
+    def _stored(self, name: str) -> StoredUnit | None:
+        record = self._units.get(name)
+        if record is None:
+            return None
+        return StoredUnit(
+            name=record.name,
+            options=record.options,
+            desired_state=record.desired_state,
+            target=record.target,
+        )
+
+    def _reschedule(self) -> list[str]:
+        """Place the units again; the names of those whose machine changed."""
         records = list(self._units.values())
         targets = reconcile_schedule(
             [record.schedulable() for record in records],
             self.machines(),
             {record.name: record.target for record in records},
         )
+        moved = []
         for name, target in targets.items():
             record = self._units[name]
             if record.target != target:
                 self._units[name] = dataclasses.replace(record, target=target)
+                moved.append(name)
                 log.info(
                     "unit_placed" if target else "unit_unplaced",
                     unit=name,
                     machine=target or record.target,
                 )
+        return moved
 
     def desired_instances(self) -> dict[InstanceKey, DesiredInstance]:
         schedulables = [record.schedulable() for record in self._units.values()]
@@ -190,19 +210,3 @@ class Registry:
                     launched=record.desired_state == JOB_LAUNCHED,
                 )
         return desired
-
-    def _snapshot(self) -> StoredRegistry:
-        return StoredRegistry(
-            units=[
-                StoredUnit(
-                    name=record.name,
-                    options=record.options,
-                    desired_state=record.desired_state,
-                    target=record.target,
-                )
-                for record in self.units()
-            ],
-            machine_metadata={
-                machine_id: values for machine_id, values in self._metadata.items() if values
-            },
-        )

@@ -22,9 +22,10 @@ nothing changes, so the answer is the one fleet reaches a few passes later.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from deployster.fleet import JOB_INACTIVE, Machine
 
@@ -44,6 +45,92 @@ class SchedulableUnit:
         return self.requirements.is_global
 
 
+def _literal_start(glob: str) -> str:
+    """The part of a glob before its first special character: every name it matches starts so."""
+    end = len(glob)
+    for special in "*?[\\":
+        at = glob.find(special)
+        if at != -1:
+            end = min(end, at)
+    return glob[:end]
+
+
+class _GlobIndex:
+    """The Conflicts (or Replaces) globs of a set of units, by literal start: the globs that can
+    match a name are found by looking its prefixes up, not by trying every glob."""
+
+    def __init__(self) -> None:
+        self._by_start: dict[str, dict[str, set[str]]] = {}  # start -> glob -> unit names
+
+    def add(self, unit: str, globs: Iterable[str]) -> None:
+        for glob in globs:
+            self._by_start.setdefault(_literal_start(glob), {}).setdefault(glob, set()).add(unit)
+
+    def remove(self, unit: str, globs: Iterable[str]) -> None:
+        for glob in globs:
+            start = _literal_start(glob)
+            holders = self._by_start[start][glob]
+            holders.discard(unit)
+            if not holders:
+                del self._by_start[start][glob]
+                if not self._by_start[start]:
+                    del self._by_start[start]
+
+    def holders(self, name: str) -> set[str]:
+        """The units with a glob that matches ``name``."""
+        found: set[str] = set()
+        for end in range(len(name) + 1):
+            for glob, units in self._by_start.get(name[:end], {}).items():
+                if glob_match(glob, name):
+                    found |= units
+        return found
+
+
+class UnitSet(dict[str, SchedulableUnit]):
+    """Units by name, indexed for the Conflicts and Replaces checks, so that checking one unit
+    against ten thousand looks at a few of them: the units' own globs are indexed by their
+    literal start (`web@*` -> `web@`), and the names a glob can match are found in the sorted
+    names."""
+
+    def __init__(self, units: Iterable[SchedulableUnit] = ()) -> None:
+        super().__init__()
+        self.conflicts = _GlobIndex()
+        self.replaces = _GlobIndex()
+        self._sorted: list[str] | None = None
+        for unit in units:
+            self.add(unit)
+
+    def add(self, unit: SchedulableUnit) -> None:
+        self.discard(unit.name)
+        self[unit.name] = unit
+        self.conflicts.add(unit.name, unit.requirements.conflicts)
+        self.replaces.add(unit.name, unit.requirements.replaces)
+        self._sorted = None
+
+    def discard(self, name: str) -> None:
+        unit = self.pop(name, None)
+        if unit is not None:
+            self.conflicts.remove(name, unit.requirements.conflicts)
+            self.replaces.remove(name, unit.requirements.replaces)
+            self._sorted = None
+
+    def matching(self, glob: str) -> list[SchedulableUnit]:
+        """The units whose name `glob` matches."""
+        start = _literal_start(glob)
+        if start == glob:
+            unit = self.get(glob)
+            return [unit] if unit is not None else []
+        if self._sorted is None:
+            self._sorted = sorted(self)
+        found = []
+        for name in self._sorted[bisect.bisect_left(self._sorted, start) :]:
+            if not name.startswith(start):
+                break
+            if glob_match(glob, name):
+                found.append(self[name])
+        return found
+
+
 class Action(enum.Enum):
     SCHEDULE = "schedule"
     UNSCHEDULE = "unschedule"
@@ -55,7 +142,7 @@ class AgentView:
     """One machine as the engine sees it: the units it has (placed or global)."""
 
     machine: Machine
-    units: dict[str, SchedulableUnit] = dataclasses.field(default_factory=dict)
+    units: UnitSet = dataclasses.field(default_factory=UnitSet)
 
 
 def has_metadata(machine: Machine, required: Mapping[str, frozenset[str]]) -> bool:
@@ -63,23 +150,19 @@ def has_metadata(machine: Machine, required: Mapping[str, frozenset[str]]) -> bo
     return all(machine.metadata.get(key) in accepted for key, accepted in required.items())
 
 
-def has_conflict(units: Mapping[str, SchedulableUnit], name: str, conflicts: Sequence[str]) -> bool:
+def has_conflict(units: UnitSet, name: str, conflicts: Sequence[str]) -> bool:
     """A unit conflicts with one of `units` if either side's Conflicts glob matches the other's name."""
-    for other in units.values():
-        if other.name == name:
-            continue
-        if any(glob_match(glob, name) for glob in other.requirements.conflicts):
-            return True
-        if any(glob_match(glob, other.name) for glob in conflicts):
-            return True
-    return False
+    if units.conflicts.holders(name) - {name}:
+        return True
+    return any(other.name != name for glob in conflicts for other in units.matching(glob))
 
 
-def replaced_unit(
-    units: Mapping[str, SchedulableUnit], name: str, replaces: Sequence[str]
-) -> str | None:
+def replaced_unit(units: UnitSet, name: str, replaces: Sequence[str]) -> str | None:
     """The unit among `units` that `name` replaces or is replaced by (not both: fleet skips cycles)."""
-    for other in units.values():
+    candidates = {other.name: other for glob in replaces for other in units.matching(glob)}
+    candidates.update((other, units[other]) for other in units.replaces.holders(name))
+    # In the order a view is built in: placed units by name, then global ones by name.
+    for other in sorted(candidates.values(), key=lambda unit: (unit.is_global, unit.name)):
         if other.name == name:
             continue
         we_replace = any(glob_match(glob, other.name) for glob in replaces)
@@ -122,20 +205,24 @@ class _ClusterState:
             unit.name: targets.get(unit.name) for unit in self.jobs
         }
         self._agents: dict[str, AgentView] | None = None
+        self._placed: dict[str, str] = {}  # unit -> the agent whose view holds it
+        self._jobs_by_name = {job.name: job for job in self.jobs}
 
     def agents(self) -> dict[str, AgentView]:
         if self._agents is None:
             agents = {machine.id: AgentView(machine) for machine in self.machines}
+            self._placed = {}
             for job in self.jobs:
                 target = self.targets[job.name]
                 if target in agents and job.desired_state != JOB_INACTIVE:
-                    agents[target].units[job.name] = job
+                    agents[target].units.add(job)
+                    self._placed[job.name] = target
             for unit in self.globals:
                 for agent in agents.values():
                     if has_metadata(agent.machine, unit.requirements.metadata) and not has_conflict(
                         agent.units, unit.name, unit.requirements.conflicts
                     ):
-                        agent.units[unit.name] = unit
+                        agent.units.add(unit)
             self._agents = agents
         return self._agents
 
@@ -147,7 +234,19 @@ class _ClusterState:
 
     def place(self, name: str, machine_id: str | None) -> None:
         self.targets[name] = machine_id
-        self._agents = None
+        if self._agents is None:
+            return
+        if self.globals:  # where a global unit goes depends on the others: start again
+            self._agents = None
+            return
+        # Without global units, a move changes two views only.
+        previous = self._placed.pop(name, None)
+        if previous is not None:
+            self._agents[previous].units.discard(name)
+        job = self._jobs_by_name[name]
+        if machine_id in self._agents and job.desired_state != JOB_INACTIVE:
+            self._agents[machine_id].units.add(job)
+            self._placed[name] = machine_id
 
 
 def reconcile_schedule(
@@ -208,7 +307,7 @@ def machine_units(
     units: Sequence[SchedulableUnit], targets: Mapping[str, str | None], machine: Machine
 ) -> list[SchedulableUnit]:
     """The units the agent of `machine` should have loaded (fleet's `desiredAgentState`)."""
-    chosen: dict[str, SchedulableUnit] = {}
+    chosen = UnitSet()
     for unit in sorted(units, key=lambda unit: unit.name):
         if unit.is_global:
             if not has_metadata(machine, unit.requirements.metadata):
@@ -217,5 +316,5 @@ def machine_units(
             continue
         if has_conflict(chosen, unit.name, unit.requirements.conflicts):
             continue
-        chosen[unit.name] = unit
+        chosen.add(unit)
     return list(chosen.values())

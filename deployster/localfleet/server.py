@@ -93,6 +93,7 @@ class LocalFleet:
         self._token_limit = token_limit
         self._runner: web.AppRunner | None = None
         self._agent: Agent | None = None
+        self._store: RegistryStore | None = None
         self._bound_socket: pathlib.Path | None = None
         self.endpoint = ""
 
@@ -102,15 +103,19 @@ class LocalFleet:
             Machine(id=machine_id(hostname, index), primary_ip=PRIMARY_IP)
             for index in range(self._machine_count)
         ]
-        self._agent = Agent(
-            AgentContext(
-                hostname=hostname,
-                base_environment=dict(os.environ),
-                log_dir=self._state_dir / "logs" if self._state_dir else None,
+        self._store = RegistryStore(self._state_dir) if self._state_dir else None
+        try:
+            self._agent = Agent(
+                AgentContext(
+                    hostname=hostname,
+                    base_environment=dict(os.environ),
+                    log_dir=self._state_dir / "logs" if self._state_dir else None,
+                    runs=self._store,
+                )
             )
-        )
-        store = RegistryStore(self._state_dir) if self._state_dir else None
-        registry = Registry(machines, store, on_change=self._agent.apply)
+        except StateFileError as exc:
+            raise StartupError(str(exc)) from exc
+        registry = Registry(machines, self._store, on_change=self._agent.apply)
         self._runner = web.AppRunner(
             create_app(registry, self._agent, self._token_limit), access_log=None
         )
@@ -158,6 +163,9 @@ class LocalFleet:
             log.info("localfleet_stopping_units")
             await self._agent.shutdown()
             self._agent = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         log.info("localfleet_stopped")
 
     async def __aenter__(self) -> LocalFleet:

@@ -56,6 +56,7 @@ from .journal import UnitJournal
 from .unitfile import ExecCommand, ServiceSpec
 
 _POLL_INTERVAL = 0.05
+_ADOPTED_POLL_INTERVAL = 0.5
 _SCAN_MAX_AGE = 0.05
 # After SIGKILL nothing can delay an exit for long; bound the wait anyway.
 _KILL_GRACE = 5.0
@@ -117,6 +118,21 @@ def describe_exit(returncode: int) -> str:
     except ValueError:
         name = "?"
     return f"code=killed, status={number}/{name}"
+
+
+def process_start_time(pid: int) -> int | None:
+    """When a live (non-zombie) process started, in clock ticks since boot (`/proc/<pid>/stat`
+    field 22); None when there is no such process. With the pid it names one process for good:
+    a pid the kernel reuses comes with another start time."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
 
 
 def _scan_live_process_groups() -> set[int] | None:
@@ -185,6 +201,17 @@ def _signal_groups(groups: Sequence[int], signum: int) -> None:
             os.killpg(group, signum)
 
 
+async def stop_groups(groups: Sequence[int], timeout: float = 10.0) -> None:
+    """SIGTERM process groups no run owns any more, and SIGKILL what is left after ``timeout``."""
+    _signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_group_alive(group, _scan_live_process_groups()) for group in groups):
+        if time.monotonic() > deadline:
+            _signal_groups(groups, signal.SIGKILL)
+            return
+        await asyncio.sleep(_POLL_INTERVAL)
+
+
 def _resolve_executable(path: str, search_path: str | None) -> str:
     if "/" in path:
         return path
@@ -213,8 +240,17 @@ class ServiceRun:
         self._result = ServiceResult.SUCCESS
         self._groups: dict[int, float] = {}  # process group -> when it was started (monotonic)
         self._readers: list[asyncio.Task[None]] = []
-        self._main: asyncio.subprocess.Process | None = None
+        self._main_pid: int | None = None
         self._main_exit: asyncio.Task[None] | None = None
+
+    @property
+    def main_pid(self) -> int | None:
+        return self._main_pid
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        """The process groups this run started (the main process's among them)."""
+        return tuple(self._groups)
 
     async def execute(self, stop_requested: asyncio.Event) -> ServiceResult:
         """Start, run until the main process ends or `stop_requested` is set, stop, and return the result."""
@@ -228,6 +264,40 @@ class ServiceRun:
         if await self._start(environment, stop_requested):
             main_alive = await self._run_until_stop(stop_requested)
             await self._run_stop_commands(environment, main_alive)
+        return await self._stop_and_finish(environment)
+
+    async def adopt(
+        self, stop_requested: asyncio.Event, pid: int, start_time: int, groups: Sequence[int]
+    ) -> ServiceResult:
+        """Take over a main process that a previous localfleet started and that still runs,
+        as systemd keeps its units across a restart of its own: report it running, watch it,
+        and stop it as if this run had started it. Its exit code cannot be known (localfleet
+        is not its parent), and its output went to the previous localfleet's pipe."""
+        self._journal.note(f"Adopted main process {pid} after a localfleet restart.")
+        try:
+            environment = build_environment(self._spec, self._base_environment)
+        except EnvironmentFileError:
+            environment = dict(self._base_environment)
+        self._main_pid = pid
+        self._groups = dict.fromkeys(groups, -math.inf)
+        self._main_exit = asyncio.create_task(self._watch_adopted(pid, start_time, stop_requested))
+        self._on_state("active", "running")
+        main_alive = await self._run_until_stop(stop_requested)
+        await self._run_stop_commands(environment, main_alive)
+        return await self._stop_and_finish(environment)
+
+    async def _watch_adopted(
+        self, pid: int, start_time: int, stop_requested: asyncio.Event
+    ) -> None:
+        while True:
+            if process_start_time(pid) != start_time:
+                break
+            await asyncio.sleep(_ADOPTED_POLL_INTERVAL)
+        self._journal.note("Main process exited (status unknown: it was adopted).")
+        if not stop_requested.is_set():
+            self._fail(ServiceResult.EXIT_CODE)
+
+    async def _stop_and_finish(self, environment: dict[str, str]) -> ServiceResult:
         await self._terminate("stop-sigterm", "stop-sigkill")
         await self._run_stop_post(environment)
         await self._terminate("final-sigterm", "final-sigkill")
@@ -281,7 +351,7 @@ class ServiceRun:
             self._journal.note(str(exc))
             self._command_failed(self._spec.exec_start, ServiceResult.EXIT_CODE)
             return False
-        self._main = main
+        self._main_pid = main.pid
         self._main_exit = asyncio.create_task(self._watch_main(main))
         if self._spec.exec_start_post:
             self._on_state("activating", "start-post")
@@ -327,8 +397,8 @@ class ServiceRun:
         if not self._spec.exec_stop:
             return
         self._on_state("deactivating", "stop")
-        if main_alive and self._main is not None and self._main.returncode is None:
-            environment = {**environment, "MAINPID": str(self._main.pid)}
+        if main_alive and self._main_pid is not None:
+            environment = {**environment, "MAINPID": str(self._main_pid)}
         await self._within_stop_timeout(
             "stop", self._run_commands(self._spec.exec_stop, environment, "ExecStop")
         )

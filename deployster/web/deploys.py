@@ -31,7 +31,7 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
-from deployster.store import DeployRecord, DeployState, new_deploy_id
+from deployster.store import DeployState, DeploySummary, new_deploy_id
 from deployster.units import UnitValueError, validate_env
 from deployster.web.auth import USER
 from deployster.web.context import CLOSING, services
@@ -171,8 +171,8 @@ async def list_services(request: web.Request) -> web.Response:
     """Every service with a deploy record: its live release, its latest deploy, and the health
     of its announced instances as the probes see them now."""
     ctx = services(request)
-    by_service: dict[str, list[DeployRecord]] = {}
-    for record in await ctx.store.list_deploys():
+    by_service: dict[str, list[DeploySummary]] = {}
+    for record in await ctx.store.deploy_summaries():
         by_service.setdefault(record.service, []).append(record)
     listed = []
     for name, records in sorted(by_service.items()):

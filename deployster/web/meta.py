@@ -3,8 +3,9 @@ the probes of orchestrators and load balancers, which need no credentials (``aut
 
 - ``GET /healthz``, liveness: the process runs and answers; it touches nothing else, so a
   restart is never caused by etcd or fleet being down.
-- ``GET /readyz``, readiness: etcd and fleet both answer within ``READY_TIMEOUT`` seconds; else
-  503 in the error envelope with a sentence naming what is down. Callers get no addresses or
+- ``GET /readyz``, readiness: etcd and fleet both answer, and the deploy records can be read,
+  within ``READY_TIMEOUT`` seconds; else 503 in the error envelope with a sentence naming what
+  is down. Callers get no addresses or
   error details (the path is public); the log line has them.
 """
 
@@ -55,15 +56,15 @@ async def _down(name: str, check: Awaitable[object]) -> str | None:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     parts = services(request)
-    down = [
-        name
-        for name in await asyncio.gather(
-            _down("etcd", parts.store.ping()),
-            _down("fleet", parts.fleet.list_machines()),
-        )
-        if name
-    ]
+    etcd, records, fleet = await asyncio.gather(
+        _down("etcd", parts.store.ping()),
+        _down("records", parts.store.check_records()),
+        _down("fleet", parts.fleet.list_machines()),
+    )
+    down = [name for name in (etcd, fleet) if name]
     if down:
         verb = "is" if len(down) == 1 else "are"
         raise ApiError(503, f"Deployster is not ready: {' and '.join(down)} {verb} unreachable.")
+    if records:
+        raise ApiError(503, "Deployster is not ready: it cannot read its deploy records in etcd.")
     return web.json_response({"status": "ready", "etcd": "ok", "fleet": "ok"})

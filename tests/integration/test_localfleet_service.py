@@ -62,10 +62,7 @@ class Harness:
         return await self.finish()
 
     async def finish(self) -> ServiceResult:
-        try:
-            return await asyncio.wait_for(self.task, DEADLINE)
-        finally:
-            self.journal.close()
+        return await asyncio.wait_for(self.task, DEADLINE)
 
     def journal_text(self) -> str:
         return (self.tmp_path / "logs" / f"{UNIT}.log").read_text()

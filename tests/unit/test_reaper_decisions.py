@@ -4,7 +4,7 @@ from deployster.fleet import Machine, Unit, UnitState
 from deployster.naming import UnitName
 from deployster.store import DeployRecord, DeployState
 from deployster.units import Announcement
-from handlers.reaper import Announced, prunable, stale_reason
+from handlers.reaper import Announced, FleetView, prunable, stale_reason
 
 M1, M2 = "a" * 32, "b" * 32
 NAME = UnitName("web", "v1", "2026.01.01-00.00.00", 1)
@@ -21,44 +21,35 @@ def announced(machine: str = M1) -> Announced:
 
 
 def fleet(
-    machine_id: str = M1, active: str = "active"
-) -> tuple[dict[str, Unit], list[UnitState], list[Machine]]:
-    units = {
-        str(NAME): Unit(
-            name=str(NAME),
-            desired_state="launched",
-            current_state="launched",
-            machine_id=machine_id,
-        )
-    }
-    states = [
-        UnitState(name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running")
-    ]
-    return units, states, [Machine(id=M1), Machine(id=M2)]
+    machine_id: str = M1,
+    active: str = "active",
+    units: bool = True,
+    machines: tuple[str, ...] = (M1, M2),
+) -> FleetView:
+    unit = Unit(
+        name=str(NAME), desired_state="launched", current_state="launched", machine_id=machine_id
+    )
+    state = UnitState(
+        name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running"
+    )
+    return FleetView.of([unit] if units else [], [state], [Machine(id=m) for m in machines])
 
 
 def test_a_running_instance_is_not_stale() -> None:
-    assert stale_reason(announced(), *fleet()) is None
-    units, states, machines = fleet()
-    assert stale_reason(announced(machine=M1[:8]), units, states, machines) is None  # short id
+    assert stale_reason(announced(), fleet()) is None
+    assert stale_reason(announced(machine=M1[:8]), fleet()) is None  # short id
 
 
 def test_a_unit_gone_from_fleet() -> None:
-    _, states, machines = fleet()
-    assert stale_reason(announced(), {}, states, machines) == f"unit {NAME} is gone from fleet"
+    assert stale_reason(announced(), fleet(units=False)) == f"unit {NAME} is gone from fleet"
 
 
 def test_a_machine_that_left_the_cluster() -> None:
-    units, states, _ = fleet()
-    assert (
-        stale_reason(announced(), units, states, [Machine(id=M2)])
-        == f"machine {M1} left the cluster"
-    )
+    assert stale_reason(announced(), fleet(machines=(M2,))) == f"machine {M1} left the cluster"
 
 
 def test_a_unit_fleet_moved_elsewhere() -> None:
-    units, states, machines = fleet(machine_id=M2)
-    assert stale_reason(announced(machine=M1), units, states, machines) == (
+    assert stale_reason(announced(machine=M1), fleet(machine_id=M2)) == (
         f"fleet moved unit {NAME} to machine {M2}"
     )
 
@@ -66,10 +57,10 @@ def test_a_unit_fleet_moved_elsewhere() -> None:
 def test_a_failed_or_stopped_unit() -> None:
     for active in ("failed", "inactive"):
         assert (
-            stale_reason(announced(), *fleet(active=active))
+            stale_reason(announced(), fleet(active=active))
             == f"unit {NAME} is {active} on machine {M1}"
         )
-    assert stale_reason(announced(), *fleet(active="activating")) is None
+    assert stale_reason(announced(), fleet(active="activating")) is None
 
 
 def record(n: int, version: str, state: DeployState) -> DeployRecord:
