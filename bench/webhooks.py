@@ -2,7 +2,7 @@
 
 Starts a private etcd, localfleet (as a process, three machines) and Deployster on a loopback
 port with the webhooks on, gives N services an auto-deploy policy, then sends one registry
-notification (a tagged manifest push, the live-captured envelope of `reference/webhooks.md`
+notification (a tagged manifest push, the live-captured envelope of `docs/webhooks.md`
 §2.7) per service, one after another. For each it measures the time from sending the POST to
 its 202 answer, and to the ``UnitsSubmitted`` event of the deploy it started (fleet has
 created and launched every unit). The units run ``/bin/sleep`` (a unit template of the

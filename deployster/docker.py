@@ -5,7 +5,7 @@ both answer) over a unix socket (``unix:///var/run/docker.sock``, the default) o
 (``http://HOST:PORT``, ``tcp://HOST:PORT``). What the wire needs and this module handles:
 
 - **Pulls answer 200 even when they fail**: ``POST /images/create`` streams JSON progress
-  messages, and a failure is a message with ``error`` / ``errorDetail`` (`reference/
+  messages, and a failure is a message with ``error`` / ``errorDetail`` (`docs/
   containers.md` §6.4). :class:`PullStream` reads the stream and raises :class:`PullError`.
 - **Output is framed** when the container has no TTY: each frame is an 8-byte header (the
   stream, 1 = stdout and 2 = stderr, three zero bytes, the payload size as a big-endian

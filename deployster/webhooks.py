@@ -1,6 +1,6 @@
 """Push webhooks: the wire formats of Docker Hub, registry notifications, Harbor and GHCR.
 
-The one place that knows what each provider sends (`reference/webhooks.md`) and how each
+The one place that knows what each provider sends (`docs/webhooks.md`) and how each
 proves who it is. Every check of a secret runs in constant time, before the body is read
 (GHCR: its signature's form before, the signature itself once the body is read, before parsing),
 and never puts the secret or what was given in a message. Each delivery becomes a

@@ -1,7 +1,7 @@
 """One-off tasks (migrations) from a service's image, through the Docker Engine API.
 
 A task is a plain container on the Docker engine at ``--docker-endpoint``, never a fleet unit
-(as in the original, `reference/original-deployster.md` §6, minus the weaknesses of §11):
+(as in the original, `docs/compatibility.md` §6, minus the weaknesses of §11):
 
 1. **Record** the task in etcd (``pending``). With the service's policy
    ``exclusive_tasks``, first take the service's task lock (an etcd key on a kept-alive

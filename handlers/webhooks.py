@@ -485,7 +485,7 @@ class WebhookHandler:
     # -- reporting ---------------------------------------------------------------------
 
     def _callback(self, push: ImagePushed, state: str, description: str) -> None:
-        """Docker Hub's callback (`reference/webhooks.md` §1.2), sent beside the worker."""
+        """Docker Hub's callback (`docs/webhooks.md` §1.2), sent beside the worker."""
         if not push.callback_url:
             return
         task = asyncio.create_task(self._send_callback(push.callback_url, state, description))

@@ -2,7 +2,7 @@
 
 - ``dockerhub_push.json``: Docker Hub's push payload from its webhooks documentation.
 - ``registry_push.json``: a manifest push notification of the Debian docker-registry 2.8.2,
-  as captured live (`reference/webhooks.md` §2.7).
+  as captured live (`docs/webhooks.md` §2.7).
 - ``harbor_push_artifact.json``: Harbor's ``PUSH_ARTIFACT`` in its default format, from
   Harbor's webhook documentation.
 - ``ghcr_package_published.json``: octokit/webhooks' Docker example of a ``package``

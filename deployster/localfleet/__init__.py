@@ -1,7 +1,7 @@
 """localfleet: a single-machine fleet, fleet's v1 HTTP API over an agent that runs units here.
 
 Real fleet needs systemd and etcd on every host. localfleet serves the same
-API (paths, JSON, status codes, pagination; `reference/fleet-api.md`)
+API (paths, JSON, status codes, pagination; `docs/fleet.md`)
 and runs each launched unit on this machine with systemd's semantics, so that
 Deployster's fleet client is exercised against fleet's contract, by
 `deployster up` and by the integration tests. It can present several machines

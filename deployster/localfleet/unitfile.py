@@ -299,8 +299,9 @@ class _SpecBuilder:
         self._exec: dict[str, list[ExecCommand]] = {name: [] for name in _EXEC_LISTS}
         self._environment: dict[str, str] = {}
         self._environment_files: list[EnvironmentFileRef] = []
-        self._timeout_start = DEFAULT_TIMEOUT_START
-        self._timeout_stop = DEFAULT_TIMEOUT_STOP
+        # None: no limit (a timeout of 0 or infinity).
+        self._timeout_start: float | None = DEFAULT_TIMEOUT_START
+        self._timeout_stop: float | None = DEFAULT_TIMEOUT_STOP
         self._success_exit_codes: set[int] = set()
         self._success_signals: set[int] = set()
         self._warnings: list[str] = []

@@ -79,10 +79,10 @@ def unit_json(
     """A unit as fleet shows it; `None` (like an empty string) leaves the state or the machine out."""
     unit = Unit(
         name=name,
-        options=options,
+        options=tuple(options),
         desired_state=desired_state,
-        current_state=current_state,
-        machine_id=machine_id,
+        current_state=current_state or "",
+        machine_id=machine_id or "",
     )
     return unit.to_wire()
 

@@ -2,7 +2,7 @@
 
 One protocol (`Router`), two implementations chosen by the ``--router vulcand|traefik``
 setting (``deployster.server.router_for`` picks one). Both write the router's own etcd layout
-(`reference/routers.md` Part 1 for vulcand, Part 2 for Traefik) and nothing else of
+(`docs/routers.md` §1 for vulcand, Part 2 for Traefik) and nothing else of
 Deployster's reaches around them. The deploy logic relies on three promises:
 
 * ``ensure_service`` and ``register`` are idempotent, so a restart can redo them;

@@ -1,7 +1,7 @@
 """What every router adapter shares: the ``Router`` protocol, its errors and input checks.
 
 A router adapter is the one place that knows a router's etcd layout
-(`reference/routers.md`). Deployster calls it with its own names: the service name and the
+(`docs/routers.md`). Deployster calls it with its own names: the service name and the
 instance id in container form (``hello-v1-2026.11.26-12.00.00-1``, no ``:`` or ``@``). Each
 adapter turns those into the router's ids and keys and checks them here first, so that a
 name the router would mis-parse never reaches etcd.

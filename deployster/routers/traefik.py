@@ -1,6 +1,6 @@
 """Traefik (v3) driven through its etcd KV provider, confirmed through its API.
 
-Layout (`reference/routers.md` §2.3), values plain strings, ``<root>`` Traefik's
+Layout (`docs/routers.md` §2.3), values plain strings, ``<root>`` Traefik's
 ``providers.etcd.rootKey`` (default ``traefik``)::
 
     <root>/http/routers/<service>/rule                              Host(`<service>.localhost`)
@@ -379,7 +379,7 @@ def traefik_command(
     log_level: str = "ERROR",
 ) -> list[str]:
     """Traefik reading ``root_key`` of Deployster's etcd: the web entry point serves the
-    services, the ``traefik`` entry point the API that confirms changes (routers.md §2.1, §2.6).
+    services, the ``traefik`` entry point the API that confirms changes (`docs/routers.md` §2.1, §2.6).
     Traefik's default throttle is 2 s; a short one makes a switch apply in a fraction of that."""
     endpoint = Endpoint.parse(etcd_endpoint)
     return [

@@ -1,6 +1,6 @@
 """vulcand (v0.8 and later) driven through its etcd v3 keys.
 
-Layout (`reference/routers.md` §1.2), with ``<prefix>`` the exact string vulcand gets as
+Layout (`docs/routers.md` §1.2), with ``<prefix>`` the exact string vulcand gets as
 ``-etcdKey`` (default ``vulcand``, no leading slash on etcd v3: §1.3)::
 
     <prefix>/backends/<service>~be/backend            {"Type":"http","Settings":{}}

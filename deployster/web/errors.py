@@ -1,7 +1,7 @@
 """One JSON error envelope for every error the API answers: ``{"error", "description"}``.
 
 ``error`` is a short machine-readable code, ``description`` a sentence that says what to do.
-The original's envelope had the same two keys (`reference/original-deployster.md` §2.1).
+The original's envelope had the same two keys (`docs/compatibility.md` §2.1).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from deployster import __version__, naming, webhooks
 from deployster.notify import DeliveryOutcome
-from deployster.store import DeployRecord, Progress, TaskRecord
+from deployster.store import DeployFields, Progress, TaskRecord
 from deployster.web.deploys import DeployEnvelope
 from deployster.web.inputs import RECORD_ID
 from deployster.web.limits import MAX_EVENT_ID
@@ -31,7 +31,7 @@ class Error(BaseModel):
     description: str  # a sentence that says what to do
 
 
-class Deploy(DeployRecord):
+class Deploy(DeployFields):
     env: list[str]  # the names only: values are never shown
 
 

@@ -1,7 +1,7 @@
 """The e2e tier's real parts: podman's Docker-compatible API service on a socket of this run,
 a tiny busybox image built here, and a local registry (Debian's docker-registry) to pull from.
 
-Everything follows `reference/containers.md`. The podman storage is shared by every test run
+Everything follows `docs/containers.md`. The podman storage is shared by every test run
 on the machine: every name made here carries the run's token, and only those are removed.
 A missing program fails the run (``pytest.fail``), never skips it: scripts/e2e-prereqs
 installs them.

@@ -1,11 +1,11 @@
 """The Debian ``docker-registry`` of the e2e tier, and images pushed to it with skopeo: from
 an OCI layout made with umoci (no container engine), or from podman's storage
-(`reference/containers.md` §9).
+(`docs/containers.md` §9).
 
 :func:`start_registry` configures it in a directory of the test's own, on a loopback port,
 optionally notifying one endpoint with a Bearer secret. Its log level is ``warn``: at ``info``
 the registry prints the endpoint's headers, the secret included, in clear text
-(`reference/webhooks.md` §2.1).
+(`docs/webhooks.md` §2.1).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """One-off tasks end to end: Deployster against podman's Docker Engine API, images pulled from
-a local registry, real etcd for the records (reference/containers.md, original-deployster.md
+a local registry, real etcd for the records (docs/containers.md, docs/compatibility.md
 §2.5 and §6)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LeaseKeeper / keep_lease_alive (reference/etcd.md §3.2) against real etcd."""
+"""LeaseKeeper / keep_lease_alive (docs/etcd.md §3.2) against real etcd."""
 
 from __future__ import annotations
 

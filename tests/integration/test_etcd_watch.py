@@ -1,4 +1,4 @@
-"""The resumable prefix watch (reference/etcd.md §3.1) against a private etcd we can restart."""
+"""The resumable prefix watch (docs/etcd.md §3.1) against a private etcd we can restart."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ async def test_catch_up_killed_midway_resumes_from_event_revision(
     private_etcd: EtcdServer, etcd: aetcd.Client, tmp_path: Path, log_lines: list[dict[str, object]]
 ) -> None:
     """1500 events of catch-up: etcd stamps each batch with the *current* revision, so a
-    resume from the header revision would skip most of them (reference/etcd.md §3.1)."""
+    resume from the header revision would skip most of them (docs/etcd.md §3.1)."""
     count = 1500
     value = b"v" * 1024  # big enough that the catch-up comes in several responses
     first = None

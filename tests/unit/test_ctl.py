@@ -2,7 +2,7 @@
 
 The HTTP tests call ``main()`` as the console script does, against a real aiohttp server on
 127.0.0.1 whose answers follow the original server's wire contract
-(``reference/original-deployster.md`` §2, §9). ``main()`` runs its own event loop with
+(``docs/compatibility.md`` §2, §9). ``main()`` runs its own event loop with
 ``asyncio.run``, so the server lives on a second loop in a background thread.
 """
 

@@ -1,4 +1,4 @@
-"""The Docker Engine API's wire formats: output frames and pull streams (reference/containers.md
+"""The Docker Engine API's wire formats: output frames and pull streams (docs/containers.md
 §6.2, §6.4), split at every possible chunk border."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The original's instance-count rule and its two 400s (original-deployster.md §2.2)."""
+"""The original's instance-count rule and its two 400s (docs/compatibility.md §2.2)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Router ids, keys and values: the rules from `reference/routers.md` that need no etcd."""
+"""Router ids, keys and values: the rules from `docs/routers.md` that need no etcd."""
 
 from __future__ import annotations
 
