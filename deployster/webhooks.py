@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-from deployster.web.limits import JsonRefused, load_json
+from deployster.safejson import JsonRefused, load_json
 
 SOURCES = ("dockerhub", "registry", "harbor", "ghcr")
 

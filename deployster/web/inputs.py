@@ -10,9 +10,10 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from deployster import naming
+from deployster.safejson import JsonRefused, load_json
 from deployster.units import UnitValueError, unit_value, validate_env
 from deployster.web.errors import ApiError, validation_sentence
-from deployster.web.limits import JsonRefused, load_json, read_body
+from deployster.web.limits import read_body
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")

@@ -12,11 +12,8 @@ that is not valid, nested too deep, has a key twice or a NaN/Infinity, 417 for a
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import accumulate
 from typing import Any
 
 from aiohttp import HttpVersion11, web
@@ -26,7 +23,6 @@ from deployster.web.errors import TOO_LARGE, ApiError, error_response
 
 MAX_BODY = 1024 * 1024  # bytes of a request body (aiohttp's client_max_size as well)
 BODY_TIMEOUT = 10.0  # seconds to receive a whole request body (setting --body-timeout)
-MAX_JSON_DEPTH = 32  # nesting of arrays and objects; Deployster's own bodies need 4
 MAX_ENV_VARS = 256  # environment variables of a deploy or a task
 MAX_ENV_BYTES = 64 * 1024  # their names and values together, UTF-8
 MAX_COMMAND_ARGS = 512  # arguments of a task's command
@@ -48,15 +44,6 @@ HANDLER_ARGS: dict[str, Any] = {
 }
 
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
-
-# Nesting is measured on the brackets outside JSON strings (escapes included), in C loops.
-_JSON_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
-
-
-class JsonRefused(ValueError):
-    """The body is not JSON Deployster takes; the message is a sentence for the caller."""
 
 
 async def defer_continue(request: web.Request) -> web.Response | None:
@@ -93,40 +80,6 @@ async def read_body(request: web.Request) -> bytes:
         raise ApiError(400, f"The request body is not valid HTTP: {exc.message}.") from None
     except ConnectionError:  # the client went away mid-body: nobody to answer, nothing to log
         raise ApiError(400, "The connection closed before the body ended.", close=True) from None
-
-
-def load_json(raw: bytes) -> Any:
-    """``raw`` as JSON, refused (JsonRefused) when not UTF-8 or not valid, nested deeper than
-    MAX_JSON_DEPTH, holding a key twice in one object, or NaN/Infinity.
-
-    UTF-8 only (as RFC 8259 asks of JSON between systems): in UTF-16 a quote or bracket byte
-    can be half of another character, which would hide nesting from the scan."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise JsonRefused(f"The body is not UTF-8: {exc.reason} at byte {exc.start}.") from None
-    brackets = _JSON_STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    if brackets and max(accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > MAX_JSON_DEPTH:
-        raise JsonRefused(f"The JSON is nested deeper than {MAX_JSON_DEPTH} arrays or objects.")
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except JsonRefused:
-        raise
-    except ValueError as exc:
-        raise JsonRefused(f"The body is not valid JSON: {exc}.") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-        raise JsonRefused(f"The JSON has the key {twice[:100]!r} twice in one object.")
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise JsonRefused(f"The JSON holds {name}, which is not a number JSON allows.")
 
 
 def bounded_env(env: dict[str, str]) -> dict[str, str]:

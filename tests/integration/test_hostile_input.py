@@ -24,9 +24,10 @@ from integration.conftest import Api, basic_auth, running_api
 from webhook_samples import REGISTRY_V1, registry, registry_event
 from yarl import URL
 
+from deployster.safejson import MAX_JSON_DEPTH
 from deployster.web.app import ApiRunner, create_app
 from deployster.web.context import SERVICES
-from deployster.web.limits import MAX_JSON_DEPTH, MAX_UNVERIFIED
+from deployster.web.limits import MAX_UNVERIFIED
 
 SECRET = f"hook-{secrets.token_hex(8)}"
 BODY_TIMEOUT = 1.0

@@ -10,16 +10,14 @@ import pytest
 from pydantic import ValidationError
 
 from deployster.policy import HealthPolicy, ServicePolicy
+from deployster.safejson import MAX_JSON_DEPTH, JsonRefused, load_json
 from deployster.web.errors import ApiError
 from deployster.web.limits import (
     MAX_COMMAND_ARGS,
     MAX_ENV_VARS,
-    MAX_JSON_DEPTH,
     InFlight,
-    JsonRefused,
     bounded_command,
     bounded_env,
-    load_json,
 )
 
 
