@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 
 SERVICE = "benchc"
 PASSWORD = "bench"

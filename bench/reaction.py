@@ -26,7 +26,7 @@ from aiohttp import web
 
 from deployster import etcd as etcd_adapter
 from deployster.bus import EventBus
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port
 from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.routers import VulcandRouter

@@ -46,9 +46,9 @@ import structlog
 from aiohttp import web
 
 from deployster.config import Settings
-from deployster.etcd import EtcdServer, free_port
 from deployster.etcd import client as etcd_client
 from deployster.fleet import UnitOption
+from deployster.launchers import EtcdServer, free_port
 from deployster.localfleet.server import machine_id
 from deployster.localfleet.store import RegistryStore, StoredUnit
 from deployster.naming import UnitName

@@ -31,9 +31,9 @@ import structlog
 from aiohttp import web
 
 from deployster.config import Settings
-from deployster.etcd import EtcdServer, free_port
 from deployster.events import UnitsSubmitted
 from deployster.fleet import FleetError
+from deployster.launchers import EtcdServer, free_port
 from deployster.policy import AutoDeployPolicy, ServicePolicy
 from deployster.server import Deployster
 

@@ -27,10 +27,9 @@ import structlog
 from aiohttp import web
 
 from deployster.config import Settings
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port, traefik_command
 from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
-from deployster.routers.traefik import traefik_command
 from deployster.server import Deployster
 from deployster.store import DeployRecord
 from handlers.deploys import DeployConfig

@@ -38,11 +38,12 @@ import aetcd
 import aiohttp
 
 from deployster.config import generate_password
-from deployster.etcd import EtcdError, EtcdServer, etcd_binary, free_port
+from deployster.etcd import EtcdError
 from deployster.etcd import client as etcd_client
+from deployster.launchers import EtcdServer, etcd_binary, free_port, traefik_command
 from deployster.processes import Part, Supervisor
 from deployster.routers import RouterError
-from deployster.routers.traefik import TraefikRouter, traefik_command
+from deployster.routers.traefik import TraefikRouter
 
 # up's flags that become the server's environment: secrets stay off command lines.
 SECRET_FLAGS = (

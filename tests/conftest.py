@@ -13,7 +13,7 @@ import structlog
 from helpers import KNOWN_SECRETS, LogTail, leaked_secrets
 
 from deployster import etcd, logs
-from deployster.etcd import EtcdServer
+from deployster.launchers import EtcdServer
 
 # Where every server of this run logs: the session's temporary directory (set by server_log).
 _log_root: list[Path] = []

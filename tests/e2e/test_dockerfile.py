@@ -28,7 +28,7 @@ import pytest
 from helpers import known_secret, wait_http
 
 from deployster import __version__
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port
 
 pytestmark = pytest.mark.timeout(900)
 

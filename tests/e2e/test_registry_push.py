@@ -12,7 +12,7 @@ from e2e.registry import build_image, push, require_tools, start_registry
 from helpers import eventually, known_secret
 from integration.conftest import FAST_POLICY, Api, localfleet, running_api  # noqa: F401  (localfleet: a fixture)
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 from deployster.naming import UnitName
 from deployster.store import DeployRecord
 

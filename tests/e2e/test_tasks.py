@@ -18,7 +18,7 @@ from e2e.conftest import PASSWORD, Images, TasksApi, settings_for, tasks_api_for
 from e2e.podman import Podman
 from helpers import Receiver, eventually, wait_http
 
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port
 from deployster.policy import ServicePolicy
 from deployster.store import TaskRecord, TaskState
 

@@ -25,7 +25,7 @@ from e2e.conftest import Images
 from e2e.podman import Podman, podman_docker_cli
 from helpers import eventually
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 
 BIN = Path(sys.executable).parent
 PASSWORD = "e2e-up-secret"

@@ -18,8 +18,7 @@ from helpers import wait_http
 from integration.conftest import FAST_POLICY, Api, running_api
 from integration.traefik import THROTTLE, Traefik
 
-from deployster.etcd import EtcdServer, free_port
-from deployster.routers.traefik import traefik_command
+from deployster.launchers import EtcdServer, free_port, traefik_command
 
 
 @dataclass

@@ -31,7 +31,7 @@ from integration.test_webhooks import (
     webhook_deploys,
 )
 
-from deployster.etcd import EtcdServer
+from deployster.launchers import EtcdServer
 from handlers.deploys import LOCK_TTL, RESYNC
 
 ENDED = ("succeeded", "failed", "rolled_back")

@@ -18,8 +18,8 @@ from helpers import PASSWORD, eventually, wait_http
 from integration.traefik import Traefik, traefik  # noqa: F401  (a fixture for every integration test)
 
 from deployster.config import Settings
-from deployster.etcd import free_port
 from deployster.fleet import FleetClient, FleetError
+from deployster.launchers import free_port
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
 from handlers.deploys import DeployConfig, service_units

@@ -11,7 +11,7 @@ from helpers import ENV_SECRET, eventually
 from integration.conftest import FAST_POLICY, PASSWORD, Api, basic_auth
 
 from deployster.config import Settings
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
 from deployster.store import DeployRecord, DeployState

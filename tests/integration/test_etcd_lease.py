@@ -11,13 +11,8 @@ from pathlib import Path
 import aetcd
 import pytest
 
-from deployster.etcd import (
-    EtcdServer,
-    LeaseExpiredError,
-    LeaseKeeper,
-    client,
-    keep_lease_alive,
-)
+from deployster.etcd import LeaseExpiredError, LeaseKeeper, client, keep_lease_alive
+from deployster.launchers import EtcdServer
 from tests.helpers import eventually
 
 

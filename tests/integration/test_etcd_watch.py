@@ -10,7 +10,8 @@ from pathlib import Path
 import aetcd
 import pytest
 
-from deployster.etcd import EtcdServer, WatchEvent, client, watch_prefix
+from deployster.etcd import WatchEvent, client, watch_prefix
+from deployster.launchers import EtcdServer
 from tests.helpers import eventually
 
 PREFIX = "/w/"

@@ -12,11 +12,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from deployster.etcd import free_port
 from deployster.health import (
     ProbeResult,
     probe,
 )
+from deployster.launchers import free_port
 from deployster.policy import HealthPolicy
 from tests.helpers import eventually
 

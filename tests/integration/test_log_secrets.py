@@ -24,7 +24,7 @@ from helpers import (
 )
 from integration.conftest import FAST_POLICY, Api, running_api
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 from deployster.logs import AccessLogger
 from deployster.store import DeployRecord
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import Received, Receiver, eventually, known_secret
 from integration.conftest import FAST_POLICY, Api, running_api
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 from deployster.notify import NotifyTarget
 
 SECRET = known_secret("notify-integration-secret")

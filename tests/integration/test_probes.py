@@ -9,7 +9,7 @@ import pytest
 from helpers import eventually
 from integration.conftest import Api, running_api
 
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port
 from deployster.web import meta
 
 

@@ -19,7 +19,7 @@ import pytest
 from helpers import eventually, process_running
 from integration.conftest import PASSWORD, basic_auth, running_api
 
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port
 from deployster.naming import UnitName
 
 # The deploy stays in the ``waiting`` step for min_healthy_time: long enough to kill the

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import LoggedProcess
 
-from deployster.etcd import EtcdServer, free_port
+from deployster.launchers import EtcdServer, free_port
 
 
 @pytest.fixture

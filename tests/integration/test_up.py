@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -432,12 +432,19 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
             os.kill(old, signal.SIGKILL)
             eventually(lambda: binds(squatter, api_port), 0.5, "the server's port frees")
             squatter.listen()
-            for delay in ("1.0", "2.0", "4.0"):
-                output.wait_for(
-                    rf"^deployster up: server \(pid \d+\) exited with code 2 after [\d.]+ s; "
-                    rf"restarting it in {delay} s; see {re.escape(str(state / 'logs'))}/server\.log$",
-                    after=mark,
-                )
+            exits = (
+                rf"^deployster up: server \(pid \d+\) exited with code 2 after [\d.]+ s; "
+                rf"restarting it in ([\d.]+) s; see {re.escape(str(state / 'logs'))}/server\.log$"
+            )
+
+            def delays() -> list[float]:
+                found = (re.search(exits, line) for line in output.lines[mark:])
+                return [float(m.group(1)) for m in found if m]
+
+            eventually(lambda: len(delays()) >= 3, 40, "three failed starts of the server")
+            # Doubling from where the kill found it (1 s, or more if it had just restarted).
+            first, second, third = delays()[:3]
+            assert (second, third) == (first * 2, first * 4), delays()
         eventually(lambda: api_answers(api_port), 30, "the API answers once its port is free")
         assert load.failed(since)[0] == 0
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import wait_http
 
-from deployster.etcd import EtcdServer, free_port
-from deployster.routers.traefik import traefik_command
+from deployster.launchers import EtcdServer, free_port, traefik_command
 
 # Traefik's default is 2 s (`routers.md` §2.1); a short throttle keeps the tests fast.
 THROTTLE = "100ms"

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import ValidationError
 
-from deployster.etcd import free_port
+from deployster.launchers import free_port
 from deployster.testing import workload
 from deployster.testing.workload import (
     AnnounceError,
