@@ -8,17 +8,15 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import wait_http
-from integration.conftest import FAST_POLICY, Api, running_api
-from integration.traefik import THROTTLE, Traefik
+from integration.conftest import FAST_POLICY, Api, localfleet_child, running_api
+from integration.traefik import Traefik, traefik_child
 
-from deployster.launchers import EtcdServer, free_port, traefik_command
+from deployster.launchers import EtcdServer
 
 
 @dataclass
@@ -47,63 +45,15 @@ def fault_etcd(private_etcd: EtcdServer) -> Paused:
 @pytest.fixture
 def fault_fleet(tmp_path: Path) -> Iterator[tuple[str, Paused]]:
     """localfleet with two machines, of this test alone."""
-    port = free_port()
-    log = tmp_path / "localfleet.log"
-    with open(log, "wb") as out:
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "deployster",
-                "localfleet",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--machines",
-                "2",
-                "--state-dir",
-                str(tmp_path / "localfleet"),
-            ],
-            stdout=out,
-            stderr=out,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{endpoint}/fleet/v1/machines", child, log)
+    with localfleet_child(tmp_path, machines=2) as (endpoint, child):
         yield endpoint, Paused(child)
-    finally:
-        os.kill(child.pid, signal.SIGCONT)
-        child.terminate()
-        child.wait(60)
 
 
 @pytest.fixture
 def fault_traefik(private_etcd: EtcdServer, tmp_path: Path) -> Iterator[Traefik]:
     """Traefik watching the test's own etcd."""
-    web_port, api_port = free_port(), free_port()
-    log = tmp_path / "traefik.log"
-    with open(log, "wb") as out:
-        child = subprocess.Popen(
-            traefik_command(
-                private_etcd.endpoint,
-                "traefik",
-                f"127.0.0.1:{web_port}",
-                f"127.0.0.1:{api_port}",
-                throttle=THROTTLE,
-            ),
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        api_url = f"http://127.0.0.1:{api_port}"
-        wait_http(f"{api_url}/api/version", child, log)
-        yield Traefik(f"http://127.0.0.1:{web_port}", api_url, "traefik", log)
-    finally:
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    with traefik_child(private_etcd.endpoint, "traefik", tmp_path / "traefik.log") as (found, _):
+        yield found
 
 
 @pytest.fixture

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -39,8 +41,11 @@ def basic_auth(user: str, password: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def localfleet_process(state: pathlib.Path, machines: int = 3) -> Iterator[str]:
-    """localfleet as a real process on a loopback port; yields its endpoint."""
+def localfleet_child(
+    state: pathlib.Path, machines: int = 3
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """localfleet as a real process on a loopback port: its endpoint and the process (which a
+    fault test may pause)."""
     port = free_port()
     log = state / "localfleet.log"
     with open(log, "wb") as out:
@@ -63,10 +68,18 @@ def localfleet_process(state: pathlib.Path, machines: int = 3) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{endpoint}/fleet/v1/machines", child, log)
-        yield endpoint
+        yield endpoint, child
     finally:
+        os.kill(child.pid, signal.SIGCONT)  # a paused one must be able to stop
         child.terminate()
         child.wait(60)
+
+
+@contextlib.contextmanager
+def localfleet_process(state: pathlib.Path, machines: int = 3) -> Iterator[str]:
+    """localfleet as a real process on a loopback port; yields its endpoint."""
+    with localfleet_child(state, machines) as (endpoint, _):
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

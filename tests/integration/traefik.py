@@ -7,6 +7,7 @@ not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -30,16 +31,16 @@ class Traefik:
     log: Path
 
 
-@pytest.fixture(scope="session")
-def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traefik]:
-    """Traefik on free loopback ports, reading a root key of this test session's own."""
-    root_key = f"traefik-test-{secrets.token_hex(4)}"
+@contextlib.contextmanager
+def traefik_child(
+    etcd_endpoint: str, root_key: str, log: Path
+) -> Iterator[tuple[Traefik, subprocess.Popen[bytes]]]:
+    """Traefik on free loopback ports reading ``root_key``: its addresses and the process."""
     web_port, api_port = free_port(), free_port()
-    log = tmp_path_factory.mktemp("traefik") / "traefik.log"
     with open(log, "wb") as out:
         child = subprocess.Popen(
             traefik_command(
-                etcd_server.endpoint,
+                etcd_endpoint,
                 root_key,
                 f"127.0.0.1:{web_port}",
                 f"127.0.0.1:{api_port}",
@@ -51,7 +52,7 @@ def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -
     try:
         api_url = f"http://127.0.0.1:{api_port}"
         wait_http(f"{api_url}/api/version", child, log)
-        yield Traefik(f"http://127.0.0.1:{web_port}", api_url, root_key, log)
+        yield Traefik(f"http://127.0.0.1:{web_port}", api_url, root_key, log), child
     finally:
         child.terminate()
         try:
@@ -59,3 +60,12 @@ def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+@pytest.fixture(scope="session")
+def traefik(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traefik]:
+    """Traefik on free loopback ports, reading a root key of this test session's own."""
+    root_key = f"traefik-test-{secrets.token_hex(4)}"
+    log = tmp_path_factory.mktemp("traefik") / "traefik.log"
+    with traefik_child(etcd_server.endpoint, root_key, log) as (found, _):
+        yield found
