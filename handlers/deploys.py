@@ -185,16 +185,6 @@ def plan(
     return count, destroy_previous
 
 
-def rollback_target(records: list[DeployRecord]) -> DeployRecord | None:
-    """The release to roll back to: the last successful deploy before the live one (the
-    newest successful deploy) whose version differs from it. ``records`` are oldest first."""
-    succeeded = [r for r in records if r.state is DeployState.SUCCEEDED]
-    if not succeeded:
-        return None
-    live = succeeded[-1]
-    return next((r for r in reversed(succeeded[:-1]) if r.version != live.version), None)
-
-
 @dataclass(eq=False)
 class _Worker:
     """One service's worker: a task that runs passes, the event that wakes it, and the

@@ -34,11 +34,11 @@ from deployster.errors import is_temporary
 from deployster.events import DeployFailed, DeploySucceeded
 from deployster.fleet import FleetClient, Machine, Unit, UnitState
 from deployster.naming import UnitName
+from deployster.releases import live_release, rollback_target
 from deployster.routers import Router
-from deployster.store import DeployRecord, DeployState, Store
+from deployster.store import DeployRecord, Store
 from deployster.supervise import start_supervised
 from deployster.units import Announcement, parse_announce_key
-from handlers.deploys import rollback_target
 
 log = structlog.get_logger(__name__)
 
@@ -96,13 +96,9 @@ def stale_reason(found: Announced, fleet: FleetView) -> str | None:
 def prunable(records: list[DeployRecord], keep: int) -> list[DeployRecord]:
     """The records of one service to delete: finished ones beyond the ``keep`` newest, never
     the live release or the rollback target. ``records`` are oldest first."""
-    spared = {r.id for r in (_live(records), rollback_target(records)) if r is not None}
+    spared = {r.id for r in (live_release(records), rollback_target(records)) if r is not None}
     finished = [r for r in records if r.state.finished]
     return [r for r in finished[: max(0, len(finished) - keep)] if r.id not in spared]
-
-
-def _live(records: list[DeployRecord]) -> DeployRecord | None:
-    return next((r for r in reversed(records) if r.state is DeployState.SUCCEEDED), None)
 
 
 class Reaper:

@@ -56,6 +56,7 @@ from deployster.events import (
     UnitsSubmitted,
 )
 from deployster.metrics import Metrics
+from deployster.releases import live_release
 from deployster.store import DeployState, Store, new_deploy_id
 from deployster.supervise import start_supervised
 from deployster.tagpolicy import parse_version
@@ -301,7 +302,7 @@ class WebhookHandler:
 
     async def _live_version(self, service: str) -> str | None:
         records = await self.store.list_deploys(service)
-        live = next((r for r in reversed(records) if r.state is DeployState.SUCCEEDED), None)
+        live = live_release(records)
         return live.version if live else None
 
     def _lane(self, service: str) -> _Lane:

@@ -31,14 +31,15 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
-from deployster.store import DeployState, DeploySummary, new_deploy_id
+from deployster.releases import live_release, rollback_target
+from deployster.store import DeploySummary, new_deploy_id
 from deployster.units import UnitValueError, validate_env
 from deployster.web.auth import USER
 from deployster.web.context import CLOSING, services
 from deployster.web.errors import ApiError
 from deployster.web.inputs import checked, read_json, record_id, service_name, unit_fields
 from deployster.web.limits import MAX_EVENT_ID, bounded_env
-from handlers.deploys import rollback_target, service_units
+from handlers.deploys import service_units
 
 routes = web.RouteTableDef()
 
@@ -114,7 +115,8 @@ async def rollback(request: web.Request) -> web.Response:
         raise ApiError(
             409, f"Service {service!r} has no earlier successful release to roll back to."
         )
-    live = next(r for r in reversed(records) if r.state is DeployState.SUCCEEDED)
+    live = live_release(records)
+    assert live is not None  # a rollback target implies a live release
     try:  # a record kept from before the units' rule
         validate_env(target.env)
     except UnitValueError as exc:
@@ -176,7 +178,7 @@ async def list_services(request: web.Request) -> web.Response:
         by_service.setdefault(record.service, []).append(record)
     listed = []
     for name, records in sorted(by_service.items()):
-        live = next((r for r in reversed(records) if r.state is DeployState.SUCCEEDED), None)
+        live = live_release(records)
         latest = records[-1]
         listed.append(
             {

@@ -1,5 +1,7 @@
+"""Release rules: the live release and the rollback target."""
+
+from deployster.releases import live_release, rollback_target
 from deployster.store import DeployRecord, DeployState
-from handlers.deploys import rollback_target
 
 
 def record(n: int, version: str, state: DeployState) -> DeployRecord:
@@ -34,3 +36,15 @@ def test_nothing_to_roll_back_to() -> None:
         )
         is None
     )
+
+
+def test_the_live_release_is_the_newest_success() -> None:
+    records = [
+        record(1, "v1", DeployState.SUCCEEDED),
+        record(2, "v2", DeployState.SUCCEEDED),
+        record(3, "v3", DeployState.ROLLED_BACK),
+        record(4, "v4", DeployState.RUNNING),
+    ]
+    live = live_release(records)
+    assert live is not None and live.id == "d2"
+    assert live_release([record(1, "v1", DeployState.FAILED)]) is None
