@@ -302,7 +302,9 @@ class Store:
         return f"{self.prefix}/deploys/{service}/{deploy_id}".encode()
 
     async def save_deploy(self, record: DeployRecord) -> DeployRecord:
-        record = record.model_copy(update={"updated_at": _now()})
+        """Stamp ``record`` (updated, and finished when it just ended) and write it; returns
+        it. Like ``TaskStore.save``, the caller's record is the one saved, not a copy."""
+        record.updated_at = _now()
         if record.state.finished and record.finished_at is None:
             record.finished_at = record.updated_at
         with _etcd_errors():
