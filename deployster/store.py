@@ -227,7 +227,7 @@ class LeaseLocks:
         return None if kv is None else LockHolder.model_validate_json(kv.value)
 
     async def take(
-        self, service: str, holder: str, actor: str, reason: str, ttl: int, adopt: bool = False
+        self, service: str, holder: str, *, actor: str, reason: str, ttl: int, adopt: bool = False
     ) -> LeaseKeeper | LockHolder:
         """Take the lock on a new lease kept alive by the returned keeper; with ``adopt``, a
         lock ``holder`` already holds (a previous run of this server) is kept on its lease.

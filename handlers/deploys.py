@@ -414,7 +414,11 @@ class DeployHandler:
     async def _take_lock(self, record: DeployRecord) -> LeaseKeeper | LockHolder:
         """Take the service's lock for ``record`` on a new lease: the keeper, or who holds it."""
         taken = await self.store.locks.take(
-            record.service, record.id, record.actor, f"deploy of {record.version}", LOCK_TTL
+            record.service,
+            record.id,
+            actor=record.actor,
+            reason=f"deploy of {record.version}",
+            ttl=LOCK_TTL,
         )
         if isinstance(taken, LeaseKeeper):
             self._keepers[record.id] = taken

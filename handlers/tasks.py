@@ -591,9 +591,9 @@ class TaskRunner:
         held = await self.store.locks.take(
             record.service,
             record.id,
-            record.actor,
-            f"a task of version {record.version}",
-            LOCK_TTL,
+            actor=record.actor,
+            reason=f"a task of version {record.version}",
+            ttl=LOCK_TTL,
             adopt=adopt,
         )
         if isinstance(held, LeaseKeeper):
