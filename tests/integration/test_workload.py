@@ -29,6 +29,7 @@ from helpers import eventually
 
 import deployster
 from deployster import etcd
+from deployster.launchers import etcd_binary
 from deployster.naming import UnitName
 from deployster.units import UnitContext, announce_key, load_template, render_unit
 
@@ -331,7 +332,7 @@ def test_docker_scripts_are_valid_shell() -> None:
 def run_script(
     argv: list[str], docker: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    etcdctl = Path(etcd.etcd_binary()).with_name("etcdctl")
+    etcdctl = Path(etcd_binary()).with_name("etcdctl")
     script = argv[2].replace("/usr/bin/docker", str(docker))
     script = script.replace("/usr/bin/etcdctl", str(etcdctl))
     # The unit's environment: ETCDCTL_API=3 from the unit, the rest as systemd would set it.
