@@ -17,6 +17,8 @@ from deployster.launchers import EtcdServer
 
 # Where every server of this run logs: the session's temporary directory (set by server_log).
 _log_root: list[Path] = []
+# Known secrets found in the logs of a test's own directory, before pytest removed it.
+_test_leaks: list[str] = []
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,6 +33,15 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         logs.configure("json", stream=out)
         yield path
         logs.configure("json")  # lines after the session go to standard error
+
+
+@pytest.fixture(autouse=True)
+def test_logs_hold_no_secret(tmp_path: Path) -> Iterator[None]:
+    """A passing test's temporary directory is removed right after it (the retention policy
+    is "failed"): its ``*.log`` files (localfleet, servers run as processes, units) are
+    searched for known secrets first. This fixture's teardown runs before tmp_path's."""
+    yield
+    _test_leaks.extend(leaked_secrets(sorted(tmp_path.rglob("*.log")), KNOWN_SECRETS))
 
 
 @pytest.fixture
@@ -87,7 +98,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     in any server log of the run fails it always."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if _log_root:
-        leaks = leaked_secrets(sorted(_log_root[0].rglob("*.log")), KNOWN_SECRETS)
+        leaks = _test_leaks + leaked_secrets(sorted(_log_root[0].rglob("*.log")), KNOWN_SECRETS)
         if leaks and reporter is not None:
             reporter.write_line("Known secrets found in server logs:", red=True)
             for leak in leaks:
