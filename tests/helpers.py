@@ -91,6 +91,16 @@ async def eventually(
     raise AssertionError(f"condition not met within {timeout} s; last value: {last!r}")
 
 
+def self_signed(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A certificate for 127.0.0.1 that is its own CA, and its key, made with Debian's openssl
+    in ``folder``: ``(cert.pem, key.pem)``."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    argv += ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run([*argv, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
 def process_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (read from /proc, Linux only)."""
     try:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import known_secret, wait_http
+from helpers import known_secret, self_signed, wait_http
 
 from deployster import __version__
 from deployster.launchers import EtcdServer, free_port
@@ -313,24 +313,7 @@ def test_the_health_check_follows_https(
     # The certificate as README's TLS section says: in /etc/deployster/tls, readable by uid 10001.
     tls = tmp_path / "tls"
     tls.mkdir()
-    sh(
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1",
-        "-keyout",
-        tls / "key.pem",
-        "-out",
-        tls / "cert.pem",
-    )
+    self_signed(tls)
     for pem in tls.iterdir():
         os.chown(pem, 10001, 10001)
         pem.chmod(0o400)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LoggedProcess
+from helpers import LoggedProcess, self_signed
 
 from deployster.launchers import EtcdServer, free_port
 
@@ -142,28 +142,7 @@ def test_generated_password_json_logs_and_graceful_stop(
 def test_https_with_a_certificate(
     serve, tmp_path: Path, etcd_server: EtcdServer, localfleet: str
 ) -> None:  # type: ignore[no-untyped-def]
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(tmp_path / "key.pem"),
-            "-out",
-            str(tmp_path / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed(tmp_path)
     port = free_port()
     child = serve(
         "-listen",

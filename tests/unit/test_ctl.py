@@ -15,7 +15,6 @@ import json
 import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from helpers import self_signed as self_signed_cert
 from multidict import CIMultiDict
 
 from deployster import __version__
@@ -717,30 +717,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 that is its own CA, made with the openssl command."""
     if shutil.which("openssl") is None:
         pytest.fail("the openssl command is missing: install Debian's openssl package")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_cert(tmp_path)
 
 
 def test_ca_cert_replaces_the_system_roots(
