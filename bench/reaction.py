@@ -26,12 +26,12 @@ from aiohttp import web
 
 from deployster import etcd as etcd_adapter
 from deployster.bus import EventBus
+from deployster.keys import announce_key
 from deployster.launchers import EtcdServer, free_port
 from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.routers import VulcandRouter
 from deployster.store import Store
-from deployster.units import announce_key
 from handlers.instances import InstancesHandler
 
 PREFIX = "/deployster"

@@ -48,14 +48,16 @@ from aiohttp import web
 from deployster.config import Settings
 from deployster.etcd import client as etcd_client
 from deployster.fleet import UnitOption
+from deployster.keys import announce_key
 from deployster.launchers import EtcdServer, free_port
 from deployster.localfleet.server import machine_id
 from deployster.localfleet.store import RegistryStore, StoredUnit
 from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
+from deployster.records import DeployRecord, DeployState
 from deployster.server import Deployster
-from deployster.store import DeployRecord, DeployState, Store
-from deployster.units import Announcement, announce_key
+from deployster.store import Store
+from deployster.units import Announcement
 from handlers.deploys import DeployConfig
 
 PREFIX = "/deployster"

@@ -30,8 +30,8 @@ from deployster.config import Settings
 from deployster.launchers import EtcdServer, free_port, traefik_command
 from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
+from deployster.records import DeployRecord
 from deployster.server import Deployster
-from deployster.store import DeployRecord
 from handlers.deploys import DeployConfig
 
 SERVICE = "bench"

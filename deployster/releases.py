@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-from deployster.store import DeployState
+from deployster.records import DeployState
 
 
 class Release(Protocol):

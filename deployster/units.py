@@ -92,6 +92,7 @@ import jinja2.nodes
 from pydantic import BaseModel
 
 from deployster.fleet import UnitOption
+from deployster.keys import announce_key
 from deployster.naming import UnitName
 
 BUILTIN_TEMPLATES = ("docker", "workload")
@@ -233,32 +234,6 @@ class Announcement(BaseModel):
     url: str
     machine: str
     unit: str
-
-
-def announce_key(prefix: str, unit: UnitName) -> str:
-    """``<prefix>/instances/<service>/<version>:<timestamp>/<n>``: where ``unit`` announces."""
-    return f"{instances_prefix(prefix, unit.service)}{unit.release}/{unit.instance}"
-
-
-def instances_prefix(prefix: str, service: str | None = None) -> str:
-    """The etcd prefix of every announcement, or of one service's, ending with ``/``."""
-    base = f"{prefix.rstrip('/')}/instances/"
-    return f"{base}{service}/" if service is not None else base
-
-
-def parse_announce_key(prefix: str, key: str) -> UnitName | None:
-    """The unit behind an announce key; ``None`` for a key outside the layout."""
-    base = instances_prefix(prefix)
-    if not key.startswith(base):
-        return None
-    parts = key[len(base) :].split("/")
-    if len(parts) != 3 or not (parts[2].isascii() and parts[2].isdigit()):
-        return None
-    service, release, instance = parts
-    version, colon, timestamp = release.rpartition(":")
-    if not (service and colon and version and timestamp):
-        return None
-    return UnitName(service, version, timestamp, int(instance))
 
 
 def image_name(prefix: str, service: str, version: str) -> str:

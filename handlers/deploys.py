@@ -58,10 +58,12 @@ from deployster.events import (
     UnitsSubmitted,
 )
 from deployster.fleet import FleetClient, FleetConflict, FleetError, FleetNotFound, Unit
+from deployster.keys import announce_key
 from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
+from deployster.records import DeployRecord, DeployState, DeployStep, LockHolder
 from deployster.routers import Router, RouterTimeout
-from deployster.store import DeployRecord, DeployState, DeployStep, LockHolder, Store
+from deployster.store import Store
 from deployster.supervise import start_supervised
 from deployster.units import (
     DEFAULT_DOCKER,
@@ -69,7 +71,6 @@ from deployster.units import (
     DEFAULT_PUBLISH_ADDRESS,
     UnitContext,
     UnitTemplate,
-    announce_key,
     image_name,
     render_unit,
 )

@@ -39,13 +39,14 @@ from deployster.errors import is_temporary
 from deployster.etcd import WatchEvent, watch_prefix
 from deployster.events import InstanceHealthy, InstanceUnhealthy, InstanceWithdrawn
 from deployster.health import HealthTracker, ProbeResult, Transition, probe
+from deployster.keys import instances_prefix, parse_announce_key
 from deployster.metrics import Metrics
 from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
 from deployster.routers import Router
 from deployster.store import Store
 from deployster.supervise import start_supervised
-from deployster.units import Announcement, instances_prefix, parse_announce_key
+from deployster.units import Announcement
 
 log = structlog.get_logger(__name__)
 

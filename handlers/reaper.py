@@ -33,12 +33,14 @@ from deployster.bus import EventBus
 from deployster.errors import is_temporary
 from deployster.events import DeployFailed, DeploySucceeded
 from deployster.fleet import FleetClient, Machine, Unit, UnitState
+from deployster.keys import parse_announce_key
 from deployster.naming import UnitName
+from deployster.records import DeployRecord
 from deployster.releases import live_release, rollback_target
 from deployster.routers import Router
-from deployster.store import DeployRecord, Store
+from deployster.store import Store
 from deployster.supervise import start_supervised
-from deployster.units import Announcement, parse_announce_key
+from deployster.units import Announcement
 
 log = structlog.get_logger(__name__)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from deployster.store import DeployRecord, DeployState, DeployStep
+from deployster.records import DeployRecord, DeployState, DeployStep
 
 # Seconds between looks while instances come up, at most: an instance that becomes healthy,
 # unhealthy or withdrawn wakes the worker at once, and one that will be ready after its

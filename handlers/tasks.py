@@ -51,7 +51,8 @@ from deployster.docker import ContainerSpec, DockerClient, DockerError, DockerUn
 from deployster.etcd import EtcdError, LeaseKeeper
 from deployster.events import TaskFinished
 from deployster.metrics import Metrics
-from deployster.store import Store, TaskRecord, TaskState, TaskStore, new_task_id
+from deployster.records import TaskRecord, TaskState, new_task_id
+from deployster.store import Store, TaskStore
 from deployster.units import image_name
 
 log = structlog.get_logger(__name__)

@@ -56,8 +56,9 @@ from deployster.events import (
     UnitsSubmitted,
 )
 from deployster.metrics import Metrics
+from deployster.records import DeployState, new_deploy_id
 from deployster.releases import live_release
-from deployster.store import DeployState, Store, new_deploy_id
+from deployster.store import Store
 from deployster.supervise import start_supervised
 from deployster.tagpolicy import parse_version
 from deployster.units import service_of_repository

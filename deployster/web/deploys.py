@@ -31,8 +31,8 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
+from deployster.records import DeploySummary, new_deploy_id
 from deployster.releases import live_release, rollback_target
-from deployster.store import DeploySummary, new_deploy_id
 from deployster.units import UnitValueError, validate_env
 from deployster.web.auth import USER
 from deployster.web.context import CLOSING, services

@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from deployster import __version__, naming, webhooks
 from deployster.notify import DeliveryOutcome
-from deployster.store import DeployFields, Progress, TaskRecord
+from deployster.records import DeployFields, Progress, TaskRecord
 from deployster.web.deploys import DeployEnvelope
 from deployster.web.inputs import RECORD_ID
 from deployster.web.limits import MAX_EVENT_ID

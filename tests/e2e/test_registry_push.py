@@ -14,7 +14,7 @@ from integration.conftest import FAST_POLICY, Api, localfleet, running_api  # no
 
 from deployster.launchers import free_port
 from deployster.naming import UnitName
-from deployster.store import DeployRecord
+from deployster.records import DeployRecord
 
 SECRET = known_secret(f"registry-hook-{secrets.token_hex(8)}")
 

@@ -20,7 +20,7 @@ from helpers import Receiver, eventually, wait_http
 
 from deployster.launchers import EtcdServer, free_port
 from deployster.policy import ServicePolicy
-from deployster.store import TaskRecord, TaskState
+from deployster.records import TaskRecord, TaskState
 
 
 async def test_exit_code_output_and_record(tasks_api: TasksApi, podman: Podman) -> None:

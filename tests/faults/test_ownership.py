@@ -7,7 +7,7 @@ import asyncio
 
 from integration.conftest import FAST_POLICY, Api
 
-from deployster.store import LockHolder
+from deployster.records import LockHolder
 
 
 async def test_a_lost_lock_stops_the_worker_before_the_switch(fault_api: Api) -> None:

@@ -13,8 +13,8 @@ from integration.conftest import FAST_POLICY, PASSWORD, Api, basic_auth
 from deployster.config import Settings
 from deployster.launchers import EtcdServer, free_port
 from deployster.policy import HealthPolicy, ServicePolicy
+from deployster.records import DeployRecord, DeployState
 from deployster.server import Deployster
-from deployster.store import DeployRecord, DeployState
 from handlers.deploys import TOO_MANY_INSTANCES, TOO_MANY_VERSIONS
 
 UNIT_RE = r"{svc}:{ver}:\d{{4}}\.\d\d\.\d\d-\d\d\.\d\d\.\d\d@{n}\.service"

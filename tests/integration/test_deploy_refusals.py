@@ -11,7 +11,7 @@ from integration.conftest import FAST_POLICY, Api
 
 from deployster.events import DeployFailed, DeployRequested
 from deployster.naming import MAX_UNIT_NAME
-from deployster.store import DeployRecord, DeployState
+from deployster.records import DeployRecord, DeployState
 
 
 async def lock_holder(api: Api) -> object:

@@ -26,7 +26,7 @@ from integration.conftest import FAST_POLICY, Api, running_api
 
 from deployster.launchers import free_port
 from deployster.logs import AccessLogger
-from deployster.store import DeployRecord
+from deployster.records import DeployRecord
 
 REGISTRY_V1 = "application/vnd.docker.distribution.events.v1+json"
 

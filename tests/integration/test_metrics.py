@@ -11,8 +11,9 @@ from helpers import WEBHOOK_SECRET, eventually
 from integration.conftest import FAST_POLICY, Api, running_api
 from prometheus_client.parser import text_string_to_metric_families
 
+from deployster.keys import announce_key
 from deployster.naming import UnitName
-from deployster.units import Announcement, announce_key
+from deployster.units import Announcement
 
 
 async def scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

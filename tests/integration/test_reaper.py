@@ -11,8 +11,9 @@ from aiohttp.test_utils import TestServer
 from helpers import eventually
 from integration.conftest import Api, running_api
 
+from deployster.keys import announce_key
 from deployster.naming import UnitName
-from deployster.units import Announcement, announce_key
+from deployster.units import Announcement
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from integration.conftest import running_api
 from deployster import etcd
 from deployster.config import Settings
 from deployster.etcd import Endpoint, EtcdError, range_pages
+from deployster.records import DeployRecord, DeployState
 from deployster.server import Deployster
-from deployster.store import DeployRecord, DeployState, Store
+from deployster.store import Store
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -7,7 +7,8 @@ import secrets
 import aetcd
 
 from deployster.etcd import LeaseKeeper
-from deployster.store import LockHolder, TaskRecord, TaskState, TaskStore
+from deployster.records import LockHolder, TaskRecord, TaskState
+from deployster.store import TaskStore
 
 
 def record(task_id: str, state: TaskState, service: str = "svc") -> TaskRecord:

@@ -26,7 +26,7 @@ from yarl import URL
 
 from deployster.etcd import LeaseKeeper
 from deployster.naming import UnitName
-from deployster.store import DeployRecord, LockHolder
+from deployster.records import DeployRecord, LockHolder
 from handlers.webhooks import WebhookHandler
 
 SECRET = known_secret(f"hook-{secrets.token_hex(8)}")

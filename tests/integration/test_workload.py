@@ -29,9 +29,10 @@ from helpers import eventually
 
 import deployster
 from deployster import etcd
+from deployster.keys import announce_key
 from deployster.launchers import etcd_binary
 from deployster.naming import UnitName
-from deployster.units import UnitContext, announce_key, load_template, render_unit
+from deployster.units import UnitContext, load_template, render_unit
 
 REPO = Path(deployster.__file__).resolve().parent.parent
 MACHINE = "0123456789abcdef0123456789abcdef"

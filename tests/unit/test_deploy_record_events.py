@@ -1,6 +1,6 @@
 """A deploy record's progress events are capped: the record never grows without bound."""
 
-from deployster.store import MAX_EVENTS, DeployRecord
+from deployster.records import MAX_EVENTS, DeployRecord
 
 
 def test_events_keep_the_newest_and_count_the_dropped() -> None:

@@ -11,8 +11,8 @@ from deployster.errors import PermanentError, TemporaryError, is_temporary
 from deployster.etcd import EtcdError, LeaseExpiredError
 from deployster.fleet import FleetConflict, FleetNotFound, FleetRejected, FleetUnavailable
 from deployster.policy import ServicePolicy
+from deployster.records import DeployRecord, DeployState, DeployStep, Progress
 from deployster.routers import RouterRefused, RouterTimeout, RouterUnavailable
-from deployster.store import DeployRecord, DeployState, DeployStep, Progress
 from handlers.deploys import DeployRejectedError
 from handlers.reconcile import (
     QUEUE_POLL,

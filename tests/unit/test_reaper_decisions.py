@@ -2,7 +2,7 @@
 
 from deployster.fleet import Machine, Unit, UnitState
 from deployster.naming import UnitName
-from deployster.store import DeployRecord, DeployState
+from deployster.records import DeployRecord, DeployState
 from deployster.units import Announcement
 from handlers.reaper import Announced, FleetView, prunable, stale_reason
 

@@ -1,7 +1,7 @@
 """Release rules: the live release and the rollback target."""
 
+from deployster.records import DeployRecord, DeployState
 from deployster.releases import live_release, rollback_target
-from deployster.store import DeployRecord, DeployState
 
 
 def record(n: int, version: str, state: DeployState) -> DeployRecord:

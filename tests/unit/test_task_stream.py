@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from deployster.store import TaskRecord, TaskState
+from deployster.records import TaskRecord, TaskState
 from handlers.tasks import OutputTail, TaskRun, _Follower, go_duration, trailer
 
 

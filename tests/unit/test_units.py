@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deployster.fleet import UnitOption
+from deployster.keys import announce_key, instances_prefix, parse_announce_key
 from deployster.naming import UnitName
 from deployster.units import (
     TEMPLATE_VARIABLES,
@@ -17,12 +18,9 @@ from deployster.units import (
     TemplateError,
     UnitContext,
     UnitValueError,
-    announce_key,
     environment_line,
     image_name,
-    instances_prefix,
     load_template,
-    parse_announce_key,
     parse_unit,
     render_unit,
     validate_env,
