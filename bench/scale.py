@@ -45,6 +45,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from deployster import keys
 from deployster.config import Settings
 from deployster.etcd import client as etcd_client
 from deployster.fleet import UnitOption
@@ -134,10 +135,19 @@ async def write_etcd(
     policy = ServicePolicy(health=HealthPolicy(interval=60, healthy_threshold=1))
     for s in range(SERVICES):
         service = service_name(s)
-        puts.append(txn.put(store._policy_key(service), policy.model_dump_json().encode()))
+        puts.append(
+            txn.put(
+                keys.policy_key(store.prefix, service).encode(), policy.model_dump_json().encode()
+            )
+        )
         for n in range(1, HISTORY + 1):
             r = record(service, n)
-            puts.append(txn.put(store._deploy_key(service, r.id), r.model_dump_json().encode()))
+            puts.append(
+                txn.put(
+                    keys.deploy_key(store.prefix, service, r.id).encode(),
+                    r.model_dump_json().encode(),
+                )
+            )
     for i, u in enumerate(units):
         a = Announcement(
             url=health_url, machine=machine_id(os.uname().nodename, i % 3), unit=str(u)

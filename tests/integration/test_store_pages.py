@@ -10,7 +10,7 @@ import aetcd
 import pytest
 from integration.conftest import running_api
 
-from deployster import etcd
+from deployster import etcd, keys
 from deployster.config import Settings
 from deployster.etcd import Endpoint, EtcdError, range_pages
 from deployster.records import DeployRecord, DeployState
@@ -40,7 +40,10 @@ async def put_all(client: aetcd.Client, store: Store, records: list[DeployRecord
     txn = client.transactions
     for start in range(0, len(records), 100):
         puts = [
-            txn.put(store._deploy_key(r.service, r.id), r.model_dump_json().encode())
+            txn.put(
+                keys.deploy_key(store.prefix, r.service, r.id).encode(),
+                r.model_dump_json().encode(),
+            )
             for r in records[start : start + 100]
         ]
         await client.transaction(compare=[], success=puts, failure=[])
