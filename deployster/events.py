@@ -150,3 +150,13 @@ class PushDecided(Event):
     push_id: str  # the ImagePushed event's id
     decision: str
     reason: str
+
+
+class PushTaken(Event):
+    """The service's deploy worker took its queued push: the push starts deploy ``deploy_id``
+    (written as a queued deploy in the same etcd transaction), or, with no deploy id, it was
+    dropped for ``reason``."""
+
+    push: ImagePushed
+    deploy_id: str = ""
+    reason: str = ""

@@ -18,6 +18,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TypeVar
@@ -279,6 +280,16 @@ async def _read_records(etcd: aetcd.Client, prefix: bytes, model: type[_Record])
     return sorted(records, key=lambda r: (r.created_at, r.id))
 
 
+@dataclass(frozen=True)
+class QueuedPush:
+    """A service's queued push as read from etcd: its JSON (unchecked: it may be garbage) and
+    the revision it was read at, which a write or a take compares against."""
+
+    service: str
+    value: str = field(repr=False)  # a Docker Hub callback URL inside is a secret
+    revision: int
+
+
 class Store:
     """Records in etcd. etcd failures come out as ``EtcdError`` (the API answers 503)."""
 
@@ -431,42 +442,71 @@ class Store:
     def _queued_key(self, service: str) -> bytes:
         return f"{self.prefix}/webhooks/queued/{service}".encode()
 
-    async def save_queued_push(self, service: str, push_json: str) -> None:
-        """The push waiting to deploy ``service`` (one per service: the latest wins)."""
-        with _etcd_errors():
-            await self.etcd.put(self._queued_key(service), push_json.encode())
+    def _callback_key(self, service: str, deploy_id: str) -> bytes:
+        return f"{self.prefix}/webhooks/callbacks/{service}/{deploy_id}".encode()
 
-    async def delete_queued_push(self, service: str, push_json: str) -> bool:
-        """Forget (take) the queued push of ``service`` if it is still ``push_json``: True
-        when it was, so that of several servers exactly one deploys it."""
+    async def queued_push(self, service: str) -> QueuedPush | None:
+        """The push waiting to deploy ``service`` (one per service), at the revision read."""
+        with _etcd_errors():
+            kv = await self.etcd.get(self._queued_key(service))
+        if kv is None:
+            return None
+        return QueuedPush(service, kv.value.decode(errors="replace"), kv.mod_revision)
+
+    async def queue_push(self, service: str, push_json: str, over: QueuedPush | None) -> bool:
+        """Queue a push for ``service`` in place of ``over`` (None: the slot is empty), only if
+        the slot still holds it: False when another push got there first (read it again)."""
         key = self._queued_key(service)
         txn = self.etcd.transactions
+        compare = txn.version(key) == 0 if over is None else txn.mod(key) == over.revision
+        with _etcd_errors():
+            queued, _ = await self.etcd.transaction(
+                compare=[compare], success=[txn.put(key, push_json.encode())], failure=[]
+            )
+        return bool(queued)
+
+    async def take_queued_push(
+        self, queued: QueuedPush, record: DeployRecord | None = None, callback: str = ""
+    ) -> bool:
+        """Take ``queued`` from its slot if nothing replaced it since it was read and, in the same
+        transaction, write ``record`` (the deploy it starts; None drops the push) and the
+        ``callback`` to answer when that deploy ends. One transaction: of several servers one
+        takes it, and a crash leaves either the push or the deploy, never both or neither."""
+        txn = self.etcd.transactions
+        key = self._queued_key(queued.service)
+        writes = [txn.delete(key)]
+        if record is not None:
+            writes.append(
+                txn.put(
+                    self._deploy_key(record.service, record.id), record.model_dump_json().encode()
+                )
+            )
+            if callback:
+                writes.append(
+                    txn.put(self._callback_key(record.service, record.id), callback.encode())
+                )
         with _etcd_errors():
             taken, _ = await self.etcd.transaction(
-                compare=[txn.value(key) == push_json.encode()],
-                success=[txn.delete(key)],
-                failure=[],
+                compare=[txn.mod(key) == queued.revision], success=writes, failure=[]
             )
         return bool(taken)
 
-    async def restore_queued_push(self, service: str, push_json: str) -> bool:
-        """Put a taken push back unless a newer one was queued meanwhile; True if put back."""
-        key = self._queued_key(service)
-        txn = self.etcd.transactions
+    async def take_callback(self, service: str, deploy_id: str) -> str | None:
+        """The callback kept for the deploy's end, taken (deleted) by exactly one caller."""
+        key = self._callback_key(service, deploy_id)
         with _etcd_errors():
-            restored, _ = await self.etcd.transaction(
-                compare=[txn.version(key) == 0],
-                success=[txn.put(key, push_json.encode())],
-                failure=[],
-            )
-        return bool(restored)
+            deleted = await self.etcd.delete(key, prev_kv=True)
+        if deleted is None or deleted.prev_kv is None:
+            return None
+        value: bytes = deleted.prev_kv.value
+        return value.decode(errors="replace")
 
-    async def list_queued_pushes(self) -> list[str]:
-        return [
-            value.decode()
-            async for page in range_pages(self.etcd, f"{self.prefix}/webhooks/queued/".encode())
-            for _, value in page
-        ]
+    async def queued_services(self) -> list[str]:
+        """The services with a queued push."""
+        base = f"{self.prefix}/webhooks/queued/"
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(base.encode(), keys_only=True)
+        return sorted(kv.key.decode()[len(base) :] for kv in found)
 
 
 # -- tasks --------------------------------------------------------------------------------

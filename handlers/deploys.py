@@ -54,6 +54,8 @@ from deployster.events import (
     InstanceHealthy,
     InstanceUnhealthy,
     InstanceWithdrawn,
+    PushDecided,
+    PushTaken,
     UnitsDestroyed,
     UnitsSubmitted,
 )
@@ -90,6 +92,7 @@ from handlers.reconcile import (
     Submit,
     Wait,
 )
+from handlers.webhooks import deploy_of_push, read_queued
 
 log = structlog.get_logger(__name__)
 
@@ -224,6 +227,7 @@ class DeployHandler:
         self.bus.subscribe(InstanceHealthy, self._on_instance)
         self.bus.subscribe(InstanceUnhealthy, self._on_instance)
         self.bus.subscribe(InstanceWithdrawn, self._on_instance)
+        self.bus.subscribe(PushDecided, self._on_push)
 
     async def resume(self) -> int:
         """Wake the worker of every service with an unfinished deploy (each resumes a deploy
@@ -259,13 +263,19 @@ class DeployHandler:
         if event.service in self._workers:
             self._workers[event.service].wake.set()
 
+    async def _on_push(self, event: PushDecided) -> None:
+        if event.decision == "queued":
+            self.wake(event.service)
+
     async def _unfinished_services(self) -> dict[str, int]:
+        """Wake the worker of every service with an unfinished deploy or a queued push;
+        returns the unfinished deploys by service."""
         counts: dict[str, int] = {}
         # Summaries: a start decodes no event lists, environments or policies.
         for record in await self.store.deploy_summaries():
             if not record.state.finished:
                 counts[record.service] = counts.get(record.service, 0) + 1
-        for service in counts:
+        for service in {*counts, *await self.store.queued_services()}:
             self.wake(service)
         return counts
 
@@ -501,9 +511,10 @@ class DeployHandler:
     async def _pass(self, service: str) -> float | None:
         """One look at the service and one step; the delay until the next look (None: idle
         until woken)."""
-        unfinished = [r for r in await self.store.list_deploys(service) if not r.state.finished]
+        records = await self.store.list_deploys(service)
+        unfinished = [r for r in records if not r.state.finished]
         if not unfinished:
-            return None
+            return await self._take_push(service, records)
         active = next((r for r in unfinished if r.step is not DeployStep.QUEUED), None)
         queued = [r for r in unfinished if r.step is DeployStep.QUEUED]
         delays = []
@@ -519,6 +530,31 @@ class DeployHandler:
                 observed = Observed(now=time.time(), may_start=free and n == 0)
                 delays.append(await self._drive(record, observed))
         return min(delays)
+
+    async def _take_push(self, service: str, records: list[DeployRecord]) -> float | None:
+        """No deploy of the service is unfinished: the queued push, if any, becomes a queued
+        deploy, in one etcd transaction with taking it from its slot (at the revision read, so
+        that of several servers one takes it, and a newer push is never lost). Garbage in the
+        slot is dropped. None when there is no push; else 0: look again at once."""
+        slot = await self.store.queued_push(service)
+        if slot is None:
+            return None
+        push = read_queued(slot)
+        if push is None:
+            if await self.store.take_queued_push(slot):
+                log.warning("webhook_push_unreadable", reason="not a push of this service: dropped")
+            return 0.0
+        with structlog.contextvars.bound_contextvars(event_id=push.event_id, tag=push.tag):
+            wanted = deploy_of_push(push, await self.store.get_policy(service), records)
+            if isinstance(wanted, str):
+                if await self.store.take_queued_push(slot):
+                    self.bus.publish(PushTaken(service=service, push=push, reason=wanted))
+                return 0.0
+            callback = slot.value if push.callback_url else ""
+            if await self.store.take_queued_push(slot, wanted, callback):
+                log.info("webhook_push_taken", deploy_id=wanted.id)
+                self.bus.publish(PushTaken(service=service, push=push, deploy_id=wanted.id))
+            return 0.0
 
     async def _adopt(self, record: DeployRecord) -> bool:
         """Take over a deploy nobody drives: its lock is free once its holder's lease is gone."""
