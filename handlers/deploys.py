@@ -220,6 +220,8 @@ class DeployHandler:
         self._workers: dict[str, _Worker] = {}
         self._resync: asyncio.Task[None] | None = None
         self._failed_read: dict[str, tuple[float, dict[str, str]]] = {}  # fleet states cache
+        # service -> a push whose take etcd did not confirm, and the deploy it would start
+        self._unconfirmed: dict[str, PushTaken] = {}
 
     def register(self) -> None:
         self.bus.subscribe(DeployRequested, self.on_requested)
@@ -512,6 +514,10 @@ class DeployHandler:
         """One look at the service and one step; the delay until the next look (None: idle
         until woken)."""
         records = await self.store.list_deploys(service)
+        taken = self._unconfirmed.get(service)
+        if taken is not None and any(r.id == taken.deploy_id for r in records):
+            del self._unconfirmed[service]
+            self.bus.publish(taken)  # etcd took it after all, though its answer was lost
         unfinished = [r for r in records if not r.state.finished]
         if not unfinished:
             return await self._take_push(service, records)
@@ -551,9 +557,15 @@ class DeployHandler:
                     self.bus.publish(PushTaken(service=service, push=push, reason=wanted))
                 return 0.0
             callback = slot.value if push.callback_url else ""
-            if await self.store.take_queued_push(slot, wanted, callback):
+            taken = PushTaken(service=service, push=push, deploy_id=wanted.id)
+            # Kept while etcd's answer is unknown (an error may come after etcd took it): a
+            # later pass that finds the deploy reports it.
+            self._unconfirmed[service] = taken
+            done = await self.store.take_queued_push(slot, wanted, callback)
+            del self._unconfirmed[service]
+            if done:
                 log.info("webhook_push_taken", deploy_id=wanted.id)
-                self.bus.publish(PushTaken(service=service, push=push, deploy_id=wanted.id))
+                self.bus.publish(taken)
             return 0.0
 
     async def _adopt(self, record: DeployRecord) -> bool:
