@@ -36,7 +36,8 @@ class Event(BaseModel):
 
 
 class DeployRequested(Event):
-    """A deploy asked for through the API (or, later, a webhook)."""
+    """A deploy asked for through the API or a rollback (a webhook push's deploy is written by
+    the service's deploy worker: ``PushTaken``)."""
 
     deploy_id: str
     version: str

@@ -20,6 +20,10 @@ What a deploy does next is decided in one place, the pure :func:`handlers.reconc
   again. A temporary error (etcd, fleet or the router not answering) is retried with capped
   backoff, and the deploy's deadlines still end it; a permanent one ends the deploy with its
   sentence (``reconcile.on_permanent``).
+- **Webhook pushes** are requests to the same worker, not a queue of their own: a push the
+  webhooks handler queued (one slot per service in etcd) wakes it, and a pass that finds no
+  unfinished deploy of the service turns the push into a queued deploy, taking it from its
+  slot in the same etcd transaction (``_take_push``).
 - **Ownership.** A server drives a deploy only while it holds the deploy's lock: before every
   step that changes fleet or the router it checks that the lock is still its own (same deploy,
   same lease, lease not expired). A lock whose lease is alive belongs to whoever holds it, a
