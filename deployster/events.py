@@ -36,7 +36,8 @@ class Event(BaseModel):
 
 
 class DeployRequested(Event):
-    """A deploy asked for through the API (or, later, a webhook)."""
+    """A deploy asked for through the API or a rollback (a webhook push's deploy is written by
+    the service's deploy worker: ``PushTaken``)."""
 
     deploy_id: str
     version: str
@@ -150,3 +151,13 @@ class PushDecided(Event):
     push_id: str  # the ImagePushed event's id
     decision: str
     reason: str
+
+
+class PushTaken(Event):
+    """The service's deploy worker took its queued push: the push starts deploy ``deploy_id``
+    (written as a queued deploy in the same etcd transaction), or, with no deploy id, it was
+    dropped for ``reason``."""
+
+    push: ImagePushed
+    deploy_id: str = ""
+    reason: str = ""

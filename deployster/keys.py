@@ -9,6 +9,7 @@ All keys live under the server's ``--etcd-prefix`` (``/deployster`` by default):
 | ``services/<service>/policy`` | the service's policy (only the fields set) | the policy API |
 | ``webhooks/seen/<key>`` | a delivery or push already handled, on a 24 h lease | webhooks |
 | ``webhooks/queued/<service>`` | the push waiting to deploy the service (latest wins) | webhooks |
+| ``webhooks/callbacks/<service>/<deploy-id>`` | the Docker Hub callback of a push's deploy | the deploy worker |
 | ``tasks/<service>/<task-id>`` | a one-off task's record | tasks |
 | ``task-locks/<service>`` | the lock of an exclusive task, on its lease | tasks |
 | ``notifications/pending/<id>`` | a notification not yet delivered | the notifier |
@@ -81,6 +82,11 @@ def queued_prefix(prefix: str) -> str:
 
 def queued_key(prefix: str, service: str) -> str:
     return f"{queued_prefix(prefix)}{service}"
+
+
+def callback_key(prefix: str, service: str, deploy_id: str) -> str:
+    """The Docker Hub callback to answer when the deploy a push started ends (a secret URL)."""
+    return f"{_base(prefix)}/webhooks/callbacks/{service}/{deploy_id}"
 
 
 # -- tasks ------------------------------------------------------------------------------

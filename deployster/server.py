@@ -230,11 +230,7 @@ class Deployster:
         await self.notifier.start()
         resumed = await self.deploys.resume()
         if self.webhooks.enabled:
-            log.info(
-                "webhooks_on",
-                sources=self.webhooks.enabled,
-                queued_pushes=await self.webhooks.start(),
-            )
+            log.info("webhooks_on", sources=self.webhooks.enabled)
         else:
             log.warning(
                 "webhooks_off",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import aetcd
@@ -125,6 +126,16 @@ async def _read_records(etcd: aetcd.Client, prefix: bytes, model: type[_Record])
             except ValidationError as exc:
                 log.warning("record_unreadable", key=key.decode(errors="replace"), error=str(exc))
     return sorted(records, key=lambda r: (r.created_at, r.id))
+
+
+@dataclass(frozen=True)
+class QueuedPush:
+    """A service's queued push as read from etcd: its JSON (unchecked: it may be garbage) and
+    the revision it was read at, which a write or a take compares against."""
+
+    service: str
+    value: str = field(repr=False)  # a Docker Hub callback URL inside is a secret
+    revision: int
 
 
 class Store:
@@ -274,42 +285,72 @@ class Store:
         with _etcd_errors():
             await self.etcd.delete(keys.seen_key(self.prefix, key).encode())
 
-    async def save_queued_push(self, service: str, push_json: str) -> None:
-        """The push waiting to deploy ``service`` (one per service: the latest wins)."""
+    async def queued_push(self, service: str) -> QueuedPush | None:
+        """The push waiting to deploy ``service`` (one per service), at the revision read."""
         with _etcd_errors():
-            await self.etcd.put(keys.queued_key(self.prefix, service).encode(), push_json.encode())
+            kv = await self.etcd.get(keys.queued_key(self.prefix, service).encode())
+        if kv is None:
+            return None
+        return QueuedPush(service, kv.value.decode(errors="replace"), kv.mod_revision)
 
-    async def delete_queued_push(self, service: str, push_json: str) -> bool:
-        """Forget (take) the queued push of ``service`` if it is still ``push_json``: True
-        when it was, so that of several servers exactly one deploys it."""
+    async def queue_push(self, service: str, push_json: str, over: QueuedPush | None) -> bool:
+        """Queue a push for ``service`` in place of ``over`` (None: the slot is empty), only if
+        the slot still holds it: False when another push got there first (read it again)."""
         key = keys.queued_key(self.prefix, service).encode()
         txn = self.etcd.transactions
+        compare = txn.version(key) == 0 if over is None else txn.mod(key) == over.revision
+        with _etcd_errors():
+            queued, _ = await self.etcd.transaction(
+                compare=[compare], success=[txn.put(key, push_json.encode())], failure=[]
+            )
+        return bool(queued)
+
+    async def take_queued_push(
+        self, queued: QueuedPush, record: DeployRecord | None = None, callback: str = ""
+    ) -> bool:
+        """Take ``queued`` from its slot if nothing replaced it since it was read and, in the same
+        transaction, write ``record`` (the deploy it starts; None drops the push) and the
+        ``callback`` to answer when that deploy ends. One transaction: of several servers one
+        takes it, and a crash leaves either the push or the deploy, never both or neither."""
+        txn = self.etcd.transactions
+        key = keys.queued_key(self.prefix, queued.service).encode()
+        writes = [txn.delete(key)]
+        if record is not None:
+            writes.append(
+                txn.put(
+                    keys.deploy_key(self.prefix, record.service, record.id).encode(),
+                    record.model_dump_json().encode(),
+                )
+            )
+            if callback:
+                writes.append(
+                    txn.put(
+                        keys.callback_key(self.prefix, record.service, record.id).encode(),
+                        callback.encode(),
+                    )
+                )
         with _etcd_errors():
             taken, _ = await self.etcd.transaction(
-                compare=[txn.value(key) == push_json.encode()],
-                success=[txn.delete(key)],
-                failure=[],
+                compare=[txn.mod(key) == queued.revision], success=writes, failure=[]
             )
         return bool(taken)
 
-    async def restore_queued_push(self, service: str, push_json: str) -> bool:
-        """Put a taken push back unless a newer one was queued meanwhile; True if put back."""
-        key = keys.queued_key(self.prefix, service).encode()
-        txn = self.etcd.transactions
+    async def take_callback(self, service: str, deploy_id: str) -> str | None:
+        """The callback kept for the deploy's end, taken (deleted) by exactly one caller."""
+        key = keys.callback_key(self.prefix, service, deploy_id).encode()
         with _etcd_errors():
-            restored, _ = await self.etcd.transaction(
-                compare=[txn.version(key) == 0],
-                success=[txn.put(key, push_json.encode())],
-                failure=[],
-            )
-        return bool(restored)
+            deleted = await self.etcd.delete(key, prev_kv=True)
+        if deleted is None or deleted.prev_kv is None:
+            return None
+        value: bytes = deleted.prev_kv.value
+        return value.decode(errors="replace")
 
-    async def list_queued_pushes(self) -> list[str]:
-        return [
-            value.decode()
-            async for page in range_pages(self.etcd, keys.queued_prefix(self.prefix).encode())
-            for _, value in page
-        ]
+    async def queued_services(self) -> list[str]:
+        """The services with a queued push."""
+        base = keys.queued_prefix(self.prefix)
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(base.encode(), keys_only=True)
+        return sorted(kv.key.decode()[len(base) :] for kv in found)
 
 
 class TaskStore:

@@ -20,6 +20,10 @@ What a deploy does next is decided in one place, the pure :func:`handlers.reconc
   again. A temporary error (etcd, fleet or the router not answering) is retried with capped
   backoff, and the deploy's deadlines still end it; a permanent one ends the deploy with its
   sentence (``reconcile.on_permanent``).
+- **Webhook pushes** are requests to the same worker, not a queue of their own: a push the
+  webhooks handler queued (one slot per service in etcd) wakes it, and a pass that finds no
+  unfinished deploy of the service turns the push into a queued deploy, taking it from its
+  slot in the same etcd transaction (``_take_push``).
 - **Ownership.** A server drives a deploy only while it holds the deploy's lock: before every
   step that changes fleet or the router it checks that the lock is still its own (same deploy,
   same lease, lease not expired). A lock whose lease is alive belongs to whoever holds it, a
@@ -54,6 +58,8 @@ from deployster.events import (
     InstanceHealthy,
     InstanceUnhealthy,
     InstanceWithdrawn,
+    PushDecided,
+    PushTaken,
     UnitsDestroyed,
     UnitsSubmitted,
 )
@@ -91,6 +97,7 @@ from handlers.reconcile import (
     Submit,
     Wait,
 )
+from handlers.webhooks import deploy_of_push, read_queued
 
 log = structlog.get_logger(__name__)
 
@@ -218,6 +225,8 @@ class DeployHandler:
         self._workers: dict[str, _Worker] = {}
         self._resync: asyncio.Task[None] | None = None
         self._failed_read: dict[str, tuple[float, dict[str, str]]] = {}  # fleet states cache
+        # service -> a push whose take etcd did not confirm, and the deploy it would start
+        self._unconfirmed: dict[str, PushTaken] = {}
 
     def register(self) -> None:
         self.bus.subscribe(DeployRequested, self.on_requested)
@@ -225,6 +234,7 @@ class DeployHandler:
         self.bus.subscribe(InstanceHealthy, self._on_instance)
         self.bus.subscribe(InstanceUnhealthy, self._on_instance)
         self.bus.subscribe(InstanceWithdrawn, self._on_instance)
+        self.bus.subscribe(PushDecided, self._on_push)
 
     async def resume(self) -> int:
         """Wake the worker of every service with an unfinished deploy (each resumes a deploy
@@ -260,13 +270,19 @@ class DeployHandler:
         if event.service in self._workers:
             self._workers[event.service].wake.set()
 
+    async def _on_push(self, event: PushDecided) -> None:
+        if event.decision == "queued":
+            self.wake(event.service)
+
     async def _unfinished_services(self) -> dict[str, int]:
+        """Wake the worker of every service with an unfinished deploy or a queued push;
+        returns the unfinished deploys by service."""
         counts: dict[str, int] = {}
         # Summaries: a start decodes no event lists, environments or policies.
         for record in await self.store.deploy_summaries():
             if not record.state.finished:
                 counts[record.service] = counts.get(record.service, 0) + 1
-        for service in counts:
+        for service in {*counts, *await self.store.queued_services()}:
             self.wake(service)
         return counts
 
@@ -502,9 +518,14 @@ class DeployHandler:
     async def _pass(self, service: str) -> float | None:
         """One look at the service and one step; the delay until the next look (None: idle
         until woken)."""
-        unfinished = [r for r in await self.store.list_deploys(service) if not r.state.finished]
+        records = await self.store.list_deploys(service)
+        taken = self._unconfirmed.get(service)
+        if taken is not None and any(r.id == taken.deploy_id for r in records):
+            del self._unconfirmed[service]
+            self.bus.publish(taken)  # etcd took it after all, though its answer was lost
+        unfinished = [r for r in records if not r.state.finished]
         if not unfinished:
-            return None
+            return await self._take_push(service, records)
         active = next((r for r in unfinished if r.step is not DeployStep.QUEUED), None)
         queued = [r for r in unfinished if r.step is DeployStep.QUEUED]
         delays = []
@@ -520,6 +541,37 @@ class DeployHandler:
                 observed = Observed(now=time.time(), may_start=free and n == 0)
                 delays.append(await self._drive(record, observed))
         return min(delays)
+
+    async def _take_push(self, service: str, records: list[DeployRecord]) -> float | None:
+        """No deploy of the service is unfinished: the queued push, if any, becomes a queued
+        deploy, in one etcd transaction with taking it from its slot (at the revision read, so
+        that of several servers one takes it, and a newer push is never lost). Garbage in the
+        slot is dropped. None when there is no push; else 0: look again at once."""
+        slot = await self.store.queued_push(service)
+        if slot is None:
+            return None
+        push = read_queued(slot)
+        if push is None:
+            if await self.store.take_queued_push(slot):
+                log.warning("webhook_push_unreadable", reason="not a push of this service: dropped")
+            return 0.0
+        with structlog.contextvars.bound_contextvars(event_id=push.event_id, tag=push.tag):
+            wanted = deploy_of_push(push, await self.store.get_policy(service), records)
+            if isinstance(wanted, str):
+                if await self.store.take_queued_push(slot):
+                    self.bus.publish(PushTaken(service=service, push=push, reason=wanted))
+                return 0.0
+            callback = slot.value if push.callback_url else ""
+            taken = PushTaken(service=service, push=push, deploy_id=wanted.id)
+            # Kept while etcd's answer is unknown (an error may come after etcd took it): a
+            # later pass that finds the deploy reports it.
+            self._unconfirmed[service] = taken
+            done = await self.store.take_queued_push(slot, wanted, callback)
+            del self._unconfirmed[service]
+            if done:
+                log.info("webhook_push_taken", deploy_id=wanted.id)
+                self.bus.publish(taken)
+            return 0.0
 
     async def _adopt(self, record: DeployRecord) -> bool:
         """Take over a deploy nobody drives: its lock is free once its holder's lease is gone."""

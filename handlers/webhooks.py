@@ -1,7 +1,8 @@
 """Webhooks: from an authenticated image push to a deploy, with every decision visible.
 
 A route authenticates a delivery and parses it (``deployster/webhooks.py``); this handler
-decides what each push means and follows it through:
+decides what each push means, and the service's deploy worker (``handlers/deploys.py``) deploys
+it:
 
 1. **Which service.** A service whose policy names the repository (``auto_deploy.repository``)
    takes it; else the image-name convention (``<prefix>/<service>``) says which service's
@@ -11,19 +12,22 @@ decides what each push means and follows it through:
    digest and tag already taken within 24 h, is a duplicate (keys on 24 h leases in etcd);
    the tag policy must take the tag over the live version. The answer is ``PushDecided``,
    which the route returns (202 either way: registries retry anything else).
-3. **Queue.** One slot per service in etcd, so a restart does not lose it and every server
-   sees it: a newer push replaces the queued one (latest wins), except that a semver policy
-   never lets a lower version replace a higher one. A worker deploys a push only after taking
-   it from the slot (compare-and-delete): a push another server's newer one replaced is
-   dropped, so the latest push wins across servers too.
-4. **Deploy.** One worker per service waits until no deploy of the service holds its lock
-   (woken by ``DeploySucceeded``/``DeployFailed``, with a bounded poll of the lock as a
-   fallback), checks the policy again against the then live version, and publishes
-   ``DeployRequested`` as the API does (source ``webhook:<source>``, the event id and digest
-   as actor). A 409 from the deploy handler means another deploy got in first: wait again.
+3. **Queue.** One slot per service in etcd (``webhooks/queued/<service>``), so a restart does
+   not lose it and every server sees it: a newer push replaces the queued one (latest wins),
+   except that a semver policy never lets a lower version replace a higher one. The slot is
+   written only at the revision it was read at, so the same holds for pushes decided at once
+   on two servers. ``PushDecided`` wakes the service's deploy worker.
+4. **Deploy.** The worker's pass reads the slot as part of what is wanted. When no deploy of
+   the service is unfinished, it checks the policy again against the then live version
+   (:func:`deploy_of_push`) and, in one etcd transaction at the revision it read, deletes the
+   push and writes a queued deploy record (source ``webhook:<source>``, the event id and
+   digest as actor), which it then drives like any queued deploy. Of several servers one takes
+   the push; a crash leaves either the push or the deploy. ``PushTaken`` tells this handler.
 5. **Report.** Every decision goes to the log, to the last 100 of ``GET /v1/webhooks/events``,
-   and, for Docker Hub, to its ``callback_url`` once the deploy ends (best effort: a callback
-   that fails is logged, never the deploy's failure).
+   and, for Docker Hub, to its ``callback_url`` once the deploy ends: the callback is written
+   beside the deploy record in the same transaction and taken by the server that ends the
+   deploy (best effort: a callback that fails is logged, never the deploy's failure; its URL is
+   a capability and never logged).
 """
 
 from __future__ import annotations
@@ -31,15 +35,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
-import aetcd
 import aiohttp
 import structlog
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from deployster import naming
 from deployster.aio import cancel_and_wait
@@ -47,19 +50,17 @@ from deployster.bus import EventBus
 from deployster.etcd import EtcdError
 from deployster.events import (
     DeployFailed,
-    DeployRejected,
     DeployRequested,
     DeploySucceeded,
-    Event,
     ImagePushed,
     PushDecided,
-    UnitsSubmitted,
+    PushTaken,
 )
 from deployster.metrics import Metrics
-from deployster.records import DeployState, new_deploy_id
+from deployster.policy import ServicePolicy
+from deployster.records import DeployRecord, DeployStep, new_deploy_id
 from deployster.releases import live_release
-from deployster.store import Store
-from deployster.supervise import start_supervised
+from deployster.store import QueuedPush, Store
 from deployster.tagpolicy import parse_version
 from deployster.units import service_of_repository
 from deployster.webhooks import SOURCES, Delivery, Push, Skipped
@@ -69,12 +70,9 @@ log = structlog.get_logger(__name__)
 DEDUP_TTL = 24 * 3600  # seconds an event id, or a digest and tag, counts as seen
 DECISIONS_KEPT = 100
 DECIDE_TIMEOUT = 30.0  # the route's wait for a decision (etcd reads and writes only)
-LOCK_POLL = 5.0  # fallback poll of the lock, should a deploy's end event be missed
 CALLBACK_TIMEOUT = 10.0
-RETRY_INITIAL, RETRY_MAX = 0.2, 5.0  # backoff of a worker that met an unreachable etcd
-SUPERSEDED = "superseded by a push queued later (on this server or another) before it could deploy"
 
-DecisionKind = Literal["queued", "deployed", "ignored", "rejected", "failed"]
+DecisionKind = Literal["queued", "deployed", "ignored", "rejected"]
 
 
 def _now() -> datetime:
@@ -96,14 +94,41 @@ class Decision(BaseModel):
     deploy_id: str = ""
 
 
-@dataclass(eq=False)
-class _Lane:
-    """One service's queue slot and worker."""
+def read_queued(queued: QueuedPush) -> ImagePushed | None:
+    """The push in a service's slot, or None when the slot holds something else (garbage)."""
+    try:
+        push = ImagePushed.model_validate_json(queued.value)
+    except ValidationError:
+        return None
+    return push if push.service == queued.service else None
 
-    pending: ImagePushed | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)  # a deploy of the service ended
-    task: asyncio.Task[None] | None = None
+
+def deploy_of_push(
+    push: ImagePushed, policy: ServicePolicy, records: Sequence[DeployRecord]
+) -> DeployRecord | str:
+    """The queued deploy a queued push starts now that its service is free (``records`` are
+    the service's, none unfinished), or why it no longer deploys: the policy is checked again
+    against the then live version, since both may have changed while the push waited."""
+    auto = policy.auto_deploy
+    if not auto.enabled:
+        return "auto-deploy was turned off before the push could deploy"
+    live = live_release(records)
+    why = auto.tag_policy.wants(push.tag, live.version if live else None, auto.prerelease)
+    if why:
+        return f"{why} (checked again when the service was free)"
+    request = DeployRequested(
+        service=push.service,
+        deploy_id=new_deploy_id(),
+        version=push.tag,
+        timestamp=naming.now_timestamp(),
+        destroy_previous=auto.destroy_previous,
+        source=f"webhook:{push.source}",
+        actor=f"event {push.event_id}" + (f", digest {push.digest}" if push.digest else ""),
+    )
+    record = DeployRecord.from_request(request, 0, auto.destroy_previous, policy)
+    record.step = DeployStep.QUEUED
+    record.note("queued", f"pushed ({push.source}): deploys once the service's lock is free")
+    return record
 
 
 class WebhookHandler:
@@ -113,8 +138,6 @@ class WebhookHandler:
         store: Store,
         image_prefix: str,
         secrets: dict[str, str],
-        submit_timeout: float = 60.0,
-        lock_poll: float = LOCK_POLL,
         metrics: Metrics | None = None,
     ) -> None:
         self.bus = bus
@@ -122,17 +145,14 @@ class WebhookHandler:
         self.store = store
         self.image_prefix = image_prefix
         self._secrets = {source: secret for source, secret in secrets.items() if secret}
-        self.submit_timeout = submit_timeout
-        self.lock_poll = lock_poll
         self._decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
         self._answers: dict[str, Decision] = {}  # ImagePushed id -> its decision, for the route
-        self._lanes: dict[str, _Lane] = {}
-        self._following: dict[str, asyncio.Future[Event]] = {}  # deploy id -> its end
         self._session: aiohttp.ClientSession | None = None
         self._callbacks: set[asyncio.Task[None]] = set()
 
     def register(self) -> None:
         self.bus.subscribe(ImagePushed, self.on_pushed)
+        self.bus.subscribe(PushTaken, self.on_taken)
         self.bus.subscribe(DeploySucceeded, self.on_deploy_ended)
         self.bus.subscribe(DeployFailed, self.on_deploy_ended)
 
@@ -148,20 +168,8 @@ class WebhookHandler:
         """The last 100 decisions, newest first."""
         return list(reversed(self._decisions))
 
-    async def start(self) -> int:
-        """Take up the pushes that were queued when the server stopped; returns how many."""
-        queued = [
-            ImagePushed.model_validate_json(raw) for raw in await self.store.list_queued_pushes()
-        ]
-        for push in queued:
-            log.info(
-                "webhook_push_restored", service=push.service, tag=push.tag, event_id=push.event_id
-            )
-            self._queue(push)
-        return len(queued)
-
     async def close(self) -> None:
-        await cancel_and_wait(*(lane.task for lane in self._lanes.values()), *self._callbacks)
+        await cancel_and_wait(*self._callbacks)
         if self._session is not None:
             await self._session.close()
 
@@ -246,6 +254,7 @@ class WebhookHandler:
     async def on_pushed(self, event: ImagePushed) -> None:
         kind, reason = await self._decide(event)
         self._answers[event.id] = self._note(self._about(event, kind, reason))
+        # "queued" also wakes the service's deploy worker, which takes the push from its slot.
         self.bus.publish(
             PushDecided(service=event.service, push_id=event.id, decision=kind, reason=reason)
         )
@@ -278,15 +287,17 @@ class WebhookHandler:
                         "ignored",
                         f"{event.tag}@{event.digest} was taken already in the last 24 h",
                     )
-            lane = self._lane(event.service)
-            queued = lane.pending
-            if (
-                queued is not None
-                and auto.tag_policy.ordered
-                and _version_above(queued.tag, event.tag)
-            ):
-                return "ignored", f"the newer version {queued.tag} is queued already"
-            await self.store.save_queued_push(event.service, event.model_dump_json())
+            while True:  # until the slot is written at the revision read (another server's)
+                slot = await self.store.queued_push(event.service)
+                queued = read_queued(slot) if slot is not None else None
+                if (
+                    queued is not None
+                    and auto.tag_policy.ordered
+                    and _version_above(queued.tag, event.tag)
+                ):
+                    return "ignored", f"the newer version {queued.tag} is queued already"
+                if await self.store.queue_push(event.service, event.model_dump_json(), slot):
+                    break
         except BaseException:
             # Not decided after all: a redelivery must be decided afresh.
             for key in seen:
@@ -295,7 +306,6 @@ class WebhookHandler:
             raise
         if queued is not None:
             self._note(self._about(queued, "ignored", f"superseded by {event.tag}, pushed later"))
-        self._queue(event)
         return "queued", (
             f"policy {auto.policy} takes {event.tag}; it deploys as soon as no other "
             f"deploy of {event.service!r} runs"
@@ -306,183 +316,36 @@ class WebhookHandler:
         live = live_release(records)
         return live.version if live else None
 
-    def _lane(self, service: str) -> _Lane:
-        return self._lanes.setdefault(service, _Lane())
+    # -- what came of a push (reported by the service's deploy worker) -----------------
 
-    def _queue(self, event: ImagePushed) -> None:
-        lane = self._lane(event.service)
-        lane.pending = event
-        lane.wake.set()
-        if lane.task is None or lane.task.done():
-            # Supervised, in a log context of its own (not that of the push that started it).
-            lane.task = start_supervised(
-                f"webhooks:{event.service}", lambda: self._work(event.service, lane)
+    async def on_taken(self, event: PushTaken) -> None:
+        if event.deploy_id:
+            self._note(
+                self._about(event.push, "deployed", f"deploying {event.push.tag}", event.deploy_id)
             )
+        else:
+            self._note(self._about(event.push, "ignored", event.reason))
 
     async def on_deploy_ended(self, event: DeploySucceeded | DeployFailed) -> None:
-        lane = self._lanes.get(event.service)
-        if lane is not None:
-            lane.ended.set()
-        future = self._following.pop(event.deploy_id, None)
-        if future is not None and not future.done():
-            future.set_result(event)
-
-    # -- deploying (one worker per service) --------------------------------------------
-
-    async def _work(self, service: str, lane: _Lane) -> None:
-        backoff = RETRY_INITIAL
-        while True:
-            await lane.wake.wait()
-            lane.wake.clear()
-            while lane.pending is not None:
-                push = lane.pending
-                with structlog.contextvars.bound_contextvars(
-                    service=service, event_id=push.event_id, tag=push.tag
-                ):
-                    try:
-                        await self._wait_until_free(service, lane)
-                        push = lane.pending or push  # the latest push wins
-                        lane.pending = None
-                        requeue = await self._deploy(push)
-                        backoff = RETRY_INITIAL
-                    except (EtcdError, aetcd.ClientError) as exc:
-                        log.warning("webhook_deploy_retrying", reason=str(exc), retry_in=backoff)
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, RETRY_MAX)
-                        requeue = True
-                    except Exception as exc:
-                        log.exception("webhook_deploy_crashed")
-                        self._note(
-                            self._about(push, "failed", f"Deployster failed to deploy it: {exc!r}")
-                        )
-                        requeue = False
-                if requeue and lane.pending is not push:  # not taken yet if the lock check failed
-                    if lane.pending is None:
-                        lane.pending = push
-                    else:
-                        self._note(
-                            self._about(
-                                push, "ignored", f"superseded by {lane.pending.tag}, pushed later"
-                            )
-                        )
-
-    async def _wait_until_free(self, service: str, lane: _Lane) -> None:
-        while True:
-            lane.ended.clear()  # before reading the lock: an end in between is not missed
-            holder = await self.store.locks.holder(service)
-            if holder is None:
-                return
-            log.info("webhook_push_waiting", holder=holder.holder, lock_reason=holder.reason)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(lane.ended.wait(), self.lock_poll)
-
-    async def _deploy(self, push: ImagePushed) -> bool:
-        """Start the deploy of ``push`` and follow it to its end; True to try again later
-        (another deploy took the lock first)."""
-        service = push.service
-        auto = (await self.store.get_policy(service)).auto_deploy
-        if not auto.enabled:
-            why: str | None = "auto-deploy was turned off before the push could deploy"
+        """Answer the Docker Hub callback of a pushed deploy that ended (on whichever server
+        ended it: the callback is kept in etcd with the deploy)."""
+        kept = await self.store.take_callback(event.service, event.deploy_id)
+        if kept is None:
+            return
+        try:
+            push = ImagePushed.model_validate_json(kept)
+        except ValidationError:
+            log.warning("dockerhub_callback_unreadable", deploy_id=event.deploy_id)
+            return
+        tag, deploy_id = push.tag, event.deploy_id
+        if isinstance(event, DeploySucceeded):
+            self._callback(push, "success", f"Deployster deployed {tag} (deploy {deploy_id}).")
+            return
+        record = await self.store.get_deploy(event.service, deploy_id)
+        if record is not None and not record.submitted_at:  # no unit ever ran
+            self._callback(push, "error", f"Deployster could not deploy {tag}: {event.reason}")
         else:
-            why = auto.tag_policy.wants(
-                push.tag, await self._live_version(service), auto.prerelease
-            )
-        if why:
-            self._note(
-                self._about(push, "ignored", f"{why} (checked again when the service was free)")
-            )
-            await self._dequeue(push)
-            return False
-        # Take the push from its slot in etcd: of several servers (or a newer push), only
-        # the slot's holder deploys, so the latest push wins across servers too.
-        if not await self.store.delete_queued_push(service, push.model_dump_json()):
-            self._note(self._about(push, "ignored", SUPERSEDED))
-            return False
-        deploy_id = new_deploy_id()
-        ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._following[deploy_id] = ended
-        request = DeployRequested(
-            service=service,
-            deploy_id=deploy_id,
-            version=push.tag,
-            timestamp=naming.now_timestamp(),
-            instance_count=0,
-            destroy_previous=auto.destroy_previous,
-            source=f"webhook:{push.source}",
-            actor=f"event {push.event_id}" + (f", digest {push.digest}" if push.digest else ""),
-        )
-        try:
-            result: Event | None = await self.bus.request(
-                request,
-                timeout=self.submit_timeout,
-                until=lambda e: (
-                    isinstance(e, (UnitsSubmitted, DeployRejected, DeployFailed))
-                    and getattr(e, "deploy_id", None) == deploy_id
-                ),
-            )
-        except TimeoutError:
-            result = None  # fleet is slow: the deploy goes on, its end still comes
-        except Exception as exc:
-            result = DeployFailed(
-                service=service, deploy_id=deploy_id, reason=f"the deploy handler failed: {exc}"
-            )
-        if isinstance(result, DeployRejected) and result.status == 409:
-            self._following.pop(deploy_id, None)
-            log.info("webhook_push_waiting", reason=result.description)
-            if await self.store.restore_queued_push(service, push.model_dump_json()):
-                return True
-            self._note(self._about(push, "ignored", SUPERSEDED))
-            return False
-        if isinstance(result, (DeployRejected, DeployFailed)):
-            self._following.pop(deploy_id, None)
-            reason = result.description if isinstance(result, DeployRejected) else result.reason
-            self._note(
-                self._about(push, "failed", f"the deploy did not start: {reason}", deploy_id)
-            )
-            self._callback(push, "error", f"Deployster could not deploy {push.tag}: {reason}")
-            return False
-        self._note(self._about(push, "deployed", f"deploying {push.tag}", deploy_id))
-        outcome = await self._follow(service, deploy_id, ended)
-        if isinstance(outcome, DeploySucceeded):
-            self._callback(push, "success", f"Deployster deployed {push.tag} (deploy {deploy_id}).")
-        else:
-            self._callback(
-                push, "failure", f"The deploy of {push.tag} failed (deploy {deploy_id})."
-            )
-        return False
-
-    async def _follow(self, service: str, deploy_id: str, ended: asyncio.Future[Event]) -> Event:
-        """Wait for the deploy's end event; its record is read now and then in case the event
-        was missed (it is published once, and this worker may have been busy)."""
-        try:
-            while True:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(ended), self.lock_poll)
-                except TimeoutError:
-                    try:
-                        record = await self.store.get_deploy(service, deploy_id)
-                    except EtcdError as exc:  # the deploy is started: never start it again
-                        log.warning(
-                            "webhook_deploy_unreadable", deploy_id=deploy_id, reason=str(exc)
-                        )
-                        continue
-                    if record is not None and record.state.finished:
-                        if record.state is DeployState.SUCCEEDED:
-                            return DeploySucceeded(service=service, deploy_id=deploy_id)
-                        return DeployFailed(
-                            service=service,
-                            deploy_id=deploy_id,
-                            reason=record.error or record.state,
-                        )
-        finally:
-            self._following.pop(deploy_id, None)
-
-    async def _dequeue(self, push: ImagePushed) -> None:
-        try:
-            await self.store.delete_queued_push(push.service, push.model_dump_json())
-        except EtcdError as exc:
-            # Left behind, it is taken up at the next start and checked against the policy again.
-            log.warning("webhook_queue_not_cleared", reason=str(exc))
+            self._callback(push, "failure", f"The deploy of {tag} failed (deploy {deploy_id}).")
 
     # -- reporting ---------------------------------------------------------------------
 

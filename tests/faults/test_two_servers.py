@@ -140,11 +140,18 @@ async def test_the_latest_push_wins_across_servers(
         record = await finished_webhook_deploy(a, timeout=60)
         assert (record.state, record.version) == ("succeeded", "v1.2.0"), record
         assert (await a.finished(running["id"]))["state"] == "succeeded"
-        await asyncio.sleep(RESYNC + 1)  # both servers' lanes looked at the lock again
+        await asyncio.sleep(RESYNC + 1)  # both servers' workers looked at the service again
         assert [r.version for r in await webhook_deploys(a)] == ["v1.2.0"]
-        dropped = [d for d in await decisions(a) if d["tag"] == "v1.1.0"]
-        assert dropped[0]["decision"] == "ignored" and "superseded" in dropped[0]["reason"]
-        assert await a.deployster.store.list_queued_pushes() == []
+        # The server that queued the later push replaced the earlier one and says so.
+        dropped = [d for d in await decisions(b) if d["tag"] == "v1.1.0"]
+        assert [(d["decision"], d["reason"]) for d in dropped] == [
+            ("ignored", "superseded by v1.2.0, pushed later")
+        ]
+        deployed = [
+            d for d in await decisions(a) + await decisions(b) if d["decision"] == "deployed"
+        ]
+        assert [(d["tag"], d["deploy_id"]) for d in deployed] == [("v1.2.0", record.id)]
+        assert await a.deployster.store.queued_services() == []
 
 
 async def test_a_clean_stop_hands_the_deploy_over_at_once(

@@ -27,7 +27,6 @@ from yarl import URL
 from deployster.etcd import LeaseKeeper
 from deployster.naming import UnitName
 from deployster.records import DeployRecord, LockHolder
-from handlers.webhooks import WebhookHandler
 
 SECRET = known_secret(f"hook-{secrets.token_hex(8)}")
 GHCR_SECRET = known_secret(f"gh-{secrets.token_hex(8)}")
@@ -327,9 +326,7 @@ async def test_bad_secrets_and_bodies_are_refused_and_logged_without_secrets(
         assert kept == []
     else:
         assert (kept[0]["decision"], kept[0]["reason"]) == ("rejected", data["description"])
-    assert (
-        await webhook_deploys(api) == [] and await api.deployster.store.list_queued_pushes() == []
-    )
+    assert await webhook_deploys(api) == [] and await api.deployster.store.queued_services() == []
     assert SECRET not in repr(log_lines) and GHCR_SECRET not in repr(log_lines)
     assert any(
         line["event"] == "webhook_decision" and line["decision"] == "rejected" for line in log_lines
@@ -389,45 +386,52 @@ async def test_pushes_wait_for_the_running_deploy_and_only_the_latest_deploys(ho
     assert superseded["v1.3.0"] == "superseded by v1.4.0, pushed later"
     await asyncio.sleep(0.5)
     assert [r.version for r in await webhook_deploys(api)] == ["v1.4.0"]
-    assert await api.deployster.store.list_queued_pushes() == []
+    assert await api.deployster.store.queued_services() == []
 
 
-async def test_a_queued_push_survives_a_restart(hooks: Api) -> None:
-    api = hooks
-    await set_policy(api, enabled=True, policy="glob:v*")
-    # Hold the lock as a running deploy would, so that the push stays queued; then restart.
-    keeper = LeaseKeeper(api.deployster.etcd, ttl=15)
-    await keeper.grant()
-    assert (
-        await api.deployster.store.locks.acquire(
-            api.service, LockHolder(holder="other", reason="a test", lease=keeper.lease_id)
-        )
-        is None
-    )
-    [queued] = await push_registry(api, "v7")
-    assert queued["decision"] == "queued"
-    await api.deployster.webhooks.close()
-    assert len(await api.deployster.store.list_queued_pushes()) == 1
+async def test_a_queued_push_survives_a_restart(
+    aiohttp_client,  # type: ignore[no-untyped-def]
+    etcd_endpoint: str,
+    localfleet: str,
+) -> None:
+    """A push waiting behind an unfinished deploy when the server stops is deployed by the next
+    server to start, after that deploy, exactly once."""
+    prefix = f"/deployster-restart-{secrets.token_hex(4)}"
+    common = {"prefix": prefix, "webhook_secret": SECRET}
+    async with running_api(aiohttp_client, etcd_endpoint, localfleet, **common) as first:
+        service = first.service
+        await set_policy(first, enabled=True, policy="glob:v*")
+        # A lock held elsewhere, and an API deploy queued behind it: the push waits too.
+        keeper = LeaseKeeper(first.deployster.etcd, ttl=15)
+        await keeper.grant()
+        held = LockHolder(holder="other", reason="a test", lease=keeper.lease_id)
+        assert await first.deployster.store.locks.acquire(service, held) is None
+        queued_api = (await first.deploy({"version": "v1", "wait_for_lock": True}, 202))["deploy"]
+        [queued] = await push_registry(first, "v7")
+        assert queued["decision"] == "queued"
+        await asyncio.sleep(0.3)
+        assert await first.deployster.store.queued_services() == [service]
     await keeper.revoke()
-    restarted = WebhookHandler(
-        api.deployster.bus, api.deployster.store, "deployster", {"registry": SECRET}, lock_poll=0.5
-    )
-    restarted.register()
-    try:
-        assert await restarted.start() == 1
-        record = await finished_webhook_deploy(api)
+    async with running_api(aiohttp_client, etcd_endpoint, localfleet, **common) as second:
+        second.service = service
+        record = await finished_webhook_deploy(second)
         assert (record.state, record.version, record.actor) == (
             "succeeded",
             "v7",
             f"event {queued['event_id']}, digest {queued['digest']}",
         )
-        assert await api.deployster.store.list_queued_pushes() == []
+        before = await second.deployster.store.get_deploy(service, queued_api["id"])
+        assert before is not None and before.state == "succeeded"
+        assert before.finished_at is not None and before.finished_at <= record.created_at
+        assert await second.deployster.store.queued_services() == []
+        [deployed] = [d for d in await decisions(second) if d["decision"] == "deployed"]
+        assert deployed["deploy_id"] == record.id and deployed["tag"] == "v7"
         # The same image and tag again (a new event id): the policy would take it, the
         # de-duplication by digest and tag does not.
-        [same] = await push_registry(api, "v7", queued["digest"])
+        [same] = await push_registry(second, "v7", queued["digest"])
         assert same["reason"] == f"v7@{queued['digest']} was taken already in the last 24 h"
-    finally:
-        await restarted.close()
+        await asyncio.sleep(0.3)
+        assert len(await webhook_deploys(second)) == 1
 
 
 async def test_dockerhub_push_deploys_and_answers_the_callback(
