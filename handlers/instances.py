@@ -78,6 +78,8 @@ class Instance:
         return self.unit.container
 
     def describe_last_probe(self) -> str:
+        if self.prober is None:
+            return "not probed by this server: another server owns the service"
         return self.last_probe.detail if self.last_probe else "no probe has answered yet"
 
 

@@ -156,6 +156,13 @@ async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_pau
         assert counted["a"].get(mine_a, 0) >= 20 and counted["b"].get(mine_a, 0) == 0, counted
         assert counted["b"].get(mine_b, 0) >= 20 and counted["a"].get(mine_b, 0) == 0, counted
 
+        # The peer's answer says who probes: not it.
+        async with sessions["b"].get("/v1/services") as resp:
+            listed = {s["name"]: s["instances"] for s in (await resp.json())["services"]}
+        assert len(listed[mine_a]) == 2 and len(listed[mine_b]) == 2, listed
+        assert all("another server owns" in i["last_probe"] for i in listed[mine_a]), listed
+        assert all(i["healthy"] and i["routed"] for i in listed[mine_b]), listed
+
         # Garbage under the members' prefix, under an id that would own both services if it
         # counted: it is ignored, nothing moves.
         names = (f"ghost-{n}" for n in range(10_000))
