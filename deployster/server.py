@@ -118,7 +118,7 @@ class Deployster:
         self.router = router_for(settings, etcd)
         # Servers sharing etcd split the services: each is probed and reaped by one of them.
         self.membership = Membership(etcd, settings.etcd_prefix, ttl=MEMBER_TTL)
-        self.owners = Owners(self.membership)
+        self.owners = Owners(self.membership, etcd, self.store.locks.base)
         self.instances = InstancesHandler(
             self.bus,
             etcd,
@@ -240,6 +240,7 @@ class Deployster:
         # Read the members, probe this server's share, then join: peers hand over the
         # services that move here only once this server probes them.
         await self.membership.start()
+        await self.owners.start()
         await self.instances.start()
         self.membership.join()
         await self.reaper.start()
@@ -268,6 +269,7 @@ class Deployster:
             ("bus", self.bus),
             ("webhooks", self.webhooks),
             ("membership", self.membership),  # peers take this server's services now
+            ("owners", self.owners),
             ("reaper", self.reaper),
             ("deploys", self.deploys),
             ("instances", self.instances),

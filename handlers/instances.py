@@ -54,7 +54,7 @@ from deployster.routers import Router
 from deployster.store import Store
 from deployster.supervise import start_supervised
 from deployster.units import Announcement, instances_prefix, parse_announce_key
-from handlers.owners import Owners
+from handlers.owners import HANDOVER_GRACE, Owners
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +72,7 @@ class Instance:
     routed: bool = False
     last_probe: ProbeResult | None = None
     prober: asyncio.Task[None] | None = field(default=None, repr=False)
+    unowned_since: float | None = None  # monotonic time this server stopped owning it
 
     @property
     def server_id(self) -> str:
@@ -110,6 +111,7 @@ class InstancesHandler:
         self._policies: dict[str, ServicePolicy] = {}  # the last one read, for etcd outages
         self._deregistering: set[asyncio.Task[None]] = set()
         self._synced = asyncio.Event()  # the announcements were read once
+        self._handover: asyncio.TimerHandle | None = None  # the next look at unowned probers
 
     # -- the live view the deploy state machine reads -----------------------------------
 
@@ -174,6 +176,8 @@ class InstancesHandler:
             log.warning("announcements_unread", wait=wait)
 
     async def close(self) -> None:
+        if self._handover is not None:
+            self._handover.cancel()
         await cancel_and_wait(
             self._task, *(i.prober for i in self._instances.values()), *self._deregistering
         )
@@ -230,23 +234,41 @@ class InstancesHandler:
         )
 
     def _rebalance(self) -> None:
-        """Ownership changed: probe what is owned now, stop probing the rest. A stopped
-        prober leaves the router alone (the new owner takes it from there) and forgets what
-        it saw, so nothing here reads its stale health."""
-        started, stopped = set(), set()
+        """Ownership changed: probe what is owned now at once; stop probing the rest once it
+        has not been owned for ``HANDOVER_GRACE`` seconds (the new owner probes by then, and a
+        change undone meanwhile, such as a lock seen before its claim, changes nothing). A
+        stopped prober leaves the router alone (the new owner takes it from there) and forgets
+        what it saw, so nothing here reads its stale health."""
+        now = time.monotonic()
+        started, stopped, due = set(), set(), None
         for instance in self._instances.values():
-            owned = self.owns(instance.unit.service)
-            if owned and instance.prober is None:
-                self._start_prober(instance)
-                started.add(instance.unit.service)
-            elif not owned and instance.prober is not None:
+            if self.owns(instance.unit.service):
+                instance.unowned_since = None
+                if instance.prober is None:
+                    self._start_prober(instance)
+                    started.add(instance.unit.service)
+            elif instance.prober is not None:
+                if instance.unowned_since is None:
+                    instance.unowned_since = now
+                if now - instance.unowned_since < HANDOVER_GRACE:
+                    at = instance.unowned_since + HANDOVER_GRACE
+                    due = at if due is None else min(due, at)
+                    continue
                 instance.prober.cancel()
-                instance.prober = None
+                instance.prober, instance.unowned_since = None, None
                 instance.healthy, instance.healthy_since, instance.routed = False, None, False
                 instance.last_probe = None
                 stopped.add(instance.unit.service)
+        if due is not None and self._handover is None:
+            # A hair late rather than early: the clock's resolution must not cost a second look.
+            delay = due - now + 0.01
+            self._handover = asyncio.get_running_loop().call_later(delay, self._handover_due)
         if started or stopped:
             log.info("probing_moved", took_over=sorted(started), handed_over=sorted(stopped))
+
+    def _handover_due(self) -> None:
+        self._handover = None
+        self._rebalance()
 
     async def _withdraw(self, unit: UnitName) -> None:
         self._retired.discard(unit)

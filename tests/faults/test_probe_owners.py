@@ -1,5 +1,5 @@
 """Two servers split the probing: each service's instances are probed (and routed, and reaped)
-by one server; a server killed with -9 hands its services to the other within the member
+by one server, the one driving its deploy while it runs; a server killed with -9 hands its services to the other within the member
 lease's TTL; garbage under the members' prefix takes nothing from anyone; etcd paused, each
 server goes on probing what it had."""
 
@@ -30,7 +30,7 @@ from deployster.launchers import EtcdServer
 from deployster.membership import Member, members_prefix
 from deployster.naming import UnitName
 from deployster.routers import TraefikRouter
-from handlers.owners import MEMBER_TTL, owner
+from handlers.owners import HANDOVER_GRACE, MEMBER_TTL, owner
 
 POLICY: dict[str, Any] = {
     "health": {"interval": 0.1, "healthy_threshold": 1, "unhealthy_threshold": 3},
@@ -128,6 +128,17 @@ async def deployed(session: aiohttp.ClientSession, service: str, count: int) -> 
     return await wait_state(session, service, started["id"], ENDED, 60)
 
 
+async def versions_served(traefik: Traefik, host: str, requests: int) -> set[str]:
+    """The versions that answer ``requests`` requests through Traefik."""
+    found = set()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(requests):
+            async with session.get(traefik.web_url, headers={"Host": host}) as resp:
+                assert resp.status == 200, resp.status
+                found.add((await resp.json())["version"])
+    return found
+
+
 async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_paused(
     tmp_path: Path,
     private_etcd: EtcdServer,
@@ -149,6 +160,7 @@ async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_pau
         assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
         await wait_serving(fault_traefik, f"{mine_a}.localhost", "v1")
         await wait_serving(fault_traefik, f"{mine_b}.localhost", "v1")
+        await asyncio.sleep(HANDOVER_GRACE + 0.5)  # the deploying servers let go
 
         counted = await probed_in(sessions, 2.0)
         print(f"\n[owners] probes in 2 s: {counted}")
@@ -156,10 +168,31 @@ async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_pau
         assert counted["a"].get(mine_a, 0) >= 20 and counted["b"].get(mine_a, 0) == 0, counted
         assert counted["b"].get(mine_b, 0) >= 20 and counted["a"].get(mine_b, 0) == 0, counted
 
+        # A deploy of mine_a through b again, replacing v1: while b holds the service's lock,
+        # a stands back and b alone probes; the v1 instances b retired never come back.
+        slow = {**POLICY, "min_healthy_time": 5}
+        async with sessions["b"].put(f"/v1/services/{mine_a}/policy", json={"policy": slow}) as r:
+            assert r.status == 200, await r.text()
+        second = await deploy(
+            sessions["b"], mine_a, {"version": "v2", "instance_count": 2, "destroy_previous": True}
+        )
+        running = await wait_state(sessions["b"], mine_a, second["id"], ("running", *ENDED), 30)
+        assert running["state"] == "running", running
+        await asyncio.sleep(HANDOVER_GRACE + 0.2)
+        counted = await probed_in(sessions, 1.0)
+        assert counted["a"].get(mine_a, 0) == 0 and counted["b"].get(mine_a, 0) >= 10, counted
+        done = await wait_state(sessions["b"], mine_a, second["id"], ENDED, 60)
+        assert done["state"] == "succeeded", done
+        await asyncio.sleep(HANDOVER_GRACE + 0.5)  # a takes mine_a back, b lets go
+        assert await versions_served(fault_traefik, f"{mine_a}.localhost", 20) == {"v2"}
+        counted = await probed_in(sessions, 1.0)
+        assert counted["a"].get(mine_a, 0) >= 10 and counted["b"].get(mine_a, 0) == 0, counted
+        assert await versions_served(fault_traefik, f"{mine_a}.localhost", 20) == {"v2"}
+
         # The peer's answer says who probes: not it.
         async with sessions["b"].get("/v1/services") as resp:
             listed = {s["name"]: s["instances"] for s in (await resp.json())["services"]}
-        assert len(listed[mine_a]) == 2 and len(listed[mine_b]) == 2, listed
+        assert len(listed[mine_a]) == len(listed[mine_b]) == 2, listed
         assert all("another server owns" in i["last_probe"] for i in listed[mine_a]), listed
         assert all(i["healthy"] and i["routed"] for i in listed[mine_b]), listed
 
@@ -180,9 +213,10 @@ async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_pau
         finally:
             await client.close()
 
-        # etcd frozen (shorter than the member TTL): both go on probing what they had, and
-        # neither takes the other's services; /metrics needs no etcd.
-        async with fault_etcd.paused(6):
+        # etcd frozen for 5 s (the member keys live on: a lease is refreshed every 5 s and
+        # lasts 15 s): both go on probing what they had, and neither takes the other's
+        # services; /metrics needs no etcd.
+        async with fault_etcd.paused(1):
             await asyncio.sleep(1)
             counted = await probed_in(sessions, 3.0)
         print(f"[owners] probes in 3 s with etcd paused: {counted}")

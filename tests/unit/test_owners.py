@@ -14,6 +14,7 @@ import pytest
 from deployster import etcd as etcd_adapter
 from deployster.etcd import WatchEvent
 from deployster.membership import Member, Membership, members_prefix
+from deployster.store import LockHolder
 from handlers.owners import Owners, owner
 
 SERVICES = [f"svc-{n}" for n in range(1000)]
@@ -82,9 +83,10 @@ def member_value(member_id: str) -> str:
 
 
 def ownership(me: str) -> tuple[Membership, Owners]:
-    # Never connected: the member view is fed through the watch's callbacks.
-    membership = Membership(etcd_adapter.client("http://127.0.0.1:9"), "/p", ttl=5, server_id=me)
-    return membership, Owners(membership)
+    # Never connected: members and locks are fed through the watches' callbacks.
+    client = etcd_adapter.client("http://127.0.0.1:9")
+    membership = Membership(client, "/p", ttl=5, server_id=me)
+    return membership, Owners(membership, client, "/p/locks")
 
 
 async def test_garbage_under_the_members_prefix_is_no_member() -> None:
@@ -135,3 +137,34 @@ async def test_a_server_counts_itself_and_hears_of_every_change() -> None:
     assert not owners.owns(theirs) and len(changes) == 3
     owners.release(theirs)  # an extra release changes nothing
     assert not owners.owns(theirs) and len(changes) == 3
+
+
+async def test_a_deploy_lock_held_elsewhere_takes_the_service_from_its_hash_owner() -> None:
+    me, peer = MEMBERS[0], MEMBERS[1]
+    membership, owners = ownership(me)
+    changes: list[int] = []
+    owners.subscribe(lambda: changes.append(1))
+    await membership._on_resync({f"{members_prefix('/p')}{peer}": member_value(peer)}, 1)
+    mine = [s for s in SERVICES if owner(s, [me, peer]) == me]
+    held = LockHolder(holder="deploy-1", lease=7).model_dump_json()
+    await owners._on_locks(
+        {
+            f"/p/locks/{mine[0]}": held,
+            f"/p/locks/{mine[1]}": "garbage",  # no lock: the service stays with its owner
+            "/p/locks/a/b": held,
+        },
+        1,
+    )
+    assert not owners.owns(mine[0]) and owners.owns(mine[1])
+    owners.claim(mine[0])  # the deploy is driven here after all
+    assert owners.owns(mine[0])
+    owners.release(mine[0])
+    assert not owners.owns(mine[0])
+    count = len(changes)
+    await owners._on_lock(WatchEvent("delete", f"/p/locks/{mine[0]}", None, 2))
+    assert owners.owns(mine[0]) and len(changes) == count + 1
+    # A lock overwritten with garbage is no lock.
+    await owners._on_lock(WatchEvent("put", f"/p/locks/{mine[2]}", held, 3))
+    assert not owners.owns(mine[2])
+    await owners._on_lock(WatchEvent("put", f"/p/locks/{mine[2]}", "}{", 4))
+    assert owners.owns(mine[2])
