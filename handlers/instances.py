@@ -19,10 +19,11 @@ routed as soon as etcd is back. A withdrawn instance's deregistration is retried
 succeeds. The watch and every prober run supervised: a crash is logged and they start again.
 
 With several servers, each service is probed and routed by its owner (``handlers/owners.py``:
-one live server by rendezvous hashing, plus the server driving a deploy of it). Every server
-still follows every announcement, so when ownership moves (a peer died, joined or left) the
-probers of newly owned services start at once and those of services no longer owned stop,
-leaving the router as it is: the new owner carries on from what it probes. A server that
+one live server by rendezvous hashing, or the server driving a deploy of it). Every server
+still follows every announcement, so when ownership moves (a peer died, joined or left, a
+deploy began or ended) the probers of newly owned services start at once and those of
+services no longer owned stop a moment later, leaving the router as it is: the new owner
+carries on from what it probes. A server that
 takes over an instance does not know whether it is routed, so an instance found unhealthy is
 always deregistered (a deregistration of a server the router does not hold changes nothing).
 

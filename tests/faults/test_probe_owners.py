@@ -276,3 +276,42 @@ async def test_a_killed_server_s_instances_are_probed_by_its_peer(
         counted = await probed_in({"b": sessions["b"]}, 1.0)
         assert counted["b"].get(mine_a, 0) >= 5, counted  # the live instance, by b now
         await wait_serving(fault_traefik, f"{mine_a}.localhost", "v1")
+
+
+async def test_after_an_etcd_outage_longer_than_the_ttl_the_servers_split_the_work_again(
+    tmp_path: Path,
+    private_etcd: EtcdServer,
+    fault_fleet: tuple[str, Paused],
+    fault_traefik: Traefik,
+    fault_etcd: Paused,
+) -> None:
+    """etcd frozen past the member TTL: every key expires when it wakes; both servers kept
+    probing their share meanwhile, then write their keys again and split as before."""
+    async with two_servers(tmp_path, private_etcd, fault_fleet[0], fault_traefik) as (
+        servers,
+        sessions,
+        ids,
+    ):
+        mine_a, mine_b = services_owned(ids)
+        done = await asyncio.gather(
+            deployed(sessions["a"], mine_a, 1), deployed(sessions["b"], mine_b, 1)
+        )
+        assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
+        async with fault_etcd.paused(MEMBER_TTL + 2):
+            await asyncio.sleep(1)
+            counted = await probed_in(sessions, 2.0)
+        assert counted["a"].get(mine_a, 0) >= 10 and counted["b"].get(mine_b, 0) >= 10, counted
+        assert counted["b"].get(mine_a, 0) == counted["a"].get(mine_b, 0) == 0, counted
+
+        async def split_again() -> dict[str, dict[str, float]] | None:
+            counted = await probed_in(sessions, 1.0)
+            alone = counted["b"].get(mine_a, 0) == counted["a"].get(mine_b, 0) == 0
+            going = counted["a"].get(mine_a, 0) >= 5 and counted["b"].get(mine_b, 0) >= 5
+            return counted if alone and going else None
+
+        resumed = time.monotonic()
+        await eventually(split_again, timeout=20, interval=0)
+        print(f"\n[owners] split again {time.monotonic() - resumed:.1f} s after etcd woke")
+        logs = [s.log_text() for s in servers]
+        assert all("member_key_gone" in log for log in logs), logs
+        assert all(log.count("member_registered") >= 2 for log in logs)
