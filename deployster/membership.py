@@ -67,8 +67,8 @@ class Membership:
 
     ``members`` always holds this server's own id: a server that cannot see its own key (not
     written yet, or lost in an outage) still counts itself, so it keeps its share of the work
-    rather than dropping it. ``on_change`` is called (synchronously) after each change of
-    ``members``.
+    rather than dropping it. Listeners (:meth:`subscribe`) are called, synchronously, after
+    each change of ``members``.
     """
 
     def __init__(
@@ -77,13 +77,12 @@ class Membership:
         prefix: str,
         ttl: int,
         server_id: str | None = None,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.etcd = etcd
         self.prefix = members_prefix(prefix)
         self.ttl = ttl
         self.id = server_id or new_server_id()
-        self.on_change = on_change
+        self._listeners: list[Callable[[], None]] = []
         self._seen: frozenset[str] = frozenset()  # the valid member keys the watch last saw
         self._keeper = LeaseKeeper(etcd, ttl=ttl)
         self._lost = asyncio.Event()  # our key was deleted while its lease lived
@@ -100,10 +99,8 @@ class Membership:
     def members(self) -> frozenset[str]:
         return self._seen | {self.id}
 
-    @property
-    def registered(self) -> bool:
-        """True while this server's own key is in the view (written and seen back)."""
-        return self.id in self._seen
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -190,8 +187,8 @@ class Membership:
         joined, left = seen - self._seen, self._seen - seen
         self._seen = seen
         log.info("members_changed", joined=sorted(joined), left=sorted(left), members=len(seen))
-        if self.on_change is not None:
-            self.on_change()
+        for listener in self._listeners:
+            listener()
 
     async def _on_resync(self, snapshot: dict[str, str], revision: int) -> None:
         seen = frozenset(

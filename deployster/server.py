@@ -235,10 +235,10 @@ class Deployster:
         return cls(settings, etcd, fleet, template, deploy_config)
 
     async def start(self) -> int:
-        """Join the servers, follow the instances, adopt the task containers a previous run left, and resume
-        unfinished deploys; returns how many deploys resumed."""
-        # Read the members, probe this server's share, then join: peers hand over the
-        # services that move here only once this server probes them.
+        """Join the servers, follow the instances, adopt the task containers a previous run
+        left, and resume unfinished deploys; returns how many deploys resumed."""
+        # Read the members and the deploy locks, probe this server's share, then join:
+        # peers hand over the services that move here only once this server probes them.
         await self.membership.start()
         await self.owners.start()
         await self.instances.start()

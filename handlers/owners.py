@@ -75,7 +75,7 @@ class Owners:
         self._cache: dict[str, bool] = {}
         self._members: Collection[str] = frozenset()
         self._listeners: list[Callable[[], None]] = []
-        membership.on_change = self._changed
+        membership.subscribe(self._changed)
 
     @property
     def id(self) -> str:
