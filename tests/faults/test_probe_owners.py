@@ -315,3 +315,32 @@ async def test_after_an_etcd_outage_longer_than_the_ttl_the_servers_split_the_wo
         logs = [s.log_text() for s in servers]
         assert all("member_key_gone" in log for log in logs), logs
         assert all(log.count("member_registered") >= 2 for log in logs)
+
+
+async def test_a_clean_stop_hands_the_services_over_at_once(
+    tmp_path: Path,
+    private_etcd: EtcdServer,
+    fault_fleet: tuple[str, Paused],
+    fault_traefik: Traefik,
+) -> None:
+    """SIGTERM revokes the member lease: the peer probes the stopped server's services within
+    a moment, not after the TTL."""
+    async with two_servers(tmp_path, private_etcd, fault_fleet[0], fault_traefik) as (
+        servers,
+        sessions,
+        ids,
+    ):
+        mine_a, _ = services_owned(ids)
+        record = await deployed(sessions["a"], mine_a, 1)
+        assert record["state"] == "succeeded", record
+        assert (await probes(sessions["b"])).get(mine_a, 0) == 0
+        stopped_at = time.monotonic()
+        assert servers[0].stop() == 0, servers[0].log_text()
+
+        async def b_probes() -> bool:
+            return (await probes(sessions["b"])).get(mine_a, 0) > 0
+
+        await eventually(b_probes, timeout=MEMBER_TTL, interval=0.1)
+        took = time.monotonic() - stopped_at
+        print(f"\n[owners] the peer probed the stopped server's service {took:.1f} s after SIGTERM")
+        assert took < 3, took
