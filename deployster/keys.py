@@ -14,6 +14,7 @@ All keys live under the server's ``--etcd-prefix`` (``/deployster`` by default):
 | ``task-locks/<service>`` | the lock of an exclusive task, on its lease | tasks |
 | ``notifications/pending/<id>`` | a notification not yet delivered | the notifier |
 | ``notifications/outcomes/<service>/<time>-<id>`` | the last deliveries' outcomes | the notifier |
+| ``servers/<server-id>`` | a live server (who owns which service follows from these) | each server, on its lease |
 | ``instances/<service>/<version>:<timestamp>/<n>`` | an instance's announcement | the unit itself |
 
 The router's keys (vulcand's, Traefik's) are the router's wire format and live with its adapter
@@ -119,6 +120,14 @@ def pending_key(prefix: str, delivery_id: str) -> str:
 
 def outcomes_prefix(prefix: str, service: str) -> str:
     return f"{_base(prefix)}/notifications/outcomes/{service}/"
+
+
+# -- servers ----------------------------------------------------------------------------
+
+
+def members_prefix(prefix: str) -> str:
+    """Live servers: ``<prefix>/servers/<id>``, each on its own lease."""
+    return f"{_base(prefix)}/servers/"
 
 
 # -- instance announcements -------------------------------------------------------------

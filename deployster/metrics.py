@@ -7,6 +7,8 @@ probe, the bus's queue depth) is reported by its owner through this object.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -43,6 +45,22 @@ class Metrics:
             "deployster_health_probe_failures",
             "Health probes that failed, by service.",
             ["service"],
+            registry=self.registry,
+        )
+        self.probes = Counter(
+            "deployster_health_probes",
+            "Health probes this server made, by service (each service is probed by its owner).",
+            ["service"],
+            registry=self.registry,
+        )
+        self.owned_services = Gauge(
+            "deployster_owned_services",
+            "Announced services this server probes and reaps now.",
+            registry=self.registry,
+        )
+        self.members = Gauge(
+            "deployster_cluster_members",
+            "Live servers this server sees, itself included.",
             registry=self.registry,
         )
         self.webhooks = Counter(
@@ -84,8 +102,15 @@ class Metrics:
         if result == "rolled_back":
             self.rollbacks.inc()
 
-    def probe_failed(self, service: str) -> None:
-        self.probe_failures.labels(service).inc()
+    def probed(self, service: str, ok: bool) -> None:
+        self.probes.labels(service).inc()
+        if not ok:
+            self.probe_failures.labels(service).inc()
+
+    def ownership(self, owned: Callable[[], int], members: Callable[[], int]) -> None:
+        """Read the two ownership gauges from their owners at each scrape."""
+        self.owned_services.set_function(owned)
+        self.members.set_function(members)
 
     def webhook_decided(self, source: str, result: str) -> None:
         self.webhooks.labels(source, result).inc()

@@ -23,6 +23,7 @@ from deployster.config import Settings
 from deployster.docker import DockerClient, parse_endpoint
 from deployster.fleet import FleetClient
 from deployster.logs import AccessLogger
+from deployster.membership import Membership
 from deployster.metrics import Metrics
 from deployster.routers import Router, TraefikRouter, VulcandRouter
 from deployster.store import NotificationStore, Store, TaskStore
@@ -33,6 +34,7 @@ from deployster.webhooks import SOURCES as WEBHOOK_SOURCES
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
 from handlers.notify import Notifier
+from handlers.owners import MEMBER_TTL, Owners
 from handlers.reaper import Reaper
 from handlers.tasks import TaskConfig, TaskRunner
 from handlers.webhooks import WebhookHandler
@@ -114,9 +116,19 @@ class Deployster:
         self.metrics.register()
         self.store = Store(etcd, settings.etcd_prefix)
         self.router = router_for(settings, etcd)
+        # Servers sharing etcd split the services: each is probed and reaped by one of them.
+        self.membership = Membership(etcd, settings.etcd_prefix, ttl=MEMBER_TTL)
+        self.owners = Owners(self.membership, etcd, self.store.locks.base)
         self.instances = InstancesHandler(
-            self.bus, etcd, self.store, self.router, settings.etcd_prefix, self.metrics
+            self.bus,
+            etcd,
+            self.store,
+            self.router,
+            settings.etcd_prefix,
+            self.metrics,
+            owners=self.owners,
         )
+        self.metrics.ownership(self.instances.owned_services, lambda: len(self.membership.members))
         self.deploys = DeployHandler(
             self.bus,
             fleet,
@@ -143,6 +155,7 @@ class Deployster:
             settings.etcd_prefix,
             interval=settings.reconcile_interval,
             keep=settings.history,
+            owns=self.owners.owns,
         )
         self.reaper.register()
         self.webhooks = WebhookHandler(
@@ -222,9 +235,14 @@ class Deployster:
         return cls(settings, etcd, fleet, template, deploy_config)
 
     async def start(self) -> int:
-        """Follow the instances, adopt the task containers a previous run left, and resume
-        unfinished deploys; returns how many deploys resumed."""
+        """Join the servers, follow the instances, adopt the task containers a previous run
+        left, and resume unfinished deploys; returns how many deploys resumed."""
+        # Read the members and the deploy locks, probe this server's share, then join:
+        # peers hand over the services that move here only once this server probes them.
+        await self.membership.start()
+        await self.owners.start()
         await self.instances.start()
+        self.membership.join()
         await self.reaper.start()
         await self.tasks.start()
         await self.notifier.start()
@@ -246,6 +264,8 @@ class Deployster:
             ("notifications", self.notifier),
             ("bus", self.bus),
             ("webhooks", self.webhooks),
+            ("membership", self.membership),  # peers take this server's services now
+            ("owners", self.owners),
             ("reaper", self.reaper),
             ("deploys", self.deploys),
             ("instances", self.instances),

@@ -439,6 +439,7 @@ class DeployHandler:
         )
         if isinstance(taken, LeaseKeeper):
             self._keepers[record.id] = taken
+            self.instances.claim(record.service)  # the deploy reads this server's probes
             if not record.started_at:
                 record.started_at = time.time()
         return taken
@@ -464,6 +465,7 @@ class DeployHandler:
             lease_expired=keeper.expired.is_set(),
         )
         del self._keepers[record.id]
+        self.instances.release(record.service)
         await keeper.stop()
         return False
 
@@ -477,6 +479,7 @@ class DeployHandler:
         lease, which is no longer kept alive."""
         keeper = self._keepers.pop(record.id, None)
         if keeper is not None:
+            self.instances.release(record.service)
             await keeper.stop()
         try:
             await self.store.locks.release(record.service, record.id)

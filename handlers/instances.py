@@ -18,6 +18,15 @@ answering leaves the router as soon as the router can be written, and a healthy 
 routed as soon as etcd is back. A withdrawn instance's deregistration is retried until it
 succeeds. The watch and every prober run supervised: a crash is logged and they start again.
 
+With several servers, each service is probed and routed by its owner (``handlers/owners.py``:
+one live server by rendezvous hashing, or the server driving a deploy of it). Every server
+still follows every announcement, so when ownership moves (a peer died, joined or left, a
+deploy began or ended) the probers of newly owned services start at once and those of
+services no longer owned stop a moment later, leaving the router as it is: the new owner
+carries on from what it probes. A server that
+takes over an instance does not know whether it is routed, so an instance found unhealthy is
+always deregistered (a deregistration of a server the router does not hold changes nothing).
+
 The deploy state machine reads the live view (:meth:`InstancesHandler.get`) to decide when a
 new release is healthy and routed, and *retires* instances it is replacing or rolling back, so
 that a late successful probe never puts them back into rotation.
@@ -47,6 +56,7 @@ from deployster.routers import Router
 from deployster.store import Store
 from deployster.supervise import start_supervised
 from deployster.units import Announcement
+from handlers.owners import HANDOVER_GRACE, Owners
 
 log = structlog.get_logger(__name__)
 
@@ -64,12 +74,15 @@ class Instance:
     routed: bool = False
     last_probe: ProbeResult | None = None
     prober: asyncio.Task[None] | None = field(default=None, repr=False)
+    unowned_since: float | None = None  # monotonic time this server stopped owning it
 
     @property
     def server_id(self) -> str:
         return self.unit.container
 
     def describe_last_probe(self) -> str:
+        if self.prober is None:
+            return "not probed by this server: another server owns the service"
         return self.last_probe.detail if self.last_probe else "no probe has answered yet"
 
 
@@ -82,6 +95,7 @@ class InstancesHandler:
         router: Router,
         prefix: str,
         metrics: Metrics | None = None,
+        owners: Owners | None = None,
     ) -> None:
         self.bus = bus
         self.etcd = etcd
@@ -89,12 +103,17 @@ class InstancesHandler:
         self.router = router
         self.prefix = prefix
         self.metrics = metrics
+        self.owners = owners  # None: this server alone, it owns every service
+        if owners is not None:
+            owners.subscribe(self._rebalance)
         self._instances: dict[UnitName, Instance] = {}
         self._retired: set[UnitName] = set()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._policies: dict[str, ServicePolicy] = {}  # the last one read, for etcd outages
         self._deregistering: set[asyncio.Task[None]] = set()
+        self._synced = asyncio.Event()  # the announcements were read once
+        self._handover: asyncio.TimerHandle | None = None  # the next look at unowned probers
 
     # -- the live view the deploy state machine reads -----------------------------------
 
@@ -124,9 +143,28 @@ class InstancesHandler:
     def of_service(self, service: str) -> list[Instance]:
         return [i for u, i in self._instances.items() if u.service == service]
 
+    def owns(self, service: str) -> bool:
+        return self.owners is None or self.owners.owns(service)
+
+    def claim(self, service: str) -> None:
+        """A deploy of ``service`` is driven here: probe it, whoever owns it (until
+        :meth:`release`), since the deploy reads this live view."""
+        if self.owners is not None:
+            self.owners.claim(service)
+
+    def release(self, service: str) -> None:
+        if self.owners is not None:
+            self.owners.release(service)
+
+    def owned_services(self) -> int:
+        """How many announced services this server probes now."""
+        return sum(1 for s in {u.service for u in self._instances} if self.owns(s))
+
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, wait: float = 5.0) -> None:
+        """Follow the announcements; return once they were read and the probers of the owned
+        services started (or after ``wait`` seconds, the watch going on)."""
         self._session = aiohttp.ClientSession()
         self._task = start_supervised(
             "instances-watch",
@@ -134,8 +172,14 @@ class InstancesHandler:
                 self.etcd, instances_prefix(self.prefix), self._on_event, self._on_resync
             ),
         )
+        try:
+            await asyncio.wait_for(self._synced.wait(), wait)
+        except TimeoutError:
+            log.warning("announcements_unread", wait=wait)
 
     async def close(self) -> None:
+        if self._handover is not None:
+            self._handover.cancel()
         await cancel_and_wait(
             self._task, *(i.prober for i in self._instances.values()), *self._deregistering
         )
@@ -164,6 +208,7 @@ class InstancesHandler:
                 await self._withdraw(unit)
         for unit, value in announced.items():
             await self._announce(unit, value)
+        self._synced.set()
 
     async def _announce(self, unit: UnitName, value: str) -> None:
         try:
@@ -178,22 +223,66 @@ class InstancesHandler:
             await self._withdraw(unit)
         instance = Instance(unit=unit, url=announcement.url, machine=announcement.machine)
         self._instances[unit] = instance
-        instance.prober = start_supervised(
-            f"probe:{unit}",
-            lambda: self._probe_forever(instance),
-            service=unit.service,
-            unit=str(unit),
-        )
+        if self.owns(unit.service):
+            self._start_prober(instance)
         log.info("instance_announced", service=unit.service, unit=str(unit), url=instance.url)
+
+    def _start_prober(self, instance: Instance) -> None:
+        instance.prober = start_supervised(
+            f"probe:{instance.unit}",
+            lambda: self._probe_forever(instance),
+            service=instance.unit.service,
+            unit=str(instance.unit),
+        )
+
+    def _rebalance(self) -> None:
+        """Ownership changed: probe what is owned now at once; stop probing the rest once it
+        has not been owned for ``HANDOVER_GRACE`` seconds (the new owner probes by then, and a
+        change undone meanwhile, such as a lock seen before its claim, changes nothing). A
+        stopped prober leaves the router alone (the new owner takes it from there) and forgets
+        what it saw, so nothing here reads its stale health."""
+        now = time.monotonic()
+        started, stopped, due = set(), set(), None
+        for instance in self._instances.values():
+            if self.owns(instance.unit.service):
+                instance.unowned_since = None
+                if instance.prober is None:
+                    self._start_prober(instance)
+                    started.add(instance.unit.service)
+            elif instance.prober is not None:
+                if instance.unowned_since is None:
+                    instance.unowned_since = now
+                if now - instance.unowned_since < HANDOVER_GRACE:
+                    at = instance.unowned_since + HANDOVER_GRACE
+                    due = at if due is None else min(due, at)
+                    continue
+                instance.prober.cancel()
+                instance.prober, instance.unowned_since = None, None
+                instance.healthy, instance.healthy_since, instance.routed = False, None, False
+                instance.last_probe = None
+                stopped.add(instance.unit.service)
+        if due is not None and self._handover is None:
+            # A hair late rather than early: the clock's resolution must not cost a second look.
+            delay = due - now + 0.01
+            self._handover = asyncio.get_running_loop().call_later(delay, self._handover_due)
+        if started or stopped:
+            log.info("probing_moved", took_over=sorted(started), handed_over=sorted(stopped))
+
+    def _handover_due(self) -> None:
+        self._handover = None
+        self._rebalance()
 
     async def _withdraw(self, unit: UnitName) -> None:
         self._retired.discard(unit)
         instance = self._instances.pop(unit, None)
         if instance is None:
             return
+        # Probed here: this server owns it, routed or not in its memory (a peer may have
+        # routed it before the service moved here). Otherwise its owner deregisters it.
+        probed = instance.prober is not None
         if instance.prober is not None:
             instance.prober.cancel()
-        if instance.routed:
+        if probed:
             try:
                 await self.router.deregister(unit.service, instance.server_id)
             except Exception as exc:
@@ -239,8 +328,8 @@ class InstancesHandler:
             started = time.monotonic()
             result = await probe(self._session, instance.url, policy.health)
             instance.last_probe = result
-            if not result.ok and self.metrics is not None:
-                self.metrics.probe_failed(unit.service)
+            if self.metrics is not None:
+                self.metrics.probed(unit.service, result.ok)
             pending = tracker.observe(result) or pending
             try:
                 if pending is Transition.BECAME_HEALTHY:
@@ -285,9 +374,10 @@ class InstancesHandler:
     async def _unhealthy(self, instance: Instance, result: ProbeResult) -> None:
         unit = instance.unit
         instance.healthy, instance.healthy_since = False, None
-        if instance.routed:
-            await self.router.deregister(unit.service, instance.server_id)
-            instance.routed = False
+        # Routed or not in this process's memory: a peer may have routed it before this
+        # server took the service over (or an earlier run of this server did).
+        await self.router.deregister(unit.service, instance.server_id)
+        instance.routed = False
         log.warning("instance_unhealthy", url=instance.url, probe=result.detail)
         self.bus.publish(
             InstanceUnhealthy(

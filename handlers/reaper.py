@@ -11,6 +11,9 @@ announcements as they are, and:
   The delete compares the value, so a fresh announcement under the same key is never lost.
 - deregisters a router server that no announcement stands behind.
 
+With several servers, each reconciles only the services it owns (``owns``: the ownership
+policy of ``handlers/owners.py``), so every service is reaped by one server.
+
 A finding is acted on only when two passes in a row agree, so a unit caught between two
 states is left alone. A pass that cannot read fleet or etcd changes nothing.
 
@@ -22,7 +25,7 @@ rollback would return to; unfinished deploys are never touched.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -113,6 +116,7 @@ class Reaper:
         prefix: str,
         interval: float = 30.0,
         keep: int = 10,
+        owns: Callable[[str], bool] = lambda service: True,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
@@ -121,6 +125,7 @@ class Reaper:
         self.prefix = prefix
         self.interval = interval
         self.keep = keep
+        self.owns = owns  # which services this server reaps (by default, every one)
         # What the previous pass found: acted on when this pass finds it again.
         self._suspects: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -147,7 +152,7 @@ class Reaper:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                records = await self.store.list_deploys()
+                records = [r for r in await self.store.list_deploys() if self.owns(r.service)]
                 await self.reconcile({r.service for r in records})
                 await self._prune(records)
             except Exception as exc:
@@ -175,13 +180,15 @@ class Reaper:
 
     async def reconcile(self, services: set[str]) -> list[str]:
         """One pass over the announcements and over the router servers of ``services`` (and of
-        every announced service); returns what it did, one sentence each."""
+        every announced service), those this server owns; returns what it did, one sentence
+        each."""
         fleet = FleetView.of(
             await self.fleet.list_units(),
             await self.fleet.list_states(),
             await self.fleet.list_machines(),
         )
-        announced = await self._announced()
+        announced = [a for a in await self._announced() if self.owns(a.unit.service)]
+        services = {s for s in services if self.owns(s)}
         stale = {}
         for n, found in enumerate(announced, 1):
             reason = stale_reason(found, fleet)
