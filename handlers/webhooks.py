@@ -328,7 +328,11 @@ class WebhookHandler:
     async def on_deploy_ended(self, event: DeploySucceeded | DeployFailed) -> None:
         """Answer the Docker Hub callback of a pushed deploy that ended (on whichever server
         ended it: the callback is kept in etcd with the deploy)."""
-        kept = await self.store.take_callback(event.service, event.deploy_id)
+        try:
+            kept = await self.store.take_callback(event.service, event.deploy_id)
+        except EtcdError as exc:  # best effort, as the callback itself
+            log.warning("dockerhub_callback_unread", deploy_id=event.deploy_id, reason=str(exc))
+            return
         if kept is None:
             return
         try:
@@ -336,11 +340,12 @@ class WebhookHandler:
         except ValidationError:
             log.warning("dockerhub_callback_unreadable", deploy_id=event.deploy_id)
             return
-        tag, deploy_id = push.tag, event.deploy_id
+        tag, deploy_id, record = push.tag, event.deploy_id, None
         if isinstance(event, DeploySucceeded):
             self._callback(push, "success", f"Deployster deployed {tag} (deploy {deploy_id}).")
             return
-        record = await self.store.get_deploy(event.service, deploy_id)
+        with contextlib.suppress(EtcdError):
+            record = await self.store.get_deploy(event.service, deploy_id)
         if record is not None and not record.submitted_at:  # no unit ever ran
             self._callback(push, "error", f"Deployster could not deploy {tag}: {event.reason}")
         else:
@@ -349,7 +354,7 @@ class WebhookHandler:
     # -- reporting ---------------------------------------------------------------------
 
     def _callback(self, push: ImagePushed, state: str, description: str) -> None:
-        """Docker Hub's callback (`docs/webhooks.md` §1.2), sent beside the worker."""
+        """Docker Hub's callback (`docs/webhooks.md` §1.2), sent beside the bus lane."""
         if not push.callback_url:
             return
         task = asyncio.create_task(self._send_callback(push.callback_url, state, description))
