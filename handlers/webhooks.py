@@ -101,10 +101,12 @@ class Decision(BaseModel):
 
 
 def read_queued(queued: QueuedPush) -> ImagePushed | None:
-    """The push in a service's slot, or None when the slot holds something else (garbage)."""
+    """The push in a service's slot, or None when the slot holds something else (garbage:
+    only a push of that service with a tag that can be a version was ever queued)."""
     try:
         push = ImagePushed.model_validate_json(queued.value)
-    except ValidationError:
+        naming.validate_version(push.tag)
+    except (ValidationError, naming.InvalidName):
         return None
     return push if push.service == queued.service else None
 

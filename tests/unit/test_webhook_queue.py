@@ -50,6 +50,7 @@ def test_a_push_of_the_slots_service_is_read_back_with_its_callback() -> None:
         "[]",
         "",
         PUSH.model_copy(update={"service": "other"}).model_dump_json(),  # another service's
+        PUSH.model_copy(update={"tag": "../v1 x"}).model_dump_json(),  # never a version
     ],
 )
 def test_anything_else_in_the_slot_is_garbage(value: str) -> None:
