@@ -85,9 +85,13 @@ def queued_key(prefix: str, service: str) -> str:
     return f"{queued_prefix(prefix)}{service}"
 
 
+def callbacks_prefix(prefix: str) -> str:
+    return f"{_base(prefix)}/webhooks/callbacks/"
+
+
 def callback_key(prefix: str, service: str, deploy_id: str) -> str:
     """The Docker Hub callback to answer when the deploy a push started ends (a secret URL)."""
-    return f"{_base(prefix)}/webhooks/callbacks/{service}/{deploy_id}"
+    return f"{callbacks_prefix(prefix)}{service}/{deploy_id}"
 
 
 # -- tasks ------------------------------------------------------------------------------

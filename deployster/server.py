@@ -248,7 +248,11 @@ class Deployster:
         await self.notifier.start()
         resumed = await self.deploys.resume()
         if self.webhooks.enabled:
-            log.info("webhooks_on", sources=self.webhooks.enabled)
+            log.info(
+                "webhooks_on",
+                sources=self.webhooks.enabled,
+                callbacks_answered=await self.webhooks.start(),
+            )
         else:
             log.warning(
                 "webhooks_off",

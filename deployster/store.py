@@ -345,6 +345,14 @@ class Store:
         value: bytes = deleted.prev_kv.value
         return value.decode(errors="replace")
 
+    async def kept_callbacks(self) -> list[tuple[str, str]]:
+        """(service, deploy id) of every callback kept for a deploy's end."""
+        base = keys.callbacks_prefix(self.prefix)
+        with _etcd_errors():
+            found = await self.etcd.get_prefix(base.encode(), keys_only=True)
+        kept = (kv.key.decode()[len(base) :].partition("/") for kv in found)
+        return sorted((service, deploy_id) for service, _, deploy_id in kept)
+
     async def queued_services(self) -> list[str]:
         """The services with a queued push."""
         base = keys.queued_prefix(self.prefix)

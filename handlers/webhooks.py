@@ -26,7 +26,7 @@ it:
 5. **Report.** Every decision goes to the log, to the last 100 of ``GET /v1/webhooks/events``,
    and, for Docker Hub, to its ``callback_url`` once the deploy ends: the callback is written
    beside the deploy record in the same transaction and taken by the server that ends the
-   deploy (best effort: a callback that fails is logged, never the deploy's failure; its URL is
+   deploy, or by the next server to start should that one stop first (best effort: a callback that fails is logged, never the deploy's failure; its URL is
    a capability and never logged).
 """
 
@@ -58,7 +58,7 @@ from deployster.events import (
 )
 from deployster.metrics import Metrics
 from deployster.policy import ServicePolicy
-from deployster.records import DeployRecord, DeployStep, new_deploy_id
+from deployster.records import DeployRecord, DeployState, DeployStep, new_deploy_id
 from deployster.releases import live_release
 from deployster.store import QueuedPush, Store
 from deployster.tagpolicy import parse_version
@@ -95,10 +95,12 @@ class Decision(BaseModel):
 
 
 def read_queued(queued: QueuedPush) -> ImagePushed | None:
-    """The push in a service's slot, or None when the slot holds something else (garbage)."""
+    """The push in a service's slot, or None when the slot holds something else (garbage:
+    only a push of that service with a tag that can be a version was ever queued)."""
     try:
         push = ImagePushed.model_validate_json(queued.value)
-    except ValidationError:
+        naming.validate_version(push.tag)
+    except (ValidationError, naming.InvalidName):
         return None
     return push if push.service == queued.service else None
 
@@ -329,28 +331,48 @@ class WebhookHandler:
     async def on_deploy_ended(self, event: DeploySucceeded | DeployFailed) -> None:
         """Answer the Docker Hub callback of a pushed deploy that ended (on whichever server
         ended it: the callback is kept in etcd with the deploy)."""
-        kept = await self.store.take_callback(event.service, event.deploy_id)
-        if kept is None:
-            return
+        await self._answer(event.service, event.deploy_id)
+
+    async def start(self) -> int:
+        """Answer the callbacks of pushed deploys that ended while no server could (it stopped
+        between the deploy's end and the callback); returns how many were answered."""
+        answered = 0
+        for service, deploy_id in await self.store.kept_callbacks():
+            record = await self.store.get_deploy(service, deploy_id)
+            if record is None or record.state.finished:
+                answered += await self._answer(service, deploy_id)
+        return answered
+
+    async def _answer(self, service: str, deploy_id: str) -> bool:
+        """Take the deploy's kept callback (one server does) and send what came of it."""
+        try:
+            kept = await self.store.take_callback(service, deploy_id)
+            if kept is None:
+                return False
+            record = await self.store.get_deploy(service, deploy_id)
+        except EtcdError as exc:  # best effort, as the callback itself
+            log.warning("dockerhub_callback_unread", deploy_id=deploy_id, reason=str(exc))
+            return False
         try:
             push = ImagePushed.model_validate_json(kept)
         except ValidationError:
-            log.warning("dockerhub_callback_unreadable", deploy_id=event.deploy_id)
-            return
-        tag, deploy_id = push.tag, event.deploy_id
-        if isinstance(event, DeploySucceeded):
+            log.warning("dockerhub_callback_unreadable", deploy_id=deploy_id)
+            return False
+        tag = push.tag
+        if record is None:
+            self._callback(push, "error", f"Deployster lost the deploy of {tag} ({deploy_id}).")
+        elif record.state is DeployState.SUCCEEDED:
             self._callback(push, "success", f"Deployster deployed {tag} (deploy {deploy_id}).")
-            return
-        record = await self.store.get_deploy(event.service, deploy_id)
-        if record is not None and not record.submitted_at:  # no unit ever ran
-            self._callback(push, "error", f"Deployster could not deploy {tag}: {event.reason}")
+        elif not record.submitted_at:  # no unit of it ever ran
+            self._callback(push, "error", f"Deployster could not deploy {tag}: {record.error}")
         else:
             self._callback(push, "failure", f"The deploy of {tag} failed (deploy {deploy_id}).")
+        return True
 
     # -- reporting ---------------------------------------------------------------------
 
     def _callback(self, push: ImagePushed, state: str, description: str) -> None:
-        """Docker Hub's callback (`docs/webhooks.md` §1.2), sent beside the worker."""
+        """Docker Hub's callback (`docs/webhooks.md` §1.2), sent beside the bus lane."""
         if not push.callback_url:
             return
         task = asyncio.create_task(self._send_callback(push.callback_url, state, description))

@@ -25,8 +25,9 @@ from webhook_samples import (
 from yarl import URL
 
 from deployster.etcd import LeaseKeeper
+from deployster.events import ImagePushed
 from deployster.naming import UnitName
-from deployster.records import DeployRecord, LockHolder
+from deployster.records import DeployRecord, DeployState, LockHolder, new_deploy_id
 
 SECRET = known_secret(f"hook-{secrets.token_hex(8)}")
 GHCR_SECRET = known_secret(f"gh-{secrets.token_hex(8)}")
@@ -518,3 +519,58 @@ async def test_a_push_whose_deploy_rolls_back_answers_failure(hooks: Api) -> Non
         assert (
             call.kwargs["json"]["description"] == f"The deploy of v9 failed (deploy {record.id})."
         )
+
+
+async def test_a_callback_left_by_a_stopped_server_is_answered_at_the_next_start(
+    hooks: Api,
+) -> None:
+    """A server that stopped between a pushed deploy's end and its Docker Hub callback: the
+    next start answers it, once; a deploy still running keeps its callback for its end."""
+    api = hooks
+    store = api.deployster.store
+    # A lock held elsewhere: no worker of this server adopts the running deploy meanwhile.
+    keeper = LeaseKeeper(api.deployster.etcd, ttl=15)
+    await keeper.grant()
+    held = LockHolder(holder="other", reason="a test", lease=keeper.lease_id)
+    assert await store.locks.acquire(api.service, held) is None
+    ended, running = (
+        DeployRecord(
+            id=new_deploy_id(),
+            service=api.service,
+            version=version,
+            timestamp="2026.01.01-00.00.00",
+            instance_count=1,
+            destroy_previous=True,
+            state=state,
+            submitted_at=1.0,
+        )
+        for version, state in (("v8", DeployState.ROLLED_BACK), ("v9", DeployState.RUNNING))
+    )
+    for record in (ended, running):
+        push = ImagePushed(
+            service=api.service,
+            source="dockerhub",
+            repository=repository(api),
+            tag=record.version,
+            event_id=f"evt-{record.version}",
+            callback_url=CALLBACK,
+        )
+        assert await store.queue_push(api.service, push.model_dump_json(), None)
+        slot = await store.queued_push(api.service)
+        assert slot is not None
+        assert await store.take_queued_push(slot, record, push.model_dump_json())
+    with aioresponses(passthrough=["http://127.0.0.1"]) as mocked:
+        mocked.post(CALLBACK, status=200)
+        assert await api.deployster.webhooks.start() == 1
+        assert await api.deployster.webhooks.start() == 0
+
+        async def called() -> list[Any]:
+            return list(mocked.requests.get(("POST", URL(CALLBACK)), []))
+
+        [call] = await eventually(called)
+    assert call.kwargs["json"]["state"] == "failure"
+    assert call.kwargs["json"]["description"] == f"The deploy of v8 failed (deploy {ended.id})."
+    assert await store.kept_callbacks() == [(api.service, running.id)]
+    await store.take_callback(api.service, running.id)
+    await store.delete_deploys([running])
+    await keeper.revoke()

@@ -61,11 +61,22 @@ def test_docker_template_renders_the_whole_unit() -> None:
         "sleep 0.1; "
         "done; "
         "url=http://$${COREOS_PRIVATE_IPV4:-127.0.0.1}:$${hostport##*:}; "
-        f"/usr/bin/etcdctl --endpoints={ETCD} put {KEY} "
-        """'{\\"url\\":\\"'$$url'\\",\\"machine\\":\\"%m\\",\\"unit\\":\\"%n\\"}'\""""
+        """value='{\\"url\\":\\"'$$url'\\",\\"machine\\":\\"%m\\",\\"unit\\":\\"%n\\"}'; """
+        'printf %%s \\"$$value\\" > /tmp/deployster-announced-%n-$$MAINPID; '
+        f'/usr/bin/etcdctl --endpoints={ETCD} put {KEY} \\"$$value\\""'
     )
+    # Compare-and-delete on the value this run wrote (a raw string between backquotes).
     withdraw = (
-        f'/bin/sh -c "/usr/bin/etcdctl --endpoints={ETCD} del {KEY}; '
+        '/bin/sh -c "for f in /tmp/deployster-announced-%n-*; do '
+        '[ -f \\"$$f\\" ] || continue; '
+        "pid=$${f##*-}; "
+        'if [ \\"$$pid\\" = \\"$$MAINPID\\" ] || ! kill -0 \\"$$pid\\" 2>/dev/null; then '
+        "printf 'value(\\\"%%s\\\") = `%%s`\\n\\ndel %%s\\n\\n\\n' "
+        f'{KEY} \\"$$(cat \\"$$f\\")\\" {KEY} '
+        f"| /usr/bin/etcdctl --endpoints={ETCD} txn; "
+        'rm -f \\"$$f\\"; '
+        "fi; "
+        "done; "
         f'/usr/bin/docker stop -t 30 {CONTAINER}"'
     )
     assert triples(options) == [
@@ -136,7 +147,7 @@ def test_docker_template_takes_the_programs_the_pull_policy_and_the_publish_addr
     assert "COREOS_PRIVATE_IPV4" not in post
     assert "/venv/bin/etcdctl --endpoints=" in post
     stop = next(value for _, name, value in always if name == "ExecStop")
-    assert stop.startswith('/bin/sh -c "/venv/bin/etcdctl --endpoints=')
+    assert "| /venv/bin/etcdctl --endpoints=" in stop and " txn; " in stop
     assert stop.endswith(f'docker stop -t 30 {CONTAINER}"')
     assert not [v for *_, v in always if "/usr/bin/" in v]
 
