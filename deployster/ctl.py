@@ -274,7 +274,7 @@ def process_exit_code(task_code: int) -> int:
 # -- command line ---------------------------------------------------------------------------
 
 
-class _ParserExit(Exception):
+class _ParserExit(Exception):  # noqa: N818 (argparse asked to exit: a signal, not an error)
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status

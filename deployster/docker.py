@@ -15,8 +15,8 @@ both answer) over a unix socket (``unix:///var/run/docker.sock``, the default) o
   on Docker), ``AutoRemove`` is not to be trusted, and a pull from a registry it does not know
   is a 200 with an error message. The calls below accept either engine's answer.
 
-Errors come out typed: :class:`DockerUnreachable` (no engine at the endpoint),
-:class:`DockerNotFound` (404), :class:`PullError`, and :class:`DockerError` for any other failure;
+Errors come out typed: :class:`DockerUnreachableError` (no engine at the endpoint),
+:class:`DockerNotFoundError` (404), :class:`PullError`, and :class:`DockerError` for any other failure;
 each message is a sentence fragment that names the engine's own words.
 """
 
@@ -50,11 +50,11 @@ class DockerError(Exception):
         self.status = status
 
 
-class DockerUnreachable(DockerError, TemporaryError):
+class DockerUnreachableError(DockerError, TemporaryError):
     """Nothing answers at the endpoint (yet)."""
 
 
-class DockerNotFound(DockerError, PermanentError):
+class DockerNotFoundError(DockerError, PermanentError):
     """The engine answered 404: no such container or image."""
 
 
@@ -290,13 +290,17 @@ class DockerClient:
             return data
         message = _error_message(data)
         if status == 404:
-            raise DockerNotFound(message, status)
+            raise DockerNotFoundError(message, status)
         raise DockerError(message, status)
 
-    def _unreachable(self, exc: BaseException) -> DockerUnreachable:
+    def _unreachable(self, exc: BaseException) -> DockerUnreachableError:
         if isinstance(exc, TimeoutError):
-            return DockerUnreachable(f"the Docker engine at {self.endpoint} did not answer in time")
-        return DockerUnreachable(f"the Docker engine at {self.endpoint} cannot be reached ({exc})")
+            return DockerUnreachableError(
+                f"the Docker engine at {self.endpoint} did not answer in time"
+            )
+        return DockerUnreachableError(
+            f"the Docker engine at {self.endpoint} cannot be reached ({exc})"
+        )
 
     async def ping(self) -> None:
         await self._call("GET", "/_ping")
@@ -351,7 +355,7 @@ class DockerClient:
             ) as response:
                 if response.status != 200:
                     message = _error_message(await response.read())
-                    raise (DockerNotFound if response.status == 404 else DockerError)(
+                    raise (DockerNotFoundError if response.status == 404 else DockerError)(
                         message, response.status
                     )
                 async for chunk in response.content.iter_any():
@@ -372,7 +376,9 @@ class DockerClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         if status != 200:
-            raise (DockerNotFound if status == 404 else DockerError)(_error_message(body), status)
+            raise (DockerNotFoundError if status == 404 else DockerError)(
+                _error_message(body), status
+            )
         data = json.loads(body)
         error = data.get("Error") or {}
         return ExitStatus(
@@ -395,7 +401,7 @@ class DockerClient:
             await self._call(
                 "DELETE", f"/containers/{container}", params={"force": "1"}, ok=(200, 204)
             )
-        except DockerNotFound:
+        except DockerNotFoundError:
             return
 
     async def list_containers(self, labels: Mapping[str, str]) -> list[ContainerSummary]:

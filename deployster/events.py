@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def _now() -> datetime:
+def now() -> datetime:
+    """The time events and records are stamped with: aware, in UTC."""
     return datetime.now(UTC)
 
 
@@ -23,7 +24,7 @@ class Event(BaseModel):
     service: str
     # Ties an answer (or a handler's failure) to the event that caused it.
     id: str = Field(default_factory=lambda: secrets.token_hex(8))
-    at: datetime = Field(default_factory=_now)
+    at: datetime = Field(default_factory=now)
 
     @property
     def log_context(self) -> dict[str, str]:

@@ -186,20 +186,20 @@ class FleetError(Exception):
         self.message = message
 
 
-class FleetUnavailable(FleetError, TemporaryError):
+class FleetUnavailableError(FleetError, TemporaryError):
     """No answer from fleet (socket missing, connection refused, timeout), a 5xx, or an
     answer that is not JSON: fleet may answer later."""
 
 
-class FleetNotFound(FleetError, PermanentError):
+class FleetNotFoundError(FleetError, PermanentError):
     """404: the unit (or its state) does not exist."""
 
 
-class FleetConflict(FleetError, PermanentError):
+class FleetConflictError(FleetError, PermanentError):
     """409: e.g. the unit already exists with the same options."""
 
 
-class FleetRejected(FleetError, PermanentError):
+class FleetRejectedError(FleetError, PermanentError):
     """400/415 and any other 4xx: fleet refused the request as malformed."""
 
 
@@ -207,10 +207,10 @@ class FleetRejected(FleetError, PermanentError):
 JOURNAL_LINE_MAX = 300
 
 _ERRORS: dict[int, type[FleetError]] = {
-    400: FleetRejected,
-    404: FleetNotFound,
-    409: FleetConflict,
-    415: FleetRejected,
+    400: FleetRejectedError,
+    404: FleetNotFoundError,
+    409: FleetConflictError,
+    415: FleetRejectedError,
 }
 
 
@@ -285,7 +285,7 @@ class FleetClient:
         ``/journal/{name}``); None where it does not (fleet, a unit loaded nowhere)."""
         try:
             body = await self._request("GET", f"/journal/{name}", params={"lines": str(lines)})
-        except (FleetNotFound, FleetRejected):
+        except (FleetNotFoundError, FleetRejectedError):
             return None
         found = body.get("lines")
         if not isinstance(found, list):
@@ -343,14 +343,16 @@ class FleetClient:
                 try:
                     return dict(await resp.json(content_type=None))
                 except ValueError:
-                    raise FleetUnavailable(
+                    raise FleetUnavailableError(
                         f"fleet answered {method} {path} with a body that is not JSON",
                         resp.status,
                     ) from None
         except aiohttp.ClientError as exc:
-            raise FleetUnavailable(f"fleet at {self.endpoint} is unreachable: {exc}") from exc
+            raise FleetUnavailableError(f"fleet at {self.endpoint} is unreachable: {exc}") from exc
         except TimeoutError:
-            raise FleetUnavailable(f"fleet at {self.endpoint} did not answer in time") from None
+            raise FleetUnavailableError(
+                f"fleet at {self.endpoint} did not answer in time"
+            ) from None
 
 
 def _error_from(status: int, text: str, method: str, path: str) -> FleetError:
@@ -359,5 +361,5 @@ def _error_from(status: int, text: str, method: str, path: str) -> FleetError:
     except ValidationError:
         message = text.strip()[:200]
     detail = f": {message}" if message else ""
-    cls = _ERRORS.get(status, FleetUnavailable if status >= 500 else FleetRejected)
+    cls = _ERRORS.get(status, FleetUnavailableError if status >= 500 else FleetRejectedError)
     return cls(f"fleet answered {method} {path} with {status}{detail}", status)

@@ -42,13 +42,13 @@ VERSION_PATTERN = f"^{_VERSION_RE.pattern}$"
 TIMESTAMP_PATTERN = f"^{_TIMESTAMP_RE.pattern}$"
 
 
-class InvalidName(ValueError):
+class InvalidNameError(ValueError):
     """A service, version, timestamp or instance that cannot become a fleet unit name."""
 
 
 def validate_service(service: str) -> str:
     if not _SERVICE_RE.fullmatch(service):
-        raise InvalidName(
+        raise InvalidNameError(
             f"Service name {service[:140]!r} is not valid: use at most 128 letters, digits, "
             "'-', '_' and '.', starting with a letter or digit."
         )
@@ -57,7 +57,7 @@ def validate_service(service: str) -> str:
 
 def validate_version(version: str) -> str:
     if not _VERSION_RE.fullmatch(version):
-        raise InvalidName(
+        raise InvalidNameError(
             f"Version {version!r} is not valid: a version is a Docker tag of at most 128 "
             "letters, digits, '_', '.' and '-', not starting with '.' or '-'."
         )
@@ -68,7 +68,7 @@ def validate_timestamp(timestamp: str) -> str:
     try:
         parse_timestamp(timestamp)
     except ValueError:
-        raise InvalidName(
+        raise InvalidNameError(
             f"Timestamp {timestamp!r} is not valid: use the layout YYYY.MM.DD-HH.MM.SS in UTC."
         ) from None
     return timestamp
@@ -78,7 +78,7 @@ def check_length(service: str, version: str, timestamp: str, instance: int) -> N
     """Refuse parts whose unit name (for instance number ``instance``) would be too long."""
     name = f"{service}:{version}:{timestamp}@{instance}{UNIT_SUFFIX}"
     if len(name) > MAX_UNIT_NAME:
-        raise InvalidName(
+        raise InvalidNameError(
             f"The unit name for service {service!r} and version {version!r} would be "
             f"{len(name)} characters (instance {instance}), longer than the limit of "
             f"{MAX_UNIT_NAME}; use a shorter service name or version."
@@ -110,12 +110,12 @@ class UnitName:
 
     @classmethod
     def build(cls, service: str, version: str, timestamp: str, instance: int) -> UnitName:
-        """Validated constructor: raises InvalidName with a sentence for the API to return."""
+        """Validated constructor: raises InvalidNameError with a sentence for the API to return."""
         validate_service(service)
         validate_version(version)
         validate_timestamp(timestamp)
         if instance < 1:
-            raise InvalidName(f"Instance numbers start at 1, not {instance}.")
+            raise InvalidNameError(f"Instance numbers start at 1, not {instance}.")
         check_length(service, version, timestamp, instance)
         return cls(service, version, timestamp, instance)
 
@@ -144,7 +144,7 @@ class UnitName:
         written by an older server may hold one that no longer passes)."""
         parsed = cls.parse(name)
         if parsed is None:
-            raise InvalidName(f"{name!r} is not a unit name of a Deployster deploy.")
+            raise InvalidNameError(f"{name!r} is not a unit name of a Deployster deploy.")
         return cls.build(parsed.service, parsed.version, parsed.timestamp, parsed.instance)
 
     @property

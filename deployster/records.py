@@ -10,20 +10,14 @@ dropped, so it never grows without bound.
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployster import logs
-from deployster.events import DeployRequested
+from deployster.events import DeployRequested, now
 from deployster.policy import ServicePolicy
-
-
-def now() -> datetime:
-    """The time records are stamped with: aware, in UTC."""
-    return datetime.now(UTC)
-
 
 # Progress events kept in a deploy record: a 100-instance deploy notes about 500, and a record
 # must stay far below etcd's 1.5 MiB limit on a value.

@@ -17,12 +17,12 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
-class JsonRefused(ValueError):
+class JsonRefusedError(ValueError):
     """The body is not JSON Deployster takes; the message is a sentence for the caller."""
 
 
 def load_json(raw: bytes) -> Any:
-    """``raw`` as JSON, refused (JsonRefused) when not UTF-8 or not valid, nested deeper than
+    """``raw`` as JSON, refused (JsonRefusedError) when not UTF-8 or not valid, nested deeper than
     MAX_JSON_DEPTH, holding a key twice in one object, or NaN/Infinity.
 
     UTF-8 only (as RFC 8259 asks of JSON between systems): in UTF-16 a quote or bracket byte
@@ -30,16 +30,20 @@ def load_json(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise JsonRefused(f"The body is not UTF-8: {exc.reason} at byte {exc.start}.") from None
+        raise JsonRefusedError(
+            f"The body is not UTF-8: {exc.reason} at byte {exc.start}."
+        ) from None
     brackets = _JSON_STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
     if brackets and max(accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > MAX_JSON_DEPTH:
-        raise JsonRefused(f"The JSON is nested deeper than {MAX_JSON_DEPTH} arrays or objects.")
+        raise JsonRefusedError(
+            f"The JSON is nested deeper than {MAX_JSON_DEPTH} arrays or objects."
+        )
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except JsonRefused:
+    except JsonRefusedError:
         raise
     except ValueError as exc:
-        raise JsonRefused(f"The body is not valid JSON: {exc}.") from None
+        raise JsonRefusedError(f"The body is not valid JSON: {exc}.") from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -47,9 +51,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(result) != len(pairs):
         seen: set[str] = set()
         twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-        raise JsonRefused(f"The JSON has the key {twice[:100]!r} twice in one object.")
+        raise JsonRefusedError(f"The JSON has the key {twice[:100]!r} twice in one object.")
     return result
 
 
 def _no_constant(name: str) -> Any:
-    raise JsonRefused(f"The JSON holds {name}, which is not a number JSON allows.")
+    raise JsonRefusedError(f"The JSON holds {name}, which is not a number JSON allows.")

@@ -26,11 +26,14 @@ from pydantic import ValidationError
 from deployster import keys
 from deployster.aio import cancel_and_wait
 from deployster.etcd import EtcdError, LeaseKeeper, WatchEvent, range_pages, watch_prefix
+from deployster.events import now
 from deployster.notify import REVEAL, Delivery, DeliveryOutcome
 from deployster.policy import ServicePolicy
-from deployster.records import DeployRecord, DeploySummary, LockHolder, TaskRecord, now
+from deployster.records import DeployRecord, DeploySummary, LockHolder, TaskRecord
 
 log = structlog.get_logger(__name__)
+
+LOCK_TTL = 15  # seconds a crashed server's lock (a deploy's or a task's) outlives it
 
 
 @contextmanager

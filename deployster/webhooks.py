@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-from deployster.safejson import JsonRefused, load_json
+from deployster.safejson import JsonRefusedError, load_json
 
 SOURCES = ("dockerhub", "registry", "harbor", "ghcr")
 
@@ -48,15 +48,15 @@ MANIFEST_TYPES = frozenset(
 )
 
 
-class WebhookUnauthorized(Exception):
+class WebhookUnauthorizedError(Exception):
     """The delivery did not prove it knows the secret (401); the message says what was wrong."""
 
 
-class MalformedPayload(Exception):
+class MalformedPayloadError(Exception):
     """The body is not the provider's format (400); the message says what is wrong."""
 
 
-class UnsupportedMediaType(Exception):
+class UnsupportedMediaTypeError(Exception):
     """The body's content type is not one the provider sends (415)."""
 
 
@@ -103,7 +103,7 @@ def _same(given: str | bytes, expected: str | bytes) -> bool:
 
 def check_token(given: str, secret: str) -> None:
     if not _same(given, secret):
-        raise WebhookUnauthorized("The token in the webhook URL is wrong.")
+        raise WebhookUnauthorizedError("The token in the webhook URL is wrong.")
 
 
 def check_bearer(header: str | None, secret: str) -> None:
@@ -111,20 +111,24 @@ def check_bearer(header: str | None, secret: str) -> None:
     endpoint in the registry's config, where the scheme is written out)."""
     scheme, _, given = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
-        raise WebhookUnauthorized("The Authorization header is missing: send 'Bearer <secret>'.")
+        raise WebhookUnauthorizedError(
+            "The Authorization header is missing: send 'Bearer <secret>'."
+        )
     if not _same(given.strip(), secret):
-        raise WebhookUnauthorized("The secret in the Authorization header is wrong.")
+        raise WebhookUnauthorizedError("The secret in the Authorization header is wrong.")
 
 
 def check_harbor_auth(header: str | None, secret: str) -> None:
     """Harbor sends its policy's "Auth Header" verbatim as ``Authorization``: ``Bearer
     <secret>`` or the bare secret."""
     if not header or not header.strip():
-        raise WebhookUnauthorized("The Authorization header is missing: send 'Bearer <secret>'.")
+        raise WebhookUnauthorizedError(
+            "The Authorization header is missing: send 'Bearer <secret>'."
+        )
     scheme, _, rest = header.partition(" ")
     given = rest.strip() if scheme.lower() == "bearer" else header.strip()
     if not _same(given, secret):
-        raise WebhookUnauthorized("The secret in the Authorization header is wrong.")
+        raise WebhookUnauthorizedError("The secret in the Authorization header is wrong.")
 
 
 def github_signature(body: bytes, secret: str) -> str:
@@ -138,18 +142,20 @@ _GITHUB_SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 def github_signature_given(header: str | None) -> None:
     """The signature header is there and has its form (checked before the body is read)."""
     if not header:
-        raise WebhookUnauthorized(
+        raise WebhookUnauthorizedError(
             "X-Hub-Signature-256 is missing: set the webhook's secret in GitHub."
         )
     if not _GITHUB_SIGNATURE.fullmatch(header.strip()):
-        raise WebhookUnauthorized("X-Hub-Signature-256 is not 'sha256=' and 64 hex digits.")
+        raise WebhookUnauthorizedError("X-Hub-Signature-256 is not 'sha256=' and 64 hex digits.")
 
 
 def check_github_signature(body: bytes, header: str | None, secret: str) -> None:
     github_signature_given(header)
     assert header is not None
     if not _same(header.strip(), github_signature(body, secret)):
-        raise WebhookUnauthorized("X-Hub-Signature-256 does not match the body and the secret.")
+        raise WebhookUnauthorizedError(
+            "X-Hub-Signature-256 does not match the body and the secret."
+        )
 
 
 # -- payloads ------------------------------------------------------------------------------
@@ -158,20 +164,20 @@ def check_github_signature(body: bytes, header: str | None, secret: str) -> None
 def _json(body: bytes) -> Any:
     try:
         return load_json(body)
-    except JsonRefused as exc:
-        raise MalformedPayload(str(exc)) from None
+    except JsonRefusedError as exc:
+        raise MalformedPayloadError(str(exc)) from None
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise MalformedPayload(f"'{where}' must be a JSON object.")
+        raise MalformedPayloadError(f"'{where}' must be a JSON object.")
     return value
 
 
 def _text(obj: dict[str, Any], key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
-        raise MalformedPayload(f"'{where}.{key}' is missing or not a string.")
+        raise MalformedPayloadError(f"'{where}.{key}' is missing or not a string.")
     return value
 
 
@@ -182,7 +188,7 @@ def _optional_text(obj: dict[str, Any], key: str) -> str:
 
 def _content_type(content_type: str, allowed: tuple[str, ...]) -> None:
     if content_type not in allowed:
-        raise UnsupportedMediaType(
+        raise UnsupportedMediaTypeError(
             f"Content-Type {content_type or 'none'} is not one of: {', '.join(allowed)}."
         )
 
@@ -217,7 +223,7 @@ def parse_registry(body: bytes, content_type: str) -> Delivery:
     data = _object(_json(body), "body")
     events = data.get("events")
     if not isinstance(events, list):
-        raise MalformedPayload("'events' must be a list (a registry notification envelope).")
+        raise MalformedPayloadError("'events' must be a list (a registry notification envelope).")
     delivery = Delivery()
     for index, raw in enumerate(events):
         # The registry retries a delivery forever while it is not answered 2xx and holds back
@@ -271,7 +277,7 @@ def parse_harbor(body: bytes, content_type: str) -> Delivery:
     )
     resources = payload.get("resources")
     if not isinstance(resources, list) or not resources:
-        raise MalformedPayload("'event_data.resources' must be a non-empty list.")
+        raise MalformedPayloadError("'event_data.resources' must be a non-empty list.")
     delivery = Delivery()
     for index, raw in enumerate(resources):
         resource = _object(raw, f"event_data.resources[{index}]")

@@ -63,13 +63,13 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
-from deployster.fleet import FleetClient, FleetConflict, FleetError, FleetNotFound, Unit
+from deployster.fleet import FleetClient, FleetConflictError, FleetError, FleetNotFoundError, Unit
 from deployster.keys import announce_key
 from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
 from deployster.records import DeployRecord, DeployState, DeployStep, LockHolder
-from deployster.routers import Router, RouterTimeout
-from deployster.store import Store
+from deployster.routers import Router, RouterTimeoutError
+from deployster.store import LOCK_TTL, Store
 from deployster.supervise import start_supervised
 from deployster.units import (
     DEFAULT_DOCKER,
@@ -110,7 +110,6 @@ TOO_MANY_INSTANCES = (
     "this number is less than or equal to the number already running or disable destroying "
     "previous units."
 )
-LOCK_TTL = 15  # seconds a crashed server's lock outlives it
 RETRY_INITIAL, RETRY_MAX = 0.2, 5.0  # backoff of a step that met an unreachable etcd or fleet
 RESYNC = LOCK_TTL / 3  # seconds between looks for deploys nobody drives (a dead peer's)
 
@@ -714,7 +713,7 @@ class DeployHandler:
                 assert name is not None
                 options = render_unit(self.template, self._context(name, record))
                 # A conflict: submitted before a retry or a restart, same name, same options.
-                with contextlib.suppress(FleetConflict):
+                with contextlib.suppress(FleetConflictError):
                     await self.fleet.create_unit(unit, options)
                 created.append(unit)
             for unit in units:
@@ -786,7 +785,7 @@ class DeployHandler:
     # -- fleet and router, idempotent ----------------------------------------------------
 
     async def _deregister(self, service: str, units: tuple[str, ...] | list[str]) -> list[str]:
-        """Take units out of the router and wait until it applied that (RouterTimeout, a
+        """Take units out of the router and wait until it applied that (RouterTimeoutError, a
         temporary error, otherwise); returns the URLs they were routed at."""
         names = [n for n in map(UnitName.parse, units) if n is not None]
         if not names:
@@ -801,7 +800,7 @@ class DeployHandler:
         for unit in units:
             try:
                 await self.fleet.destroy_unit(unit)
-            except FleetNotFound:
+            except FleetNotFoundError:
                 pass  # already gone: the goal is reached
             except FleetError as exc:
                 log.warning("unit_destroy_failed", unit=unit, reason=exc.message)
@@ -833,7 +832,7 @@ class DeployHandler:
         ]
         try:
             await self._deregister(event.service, matching)
-        except RouterTimeout as exc:
+        except RouterTimeoutError as exc:
             log.warning("router_not_confirmed", reason=str(exc))
         except Exception as exc:  # the router's etcd: destroying now would cut live traffic
             if not is_temporary(exc):

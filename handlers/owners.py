@@ -38,11 +38,12 @@ from deployster.aio import cancel_and_wait
 from deployster.etcd import WatchEvent, watch_prefix
 from deployster.membership import Membership
 from deployster.records import LockHolder
+from deployster.store import LOCK_TTL
 from deployster.supervise import start_supervised
 
 log = structlog.get_logger(__name__)
 
-MEMBER_TTL = 15  # seconds a dead server's services stay with it (the deploy lock's TTL)
+MEMBER_TTL = LOCK_TTL  # seconds a dead server's services stay with it
 HANDOVER_GRACE = 1.0  # seconds a server probes on after it no longer owns a service
 
 

@@ -40,25 +40,29 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
 from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
-from deployster.docker import ContainerSpec, DockerClient, DockerError, DockerUnreachable, PullError
+from deployster.docker import (
+    ContainerSpec,
+    DockerClient,
+    DockerError,
+    DockerUnreachableError,
+    PullError,
+)
 from deployster.etcd import EtcdError, LeaseKeeper
-from deployster.events import TaskFinished
+from deployster.events import TaskFinished, now
 from deployster.metrics import Metrics
 from deployster.records import TaskRecord, TaskState, new_task_id
-from deployster.store import Store, TaskStore
+from deployster.store import LOCK_TTL, Store, TaskStore
 from deployster.units import image_name
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT = 600.0  # the original's 10 minutes
-LOCK_TTL = 15  # seconds a crashed server's task lock outlives it
 LABEL_TASK = "deployster.task"
 LABEL_SERVICE = "deployster.service"
 LABEL_PREFIX = "deployster.etcd-prefix"
@@ -256,10 +260,6 @@ def container_name(service: str, version: str, task_id: str) -> str:
     return f"{service}-{version}-task-{task_id}"
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class TaskRunner:
     """Runs tasks, follows their output, records them, and adopts what a previous run left."""
 
@@ -355,7 +355,7 @@ class TaskRunner:
                 continue
             adopted.add(task_id)
             record.state = TaskState.RUNNING
-            record.started_at = record.started_at or _now()
+            record.started_at = record.started_at or now()
             run = TaskRun(record, self.config.output_tail)
             run.started.set_result(None)
             self._runs[task_id] = run
@@ -445,7 +445,7 @@ class TaskRunner:
             run.started.cancel()  # the server stops: its caller must not wait on
             raise
         record.state = TaskState.RUNNING
-        record.started_at = _now()
+        record.started_at = now()
         await self._save(record)
         log.info(
             "task_started",
@@ -475,7 +475,7 @@ class TaskRunner:
     def _start_failure(record: TaskRecord, exc: DockerError) -> str:
         if isinstance(exc, PullError):
             return f"The image {record.image} could not be pulled: {exc.message}"
-        if isinstance(exc, DockerUnreachable):
+        if isinstance(exc, DockerUnreachableError):
             return f"The task cannot start: {exc.message}"
         return f"The task's container could not be started: {exc.message}"
 

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -55,6 +55,7 @@ from deployster.events import (
     ImagePushed,
     PushDecided,
     PushTaken,
+    now,
 )
 from deployster.metrics import Metrics
 from deployster.policy import ServicePolicy
@@ -75,14 +76,10 @@ CALLBACK_TIMEOUT = 10.0
 DecisionKind = Literal["queued", "deployed", "ignored", "rejected"]
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Decision(BaseModel):
     """One webhook decision, as the log and ``GET /v1/webhooks/events`` show it."""
 
-    at: datetime = Field(default_factory=_now)
+    at: datetime = Field(default_factory=now)
     source: str
     decision: DecisionKind
     reason: str
@@ -100,7 +97,7 @@ def read_queued(queued: QueuedPush) -> ImagePushed | None:
     try:
         push = ImagePushed.model_validate_json(queued.value)
         naming.validate_version(push.tag)
-    except (ValidationError, naming.InvalidName):
+    except (ValidationError, naming.InvalidNameError):
         return None
     return push if push.service == queued.service else None
 
@@ -235,7 +232,7 @@ class WebhookHandler:
         if service is not None:
             try:
                 naming.validate_service(service)
-            except naming.InvalidName:
+            except naming.InvalidNameError:
                 service = None
         if service is None:
             return None, (
@@ -264,7 +261,7 @@ class WebhookHandler:
     async def _decide(self, event: ImagePushed) -> tuple[DecisionKind, str]:
         try:
             naming.validate_version(event.tag)
-        except naming.InvalidName as exc:
+        except naming.InvalidNameError as exc:
             return "ignored", f"tag {event.tag!r} cannot be deployed as a version: {exc}"
         auto = (await self.store.get_policy(event.service)).auto_deploy
         if not auto.enabled:

@@ -40,12 +40,12 @@ from deployster.fleet import JOB_INACTIVE, JOB_STATES
 
 from .agent import Agent
 from .journal import TAIL_LINES
-from .pagination import InvalidPageToken, PageToken, page_token_from_query, slice_page
+from .pagination import InvalidPageTokenError, PageToken, page_token_from_query, slice_page
 from .registry import Registry, UnitRecord
-from .unitfile import InvalidUnitOptions, check_serializable, unit_hash
-from .unitname import InvalidUnitName, parse_unit_name, validate_unit_name
+from .unitfile import InvalidUnitOptionsError, check_serializable, unit_hash
+from .unitname import InvalidUnitNameError, parse_unit_name, validate_unit_name
 from .wire import (
-    InvalidRequestBody,
+    InvalidRequestBodyError,
     decode_metadata_ops,
     decode_unit_request,
     error_entity,
@@ -53,7 +53,7 @@ from .wire import (
     page_json,
     unit_json,
 )
-from .xfleet import InvalidRequirements, validate_requirements
+from .xfleet import InvalidRequirementsError, validate_requirements
 
 log = structlog.get_logger()
 
@@ -189,7 +189,7 @@ def _page_token(request: web.Request) -> PageToken:
         return page_token_from_query(
             request.query.getall("nextPageToken", []), request.app[TOKEN_LIMIT_KEY]
         )
-    except InvalidPageToken as exc:
+    except InvalidPageTokenError as exc:
         raise ApiError(400, str(exc)) from exc
 
 
@@ -250,7 +250,7 @@ async def _put_unit(request: web.Request, item: str) -> web.Response:
     _check_content_type(request)
     try:
         unit = decode_unit_request(await request.read())
-    except InvalidRequestBody as exc:
+    except InvalidRequestBodyError as exc:
         raise ApiError(400, f"unable to decode body: {exc}") from exc
     name = unit.name or item
     if name != item:
@@ -260,7 +260,7 @@ async def _put_unit(request: web.Request, item: str) -> web.Response:
         )
     try:
         validate_unit_name(name)
-    except InvalidUnitName as exc:
+    except InvalidUnitNameError as exc:
         raise ApiError(400, str(exc)) from exc
 
     registry = request.app[REGISTRY_KEY]
@@ -271,7 +271,7 @@ async def _put_unit(request: web.Request, item: str) -> web.Response:
         try:
             check_serializable(unit.options)
             validate_requirements(unit.options)
-        except (InvalidUnitOptions, InvalidRequirements) as exc:
+        except (InvalidUnitOptionsError, InvalidRequirementsError) as exc:
             raise ApiError(400, str(exc)) from exc
         store_options = True
     else:
@@ -367,7 +367,7 @@ async def _machines(request: web.Request) -> web.Response:
 async def _patch_machines(request: web.Request) -> web.Response:
     try:
         ops = decode_metadata_ops(await request.read())
-    except InvalidRequestBody as exc:
+    except InvalidRequestBodyError as exc:
         raise ApiError(400, str(exc)) from exc
     for op in ops:
         if op.op not in ("add", "remove", "replace"):

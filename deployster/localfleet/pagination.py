@@ -26,7 +26,7 @@ _URL_BASE64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 T = TypeVar("T")
 
 
-class InvalidPageToken(ValueError):
+class InvalidPageTokenError(ValueError):
     """The `nextPageToken` query parameter is not one this server hands out."""
 
 
@@ -44,14 +44,14 @@ class PageToken:
 
 def decode_page_token(value: str) -> PageToken:
     if _URL_BASE64.fullmatch(value) is None or len(value) % 4:
-        raise InvalidPageToken("illegal base64 data in page token")
+        raise InvalidPageTokenError("illegal base64 data in page token")
     try:
         raw = binascii.a2b_base64(value.replace("-", "+").replace("_", "/"), strict_mode=True)
     except binascii.Error as exc:
-        raise InvalidPageToken("illegal base64 data in page token") from exc
+        raise InvalidPageTokenError("illegal base64 data in page token") from exc
     if len(raw) < _TOKEN_STRUCT.size:
         # binary.Read reads the 4 bytes it needs and ignores any that follow.
-        raise InvalidPageToken("unexpected EOF" if raw else "EOF")
+        raise InvalidPageTokenError("unexpected EOF" if raw else "EOF")
     limit, page = _TOKEN_STRUCT.unpack_from(raw)
     return PageToken(limit, page)
 
@@ -59,14 +59,14 @@ def decode_page_token(value: str) -> PageToken:
 def page_token_from_query(values: Sequence[str], limit: int) -> PageToken:
     """The token asked for by the `nextPageToken` values of a query; the first page when there is none."""
     if len(values) > 1:
-        raise InvalidPageToken("too many values for page token")
+        raise InvalidPageTokenError("too many values for page token")
     if not values:
         return PageToken(limit, 1)
     token = decode_page_token(values[0])
     if token.limit != limit:
-        raise InvalidPageToken(f"token limit must be {limit}")
+        raise InvalidPageTokenError(f"token limit must be {limit}")
     if token.page == 0:
-        raise InvalidPageToken("token page must be greater than zero")
+        raise InvalidPageTokenError("token page must be greater than zero")
     return token
 
 

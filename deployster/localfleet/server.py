@@ -42,7 +42,7 @@ class StartupError(RuntimeError):
     """localfleet cannot start; the message says why and what to do."""
 
 
-class InvalidListenAddress(StartupError):
+class InvalidListenAddressError(StartupError):
     """`listen` is neither `unix:PATH` nor `HOST:PORT`, or its socket path is taken."""
 
 
@@ -58,11 +58,11 @@ def parse_listen(listen: str) -> ListenAddress:
     if listen.startswith("unix:"):
         path = listen.removeprefix("unix:")
         if not path:
-            raise InvalidListenAddress("unix: needs a socket path, e.g. unix:/tmp/fleet.sock")
+            raise InvalidListenAddressError("unix: needs a socket path, e.g. unix:/tmp/fleet.sock")
         return ListenAddress(unix_path=pathlib.Path(path))
     host, sep, port = listen.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise InvalidListenAddress(
+        raise InvalidListenAddressError(
             f"cannot listen on {listen!r}: use unix:PATH or HOST:PORT (port 0 picks a free port)"
         )
     return ListenAddress(host=host.strip("[]") or None, port=int(port))
@@ -184,14 +184,14 @@ def _remove_stale_socket(path: pathlib.Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise InvalidListenAddress(f"{path} exists and is not a socket")
+        raise InvalidListenAddressError(f"{path} exists and is not a socket")
     with socket.socket(socket.AF_UNIX) as probe:
         try:
             probe.connect(str(path))
         except OSError:
             path.unlink()  # nobody listens: left by a run that ended
             return
-    raise InvalidListenAddress(f"{path} is in use: another process listens on it")
+    raise InvalidListenAddressError(f"{path} is in use: another process listens on it")
 
 
 async def serve(

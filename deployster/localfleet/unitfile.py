@@ -89,7 +89,7 @@ class UnitLoadError(ValueError):
     """systemd would refuse to load this unit, or localfleet cannot run it."""
 
 
-class InvalidUnitOptions(ValueError):
+class InvalidUnitOptionsError(ValueError):
     """The options do not survive go-systemd's serialize/deserialize check (API answers 400)."""
 
 
@@ -111,19 +111,21 @@ def unit_hash(options: Iterable[UnitOption]) -> str:
 
 
 def check_serializable(options: Sequence[UnitOption]) -> None:
-    """Raise `InvalidUnitOptions` where go-systemd's round trip in `ValidateOptions` fails.
+    """Raise `InvalidUnitOptionsError` where go-systemd's round trip in `ValidateOptions` fails.
 
     This covers its failures that a client can actually cause: a line of 2048
     bytes or more, a `]` inside a section name, a newline inside an option name.
     """
     for option in options:
         if "]" in option.section:
-            raise InvalidUnitOptions(f"found garbage after section name {option.section}")
+            raise InvalidUnitOptionsError(f"found garbage after section name {option.section}")
         if "\n" in option.name or "\r" in option.name:
-            raise InvalidUnitOptions("unexpected newline encountered while parsing option name")
+            raise InvalidUnitOptionsError(
+                "unexpected newline encountered while parsing option name"
+            )
     for line in _GO_SYSTEMD_LINE_END.split(render_unit_file(options)):
         if len(line.encode()) >= _LINE_MAX:
-            raise InvalidUnitOptions(f"line too long (max {_LINE_MAX} bytes)")
+            raise InvalidUnitOptionsError(f"line too long (max {_LINE_MAX} bytes)")
 
 
 def parse_unit_file(text: str) -> tuple[list[UnitOption], list[str]]:

@@ -3,7 +3,7 @@
 fleet checks a name before it stores a unit (`api/units.go` `ValidateName`, a
 copy of systemd's `unit_name_is_valid`), and both fleet and systemd split a
 name into prefix, instance and suffix to expand specifiers such as `%i`.
-The messages of `InvalidUnitName` are fleet's own, because the API returns
+The messages of `InvalidUnitNameError` are fleet's own, because the API returns
 them verbatim in its 400 answers.
 
 The instance is the text after the *first* `@` (systemd's `unit_name_to_instance`
@@ -40,32 +40,32 @@ UNIT_TYPES = frozenset(
 TEMPLATE_UNIT_TYPES = frozenset({"path", "service", "socket", "target", "timer"})
 
 
-class InvalidUnitName(ValueError):
+class InvalidUnitNameError(ValueError):
     """The name breaks fleet's naming rule; the message is fleet's."""
 
 
 def validate_unit_name(name: str) -> None:
-    """Raise `InvalidUnitName` with the first problem fleet would report."""
+    """Raise `InvalidUnitNameError` with the first problem fleet would report."""
     length = len(name.encode())
     if length == 0:
-        raise InvalidUnitName("unit name cannot be empty")
+        raise InvalidUnitNameError("unit name cannot be empty")
     if length > UNIT_NAME_MAX:
-        raise InvalidUnitName(f"unit name exceeds maximum length ({UNIT_NAME_MAX})")
+        raise InvalidUnitNameError(f"unit name exceeds maximum length ({UNIT_NAME_MAX})")
     dot = name.rfind(".")
     if dot == -1:
-        raise InvalidUnitName('unit name must contain "."')
+        raise InvalidUnitNameError('unit name must contain "."')
     if dot == len(name) - 1:
-        raise InvalidUnitName('unit name cannot end in "."')
+        raise InvalidUnitNameError('unit name cannot end in "."')
     suffix = name[dot + 1 :]
     if suffix not in UNIT_TYPES:
-        raise InvalidUnitName(f'invalid unit type: "{suffix}"')
+        raise InvalidUnitNameError(f'invalid unit type: "{suffix}"')
     if "@" in name and suffix not in TEMPLATE_UNIT_TYPES:
-        raise InvalidUnitName(f'invalid unit type for template: "{suffix}"')
+        raise InvalidUnitNameError(f'invalid unit type for template: "{suffix}"')
     for char in name[:dot]:
         if char not in _VALID_CHARS:
-            raise InvalidUnitName(f"invalid character {char!r} in unit name")
+            raise InvalidUnitNameError(f"invalid character {char!r} in unit name")
     if name.startswith("@"):
-        raise InvalidUnitName('unit name cannot start in "@"')
+        raise InvalidUnitNameError('unit name cannot start in "@"')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ Reading: like Go's `json.Decoder`, only the first JSON value of a body counts
 and anything after it is ignored. Keys are folded in the order they come, so
 that when two keys match one field case-insensitively the last one wins, as in
 Go; the shapes then ignore unknown keys, treat `null` as empty and refuse a
-wrong type, which is `InvalidRequestBody` (400). One deliberate difference: a
+wrong type, which is `InvalidRequestBodyError` (400). One deliberate difference: a
 `null` inside `options` is refused with 400, where fleet would crash the request.
 """
 
@@ -54,7 +54,7 @@ _PAGES: dict[str, type[UnitPage | UnitStatePage | MachinePage]] = {
 _METADATA_OPS = TypeAdapter(list[MachineMetadataOp | None])
 
 
-class InvalidRequestBody(ValueError):
+class InvalidRequestBodyError(ValueError):
     """The body of a request does not decode into fleet's schema."""
 
 
@@ -102,7 +102,7 @@ def decode_unit_request(body: bytes) -> Unit:
     try:
         return Unit.model_validate(value)
     except ValidationError as exc:
-        raise InvalidRequestBody(_first_error(exc)) from exc
+        raise InvalidRequestBodyError(_first_error(exc)) from exc
 
 
 def decode_metadata_ops(body: bytes) -> list[MachineMetadataOp]:
@@ -113,7 +113,7 @@ def decode_metadata_ops(body: bytes) -> list[MachineMetadataOp]:
     try:
         ops = _METADATA_OPS.validate_python(value)
     except ValidationError as exc:
-        raise InvalidRequestBody(_first_error(exc)) from exc
+        raise InvalidRequestBodyError(_first_error(exc)) from exc
     return [op or MachineMetadataOp() for op in ops]
 
 
@@ -121,12 +121,12 @@ def _decode_first_json_value(body: bytes) -> Any:
     text = body.decode("utf-8", errors="replace")
     stripped = text.lstrip(" \t\r\n")
     if not stripped:
-        raise InvalidRequestBody("EOF")
+        raise InvalidRequestBodyError("EOF")
     decoder = json.JSONDecoder(object_pairs_hook=_fold_keys, parse_constant=_reject_constant)
     try:
         value, _ = decoder.raw_decode(stripped)
     except ValueError as exc:
-        raise InvalidRequestBody(str(exc)) from exc
+        raise InvalidRequestBodyError(str(exc)) from exc
     return value
 
 

@@ -34,7 +34,7 @@ from .unitname import parse_unit_name
 _TRUTHY = frozenset({"true", "yes", "1", "on", "t"})
 
 
-class InvalidRequirements(ValueError):
+class InvalidRequirementsError(ValueError):
     """An X-Fleet combination fleet's API refuses with 400; the message is fleet's."""
 
 
@@ -126,19 +126,19 @@ def fleet_requirements(options: Iterable[UnitOption], unit_name: str | None) -> 
 
 
 def validate_requirements(options: Iterable[UnitOption]) -> None:
-    """Raise `InvalidRequirements` for the X-Fleet combinations fleet's API refuses (`ValidateOptions`)."""
+    """Raise `InvalidRequirementsError` for the X-Fleet combinations fleet's API refuses (`ValidateOptions`)."""
     requirements = fleet_requirements(options, unit_name=None)
     conflicts = sorted(set(requirements.conflicts))
     replaces = sorted(set(requirements.replaces))
     for peer in sorted(set(requirements.peers)):
         for conflict in conflicts:
             if glob_match(conflict, peer):
-                raise InvalidRequirements(
+                raise InvalidRequirementsError(
                     f'unresolvable requirements: peer "{peer}" matches conflict "{conflict}"'
                 )
         for replace in replaces:
             if glob_match(replace, peer):
-                raise InvalidRequirements(
+                raise InvalidRequirementsError(
                     f'unresolvable requirements: peer "{peer}" matches replace "{replace}"'
                 )
     has_target = requirements.machine_id is not None
@@ -153,7 +153,7 @@ def validate_requirements(options: Iterable[UnitOption]) -> None:
     )
     for broken, message in rules:
         if broken:
-            raise InvalidRequirements(message)
+            raise InvalidRequirementsError(message)
 
 
 def glob_match(pattern: str, name: str) -> bool:
@@ -166,11 +166,11 @@ def glob_match(pattern: str, name: str) -> bool:
 def _compile_glob(pattern: str) -> re.Pattern[str] | None:
     try:
         return re.compile(_glob_to_regex(pattern), re.DOTALL)
-    except _BadGlob:
+    except _BadGlobError:
         return None
 
 
-class _BadGlob(Exception):
+class _BadGlobError(Exception):
     pass
 
 
@@ -187,7 +187,7 @@ def _glob_to_regex(pattern: str) -> str:
             index += 1
         elif char == "\\":
             if index + 1 >= len(pattern):
-                raise _BadGlob
+                raise _BadGlobError
             out.append(re.escape(pattern[index + 1]))
             index += 2
         elif char == "[":
@@ -228,9 +228,9 @@ def _class_to_regex(pattern: str, index: int) -> tuple[str, int]:
 
 def _class_char(pattern: str, index: int) -> tuple[str, int]:
     if index >= len(pattern) or pattern[index] in "-]":
-        raise _BadGlob
+        raise _BadGlobError
     if pattern[index] == "\\":
         index += 1
         if index >= len(pattern):
-            raise _BadGlob
+            raise _BadGlobError
     return pattern[index], index + 1

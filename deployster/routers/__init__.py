@@ -9,7 +9,7 @@ Deployster's reaches around them. The deploy logic relies on three promises:
 * ``deregister`` removes exactly one server, never a neighbour whose id shares a prefix;
 * ``wait_applied`` returns only once the router serves the change (Traefik: confirmed through
   its API) or, where the router offers no confirmation (vulcand), after a settle time; it
-  raises `RouterTimeout` otherwise.
+  raises `RouterTimeoutError` otherwise.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 from deployster.routers.base import (
     Router,
     RouterError,
-    RouterRefused,
-    RouterTimeout,
-    RouterUnavailable,
+    RouterRefusedError,
+    RouterTimeoutError,
+    RouterUnavailableError,
 )
 from deployster.routers.traefik import TraefikRouter
 from deployster.routers.vulcand import VulcandRouter
@@ -30,9 +30,9 @@ __all__ = [
     "ROUTER_KINDS",
     "Router",
     "RouterError",
-    "RouterRefused",
-    "RouterTimeout",
-    "RouterUnavailable",
+    "RouterRefusedError",
+    "RouterTimeoutError",
+    "RouterUnavailableError",
     "TraefikRouter",
     "VulcandRouter",
 ]

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from deployster.errors import PermanentError, TemporaryError, is_temporary
-from deployster.naming import InvalidName, validate_service
+from deployster.naming import InvalidNameError, validate_service
 
 # The container form of an instance id: the unit name's parts joined by '-'. No '/' (a key
 # separator in both layouts), no ':' or '@' (Traefik's provider separator, fleet's delimiters).
@@ -29,22 +29,22 @@ class RouterError(Exception):
     """The router's keys could not be read or written as asked."""
 
 
-class RouterRefused(RouterError, PermanentError):
+class RouterRefusedError(RouterError, PermanentError):
     """The request cannot work as asked (a name or URL the router would mis-parse)."""
 
 
-class RouterUnavailable(RouterError, TemporaryError):
+class RouterUnavailableError(RouterError, TemporaryError):
     """The router's etcd (or its API) did not answer, or a write lost a race: retry."""
 
 
-class RouterTimeout(RouterUnavailable):
+class RouterTimeoutError(RouterUnavailableError):
     """The router did not apply a change within the time allowed."""
 
 
 def failure(message: str, error: BaseException) -> RouterError:
     """``error`` of the router's etcd as this adapter's own: temporary when etcd may answer
     later, permanent otherwise (a value that does not parse)."""
-    cls = RouterUnavailable if is_temporary(error) else RouterRefused
+    cls = RouterUnavailableError if is_temporary(error) else RouterRefusedError
     return cls(f"{message}: {error}")
 
 
@@ -108,13 +108,13 @@ async def poll_applied(
 def check_service(service: str) -> str:
     try:
         return validate_service(service)
-    except InvalidName as error:
-        raise RouterRefused(str(error)) from None
+    except InvalidNameError as error:
+        raise RouterRefusedError(str(error)) from None
 
 
 def check_server_id(server_id: str) -> str:
     if not _SERVER_ID_RE.fullmatch(server_id):
-        raise RouterRefused(
+        raise RouterRefusedError(
             f"Server id {server_id!r} is not valid: use the container form of an instance id "
             "(letters, digits, '_', '.' and '-', e.g. 'hello-v1-2026.11.26-12.00.00-1')."
         )
@@ -125,5 +125,5 @@ def check_url(url: str) -> str:
     """An absolute http(s) URL with a host, which both routers accept as a server."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RouterRefused(f"Server URL {url!r} is not valid: use http://HOST:PORT.")
+        raise RouterRefusedError(f"Server URL {url!r} is not valid: use http://HOST:PORT.")
     return url

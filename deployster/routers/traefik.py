@@ -46,9 +46,9 @@ from aetcd.utils import prefix_range_end
 
 from deployster.routers.base import (
     RouterError,
-    RouterRefused,
-    RouterTimeout,
-    RouterUnavailable,
+    RouterRefusedError,
+    RouterTimeoutError,
+    RouterUnavailableError,
     check_server_id,
     check_service,
     check_url,
@@ -85,7 +85,7 @@ class TraefikRouter:
     ) -> None:
         root_key = root_key.rstrip("/")
         if not root_key:
-            raise RouterRefused(
+            raise RouterRefusedError(
                 "Traefik rootKey is empty: give the providers.etcd.rootKey Traefik runs with."
             )
         self.etcd = etcd
@@ -96,7 +96,7 @@ class TraefikRouter:
             bookkeeping_prefix or f"{DEFAULT_BOOKKEEPING}/{root_key.strip('/')}"
         ).rstrip("/")
         if self.bookkeeping.startswith(root_key) or root_key.startswith(self.bookkeeping):
-            raise RouterRefused(
+            raise RouterRefusedError(
                 f"Deployster's bookkeeping prefix {self.bookkeeping!r} overlaps Traefik's rootKey "
                 f"{root_key!r}: Traefik would read the bookkeeping keys; choose another prefix."
             )
@@ -228,7 +228,7 @@ class TraefikRouter:
                     return
         except Exception as error:
             raise failure(f"Could not deregister {server_id} from Traefik", error) from error
-        raise RouterUnavailable(
+        raise RouterUnavailableError(
             f"Could not deregister {server_id} from Traefik: its registration kept changing "
             f"under {mapping}; retry."
         )
@@ -298,7 +298,7 @@ class TraefikRouter:
                 if unapplied.answered
                 else "its API did not answer"
             )
-            raise RouterTimeout(
+            raise RouterTimeoutError(
                 f"{where} did not apply the change to service {service!r} within "
                 f"{timeout:g} s: {state}. Check that Traefik watches etcd under rootKey "
                 f"{self.root_key!r} and that its providersThrottleDuration is well below "
@@ -351,7 +351,7 @@ class TraefikRouter:
                 )
             if ok:
                 return n
-        raise RouterUnavailable(
+        raise RouterUnavailableError(
             f"Could not register {server_id} with Traefik: the server counter of {service} "
             f"kept changing under concurrent registrations ({ALLOCATE_ATTEMPTS} attempts); retry."
         )

@@ -39,8 +39,8 @@ import aetcd
 import structlog
 
 from deployster.routers.base import (
-    RouterRefused,
-    RouterTimeout,
+    RouterRefusedError,
+    RouterTimeoutError,
     check_server_id,
     check_service,
     check_url,
@@ -107,7 +107,7 @@ class VulcandRouter:
         poll_interval: float = 0.05,
     ) -> None:
         if not prefix or prefix.endswith("/"):
-            raise RouterRefused(
+            raise RouterRefusedError(
                 f"vulcand prefix {prefix!r} is not valid: give the exact -etcdKey vulcand "
                 "runs with, without a trailing '/', e.g. 'vulcand'."
             )
@@ -223,7 +223,7 @@ class VulcandRouter:
                 missing=unapplied.missing,
                 extra=unapplied.extra,
             )
-            raise RouterTimeout(
+            raise RouterTimeoutError(
                 f"vulcand's keys for service {service!r} were not as wanted within "
                 f"{timeout:g} s: missing {unapplied.missing}, still present {unapplied.extra}."
             )

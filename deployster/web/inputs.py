@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from deployster import naming
-from deployster.safejson import JsonRefused, load_json
+from deployster.safejson import JsonRefusedError, load_json
 from deployster.units import UnitValueError, unit_value, validate_env
 from deployster.web.errors import ApiError, validation_sentence
 from deployster.web.limits import read_body
@@ -27,7 +27,7 @@ async def read_json(request: web.Request, model: type[M]) -> M:
     raw = await read_body(request)
     try:
         data = load_json(raw or b"null")
-    except JsonRefused as exc:
+    except JsonRefusedError as exc:
         raise ApiError(400, str(exc)) from None
     try:
         return model.model_validate(data)
@@ -39,7 +39,7 @@ def checked(check: Callable[..., T], *args: Any, field: str = "") -> T:
     """Run a naming check; its sentence becomes a 400 (naming the body's ``field`` if given)."""
     try:
         return check(*args)
-    except naming.InvalidName as exc:
+    except naming.InvalidNameError as exc:
         where = f"The field '{field}' is not valid: " if field else ""
         raise ApiError(400, f"{where}{exc}") from None
 

@@ -63,13 +63,13 @@ async def _receive(request: web.Request, source: _Source) -> web.Response:
                 body = await read_body(request)
             source.signature(request, body, secret)
         delivery = source.parse(request, body)
-    except webhooks.WebhookUnauthorized as exc:
+    except webhooks.WebhookUnauthorizedError as exc:
         handler.rejected(source.name, str(exc), stranger=True)
         raise ApiError(401, str(exc)) from None
-    except webhooks.UnsupportedMediaType as exc:
+    except webhooks.UnsupportedMediaTypeError as exc:
         handler.rejected(source.name, str(exc))
         raise ApiError(415, str(exc)) from None
-    except webhooks.MalformedPayload as exc:
+    except webhooks.MalformedPayloadError as exc:
         handler.rejected(source.name, str(exc))
         raise ApiError(400, str(exc)) from None
     try:

@@ -32,7 +32,8 @@ from integration.test_webhooks import (
 )
 
 from deployster.launchers import EtcdServer
-from handlers.deploys import LOCK_TTL, RESYNC
+from deployster.store import LOCK_TTL
+from handlers.deploys import RESYNC
 
 ENDED = ("succeeded", "failed", "rolled_back")
 

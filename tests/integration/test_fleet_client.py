@@ -13,10 +13,10 @@ from helpers import eventually
 
 from deployster.fleet import (
     FleetClient,
-    FleetConflict,
-    FleetNotFound,
-    FleetRejected,
-    FleetUnavailable,
+    FleetConflictError,
+    FleetNotFoundError,
+    FleetRejectedError,
+    FleetUnavailableError,
     UnitOption,
     UnitState,
 )
@@ -66,7 +66,7 @@ async def test_create_launch_state_destroy_over_a_unix_socket(unix_localfleet: s
         machines = await fleet.list_machines()
         assert len(machines) == 1 and len(machines[0].id) == 32
         await fleet.create_unit(name, SLEEPER)
-        with pytest.raises(FleetConflict):  # same options again: fleet says 409
+        with pytest.raises(FleetConflictError):  # same options again: fleet says 409
             await fleet.create_unit(name, SLEEPER)
         await fleet.set_desired_state(name, "launched")
 
@@ -85,23 +85,23 @@ async def test_create_launch_state_destroy_over_a_unix_socket(unix_localfleet: s
             machines[0].id,
         )
         await fleet.destroy_unit(name)
-        with pytest.raises(FleetNotFound):
+        with pytest.raises(FleetNotFoundError):
             await fleet.destroy_unit(name)
-        with pytest.raises(FleetNotFound):
+        with pytest.raises(FleetNotFoundError):
             await fleet.get_unit(name)
 
 
 async def test_fleet_refusals_are_typed(localfleet: str) -> None:
     async with FleetClient(localfleet) as fleet:
-        with pytest.raises(FleetRejected, match="400"):
+        with pytest.raises(FleetRejectedError, match="400"):
             await fleet.create_unit("no-suffix", SLEEPER)
-        with pytest.raises(FleetConflict, match="unit does not exist and options field empty"):
+        with pytest.raises(FleetConflictError, match="unit does not exist and options field empty"):
             await fleet.create_unit("empty.service", [])
 
 
 async def test_unreachable_fleet_is_typed(tmp_path: Path) -> None:
     async with FleetClient(f"unix://{tmp_path}/missing.sock") as fleet:
-        with pytest.raises(FleetUnavailable, match="unreachable"):
+        with pytest.raises(FleetUnavailableError, match="unreachable"):
             await fleet.list_units()
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from helpers import eventually
 from integration.traefik import Traefik
 
-from deployster.routers import RouterTimeout, TraefikRouter
+from deployster.routers import RouterTimeoutError, TraefikRouter
 from deployster.testing.workload import (
     WorkloadSettings,
     announced_url,
@@ -199,7 +199,7 @@ async def test_wait_applied_times_out_with_a_sentence(
 ) -> None:
     await router.ensure_service(service)
     with pytest.raises(
-        RouterTimeout, match=r"Traefik at http://127\.0\.0\.1:\d+ did not apply"
+        RouterTimeoutError, match=r"Traefik at http://127\.0\.0\.1:\d+ did not apply"
     ) as caught:
         await router.wait_applied(service, present=["http://127.0.0.1:1"], timeout=0.5)
     assert "http://127.0.0.1:1" in str(caught.value)

@@ -13,7 +13,7 @@ import secrets
 import aetcd
 import pytest
 
-from deployster.routers import Router, RouterTimeout, VulcandRouter
+from deployster.routers import Router, RouterTimeoutError, VulcandRouter
 
 SRV1 = "web-v1-2026.11.26-12.00.00-1"
 SRV2 = "web-v1-2026.11.26-12.00.00-2"
@@ -130,5 +130,5 @@ async def test_wait_applied_waits_for_the_keys_then_settles(
     await router.ensure_service("web")
     await router.register("web", SRV1, "http://127.0.0.1:31001")
     await router.wait_applied("web", present=["http://127.0.0.1:31001"], timeout=2)
-    with pytest.raises(RouterTimeout, match=re.escape("missing ['http://127.0.0.1:31009']")):
+    with pytest.raises(RouterTimeoutError, match=re.escape("missing ['http://127.0.0.1:31009']")):
         await router.wait_applied("web", present=["http://127.0.0.1:31009"], timeout=0.3)

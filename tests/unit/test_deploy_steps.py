@@ -9,10 +9,15 @@ import pytest
 
 from deployster.errors import PermanentError, TemporaryError, is_temporary
 from deployster.etcd import EtcdError, LeaseExpiredError
-from deployster.fleet import FleetConflict, FleetNotFound, FleetRejected, FleetUnavailable
+from deployster.fleet import (
+    FleetConflictError,
+    FleetNotFoundError,
+    FleetRejectedError,
+    FleetUnavailableError,
+)
 from deployster.policy import ServicePolicy
 from deployster.records import DeployRecord, DeployState, DeployStep, Progress
-from deployster.routers import RouterRefused, RouterTimeout, RouterUnavailable
+from deployster.routers import RouterRefusedError, RouterTimeoutError, RouterUnavailableError
 from handlers.deploys import DeployRejectedError
 from handlers.reconcile import (
     QUEUE_POLL,
@@ -300,15 +305,15 @@ def test_a_rollback_never_reaches_the_switch(observed: Observed) -> None:
 TEMPORARY = [
     EtcdError("etcd did not answer"),
     LeaseExpiredError(0x1F),
-    FleetUnavailable("fleet at x is unreachable"),
-    RouterUnavailable("Could not register: etcd down"),
-    RouterTimeout("Traefik did not apply"),
+    FleetUnavailableError("fleet at x is unreachable"),
+    RouterUnavailableError("Could not register: etcd down"),
+    RouterTimeoutError("Traefik did not apply"),
 ]
 PERMANENT = [
-    FleetRejected("fleet answered PUT /units/x with 400"),
-    FleetConflict("409"),
-    FleetNotFound("404"),
-    RouterRefused("Server id 'a b' is not valid"),
+    FleetRejectedError("fleet answered PUT /units/x with 400"),
+    FleetConflictError("409"),
+    FleetNotFoundError("404"),
+    RouterRefusedError("Server id 'a b' is not valid"),
     DeployRejectedError("Too many versions are running."),
 ]
 

@@ -18,7 +18,7 @@ from deployster.localfleet.environ import (
     split_words,
 )
 from deployster.localfleet.pagination import (
-    InvalidPageToken,
+    InvalidPageTokenError,
     PageToken,
     decode_page_token,
     page_token_from_query,
@@ -28,7 +28,7 @@ from deployster.localfleet.unitfile import (
     DEFAULT_TIMEOUT_START,
     DEFAULT_TIMEOUT_STOP,
     ExecLineError,
-    InvalidUnitOptions,
+    InvalidUnitOptionsError,
     UnitLoadError,
     build_service_spec,
     check_serializable,
@@ -39,20 +39,20 @@ from deployster.localfleet.unitfile import (
     unit_hash,
 )
 from deployster.localfleet.unitname import (
-    InvalidUnitName,
+    InvalidUnitNameError,
     expand_specifiers,
     parse_unit_name,
     validate_unit_name,
 )
 from deployster.localfleet.wire import (
-    InvalidRequestBody,
+    InvalidRequestBodyError,
     decode_unit_request,
     go_json_dumps,
     page_json,
     unit_json,
 )
 from deployster.localfleet.xfleet import (
-    InvalidRequirements,
+    InvalidRequirementsError,
     fleet_requirements,
     glob_match,
     parse_multivalue,
@@ -109,7 +109,7 @@ def test_valid_unit_names(name: str) -> None:
     ],
 )
 def test_invalid_unit_names_give_fleets_message(name: str, message: str) -> None:
-    with pytest.raises(InvalidUnitName) as caught:
+    with pytest.raises(InvalidUnitNameError) as caught:
         validate_unit_name(name)
     assert str(caught.value) == message
 
@@ -170,11 +170,11 @@ def test_reordering_across_sections_keeps_the_hash_but_within_a_section_changes_
 
 def test_serialization_check() -> None:
     check_serializable([UnitOption(section="Service", name="ExecStart", value="x" * 2000)])
-    with pytest.raises(InvalidUnitOptions, match="line too long"):
+    with pytest.raises(InvalidUnitOptionsError, match="line too long"):
         check_serializable([UnitOption(section="Service", name="ExecStart", value="x" * 2048)])
-    with pytest.raises(InvalidUnitOptions, match="garbage after section name"):
+    with pytest.raises(InvalidUnitOptionsError, match="garbage after section name"):
         check_serializable([UnitOption(section="Serv]ice", name="A", value="b")])
-    with pytest.raises(InvalidUnitOptions, match="unexpected newline"):
+    with pytest.raises(InvalidUnitOptionsError, match="unexpected newline"):
         check_serializable([UnitOption(section="Service", name="A\nB", value="b")])
 
 
@@ -477,7 +477,7 @@ def test_machine_id_aliases_in_fleets_order() -> None:
     ],
 )
 def test_combinations_the_api_refuses(lines, message: str) -> None:
-    with pytest.raises(InvalidRequirements, match=re.escape(message)):
+    with pytest.raises(InvalidRequirementsError, match=re.escape(message)):
         validate_requirements(x_fleet(*lines))
 
 
@@ -544,18 +544,18 @@ def test_page_token_is_gos_padded_url_base64_of_two_little_endian_uint16() -> No
     ["", "ZAACAA", "ZAACAA=", "ZA+CAA==", "ZA/CAA==", "Z===", "not a token", "ZAA=", "ZA=="],
 )
 def test_malformed_page_tokens(value: str) -> None:
-    with pytest.raises(InvalidPageToken):
+    with pytest.raises(InvalidPageTokenError):
         decode_page_token(value)
 
 
 def test_page_token_from_query() -> None:
     assert page_token_from_query([], 100) == PageToken(100, 1)
     assert page_token_from_query([PageToken(100, 3).encode()], 100) == PageToken(100, 3)
-    with pytest.raises(InvalidPageToken, match="token limit must be 100"):
+    with pytest.raises(InvalidPageTokenError, match="token limit must be 100"):
         page_token_from_query([PageToken(50, 2).encode()], 100)
-    with pytest.raises(InvalidPageToken, match="greater than zero"):
+    with pytest.raises(InvalidPageTokenError, match="greater than zero"):
         page_token_from_query([PageToken(100, 0).encode()], 100)
-    with pytest.raises(InvalidPageToken, match="too many values"):
+    with pytest.raises(InvalidPageTokenError, match="too many values"):
         page_token_from_query([PageToken(100, 2).encode()] * 2, 100)
 
 
@@ -614,7 +614,7 @@ def test_put_body_decoding_is_as_lenient_as_gos() -> None:
              b'{"desiredState":true}', b'{"machineID":[]}', b"NaN"],
 )  # fmt: skip
 def test_put_bodies_that_do_not_decode(body: bytes) -> None:
-    with pytest.raises(InvalidRequestBody):
+    with pytest.raises(InvalidRequestBodyError):
         decode_unit_request(body)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from deployster.naming import (
     MAX_UNIT_NAME,
-    InvalidName,
+    InvalidNameError,
     UnitName,
     check_length,
     format_timestamp,
@@ -59,19 +59,19 @@ def test_parse_follows_the_original_rules_for_instance_and_timestamp() -> None:
 
 @pytest.mark.parametrize("bad", ["", "-svc", "svc-", "a:b", "a@b", "a b", "ä", "svc/x", "a\\b"])
 def test_invalid_service_names_are_refused_with_a_sentence(bad: str) -> None:
-    with pytest.raises(InvalidName, match="Service name"):
+    with pytest.raises(InvalidNameError, match="Service name"):
         validate_service(bad)
 
 
 @pytest.mark.parametrize("bad", ["", ".v1", "-v1", "v:1", "v@1", "v 1", "x" * 129])
 def test_invalid_versions_are_refused(bad: str) -> None:
-    with pytest.raises(InvalidName, match="Version"):
+    with pytest.raises(InvalidNameError, match="Version"):
         validate_version(bad)
 
 
 @pytest.mark.parametrize("bad", ["2015-03-02", "2015.13.02-00.31.45", "2015.03.02-25.00.00", "now"])
 def test_invalid_timestamps_are_refused(bad: str) -> None:
-    with pytest.raises(InvalidName, match=re.escape("YYYY.MM.DD-HH.MM.SS")):
+    with pytest.raises(InvalidNameError, match=re.escape("YYYY.MM.DD-HH.MM.SS")):
         validate_timestamp(bad)
 
 
@@ -82,7 +82,7 @@ def test_timestamp_layout_is_utc() -> None:
 
 
 def test_unit_names_longer_than_systemds_limit_are_refused() -> None:
-    with pytest.raises(InvalidName, match="255"):
+    with pytest.raises(InvalidNameError, match="255"):
         UnitName.build("s" * 120, "v" * 128, "2015.03.02-00.31.45", 1)
 
 
@@ -95,9 +95,9 @@ def test_unit_names_longer_than_systemds_limit_are_refused() -> None:
     ],
 )
 def test_timestamps_take_ascii_digits_of_a_real_date_only(bad: str) -> None:
-    with pytest.raises(InvalidName):
+    with pytest.raises(InvalidNameError):
         validate_timestamp(bad)
-    with pytest.raises(InvalidName):
+    with pytest.raises(InvalidNameError):
         UnitName.parse_valid(f"web:v1:{bad}@1.service")
 
 
@@ -105,18 +105,18 @@ def test_the_length_check_counts_the_largest_instance_number() -> None:
     service, stamp = "s" * 120, "2026.01.01-00.00.00"
     fits = MAX_UNIT_NAME - len(f"{service}::{stamp}@100.service")
     check_length(service, "v" * fits, stamp, 100)
-    with pytest.raises(InvalidName, match="instance 100"):
+    with pytest.raises(InvalidNameError, match="instance 100"):
         check_length(service, "v" * (fits + 1), stamp, 100)
     UnitName.build(service, "v" * (fits + 1), stamp, 99)
 
 
 def test_a_unit_name_with_a_non_ascii_instance_is_not_managed() -> None:
     assert UnitName.parse("web:v1:2026.01.01-00.00.00@\u00b2.service") is None
-    with pytest.raises(InvalidName, match="not a unit name"):
+    with pytest.raises(InvalidNameError, match="not a unit name"):
         UnitName.parse_valid("web:v1:2026.01.01-00.00.00@\u00b2.service")
 
 
 def test_a_service_name_is_at_most_128_characters() -> None:
     assert validate_service("a" * 128) == "a" * 128
-    with pytest.raises(InvalidName, match="at most 128"):
+    with pytest.raises(InvalidNameError, match="at most 128"):
         validate_service("a" * 129)

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployster.policy import HealthPolicy, ServicePolicy
-from deployster.safejson import MAX_JSON_DEPTH, JsonRefused, load_json
+from deployster.safejson import MAX_JSON_DEPTH, JsonRefusedError, load_json
 from deployster.web.errors import ApiError
 from deployster.web.limits import (
     MAX_COMMAND_ARGS,
@@ -28,7 +28,7 @@ def nested(depth: int, open_: str = "[", close: str = "]") -> bytes:
 def test_json_at_the_depth_limit_is_read_and_one_more_is_refused() -> None:
     assert load_json(nested(MAX_JSON_DEPTH)) is not None
     for deep in (nested(MAX_JSON_DEPTH + 1), nested(100_000), b'{"a":' * 50 + b"1" + b"}" * 50):
-        with pytest.raises(JsonRefused, match="nested deeper"):
+        with pytest.raises(JsonRefusedError, match="nested deeper"):
             load_json(deep)
 
 
@@ -64,7 +64,7 @@ def test_the_depth_scan_costs_less_than_parsing_itself() -> None:
     ],
 )
 def test_json_gets_a_sentence_for_what_it_refuses(raw: bytes, words: str) -> None:
-    with pytest.raises(JsonRefused, match=words):
+    with pytest.raises(JsonRefusedError, match=words):
         load_json(raw)
 
 

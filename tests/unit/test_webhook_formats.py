@@ -20,7 +20,11 @@ from webhook_samples import (
 )
 
 from deployster import webhooks
-from deployster.webhooks import MalformedPayload, UnsupportedMediaType, WebhookUnauthorized
+from deployster.webhooks import (
+    MalformedPayloadError,
+    UnsupportedMediaTypeError,
+    WebhookUnauthorizedError,
+)
 
 DIGEST = "sha256:74eb1167a8e8f069f5cbaf2dd58e5e36bdfec1948972826e6f98601622d81069"
 
@@ -52,7 +56,7 @@ def test_dockerhub_sample() -> None:
 def test_dockerhub_token() -> None:
     webhooks.check_token("s3cret-token", "s3cret-token")
     for wrong in ("s3cret-toke", "s3cret-token2", ""):
-        with pytest.raises(WebhookUnauthorized) as caught:
+        with pytest.raises(WebhookUnauthorizedError) as caught:
             webhooks.check_token(wrong, "s3cret-token")
         assert "s3cret" not in str(caught.value)
 
@@ -74,7 +78,7 @@ def test_dockerhub_token() -> None:
     ],
 )
 def test_dockerhub_malformed(body: bytes, where: str) -> None:
-    with pytest.raises(MalformedPayload, match=where):
+    with pytest.raises(MalformedPayloadError, match=where):
         webhooks.parse_dockerhub(body, "application/json")
 
 
@@ -143,17 +147,17 @@ def test_registry_authorization_takes_bearer_only() -> None:
     webhooks.check_bearer("bearer  s3cret", "s3cret")
     # The bare secret is refused: the registry's config writes the scheme out.
     for header in (None, "", "Bearer", "Bearer ", "Bearer wrong", "Basic czNjcmV0", "s3cret"):
-        with pytest.raises(WebhookUnauthorized):
+        with pytest.raises(WebhookUnauthorizedError):
             webhooks.check_bearer(header, "s3cret")
 
 
 @pytest.mark.parametrize(
     "body,content_type,error",
     [
-        (b"{", REGISTRY_V1, MalformedPayload),
-        (b'{"events": {}}', REGISTRY_V1, MalformedPayload),
-        (b'{"Events": []}', REGISTRY_V2, MalformedPayload),
-        (sample_bytes("registry_push"), "text/plain", UnsupportedMediaType),
+        (b"{", REGISTRY_V1, MalformedPayloadError),
+        (b'{"events": {}}', REGISTRY_V1, MalformedPayloadError),
+        (b'{"Events": []}', REGISTRY_V2, MalformedPayloadError),
+        (sample_bytes("registry_push"), "text/plain", UnsupportedMediaTypeError),
     ],
 )
 def test_registry_malformed(body: bytes, content_type: str, error: type[Exception]) -> None:
@@ -180,7 +184,7 @@ def test_harbor_sample() -> None:
     webhooks.check_harbor_auth("Bearer h4rbor", "h4rbor")
     webhooks.check_harbor_auth("h4rbor", "h4rbor")
     for header in (None, "", "  ", "h4rbor!", "Bearer h4rbor!"):
-        with pytest.raises(WebhookUnauthorized):
+        with pytest.raises(WebhookUnauthorizedError):
             webhooks.check_harbor_auth(header, "h4rbor")
 
 
@@ -204,7 +208,7 @@ def test_harbor_other_events_and_cloudevents() -> None:
         json.dumps(cloud).encode(), "application/cloudevents+json"
     ).pushes
     assert (push.repository, push.tag, push.event_id) == ("proj/repo", "latest", "4b1f0c4e/0")
-    with pytest.raises(MalformedPayload, match="resources"):
+    with pytest.raises(MalformedPayloadError, match="resources"):
         body["type"] = "PUSH_ARTIFACT"
         body["event_data"]["resources"] = []
         webhooks.parse_harbor(json.dumps(body).encode(), "application/json")
@@ -222,9 +226,9 @@ def test_github_signature_matches_githubs_documented_vector() -> None:
         GITHUB_DOC_SIGNATURE[:-1] + "0",
         "sha1=757107ea0eb2509fc211221cce984b8a37570b6d",
     ):
-        with pytest.raises(WebhookUnauthorized):
+        with pytest.raises(WebhookUnauthorizedError):
             webhooks.check_github_signature(GITHUB_DOC_PAYLOAD, header, GITHUB_DOC_SECRET)
-    with pytest.raises(WebhookUnauthorized):  # one byte more in the body
+    with pytest.raises(WebhookUnauthorizedError):  # one byte more in the body
         webhooks.check_github_signature(
             GITHUB_DOC_PAYLOAD + b" ", GITHUB_DOC_SIGNATURE, GITHUB_DOC_SECRET
         )
@@ -276,7 +280,7 @@ def test_ghcr_other_events_actions_and_packages() -> None:
         .reason
         == "a npm package, not a container image"
     )
-    with pytest.raises(MalformedPayload):
+    with pytest.raises(MalformedPayloadError):
         webhooks.parse_ghcr(b'{"action": "published"}', "application/json", "package", "d-6")
 
 
