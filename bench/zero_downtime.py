@@ -156,9 +156,9 @@ async def main(clients: int, steady: float, drain: float) -> None:
         subprocess.Popen(
             traefik_command(
                 etcd.endpoint,
-                "traefik",
-                f"127.0.0.1:{web_port}",
-                f"127.0.0.1:{api}",
+                root_key="traefik",
+                web_listen=f"127.0.0.1:{web_port}",
+                api_listen=f"127.0.0.1:{api}",
                 throttle="100ms",
             ),
             stdout=subprocess.DEVNULL,

@@ -126,6 +126,7 @@ def traefik_binary() -> str:
 
 def traefik_command(
     etcd_endpoint: str,
+    *,
     root_key: str,
     web_listen: str,
     api_listen: str,

@@ -19,7 +19,7 @@ What a deploy does next is decided in one place, the pure :func:`handlers.reconc
   exists, a server that is not registered, a unit that is gone: none is an error) and looks
   again. A temporary error (etcd, fleet or the router not answering) is retried with capped
   backoff, and the deploy's deadlines still end it; a permanent one ends the deploy with its
-  sentence (``reconcile.on_permanent``).
+  sentence (``on_permanent``).
 - **Ownership.** A server drives a deploy only while it holds the deploy's lock: before every
   step that changes fleet or the router it checks that the lock is still its own (same deploy,
   same lease, lease not expired). A lock whose lease is alive belongs to whoever holds it, a
@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -73,14 +74,13 @@ from deployster.units import (
     image_name,
     render_unit,
 )
-from handlers import reconcile
-from handlers.instances import InstancesHandler
 from handlers.reconcile import (
     ConfirmRouted,
     Destroy,
     Done,
     Finish,
     InstanceView,
+    Note,
     Observed,
     Plan,
     Remove,
@@ -89,6 +89,8 @@ from handlers.reconcile import (
     Step,
     Submit,
     Wait,
+    next_step,
+    on_permanent,
 )
 
 log = structlog.get_logger(__name__)
@@ -195,16 +197,26 @@ class _Worker:
     destroys: list[DestroyRequested] = field(default_factory=list)
 
 
+class Instances(Protocol):
+    """The announced instances as deploys read and retire them (the server passes its
+    instances handler)."""
+
+    def view(self, unit: UnitName) -> InstanceView | None: ...
+
+    async def retire(self, units: list[UnitName]) -> list[str]: ...
+
+
 class DeployHandler:
     def __init__(
         self,
         bus: EventBus,
+        *,
         fleet: FleetClient,
         store: Store,
         template: UnitTemplate,
         config: DeployConfig,
         router: Router,
-        instances: InstancesHandler,
+        instances: Instances,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
@@ -543,15 +555,9 @@ class DeployHandler:
         instances = {}
         for unit in record.units:
             name = UnitName.parse(unit)
-            instance = self.instances.get(name) if name is not None else None
-            if instance is not None:
-                since = instance.healthy_since
-                instances[unit] = InstanceView(
-                    url=instance.url,
-                    healthy_for=None if since is None else time.monotonic() - since,
-                    routed=instance.routed,
-                    last_probe=instance.describe_last_probe(),
-                )
+            view = self.instances.view(name) if name is not None else None
+            if view is not None:
+                instances[unit] = view
         return Observed(now=now, fleet_units=units, failed=failed, instances=instances)
 
     async def _failed_units(self, record: DeployRecord) -> dict[str, str]:
@@ -579,7 +585,7 @@ class DeployHandler:
     async def _drive(self, record: DeployRecord, observed: Observed) -> float:
         """Perform the step ``next_step`` picks; a permanent error leads where
         ``on_permanent`` says. Returns the delay until the next look."""
-        step = reconcile.next_step(record, observed)
+        step = next_step(record, observed)
         try:
             return await self._perform(record, step)
         except LockLostError:
@@ -593,7 +599,7 @@ class DeployHandler:
             else:
                 sentence = f"Deployster failed at step {record.step}: {exc!r}"
                 log.exception("deploy_step_crashed", step=type(step).__name__)
-            return await self._perform(record, reconcile.on_permanent(record, sentence))
+            return await self._perform(record, on_permanent(record, sentence))
 
     async def _perform(self, record: DeployRecord, step: Step) -> float:
         match step:
@@ -639,7 +645,7 @@ class DeployHandler:
         return 0.0
 
     @staticmethod
-    def _note_all(record: DeployRecord, notes: tuple[reconcile.Note, ...]) -> None:
+    def _note_all(record: DeployRecord, notes: tuple[Note, ...]) -> None:
         for kind, message, unit in notes:
             record.note(kind, message, unit=unit)
 
@@ -681,7 +687,7 @@ class DeployHandler:
         )
 
     async def _confirm_routed(
-        self, record: DeployRecord, urls: tuple[str, ...], notes: tuple[reconcile.Note, ...]
+        self, record: DeployRecord, urls: tuple[str, ...], notes: tuple[Note, ...]
     ) -> None:
         if notes:
             self._note_all(record, notes)

@@ -46,6 +46,7 @@ from deployster.routers import Router
 from deployster.store import Store
 from deployster.supervise import start_supervised
 from deployster.units import Announcement, instances_prefix, parse_announce_key
+from handlers.reconcile import InstanceView
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +77,7 @@ class InstancesHandler:
     def __init__(
         self,
         bus: EventBus,
+        *,
         etcd: aetcd.Client,
         store: Store,
         router: Router,
@@ -99,6 +101,19 @@ class InstancesHandler:
 
     def get(self, unit: UnitName) -> Instance | None:
         return self._instances.get(unit)
+
+    def view(self, unit: UnitName) -> InstanceView | None:
+        """The instance as a deploy's next step is decided on; None: not announced."""
+        instance = self._instances.get(unit)
+        if instance is None:
+            return None
+        since = instance.healthy_since
+        return InstanceView(
+            url=instance.url,
+            healthy_for=None if since is None else time.monotonic() - since,
+            routed=instance.routed,
+            last_probe=instance.describe_last_probe(),
+        )
 
     async def retire(self, units: list[UnitName]) -> list[str]:
         """Take these out of the router and never route them again (they are being replaced

@@ -105,6 +105,7 @@ class Reaper:
     def __init__(
         self,
         bus: EventBus,
+        *,
         fleet: FleetClient,
         store: Store,
         router: Router,

@@ -410,7 +410,11 @@ async def test_a_queued_push_survives_a_restart(hooks: Api) -> None:
     assert len(await api.deployster.store.list_queued_pushes()) == 1
     await keeper.revoke()
     restarted = WebhookHandler(
-        api.deployster.bus, api.deployster.store, "deployster", {"registry": SECRET}, lock_poll=0.5
+        api.deployster.bus,
+        store=api.deployster.store,
+        image_prefix="deployster",
+        secrets={"registry": SECRET},
+        lock_poll=0.5,
     )
     restarted.register()
     try:
