@@ -126,10 +126,10 @@ def traefik_binary() -> str:
 
 def traefik_command(
     etcd_endpoint: str,
-    *,
     root_key: str,
     web_listen: str,
     api_listen: str,
+    *,
     throttle: str = "200ms",
     log_level: str = "ERROR",
 ) -> list[str]:
