@@ -570,8 +570,13 @@ class NotificationStore:
         self.prefix = prefix
         self.keep = keep
 
+    @property
+    def pending_prefix(self) -> str:
+        """Where pending deliveries live, one key per delivery id."""
+        return f"{self.prefix}/notifications/pending/"
+
     def _pending_key(self, delivery_id: str) -> bytes:
-        return f"{self.prefix}/notifications/pending/{delivery_id}".encode()
+        return f"{self.pending_prefix}{delivery_id}".encode()
 
     def _outcomes_prefix(self, service: str) -> str:
         return f"{self.prefix}/notifications/outcomes/{service}/"
@@ -592,7 +597,7 @@ class NotificationStore:
     async def pending(self) -> list[tuple[Delivery, bytes]]:
         """Every pending delivery, with its stored value (for :meth:`replace`)."""
         with _etcd_errors():
-            found = await self.etcd.get_prefix(f"{self.prefix}/notifications/pending/".encode())
+            found = await self.etcd.get_prefix(self.pending_prefix.encode())
         return [(Delivery.model_validate_json(kv.value), kv.value) for kv in found]
 
     async def replace(self, delivery: Delivery, stored: bytes) -> bytes | None:
