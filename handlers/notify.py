@@ -226,10 +226,10 @@ class Notifier:
                     )
                 else:
                     wait = due - now if wait is None else min(wait, due - now)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._wake.wait(), timeout=None if wait is None else max(wait, 0.05)
-                )
+                async with asyncio.timeout(None if wait is None else max(wait, 0.05)):
+                    await self._wake.wait()
 
     async def _deliver(self, delivery: Delivery, stored: bytes) -> None:
         try:
