@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 import aiohttp
 
 from deployster.launchers import free_port
+from deployster.testing.load import Load
 
 SERVICE = "benchc"
 PASSWORD = "bench"
@@ -98,33 +98,6 @@ def start_up(
     return up, f"http://127.0.0.1:{api}", f"http://127.0.0.1:{http}/"
 
 
-class Load:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.phase = "warmup"
-        self.samples: dict[str, list[float]] = {}
-        self.failures: dict[str, int] = {}
-        self.stopped = False
-
-    async def client(self, session: aiohttp.ClientSession) -> None:
-        while not self.stopped:
-            phase, start = self.phase, time.perf_counter()
-            try:
-                async with session.get(self.url, headers={"Host": f"{SERVICE}.localhost"}) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-            except (TimeoutError, aiohttp.ClientError):
-                ok = False
-            if ok:
-                self.samples.setdefault(phase, []).append(time.perf_counter() - start)
-            else:
-                self.failures[phase] = self.failures.get(phase, 0) + 1
-
-
-def percentile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else float("nan")
-
-
 async def deploy(
     session: aiohttp.ClientSession, api: str, version: str
 ) -> tuple[str, float, dict[str, Any]]:
@@ -178,40 +151,22 @@ async def measure(args: argparse.Namespace, api: str, traffic: str) -> None:
         state, first, _ = await deploy(session, api, "v1")
         print(f"[{args.template}] initial 3-instance deploy: {state} in {first:.2f} s")
 
-        load = Load(traffic)
-        client_session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=10),
-            connector=aiohttp.TCPConnector(limit=args.clients),
-        )
-        tasks = [asyncio.create_task(load.client(client_session)) for _ in range(args.clients)]
-        await asyncio.sleep(1)
-        load.phase = "steady"
-        await asyncio.sleep(args.steady)
-        load.phase = "version cycle v1->v2"
-        state2, cycle, cycled = await deploy(session, api, "v2")
-        load.phase = "steady after"
-        await asyncio.sleep(1)
-        load.stopped = True
-        await asyncio.gather(*tasks)
-        await client_session.close()
+        load = Load(traffic, f"{SERVICE}.localhost")
+        async with load.running(args.clients):
+            await asyncio.sleep(1)
+            load.phase = "steady"
+            await asyncio.sleep(args.steady)
+            load.phase = "version cycle v1->v2"
+            state2, cycle, cycled = await deploy(session, api, "v2")
+            load.phase = "steady after"
+            await asyncio.sleep(1)
         state3, quiet, quieted = await deploy(session, api, "v3")
 
         print(f"version cycle v1->v2 under load: {state2} in {cycle:.2f} s")
         print(timeline(cycled))
         print(f"version cycle v2->v3 without load: {state3} in {quiet:.2f} s")
         print(timeline(quieted))
-        print(f"{'phase':<22}{'requests':>10}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}")
-        total = failed = 0
-        for phase in ["steady", "version cycle v1->v2", "steady after"]:
-            samples = load.samples.get(phase, [])
-            fails = load.failures.get(phase, 0)
-            total += len(samples) + fails
-            failed += fails
-            print(
-                f"{phase:<22}{len(samples) + fails:>10}{fails:>8}"
-                f"{percentile(samples, 50):>9.2f}{percentile(samples, 99):>9.2f}"
-            )
-        print(f"total: {total} requests, {failed} failed, {args.clients} clients")
+        print(load.report(["steady", "version cycle v1->v2", "steady after"]))
         async with session.delete(f"{api}/v1/services/{SERVICE}/deploys/v3") as resp:
             await resp.read()
 

@@ -60,7 +60,9 @@ async def main(count: int) -> None:
         store = Store(etcd, PREFIX)
         await store.save_policy(SERVICE, ServicePolicy(health=HealthPolicy(healthy_threshold=1)))
         router = VulcandRouter(etcd, prefix="vulcand", settle=0)
-        instances = InstancesHandler(EventBus(), etcd, store, router, PREFIX)
+        instances = InstancesHandler(
+            EventBus(), etcd=etcd, store=store, router=router, prefix=PREFIX
+        )
         await instances.start()
 
         appeared: dict[str, float] = {}

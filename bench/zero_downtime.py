@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.records import DeployRecord
 from deployster.server import Deployster
+from deployster.testing.load import Load
 from handlers.deploys import DeployConfig
 
 SERVICE = "bench"
@@ -47,29 +47,6 @@ def policy(drain: float) -> ServicePolicy:
     )
 
 
-class Load:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.phase = "warmup"
-        self.samples: dict[str, list[float]] = {}
-        self.failures: dict[str, int] = {}
-        self.stopped = False
-
-    async def client(self, session: aiohttp.ClientSession) -> None:
-        while not self.stopped:
-            phase, start = self.phase, time.perf_counter()
-            try:
-                async with session.get(self.url, headers={"Host": f"{SERVICE}.localhost"}) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-            except (TimeoutError, aiohttp.ClientError):
-                ok = False
-            if ok:
-                self.samples.setdefault(phase, []).append(time.perf_counter() - start)
-            else:
-                self.failures[phase] = self.failures.get(phase, 0) + 1
-
-
 def wait_url(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -79,10 +56,6 @@ def wait_url(url: str, timeout: float = 20) -> None:
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"{url} did not answer")
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else float("nan")
 
 
 def timeline(record: DeployRecord) -> str:
@@ -156,9 +129,9 @@ async def main(clients: int, steady: float, drain: float) -> None:
         subprocess.Popen(
             traefik_command(
                 etcd.endpoint,
-                "traefik",
-                f"127.0.0.1:{web_port}",
-                f"127.0.0.1:{api}",
+                root_key="traefik",
+                web_listen=f"127.0.0.1:{web_port}",
+                api_listen=f"127.0.0.1:{api}",
                 throttle="100ms",
             ),
             stdout=subprocess.DEVNULL,
@@ -197,29 +170,25 @@ async def main(clients: int, steady: float, drain: float) -> None:
 
         state, first, _ = await deploy(dep, "v1")
         print(f"initial 3-instance deploy: {state} in {first:.2f} s")
-        load = Load(f"http://127.0.0.1:{web_port}/")
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=10), connector=aiohttp.TCPConnector(limit=clients)
-        )
-        tasks = [asyncio.create_task(load.client(session)) for _ in range(clients)]
-        await asyncio.sleep(1)
-        load.phase = "steady"
-        await asyncio.sleep(steady)
-        load.phase = "version cycle v1->v2"
-        state2, cycle, cycled = await deploy(dep, "v2")
-        cycle_split = cost_split(dep, cycled, cycle)
-        load.phase = "steady after"
-        await asyncio.sleep(1)
-        await dep.store.save_policy(
-            SERVICE, policy(drain).model_copy(update={"instance_deadline": 3})
-        )
-        load.phase = "rollback of v3"
-        state3, rollback, _ = await deploy(dep, "v3", env={"DEPLOYSTER_WORKLOAD_HEALTH": "fail"})
-        load.phase = "steady end"
-        await asyncio.sleep(1)
-        load.stopped = True
-        await asyncio.gather(*tasks)
-        await session.close()
+        load = Load(f"http://127.0.0.1:{web_port}/", f"{SERVICE}.localhost")
+        async with load.running(clients):
+            await asyncio.sleep(1)
+            load.phase = "steady"
+            await asyncio.sleep(steady)
+            load.phase = "version cycle v1->v2"
+            state2, cycle, cycled = await deploy(dep, "v2")
+            cycle_split = cost_split(dep, cycled, cycle)
+            load.phase = "steady after"
+            await asyncio.sleep(1)
+            await dep.store.save_policy(
+                SERVICE, policy(drain).model_copy(update={"instance_deadline": 3})
+            )
+            load.phase = "rollback of v3"
+            state3, rollback, _ = await deploy(
+                dep, "v3", env={"DEPLOYSTER_WORKLOAD_HEALTH": "fail"}
+            )
+            load.phase = "steady end"
+            await asyncio.sleep(1)
         # The cycle alone: what a deploy costs when the machine is not also serving the load.
         state4, quiet, quieted = await deploy(dep, "v4")
         quiet_split = cost_split(dep, quieted, quiet)
@@ -231,24 +200,8 @@ async def main(clients: int, steady: float, drain: float) -> None:
         print(f"version cycle v3->v4 without load: {state4} in {quiet:.2f} s")
         print(timeline(quieted))
         print(quiet_split)
-        print(f"{'phase':<22}{'requests':>10}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}")
-        total = failed = 0
-        for phase in [
-            "steady",
-            "version cycle v1->v2",
-            "steady after",
-            "rollback of v3",
-            "steady end",
-        ]:
-            samples = load.samples.get(phase, [])
-            fails = load.failures.get(phase, 0)
-            total += len(samples) + fails
-            failed += fails
-            print(
-                f"{phase:<22}{len(samples) + fails:>10}{fails:>8}{percentile(samples, 50):>9.2f}"
-                f"{percentile(samples, 99):>9.2f}"
-            )
-        print(f"total: {total} requests, {failed} failed, {clients} clients")
+        phases = ["steady", "version cycle v1->v2", "steady after", "rollback of v3", "steady end"]
+        print(load.report(phases))
         await runner.cleanup()
         await dep.close()
     finally:

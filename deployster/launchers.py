@@ -129,6 +129,7 @@ def traefik_command(
     root_key: str,
     web_listen: str,
     api_listen: str,
+    *,
     throttle: str = "200ms",
     log_level: str = "ERROR",
 ) -> list[str]:

@@ -121,20 +121,20 @@ class Deployster:
         self.owners = Owners(self.membership, etcd, self.store.locks.base)
         self.instances = InstancesHandler(
             self.bus,
-            etcd,
-            self.store,
-            self.router,
-            settings.etcd_prefix,
-            self.metrics,
+            etcd=etcd,
+            store=self.store,
+            router=self.router,
+            prefix=settings.etcd_prefix,
+            metrics=self.metrics,
             owners=self.owners,
         )
         self.metrics.ownership(self.instances.owned_services, lambda: len(self.membership.members))
         self.deploys = DeployHandler(
             self.bus,
-            fleet,
-            self.store,
-            template,
-            deploy_config
+            fleet=fleet,
+            store=self.store,
+            template=template,
+            config=deploy_config
             or DeployConfig(
                 image_prefix=settings.image_prefix,
                 etcd_endpoints=settings.etcd,
@@ -143,16 +143,16 @@ class Deployster:
                 etcdctl=settings.etcdctl,
                 publish_address=settings.publish_address,
             ),
-            self.router,
-            self.instances,
+            router=self.router,
+            instances=self.instances,
         )
         self.deploys.register()
         self.reaper = Reaper(
             self.bus,
-            fleet,
-            self.store,
-            self.router,
-            settings.etcd_prefix,
+            fleet=fleet,
+            store=self.store,
+            router=self.router,
+            prefix=settings.etcd_prefix,
             interval=settings.reconcile_interval,
             keep=settings.history,
             owns=self.owners.owns,
@@ -160,18 +160,18 @@ class Deployster:
         self.reaper.register()
         self.webhooks = WebhookHandler(
             self.bus,
-            self.store,
-            settings.image_prefix,
-            settings.webhook_secrets(WEBHOOK_SOURCES),
+            store=self.store,
+            image_prefix=settings.image_prefix,
+            secrets=settings.webhook_secrets(WEBHOOK_SOURCES),
             metrics=self.metrics,
         )
         self.webhooks.register()
         task_store = TaskStore(etcd, settings.etcd_prefix)
         self.tasks = TaskRunner(
             DockerClient(settings.docker_endpoint),
-            task_store,
-            self.store,
-            TaskConfig(
+            store=task_store,
+            policies=self.store,
+            config=TaskConfig(
                 image_prefix=settings.image_prefix,
                 etcd_prefix=settings.etcd_prefix,
                 max_timeout=settings.task_max_timeout,

@@ -415,6 +415,11 @@ class NotificationStore:
         self.prefix = prefix
         self.keep = keep
 
+    @property
+    def pending_prefix(self) -> str:
+        """Where pending deliveries live, one key per delivery id."""
+        return keys.pending_prefix(self.prefix)
+
     async def add(self, deliveries: list[Delivery]) -> None:
         """Queue every delivery of one event in one transaction: all or none."""
         txn = self.etcd.transactions
@@ -433,7 +438,7 @@ class NotificationStore:
     async def pending(self) -> list[tuple[Delivery, bytes]]:
         """Every pending delivery, with its stored value (for :meth:`replace`)."""
         with _etcd_errors():
-            found = await self.etcd.get_prefix(keys.pending_prefix(self.prefix).encode())
+            found = await self.etcd.get_prefix(self.pending_prefix.encode())
         return [(Delivery.model_validate_json(kv.value), kv.value) for kv in found]
 
     async def replace(self, delivery: Delivery, stored: bytes) -> bytes | None:

@@ -172,6 +172,7 @@ def _spawn(
 
 def _wait_http(
     url: str,
+    *,
     auth: aiohttp.BasicAuth | None,
     child: subprocess.Popen[bytes],
     what: str,
@@ -205,6 +206,7 @@ def _wait_http(
 
 async def _unserved(
     api: str,
+    *,
     auth: aiohttp.BasicAuth,
     etcd_endpoint: str,
     traefik_api: str,
@@ -355,7 +357,11 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
         if args.router == "traefik":
             traefik_log = logs_dir / "traefik.log"
             argv = traefik_command(
-                etcd.endpoint, TRAEFIK_ROOT_KEY, http_listen, traefik_api, log_level="INFO"
+                etcd.endpoint,
+                root_key=TRAEFIK_ROOT_KEY,
+                web_listen=http_listen,
+                api_listen=traefik_api,
+                log_level="INFO",
             )
             traefik = supervisor.start(
                 # Started without etcd, Traefik would serve an empty configuration.
@@ -369,11 +375,11 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
             )
             _wait_http(
                 f"http://{traefik_api}/api/version",
-                None,
-                traefik,
-                "Traefik",
-                traefik_log,
-                lambda: stopping,
+                auth=None,
+                child=traefik,
+                what="Traefik",
+                log=traefik_log,
+                stopping=lambda: stopping,
             )
 
         # localfleet replaces a socket left by a run that ended, never one that answers.
@@ -400,11 +406,11 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
         )
         _wait_http(
             "http://fleet/fleet/v1/machines",
-            None,
-            localfleet,
-            "localfleet",
-            localfleet_log,
-            lambda: stopping,
+            auth=None,
+            child=localfleet,
+            what="localfleet",
+            log=localfleet_log,
+            stopping=lambda: stopping,
             unix=str(socket_path),
         )
 
@@ -429,21 +435,21 @@ def _up(args: argparse.Namespace, state_dir: Path, logs_dir: Path) -> int:
         url = f"http://{listen}"
         _wait_http(
             f"{url}/v1/version",
-            aiohttp.BasicAuth("deployster", password),
-            server,
-            "the server",
-            server_log,
-            lambda: stopping,
+            auth=aiohttp.BasicAuth("deployster", password),
+            child=server,
+            what="the server",
+            log=server_log,
+            stopping=lambda: stopping,
         )
         if args.router == "traefik":
             unserved = asyncio.run(
                 _unserved(
                     url,
-                    aiohttp.BasicAuth("deployster", password),
-                    etcd.endpoint,
-                    traefik_api,
-                    SERVED_TIMEOUT,
-                    lambda: stopping,
+                    auth=aiohttp.BasicAuth("deployster", password),
+                    etcd_endpoint=etcd.endpoint,
+                    traefik_api=traefik_api,
+                    timeout=SERVED_TIMEOUT,
+                    stopping=lambda: stopping,
                 )
             )
             if unserved:

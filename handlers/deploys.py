@@ -19,7 +19,7 @@ What a deploy does next is decided in one place, the pure :func:`handlers.reconc
   exists, a server that is not registered, a unit that is gone: none is an error) and looks
   again. A temporary error (etcd, fleet or the router not answering) is retried with capped
   backoff, and the deploy's deadlines still end it; a permanent one ends the deploy with its
-  sentence (``reconcile.on_permanent``).
+  sentence (``on_permanent``).
 - **Webhook pushes** are requests to the same worker, not a queue of their own: a push the
   webhooks handler queued (one slot per service in etcd) wakes it, and a pass that finds no
   unfinished deploy of the service turns the push into a queued deploy, taking it from its
@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -80,14 +81,13 @@ from deployster.units import (
     image_name,
     render_unit,
 )
-from handlers import reconcile
-from handlers.instances import InstancesHandler
 from handlers.reconcile import (
     ConfirmRouted,
     Destroy,
     Done,
     Finish,
     InstanceView,
+    Note,
     Observed,
     Plan,
     Remove,
@@ -96,6 +96,8 @@ from handlers.reconcile import (
     Step,
     Submit,
     Wait,
+    next_step,
+    on_permanent,
 )
 from handlers.webhooks import deploy_of_push, read_queued
 
@@ -202,16 +204,31 @@ class _Worker:
     destroys: list[DestroyRequested] = field(default_factory=list)
 
 
+class Instances(Protocol):
+    """The announced instances as deploys read and retire them (the server passes its
+    instances handler)."""
+
+    def view(self, unit: UnitName) -> InstanceView | None: ...
+
+    async def retire(self, units: list[UnitName]) -> list[str]: ...
+
+    def claim(self, service: str) -> None:
+        """This server drives a deploy of ``service``: probe it here, whoever owns it."""
+
+    def release(self, service: str) -> None: ...
+
+
 class DeployHandler:
     def __init__(
         self,
         bus: EventBus,
+        *,
         fleet: FleetClient,
         store: Store,
         template: UnitTemplate,
         config: DeployConfig,
         router: Router,
-        instances: InstancesHandler,
+        instances: Instances,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
@@ -598,15 +615,9 @@ class DeployHandler:
         instances = {}
         for unit in record.units:
             name = UnitName.parse(unit)
-            instance = self.instances.get(name) if name is not None else None
-            if instance is not None:
-                since = instance.healthy_since
-                instances[unit] = InstanceView(
-                    url=instance.url,
-                    healthy_for=None if since is None else time.monotonic() - since,
-                    routed=instance.routed,
-                    last_probe=instance.describe_last_probe(),
-                )
+            view = self.instances.view(name) if name is not None else None
+            if view is not None:
+                instances[unit] = view
         return Observed(now=now, fleet_units=units, failed=failed, instances=instances)
 
     async def _failed_units(self, record: DeployRecord) -> dict[str, str]:
@@ -634,7 +645,7 @@ class DeployHandler:
     async def _drive(self, record: DeployRecord, observed: Observed) -> float:
         """Perform the step ``next_step`` picks; a permanent error leads where
         ``on_permanent`` says. Returns the delay until the next look."""
-        step = reconcile.next_step(record, observed)
+        step = next_step(record, observed)
         try:
             return await self._perform(record, step)
         except LockLostError:
@@ -648,7 +659,7 @@ class DeployHandler:
             else:
                 sentence = f"Deployster failed at step {record.step}: {exc!r}"
                 log.exception("deploy_step_crashed", step=type(step).__name__)
-            return await self._perform(record, reconcile.on_permanent(record, sentence))
+            return await self._perform(record, on_permanent(record, sentence))
 
     async def _perform(self, record: DeployRecord, step: Step) -> float:
         match step:
@@ -694,7 +705,7 @@ class DeployHandler:
         return 0.0
 
     @staticmethod
-    def _note_all(record: DeployRecord, notes: tuple[reconcile.Note, ...]) -> None:
+    def _note_all(record: DeployRecord, notes: tuple[Note, ...]) -> None:
         for kind, message, unit in notes:
             record.note(kind, message, unit=unit)
 
@@ -736,7 +747,7 @@ class DeployHandler:
         )
 
     async def _confirm_routed(
-        self, record: DeployRecord, urls: tuple[str, ...], notes: tuple[reconcile.Note, ...]
+        self, record: DeployRecord, urls: tuple[str, ...], notes: tuple[Note, ...]
     ) -> None:
         if notes:
             self._note_all(record, notes)

@@ -57,6 +57,7 @@ from deployster.store import Store
 from deployster.supervise import start_supervised
 from deployster.units import Announcement
 from handlers.owners import HANDOVER_GRACE, Owners
+from handlers.reconcile import InstanceView
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +91,7 @@ class InstancesHandler:
     def __init__(
         self,
         bus: EventBus,
+        *,
         etcd: aetcd.Client,
         store: Store,
         router: Router,
@@ -119,6 +121,19 @@ class InstancesHandler:
 
     def get(self, unit: UnitName) -> Instance | None:
         return self._instances.get(unit)
+
+    def view(self, unit: UnitName) -> InstanceView | None:
+        """The instance as a deploy's next step is decided on; None: not announced."""
+        instance = self._instances.get(unit)
+        if instance is None:
+            return None
+        since = instance.healthy_since
+        return InstanceView(
+            url=instance.url,
+            healthy_for=None if since is None else time.monotonic() - since,
+            routed=instance.routed,
+            last_probe=instance.describe_last_probe(),
+        )
 
     async def retire(self, units: list[UnitName]) -> list[str]:
         """Take these out of the router and never route them again (they are being replaced

@@ -9,6 +9,11 @@ retried on :data:`RETRY_SCHEDULE` (about 20 minutes in all) with the same delive
 given up. Deliveries stay in etcd until they end, so a restart loses none (at least once).
 Several servers share the outbox: a server claims a delivery (a compare-and-swap on its
 record) before it sends it.
+
+The sender follows the outbox with a watch on its prefix (a full read at start and after a
+compaction, then only the changes), so it sees every server's deliveries, claims, retries and
+ends as they are written, and sleeps until the next delivery is due. While etcd does not
+answer it sends nothing: a delivery is only sent once its claim is written.
 """
 
 from __future__ import annotations
@@ -26,20 +31,20 @@ import structlog
 
 from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
-from deployster.etcd import EtcdError
+from deployster.etcd import EtcdError, WatchEvent, watch_prefix
 from deployster.events import DeployFailed, DeploySucceeded, TaskFinished, UnitsSubmitted
 from deployster.metrics import Metrics
 from deployster.notify import Delivery, DeliveryOutcome, NotifyTarget, headers, render
 from deployster.store import NotificationStore, Store, TaskStore
+from deployster.supervise import start_supervised
 
 log = structlog.get_logger(__name__)
 
 #: Seconds before each retry: 9 tries over about 20 minutes.
 RETRY_SCHEDULE = (5.0, 15.0, 30.0, 60.0, 120.0, 240.0, 300.0, 450.0)
 SEND_TIMEOUT = 10.0
-#: Longest wait of the sender between looks at the outbox (another server's deliveries, or
-#: a claim that lapsed).
-IDLE = 30.0
+#: Seconds before a delivery whose claim or outcome etcd did not take is tried again.
+ETCD_RETRY = 1.0
 MAX_PARALLEL = 16
 
 
@@ -70,6 +75,12 @@ class Notifier:
         self.clock = clock
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        # The outbox as the watch last showed it: delivery id -> (delivery, stored value).
+        self._pending: dict[str, tuple[Delivery, bytes]] = {}
+        # The stored value this server last acted on (claimed, or found claimed by another):
+        # not acted on again until the watch brings the value that replaced it.
+        self._acted: dict[str, bytes] = {}
         self._sending: dict[str, asyncio.Task[None]] = {}
         self._limit = asyncio.Semaphore(MAX_PARALLEL)
         self._session: aiohttp.ClientSession | None = None
@@ -83,10 +94,16 @@ class Notifier:
     async def start(self) -> None:
         # No cookies, no proxies from the environment: a receiver gets exactly what we send.
         self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        self._watch = start_supervised(
+            "notifications-watch",
+            lambda: watch_prefix(
+                self.outbox.etcd, self.outbox.pending_prefix, self._on_change, self._on_resync
+            ),
+        )
         self._loop = asyncio.create_task(self._send_loop(), name="notifications")
 
     async def close(self) -> None:
-        await cancel_and_wait(*(t for t in (self._loop,) if t), *self._sending.values())
+        await cancel_and_wait(*(t for t in (self._watch, self._loop) if t), *self._sending.values())
         if self._session is not None:
             await self._session.close()
 
@@ -159,50 +176,76 @@ class Notifier:
                     next_at=now,
                 )
             )
-        await self.outbox.add(deliveries)
+        await self.outbox.add(deliveries)  # the watch brings them to the sender
         log.info("notifications_queued", notification=name, receivers=len(deliveries))
+
+    # -- the outbox, followed ------------------------------------------------------------
+
+    async def _on_resync(self, snapshot: dict[str, str], revision: int) -> None:
+        self._pending = {}
+        for key, value in snapshot.items():
+            self._keep(key, value)
+        self._acted = {i: v for i, v in self._acted.items() if i in self._pending}
         self._wake.set()
+
+    async def _on_change(self, event: WatchEvent) -> None:
+        if event.value is None:
+            delivery_id = event.key.removeprefix(self.outbox.pending_prefix)
+            self._pending.pop(delivery_id, None)
+            self._acted.pop(delivery_id, None)
+        else:
+            self._keep(event.key, event.value)
+        self._wake.set()
+
+    def _keep(self, key: str, value: str) -> None:
+        delivery_id = key.removeprefix(self.outbox.pending_prefix)
+        try:
+            delivery = Delivery.model_validate_json(value)
+        except ValueError:
+            # Not a delivery this server can send: left alone, never retried in a loop.
+            log.warning("notification_unreadable", delivery=delivery_id)
+            self._pending.pop(delivery_id, None)
+            return
+        self._pending[delivery_id] = (delivery, value.encode())
 
     # -- the sender ----------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        backoff = 1.0
+        """Start each due delivery; sleep until the next one is due or the outbox changes."""
         while True:
             self._wake.clear()
-            try:
-                pending = await self.outbox.pending()
-                backoff = 1.0
-            except EtcdError as exc:
-                log.warning("notifications_unreadable", reason=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, IDLE)
-                continue
             now = self.clock()
-            wait = IDLE
-            for delivery, stored in pending:
-                due = max(delivery.next_at, delivery.claimed_until)
-                if delivery.id in self._sending:
+            wait: float | None = None
+            for delivery_id, (delivery, stored) in list(self._pending.items()):
+                if delivery_id in self._sending or self._acted.get(delivery_id) == stored:
                     continue
+                due = max(delivery.next_at, delivery.claimed_until)
                 if due <= now:
-                    self._sending[delivery.id] = asyncio.create_task(
+                    self._sending[delivery_id] = asyncio.create_task(
                         self._deliver(delivery, stored)
                     )
                 else:
-                    wait = min(wait, due - now)
+                    wait = due - now if wait is None else min(wait, due - now)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.05))
+                async with asyncio.timeout(None if wait is None else max(wait, 0.05)):
+                    await self._wake.wait()
 
     async def _deliver(self, delivery: Delivery, stored: bytes) -> None:
-        async with self._limit:
-            try:
+        try:
+            async with self._limit:
                 await self._attempt(delivery, stored)
-            except EtcdError as exc:
-                # The claim or the outcome could not be written: the delivery stays pending
-                # and is tried again once etcd answers (at least once, never lost).
-                log.warning("notification_not_recorded", delivery=delivery.id, reason=str(exc))
-            finally:
-                self._sending.pop(delivery.id, None)
-                self._wake.set()
+            current = self._pending.get(delivery.id)
+            if current is not None and current[1] == stored:
+                self._acted[delivery.id] = stored
+        except EtcdError as exc:
+            # The claim or the outcome could not be written: the delivery stays pending
+            # and is tried again once etcd answers (at least once, never lost).
+            log.warning("notification_not_recorded", delivery=delivery.id, reason=str(exc))
+            await asyncio.sleep(ETCD_RETRY)
+        finally:
+            self._sending.pop(delivery.id, None)
+            self._wake.set()
 
     async def _attempt(self, delivery: Delivery, stored: bytes) -> None:
         now = self.clock()

@@ -110,6 +110,7 @@ class Reaper:
     def __init__(
         self,
         bus: EventBus,
+        *,
         fleet: FleetClient,
         store: Store,
         router: Router,

@@ -266,6 +266,7 @@ class TaskRunner:
     def __init__(
         self,
         docker: DockerClient,
+        *,
         store: TaskStore,
         policies: Store,
         config: TaskConfig,

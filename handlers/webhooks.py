@@ -134,6 +134,7 @@ class WebhookHandler:
     def __init__(
         self,
         bus: EventBus,
+        *,
         store: Store,
         image_prefix: str,
         secrets: dict[str, str],

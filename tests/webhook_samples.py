@@ -51,6 +51,7 @@ def registry_event(
     tag: str,
     digest: str,
     event_id: str,
+    *,
     action: str = "push",
     media_type: str = "application/vnd.oci.image.manifest.v1+json",
 ) -> dict[str, Any]:

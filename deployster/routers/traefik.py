@@ -75,6 +75,7 @@ class TraefikRouter:
     def __init__(
         self,
         etcd: aetcd.Client,
+        *,
         root_key: str = DEFAULT_ROOT_KEY,
         api_url: str | None = None,
         entrypoint: str | None = None,

@@ -100,6 +100,7 @@ class VulcandRouter:
     def __init__(
         self,
         etcd: aetcd.Client,
+        *,
         prefix: str = DEFAULT_PREFIX,
         settle: float = DEFAULT_SETTLE,
         backend_settings: Mapping[str, Any] | None = None,

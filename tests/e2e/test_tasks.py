@@ -300,6 +300,7 @@ ENV = {**os.environ, "DEPLOYSTER_PASSWORD": PASSWORD}
 
 def serve(
     tmp_path: Any,
+    *,
     port: int,
     etcd_server: EtcdServer,
     podman: Podman,
@@ -351,7 +352,14 @@ async def test_output_streams_live_over_more_than_a_minute(
     service = f"svc-{secrets.token_hex(3)}"
     images.publish(service, "v1")
     port = free_port()
-    server = serve(tmp_path, port, etcd_server, podman, images, etcd_prefix)
+    server = serve(
+        tmp_path,
+        port=port,
+        etcd_server=etcd_server,
+        podman=podman,
+        images=images,
+        etcd_prefix=etcd_prefix,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", server, tmp_path / "serve.log", timeout=30)
         script = "i=0; while [ $i -lt 13 ]; do i=$((i+1)); echo tick $i; sleep 5; done; exit 3"
@@ -399,7 +407,14 @@ async def test_stopping_the_server_ends_streams_at_once_and_leaves_the_task_runn
     service = f"svc-{secrets.token_hex(3)}"
     images.publish(service, "v1")
     port = free_port()
-    server = serve(tmp_path, port, etcd_server, podman, images, etcd_prefix)
+    server = serve(
+        tmp_path,
+        port=port,
+        etcd_server=etcd_server,
+        podman=podman,
+        images=images,
+        etcd_prefix=etcd_prefix,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", server, tmp_path / "serve.log", timeout=30)
         ctl = await asyncio.create_subprocess_exec(

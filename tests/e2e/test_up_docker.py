@@ -14,9 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +25,7 @@ from e2e.podman import Podman, podman_docker_cli
 from helpers import eventually
 
 from deployster.launchers import free_port
+from deployster.testing.load import Load
 
 BIN = Path(sys.executable).parent
 PASSWORD = "e2e-up-secret"
@@ -116,35 +116,6 @@ def up(tmp_path: Path, podman: Podman, images: Images) -> Iterator[Up]:
             assert process.returncode == 0, out
 
 
-@dataclass
-class Load:
-    """Clients requesting the service through Traefik until stopped; every answer counted."""
-
-    url: str
-    host: str
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    versions: Counter[str] = field(default_factory=Counter)
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def client(self, session: aiohttp.ClientSession) -> None:
-        while not self.stopping.is_set():
-            try:
-                async with session.get(self.url, headers={"Host": self.host}) as resp:
-                    body = (await resp.text()).strip()
-                    if resp.status == 200:
-                        self.ok += 1
-                        self.versions[body] += 1
-                    else:
-                        self.failures.append(f"HTTP {resp.status}: {body[:80]}")
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                self.failures.append(repr(exc))
-
-    async def run(self, clients: int) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            await asyncio.gather(*(self.client(session) for _ in range(clients)))
-
-
 async def serving(url: str, host: str) -> str:
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
@@ -196,26 +167,14 @@ async def test_up_deploys_cycles_rolls_back_and_destroys_a_real_image(
     assert {p["host_ip"] for c in running for p in c["Ports"]} == {"127.0.0.1"}  # type: ignore[attr-defined]
 
     load = Load(up.traffic, host)
-    clients = asyncio.create_task(load.run(clients=6))
-    try:
+    async with load.running(clients=6):
         await asyncio.sleep(1)
         code, out = await up.ctl("deploy", service, "v2", "--wait")
         assert code == 0, out
         await asyncio.sleep(1)
-    finally:
-        load.stopping.set()
-        await clients
-    print(f"\n[up-docker] {load.ok} requests, {len(load.failures)} failed, {dict(load.versions)}")
+    print(f"\n[up-docker] {load.summary()}")
     assert load.failures == []
-    assert (
-        load.versions["v1"] > 0
-        and load.versions["v2"] > 0
-        and set(load.versions)
-        == {
-            "v1",
-            "v2",
-        }
-    )
+    assert set(load.versions) == {"v1", "v2"} and min(load.versions.values()) > 0
     assert await serving(up.traffic, host) == "200 v2"
 
     code, out = await up.ctl("deploy", service, "v3", "--wait")

@@ -13,24 +13,21 @@ import pytest
 from faults.conftest import Paused
 from helpers import eventually
 from integration.conftest import FAST_POLICY, Api
-from integration.test_zero_downtime import Load, wait_serving
+from integration.test_zero_downtime import wait_serving
 from integration.traefik import Traefik
 
 from deployster.policy import HealthPolicy
+from deployster.testing.load import Load
 
 
 async def under_load(traefik: Traefik, api: Api, work: Callable[[], Awaitable[Any]]) -> Load:
     """Run ``work`` while 6 clients request the service through Traefik."""
     load = Load(traefik.web_url, f"{api.service}.localhost")
-    running = asyncio.create_task(load.run(clients=6))
-    try:
+    async with load.running(clients=6):
         await asyncio.sleep(0.3)
         await work()
         await asyncio.sleep(0.3)
-    finally:
-        load.stop()
-        await running
-    print(f"\n[faults] {load.ok} requests, {len(load.failures)} failed, {dict(load.versions)}")
+    print(f"\n[faults] {load.summary()}")
     return load
 
 

@@ -6,7 +6,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,8 +17,8 @@ import pytest
 from helpers import Received, Receiver, eventually, known_secret
 from integration.conftest import FAST_POLICY, Api, running_api
 
-from deployster.launchers import free_port
-from deployster.notify import NotifyTarget
+from deployster.launchers import EtcdServer, free_port
+from deployster.notify import Delivery, NotifyTarget, headers
 
 SECRET = known_secret("notify-integration-secret")
 FAST_RETRIES = (0.2, 0.2, 0.2)
@@ -166,6 +169,67 @@ async def test_a_delivery_pending_at_a_restart_is_delivered_after_it(
             await eventually(emptied, timeout=5)
     finally:
         await down.stop()
+
+
+def delivery(receiver: Receiver, service: str, event: str) -> Delivery:
+    """A delivery as the notifier queues it, for ``receiver``, due now."""
+    delivery_id, body = secrets.token_hex(12), json.dumps({"event": event}).encode()
+    return Delivery(
+        id=delivery_id,
+        event=event,
+        service=service,
+        url=receiver.url,
+        origin=f"http://127.0.0.1:{receiver.port}",
+        body=body.decode(),
+        headers=headers(event, delivery_id, body, None),
+        created_at=time.time(),
+        next_at=time.time(),
+    )
+
+
+async def test_a_pending_delivery_waits_out_a_paused_etcd_and_the_watch_goes_on(
+    aiohttp_client, private_etcd: EtcdServer, localfleet: str, receiver: Receiver
+) -> None:  # type: ignore[no-untyped-def]
+    """etcd frozen (SIGSTOP) while a delivery waits for its retry: nothing is sent while its
+    claim cannot be written; after etcd is back it is delivered once more with the same id,
+    and the sender, which follows the outbox by a watch, still sees new and garbage entries."""
+    assert private_etcd.process is not None
+    async with running_api(aiohttp_client, private_etcd.endpoint, localfleet) as api:
+        notifier = api.deployster.notifier
+        notifier.schedule = (0.3,) * 5
+        receiver.answers = [500]
+        first = delivery(receiver, api.service, "deploy.succeeded")
+        await notifier.outbox.add([first])
+        await receiver.received(1)
+        os.kill(private_etcd.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(3)  # ten retry periods: each needs a claim written first
+            assert [r.delivery for r in receiver.got] == [first.id]
+        finally:
+            os.kill(private_etcd.process.pid, signal.SIGCONT)
+        await receiver.received(2, timeout=15)
+        assert [r.delivery for r in receiver.got] == [first.id, first.id]
+
+        async def emptied() -> bool:
+            return await notifier.outbox.pending() == []
+
+        await eventually(emptied, timeout=10)
+        # Garbage in the outbox is left alone; the next delivery still goes out at once.
+        garbage = f"{notifier.outbox.pending_prefix}garbage"
+        await api.deployster.etcd.put(garbage.encode(), b"{not json")
+        second = delivery(receiver, api.service, "task.finished")
+        started = time.monotonic()
+        await notifier.outbox.add([second])
+        await receiver.received(3, timeout=5)
+        assert receiver.got[2].delivery == second.id and time.monotonic() - started < 2
+        assert len(receiver.got) == 3
+        await asyncio.sleep(0.5)
+        assert len(receiver.got) == 3  # each delivered once
+        [(left, _)] = [
+            (kv.key, kv.value)
+            for kv in await api.deployster.etcd.get_prefix(notifier.outbox.pending_prefix.encode())
+        ]
+        assert left.decode() == garbage
 
 
 async def test_the_slack_format_posts_readable_text_and_blocks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from deployster.launchers import free_port
+from deployster.testing.load import Load
 
 BIN = Path(sys.executable).parent
 
@@ -270,37 +272,8 @@ class Output:
         return "\n".join(self.lines)
 
 
-class Load:
-    """Requests to the deployed service through Traefik, one after the other, each recorded."""
-
-    def __init__(self, http_port: int) -> None:
-        self.results: list[tuple[float, bool]] = []
-        self._request = urllib.request.Request(
-            f"http://127.0.0.1:{http_port}/", headers={"Host": "hello.localhost"}
-        )
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._done.is_set():
-            try:
-                with urllib.request.urlopen(self._request, timeout=2) as resp:
-                    ok = resp.status == 200 and json.load(resp)["service"] == "hello"
-            except (OSError, ValueError):
-                ok = False
-            self.results.append((time.monotonic(), ok))
-            if not ok:
-                time.sleep(0.01)
-
-    def failed(self, since: float) -> tuple[int, int]:
-        """(failed, all) requests since ``since``."""
-        window = [ok for at, ok in self.results if at >= since]
-        return window.count(False), len(window)
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join(5)
+def hello_load(http_port: int) -> Load:
+    return Load(f"http://127.0.0.1:{http_port}/", "hello.localhost", timeout=2)
 
 
 def part_pids(up_pid: int) -> dict[str, int]:
@@ -362,7 +335,8 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
     api_port, etcd_port, http_port = free_port(), free_port(), free_port()
     up, banner = start_up(state, api_port, etcd_port, http_port)
     output = Output(up, banner)
-    load: Load | None = None
+    # One client, one request after the other (2 s each at most), on a thread of its own.
+    loads = contextlib.ExitStack()
     try:
         password = re.search(r"password (\S+)\)", banner).group(1)  # type: ignore[union-attr]
         policy = urllib.request.Request(
@@ -387,8 +361,8 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
         deployed = ctl(api_port, password, "deploy", "hello", "v1", "--instances", "3", "--wait")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
-        load = Load(http_port)
-        eventually(lambda: bool(load.results) and load.results[-1][1], 20, "hello answers")
+        load = loads.enter_context(hello_load(http_port).in_thread(clients=1))
+        eventually(lambda: bool(load.results) and load.results[-1].ok, 20, "hello answers")
         # Units run in their own sessions: killing localfleet or the server leaves them
         # serving, and Traefik keeps its configuration while etcd is away. Traefik itself
         # is the way in, so its own restart is a gap of refused connections.
@@ -414,7 +388,7 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
                 f"the API answers after {name}'s restart",
             )
             eventually(
-                lambda: load.results[-1][1], 20, f"the service answers after {name}'s restart"
+                lambda: load.results[-1].ok, 20, f"the service answers after {name}'s restart"
             )
             time.sleep(1)
             gaps[name] = load.failed(since)
@@ -456,7 +430,7 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
         assert "Stopped." in output.stop()
         up, banner = start_up(state, api_port, etcd_port, http_port)
         output = Output(up, banner)
-        load = Load(http_port)
+        load = loads.enter_context(hello_load(http_port).in_thread(clients=1))
         time.sleep(2)
         failed, total = load.failed(0)
         print(
@@ -465,8 +439,7 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
         assert (failed, total > 0) == (0, True)
         assert before.isdisjoint(workload_urls(state, etcd_port))
     finally:
-        if load is not None:
-            load.stop()
+        loads.close()
         out = output.stop()
         # localfleet does not re-adopt its units yet: the ones it ran before its restart
         # are orphans now.

@@ -41,9 +41,9 @@ def traefik_child(
         child = subprocess.Popen(
             traefik_command(
                 etcd_endpoint,
-                root_key,
-                f"127.0.0.1:{web_port}",
-                f"127.0.0.1:{api_port}",
+                root_key=root_key,
+                web_listen=f"127.0.0.1:{web_port}",
+                api_listen=f"127.0.0.1:{api_port}",
                 throttle=THROTTLE,
             ),
             stdout=out,
