@@ -200,11 +200,16 @@ async def _units(request: web.Request) -> web.Response:
     if request.method != "GET":
         raise ApiError(405, "only GET supported against this resource")
     token = _page_token(request)
-    records, next_token = slice_page(request.app[REGISTRY_KEY].units(), token)
+    registry = request.app[REGISTRY_KEY]
+    names, next_token = slice_page(registry.unit_names(), token)
     agent = request.app[AGENT_KEY]
     # fleet's list joins every unit with its schedule entry, global ones included,
     # so a global unit shows currentState "inactive" here but none on GET /units/{name}.
-    units = [_unit_json(record, agent, listed=True) for record in records]
+    units = []
+    for name in names:
+        record = registry.unit(name)
+        assert record is not None  # no await since the names were read
+        units.append(_unit_json(record, agent, listed=True))
     return _json_response(
         200, page_json("units", units, next_token.encode() if next_token else None)
     )
@@ -311,26 +316,22 @@ async def _states(request: web.Request) -> web.Response:
     if request.method != "GET":
         raise ApiError(405, "only GET supported against this resource")
     token = _page_token(request)
-    machine_id = request.query.get("machineID", "")
-    unit_name = request.query.get("unitName", "")
-    states = [
-        state
-        for state in request.app[AGENT_KEY].states()
-        if (not machine_id or state.machine_id == machine_id)
-        and (not unit_name or state.name == unit_name)
-    ]
-    page, next_token = slice_page(states, token)
-    payload = page_json("states", page, next_token.encode() if next_token else None)
+    agent = request.app[AGENT_KEY]
+    keys = agent.states(request.query.get("machineID", ""), request.query.get("unitName", ""))
+    page, next_token = slice_page(keys, token)
+    states = [agent.state(key) for key in page]
+    payload = page_json("states", states, next_token.encode() if next_token else None)
     return _json_response(200, payload)
 
 
 async def _state(request: web.Request, name: str) -> web.Response:
     if request.method != "GET":
         raise ApiError(405, "only GET supported against this resource")
-    for state in request.app[AGENT_KEY].states():
-        if state.name == name:
-            return _json_response(200, state.to_wire())
-    raise ApiError(404, "unit state does not exist")
+    agent = request.app[AGENT_KEY]
+    found = agent.states(unit_name=name)
+    if not found:
+        raise ApiError(404, "unit state does not exist")
+    return _json_response(200, agent.state(found[0]).to_wire())
 
 
 # /journal (localfleet's own)
