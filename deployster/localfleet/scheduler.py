@@ -62,10 +62,15 @@ class _GlobIndex:
 
     def __init__(self) -> None:
         self._by_start: dict[str, dict[str, set[str]]] = {}  # start -> glob -> unit names
+        self._lengths: dict[int, int] = {}  # length of a start -> how many starts have it
 
     def add(self, unit: str, globs: Iterable[str]) -> None:
         for glob in set(globs):
-            self._by_start.setdefault(_literal_start(glob), {}).setdefault(glob, set()).add(unit)
+            start = _literal_start(glob)
+            if start not in self._by_start:
+                self._by_start[start] = {}
+                self._lengths[len(start)] = self._lengths.get(len(start), 0) + 1
+            self._by_start[start].setdefault(glob, set()).add(unit)
 
     def remove(self, unit: str, globs: Iterable[str]) -> None:
         for glob in set(globs):  # a unit may name one glob twice
@@ -76,12 +81,16 @@ class _GlobIndex:
                 del self._by_start[start][glob]
                 if not self._by_start[start]:
                     del self._by_start[start]
+                    self._lengths[len(start)] -= 1
+                    if not self._lengths[len(start)]:
+                        del self._lengths[len(start)]
 
     def holders(self, name: str) -> set[str]:
         """The units with a glob that matches ``name``."""
         found: set[str] = set()
-        for end in range(len(name) + 1):
-            for glob, units in self._by_start.get(name[:end], {}).items():
+        for end in self._lengths:  # the prefixes of `name` as long as a start
+            globs = self._by_start.get(name[:end]) if end <= len(name) else None
+            for glob, units in (globs or {}).items():
                 if glob_match(glob, name):
                     found |= units
         return found
@@ -385,7 +394,7 @@ class Placement:
         self._dirty: set[str] = set()
         self._heap: list[str] | None = None  # the visit order of the phase under way
         self._cursor = ""
-        self._converged = False
+        self._visit_all = True  # the next reconcile visits every unit
         # The agents' choice: candidates (placed there or global and matching) and the chosen.
         self._candidates = {machine_id: UnitSet() for machine_id in self._views}
         self._chosen: dict[str, set[str]] = {machine_id: set() for machine_id in self._views}
@@ -438,7 +447,7 @@ class Placement:
         if machine.id not in self._views:
             return
         self._views[machine.id].machine = machine
-        self._converged = False
+        self._visit_all = True
         self._refresh_globals(machine.id)
 
     # Reading
@@ -452,14 +461,14 @@ class Placement:
     def reconcile(self) -> PlacementChanges:
         """Place the units as `reconcile_schedule` would, then update the agents' choice; what
         changed since the last reconcile."""
-        if not self._converged:
+        if self._visit_all:
             self._dirty = set(self.targets)
+            self._visit_all = False
         for _ in range(self._job_count + 2):
             if not self._reconcile_pass():
-                self._converged = True
                 break
         else:
-            self._converged = False
+            self._visit_all = True  # cut short: no unit is known to stay where it is
         for machine_id in self._views:
             self._choose(machine_id)
         changes = PlacementChanges(self._moved, self._touched)
@@ -572,6 +581,8 @@ class Placement:
             self._mark_related(self._units[name])
 
     def _mark_related(self, unit: SchedulableUnit) -> None:
+        if self._visit_all:
+            return  # the next reconcile visits every unit anyway
         for name in _related(self._units, self._peers, unit):
             self._mark(name)
 

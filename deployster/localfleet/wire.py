@@ -34,6 +34,7 @@ from deployster.fleet import (
     UnitOption,
     UnitPage,
     UnitStatePage,
+    first_problem,
 )
 
 _GO_ESCAPES = {
@@ -102,7 +103,7 @@ def decode_unit_request(body: bytes) -> Unit:
     try:
         return Unit.model_validate(value)
     except ValidationError as exc:
-        raise InvalidRequestBody(_first_error(exc)) from exc
+        raise InvalidRequestBody(first_problem(exc)) from exc
 
 
 def decode_metadata_ops(body: bytes) -> list[MachineMetadataOp]:
@@ -113,7 +114,7 @@ def decode_metadata_ops(body: bytes) -> list[MachineMetadataOp]:
     try:
         ops = _METADATA_OPS.validate_python(value)
     except ValidationError as exc:
-        raise InvalidRequestBody(_first_error(exc)) from exc
+        raise InvalidRequestBody(first_problem(exc)) from exc
     return [op or MachineMetadataOp() for op in ops]
 
 
@@ -138,10 +139,3 @@ def _fold_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid character {name[0]!r} looking for beginning of value")
-
-
-def _first_error(exc: ValidationError) -> str:
-    """Like Go's decoder, name the first problem only: `options.0.name: Input should be a valid string`."""
-    error = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]

@@ -12,7 +12,7 @@ from deployster.localfleet.scheduler import (
     machine_units,
     reconcile_schedule,
 )
-from deployster.localfleet.xfleet import fleet_requirements
+from deployster.localfleet.xfleet import _compile_glob, fleet_requirements, glob_match
 
 M1, M2, M3 = ("1" * 32, "2" * 32, "3" * 32)
 MACHINES = [
@@ -237,3 +237,9 @@ def test_indexed_placement_is_the_plain_one(initial, metadata, changes) -> None:
             machines[machine.id] = machine
             placement.set_machine(machine)
         check()
+
+
+@hypothesis.given(st.text(alphabet="ab@*./", max_size=8), st.text(alphabet="ab@./", max_size=8))
+def test_a_glob_with_one_star_matches_as_its_regular_expression(pattern, name) -> None:
+    compiled = _compile_glob(pattern)
+    assert glob_match(pattern, name) is (compiled is not None and bool(compiled.fullmatch(name)))
