@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from deployster.fleet import JOB_INACTIVE, JOB_STATES
+from deployster.fleet import JOB_INACTIVE, JOB_STATES, Unit
 
 from .agent import Agent
 from .journal import TAIL_LINES
@@ -51,7 +51,7 @@ from .wire import (
     error_entity,
     go_json_dumps,
     page_json,
-    unit_json,
+    unit_shape,
 )
 from .xfleet import InvalidRequirements, validate_requirements
 
@@ -209,7 +209,7 @@ async def _units(request: web.Request) -> web.Response:
     for name in names:
         record = registry.unit(name)
         assert record is not None  # no await since the names were read
-        units.append(_unit_json(record, agent, listed=True))
+        units.append(_unit_shape(record, agent, listed=True))
     return _json_response(
         200, page_json("units", units, next_token.encode() if next_token else None)
     )
@@ -225,7 +225,7 @@ async def _unit(request: web.Request, name: str) -> web.Response:
     raise ApiError(405, "only GET, PUT and DELETE supported against this resource")
 
 
-def _unit_json(record: UnitRecord, agent: Agent, listed: bool) -> dict[str, Any]:
+def _unit_shape(record: UnitRecord, agent: Agent, listed: bool) -> Unit:
     if record.is_global:
         current_state = JOB_INACTIVE if listed else None
         machine_id = None
@@ -233,14 +233,14 @@ def _unit_json(record: UnitRecord, agent: Agent, listed: bool) -> dict[str, Any]
         machine_id = record.target
         job_state = agent.job_state(record.name, record.target) if record.target else None
         current_state = job_state or JOB_INACTIVE
-    return unit_json(record.name, record.options, record.desired_state, current_state, machine_id)
+    return unit_shape(record.name, record.options, record.desired_state, current_state, machine_id)
 
 
 def _get_unit(request: web.Request, name: str) -> web.Response:
     record = request.app[REGISTRY_KEY].unit(name)
     if record is None:
         raise ApiError(404, "unit does not exist")
-    return _json_response(200, _unit_json(record, request.app[AGENT_KEY], listed=False))
+    return _json_response(200, _unit_shape(record, request.app[AGENT_KEY], listed=False).to_wire())
 
 
 def _check_content_type(request: web.Request) -> None:

@@ -28,12 +28,15 @@ from pydantic import TypeAdapter, ValidationError
 from deployster.fleet import (
     ErrorEntity,
     ErrorResponse,
+    Machine,
     MachineMetadataOp,
     MachinePage,
     Unit,
     UnitOption,
     UnitPage,
+    UnitState,
     UnitStatePage,
+    _Shape,
     first_problem,
 )
 
@@ -45,10 +48,10 @@ _GO_ESCAPES = {
     "\u2029": "\\u2029",
 }
 
-_PAGES: dict[str, type[UnitPage | UnitStatePage | MachinePage]] = {
-    "units": UnitPage,
-    "states": UnitStatePage,
-    "machines": MachinePage,
+_PAGES: dict[str, tuple[type[UnitPage | UnitStatePage | MachinePage], type[_Shape]]] = {
+    "units": (UnitPage, Unit),
+    "states": (UnitStatePage, UnitState),
+    "machines": (MachinePage, Machine),
 }
 
 # A `null` operation decodes to an empty one, which the API then refuses as an invalid op.
@@ -70,6 +73,23 @@ def error_entity(code: int, message: str) -> dict[str, Any]:
     return ErrorEntity(error=ErrorResponse(code=code, message=message)).to_wire()
 
 
+def unit_shape(
+    name: str,
+    options: Sequence[UnitOption],
+    desired_state: str,
+    current_state: str | None,
+    machine_id: str | None,
+) -> Unit:
+    """A unit as fleet shows it; `None` (like an empty string) leaves the state or the machine out."""
+    return Unit(
+        name=name,
+        options=tuple(options),
+        desired_state=desired_state,
+        current_state=current_state or "",
+        machine_id=machine_id or "",
+    )
+
+
 def unit_json(
     name: str,
     options: Sequence[UnitOption],
@@ -77,22 +97,18 @@ def unit_json(
     current_state: str | None,
     machine_id: str | None,
 ) -> dict[str, Any]:
-    """A unit as fleet shows it; `None` (like an empty string) leaves the state or the machine out."""
-    unit = Unit(
-        name=name,
-        options=tuple(options),
-        desired_state=desired_state,
-        current_state=current_state or "",
-        machine_id=machine_id or "",
-    )
-    return unit.to_wire()
+    return unit_shape(name, options, desired_state, current_state, machine_id).to_wire()
 
 
 def page_json(key: str, items: Iterable[Any], next_page_token: str | None) -> dict[str, Any]:
-    """The page of `key` (`units`, `states` or `machines`); `items` are shapes or their JSON."""
-    return (
-        _PAGES[key].model_validate({key: list(items), "nextPageToken": next_page_token}).to_wire()
+    """The page of `key` (`units`, `states` or `machines`); `items` are shapes or their JSON.
+    Shapes are not read again: a page costs its items' writing only."""
+    page_type, item_type = _PAGES[key]
+    shapes = tuple(
+        item if isinstance(item, item_type) else item_type.model_validate(item) for item in items
     )
+    fields: dict[str, Any] = {key: shapes, "next_page_token": next_page_token or ""}
+    return page_type.model_construct(**fields).to_wire()
 
 
 def decode_unit_request(body: bytes) -> Unit:
