@@ -14,7 +14,10 @@ committed SQLite transaction) and prints:
 - of that, the decoding alone: the pages fetched once as text, then `decode_page` over them
   (min of ``--runs``).
 
-    python bench/fleet_scale.py [--sizes 100,1000,10000] [--puts 50] [--runs 3]
+With ``--submit``, it also times submitting the N units one by one to an empty localfleet
+(one PUT each, options and desired state ``loaded``, as in the registry above).
+
+    python bench/fleet_scale.py [--sizes 100,1000,10000] [--puts 50] [--runs 3] [--submit]
 """
 
 from __future__ import annotations
@@ -138,19 +141,15 @@ async def loaded(fleet: FleetClient, count: int) -> None:
     raise TimeoutError(f"localfleet did not load {count} units")
 
 
-async def one_size(count: int, puts: int, runs: int) -> None:
+async def one_size(count: int, puts: int, runs: int, submit: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"deployster-fleet-scale-{count}-"))
     write_registry(work / "localfleet", count)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "deployster", "localfleet", "--listen", f"127.0.0.1:{port}"]
-    command += ["--machines", str(MACHINES), "--state-dir", str(work / "localfleet")]
+    if submit:
+        await submit_one_by_one(count, work / "empty")
     started = time.perf_counter()
-    with open(work / "localfleet.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    url, process = await start_localfleet(work / "localfleet")
+    start_time = time.perf_counter() - started
     try:
-        await wait_listening(url, process)
-        start_time = time.perf_counter() - started
         async with FleetClient(url) as fleet, aiohttp.ClientSession() as session:
             await loaded(fleet, count)
             put_times, delete_times = [], []
@@ -196,18 +195,60 @@ async def one_size(count: int, puts: int, runs: int) -> None:
         print(f"  the client's CPU for it              {min(state_list_cpu) * 1000:9.1f} ms (min)")
         print(f"  of which decoding the pages          {state_cpu * 1000:9.1f} ms (min)")
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def main(sizes: list[int], puts: int, runs: int) -> None:
+async def start_localfleet(state_dir: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """A localfleet on `state_dir`, answering; its URL and process."""
+    port = free_port()
+    command = [sys.executable, "-m", "deployster", "localfleet", "--listen", f"127.0.0.1:{port}"]
+    command += ["--machines", str(MACHINES), "--state-dir", str(state_dir)]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "localfleet.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        await wait_listening(f"http://127.0.0.1:{port}", process)
+    except BaseException:
+        stop(process)
+        raise
+    return f"http://127.0.0.1:{port}", process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def submit_one_by_one(count: int, state_dir: Path) -> None:
+    """Every unit of `write_registry`, PUT one after the other to an empty localfleet."""
+    url, process = await start_localfleet(state_dir)
+    try:
+        async with aiohttp.ClientSession() as session:
+            start = time.perf_counter()
+            for n in range(count):
+                rel = release(n // INSTANCES)
+                name = f"{rel}@{n % INSTANCES + 1}.service"
+                body = {
+                    "name": name,
+                    "desiredState": "loaded",
+                    "options": [o.to_wire() for o in options(rel)],
+                }
+                async with session.put(f"{url}/fleet/v1/units/{name}", json=body) as resp:
+                    assert resp.status == 201, await resp.text()
+            took = time.perf_counter() - start
+        print(f"\n{count} units submitted one by one, PUT each: {took:.1f} s")
+    finally:
+        stop(process)
+
+
+async def main(sizes: list[int], puts: int, runs: int, submit: bool) -> None:
     for count in sizes:
-        await one_size(count, puts, runs)
+        await one_size(count, puts, runs, submit)
 
 
 if __name__ == "__main__":
@@ -215,5 +256,7 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--puts", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--submit", action="store_true")
     args = parser.parse_args()
-    asyncio.run(main([int(s) for s in args.sizes.split(",")], args.puts, args.runs))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    asyncio.run(main(sizes, args.puts, args.runs, args.submit))
