@@ -16,6 +16,12 @@ The shapes behave as fleet's generated Go structs do with ``encoding/json``:
   are ignored, ``null`` leaves a field empty, and a value of the wrong type is an error
   (`pydantic.ValidationError`).
 
+Reading a page costs one model per unit and per option, and most of a page is options: the
+instances of one release carry the same options (their number is in the name), so `decode_page`
+reads each distinct list of options once per page and gives the units that share it the same
+tuple. A list is shared only when its JSON is equal, key for key and value for value, and only
+once it has been read without error, so a page reads exactly as it would one unit at a time.
+
 Shapes are frozen, so a unit's options are a tuple that compares and hashes by value.
 Job states are plain strings in the shapes on purpose: fleet stores the ``desiredState`` of an
 existing unit without validating it (§4, 6c), so a stored state can be any string.
@@ -31,6 +37,7 @@ to say why a unit failed; on fleet, which answers 404 there, the unit state is a
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -42,6 +49,9 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -62,20 +72,24 @@ class _Shape(BaseModel):
     # populate_by_name lets Python build shapes with field names (``Unit(desired_state=...)``).
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
-    # The JSON key of each field, by its lower-case form.
+    # The JSON key of each field, by its lower-case form; and the JSON keys themselves.
     _wire_keys: ClassVar[dict[str, str]] = {}
+    _exact_keys: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         keys = [field.alias or name for name, field in cls.model_fields.items()]
         cls._wire_keys = {key.lower(): key for key in keys}
+        cls._exact_keys = frozenset(keys)
 
     @model_validator(mode="before")
     @classmethod
     def _match_keys_like_go(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        if data.keys() <= cls._exact_keys and None not in data.values():
+            return data  # fleet's own spelling, no null: nothing to fold (most objects)
         return {
             cls._wire_keys.get(key.lower(), key): value
             for key, value in data.items()
@@ -107,6 +121,24 @@ class Unit(_Shape):
     desired_state: str = Field("", alias="desiredState")
     current_state: str = Field("", alias="currentState")
     machine_id: str = Field("", alias="machineID")
+
+    @field_validator("options", mode="wrap")
+    @classmethod
+    def _options_once_per_page(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """Within one `decode_page`, a list of options equal to one already read is that one."""
+        read = info.context.get(_OPTIONS_READ) if isinstance(info.context, dict) else None
+        if read is None or not isinstance(value, list):
+            return handler(value)
+        try:
+            key = tuple(tuple(option.items()) for option in value)
+            found = read.get(key)
+        except (AttributeError, TypeError):  # not objects, or a value that is not hashable
+            return handler(value)
+        if found is None:
+            found = read[key] = handler(value)
+        return found
 
 
 class UnitState(_Shape):
@@ -140,6 +172,13 @@ class _Page(_Shape):
 
 
 _P = TypeVar("_P", bound=_Page)
+_OPTIONS_READ = "options_read"
+
+
+def decode_page(page_type: type[_P], text: str) -> _P:
+    """One of fleet's pages from its JSON text; `ValueError` when the text is not JSON,
+    `ValidationError` (one) when it does not fit the page."""
+    return page_type.model_validate(json.loads(text), context={_OPTIONS_READ: {}})
 
 
 class UnitPage(_Page):
@@ -319,7 +358,18 @@ class FleetClient:
     ) -> AsyncIterator[_P]:
         query = dict(params or {})
         while True:
-            page = page_type.model_validate(await self._request("GET", path, params=query))
+            text = await self._send("GET", path, params=query)
+            try:
+                page = decode_page(page_type, text)
+            except ValidationError as exc:
+                raise FleetUnavailableError(
+                    f"fleet answered GET {path} with a page that does not fit fleet's schema: "
+                    f"{first_problem(exc)}"
+                ) from None
+            except ValueError:
+                raise FleetUnavailableError(
+                    f"fleet answered GET {path} with a body that is not JSON"
+                ) from None
             yield page
             if not page.next_page_token:
                 return
@@ -332,27 +382,47 @@ class FleetClient:
         body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        text = await self._send(method, path, body, params)
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise FleetUnavailableError(
+                f"fleet answered {method} {path} with a body that is not JSON"
+            )
+        return value
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> str:
+        """The body of fleet's answer, empty for a 204; a FleetError for an error."""
         url = self._base + path
         try:
             async with self._session.request(method, url, json=body, params=params) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     raise _error_from(resp.status, text, method, path)
-                if resp.status == 204 or not text:
-                    return {}
-                try:
-                    return dict(await resp.json(content_type=None))
-                except ValueError:
-                    raise FleetUnavailableError(
-                        f"fleet answered {method} {path} with a body that is not JSON",
-                        resp.status,
-                    ) from None
+                return "" if resp.status == 204 else text
         except aiohttp.ClientError as exc:
             raise FleetUnavailableError(f"fleet at {self.endpoint} is unreachable: {exc}") from exc
         except TimeoutError:
             raise FleetUnavailableError(
                 f"fleet at {self.endpoint} did not answer in time"
             ) from None
+
+
+def first_problem(exc: ValidationError) -> str:
+    """Like Go's decoder, name the first problem only: `options.0.name: Input should be a valid string`."""
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
 
 
 def _error_from(status: int, text: str, method: str, path: str) -> FleetError:

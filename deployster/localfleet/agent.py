@@ -1,7 +1,8 @@
 """The agent: fleet's per-machine agent and systemd, for every machine, in one process.
 
-The registry hands the agent the full set of `DesiredInstance`s (one per unit
-and machine) after every change (`apply`). Each instance has one long-lived
+The registry hands the agent what changed in the set of `DesiredInstance`s
+(one per unit and machine) after every change (`apply`: a new goal, or None
+for an instance no longer wanted). Each instance has one long-lived
 asyncio task, a `UnitInstance`, that owns everything about that unit on that
 machine and moves it one step at a time towards what is desired, re-reading
 the goal after every step, so that a goal that changes in the middle of a slow
@@ -44,9 +45,10 @@ instance keeps obeying later goals; the agent never stops because of one unit.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
@@ -96,12 +98,14 @@ class UnitInstance:
         context: AgentContext,
         on_exit: Callable[[UnitInstance], None],
         adopt: StoredRun | None = None,
+        on_reported: Callable[[UnitInstance], None] = lambda instance: None,
     ) -> None:
         self.key = key
         self._adopt = adopt  # a process a previous localfleet started for this unit
         self.unit_name, self.machine_id = key
         self._context = context
         self._on_exit = on_exit
+        self._on_reported = on_reported  # told when the instance starts or stops having a state
         self._goal: DesiredInstance | None = None
         self._wake = asyncio.Event()
         self._loaded: _LoadedUnit | None = None
@@ -200,6 +204,7 @@ class UnitInstance:
         self._job_launched = False
         self._activation = None
         self._state = None
+        self._on_reported(self)
         self._log.info("unit_unloaded")
 
     def _start(self) -> None:
@@ -302,8 +307,19 @@ class UnitInstance:
             active_state=active,
             sub_state=sub,
         )
+        if previous is None:
+            self._on_reported(self)
         if previous is None or (previous.active_state, previous.sub_state) != (active, sub):
             self._log.info("unit_state", load=load_state, active=active, sub=sub)
+
+
+def _keep_sorted(keys: list[InstanceKey], key: InstanceKey, present: bool) -> None:
+    at = bisect.bisect_left(keys, key)
+    there = at < len(keys) and keys[at] == key
+    if present and not there:
+        keys.insert(at, key)
+    elif there and not present:
+        del keys[at]
 
 
 class Agent:
@@ -312,6 +328,10 @@ class Agent:
     def __init__(self, context: AgentContext) -> None:
         self._context = context
         self._instances: dict[InstanceKey, UnitInstance] = {}
+        self._machines_of: dict[str, set[str]] = {}  # unit name -> its instances' machines
+        # The instances that report a state, sorted, all of them and by machine.
+        self._states: list[InstanceKey] = []
+        self._states_on: dict[str, list[InstanceKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Processes a previous localfleet noted, still running: adopted by the first apply.
         self._adoptable: dict[InstanceKey, StoredRun] = {}
@@ -321,11 +341,10 @@ class Agent:
             elif context.runs is not None:
                 context.runs.forget_run(*key)
 
-    def apply(self, desired: Mapping[InstanceKey, DesiredInstance]) -> None:
-        """Give every instance whose goal changed its new goal, creating instances that are newly
-        wanted; the others are not woken."""
-        for key in self._instances.keys() | desired.keys():
-            goal = desired.get(key)
+    def apply(self, changes: Mapping[InstanceKey, DesiredInstance | None]) -> None:
+        """Give each instance in `changes` its new goal (None: no longer wanted), creating
+        instances that are newly wanted; the others are not woken."""
+        for key, goal in changes.items():
             instance = self._instances.get(key)
             if instance is not None and instance.goal == goal:
                 continue
@@ -333,8 +352,9 @@ class Agent:
                 if goal is None:
                     continue
                 adopt = self._adoptable.pop(key, None) if goal.launched else None
-                instance = UnitInstance(key, self._context, self._forget, adopt)
+                instance = UnitInstance(key, self._context, self._forget, adopt, self._reported)
                 self._instances[key] = instance
+                self._machines_of.setdefault(key[0], set()).add(key[1])
                 task = asyncio.create_task(instance.run(), name=f"instance:{key[0]}:{key[1]}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -355,13 +375,44 @@ class Agent:
     def _forget(self, instance: UnitInstance) -> None:
         if self._instances.get(instance.key) is instance:
             del self._instances[instance.key]
+            machines = self._machines_of[instance.unit_name]
+            machines.discard(instance.machine_id)
+            if not machines:
+                del self._machines_of[instance.unit_name]
+            self._index(instance.key, reported=False)
 
-    def states(self) -> list[UnitState]:
-        """Every reported UnitState, sorted by unit name then machine id, as fleet sorts them."""
-        states = [
-            instance.state for instance in self._instances.values() if instance.state is not None
-        ]
-        return sorted(states, key=lambda state: (state.name, state.machine_id))
+    def _reported(self, instance: UnitInstance) -> None:
+        if self._instances.get(instance.key) is instance:
+            self._index(instance.key, reported=instance.state is not None)
+
+    def _index(self, key: InstanceKey, reported: bool) -> None:
+        """Keep the sorted lists of the instances that report a state, for pages of states."""
+        machine_id = key[1]
+        _keep_sorted(self._states, key, reported)
+        _keep_sorted(self._states_on.setdefault(machine_id, []), key, reported)
+
+    def states(self, machine_id: str = "", unit_name: str = "") -> Sequence[InstanceKey]:
+        """The instances that report a UnitState, sorted by unit name then machine id, as fleet
+        sorts them; only those on `machine_id` and of `unit_name` when they are given. The list
+        is the agent's own, kept sorted as instances come and go: a page of it costs a page.
+        Read it before the next change."""
+        if unit_name:
+            keys = self._states_on.get(machine_id, []) if machine_id else self._states
+            at = bisect.bisect_left(keys, (unit_name, ""))
+            found = []
+            while at < len(keys) and keys[at][0] == unit_name:
+                found.append(keys[at])
+                at += 1
+            return found
+        if machine_id:
+            return self._states_on.get(machine_id, [])
+        return self._states
+
+    def state(self, key: InstanceKey) -> UnitState:
+        """The state of an instance `states` listed."""
+        state = self._instances[key].state
+        assert state is not None
+        return state
 
     def job_state(self, unit_name: str, machine_id: str) -> str | None:
         instance = self._instances.get((unit_name, machine_id))
@@ -370,14 +421,10 @@ class Agent:
     def journal_tail(self, unit_name: str, lines: int) -> list[str] | None:
         """The last lines of a unit's journal on every machine it is loaded on (a global
         unit's prefixed by the machine); None when it is loaded nowhere."""
-        found = sorted(
-            (
-                (machine, instance)
-                for (name, machine), instance in self._instances.items()
-                if name == unit_name
-            ),
-            key=lambda pair: pair[0],
-        )
+        found = [
+            (machine, self._instances[(unit_name, machine)])
+            for machine in sorted(self._machines_of.get(unit_name, ()))
+        ]
         if not found:
             return None
         if len(found) == 1:

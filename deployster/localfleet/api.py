@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from deployster.fleet import JOB_INACTIVE, JOB_STATES
+from deployster.fleet import JOB_INACTIVE, JOB_STATES, Unit
 
 from .agent import Agent
 from .journal import TAIL_LINES
@@ -51,7 +51,7 @@ from .wire import (
     error_entity,
     go_json_dumps,
     page_json,
-    unit_json,
+    unit_shape,
 )
 from .xfleet import InvalidRequirementsError, validate_requirements
 
@@ -200,11 +200,16 @@ async def _units(request: web.Request) -> web.Response:
     if request.method != "GET":
         raise ApiError(405, "only GET supported against this resource")
     token = _page_token(request)
-    records, next_token = slice_page(request.app[REGISTRY_KEY].units(), token)
+    registry = request.app[REGISTRY_KEY]
+    names, next_token = slice_page(registry.unit_names(), token)
     agent = request.app[AGENT_KEY]
     # fleet's list joins every unit with its schedule entry, global ones included,
     # so a global unit shows currentState "inactive" here but none on GET /units/{name}.
-    units = [_unit_json(record, agent, listed=True) for record in records]
+    units = []
+    for name in names:
+        record = registry.unit(name)
+        assert record is not None  # no await since the names were read
+        units.append(_unit_shape(record, agent, listed=True))
     return _json_response(
         200, page_json("units", units, next_token.encode() if next_token else None)
     )
@@ -220,7 +225,7 @@ async def _unit(request: web.Request, name: str) -> web.Response:
     raise ApiError(405, "only GET, PUT and DELETE supported against this resource")
 
 
-def _unit_json(record: UnitRecord, agent: Agent, listed: bool) -> dict[str, Any]:
+def _unit_shape(record: UnitRecord, agent: Agent, listed: bool) -> Unit:
     if record.is_global:
         current_state = JOB_INACTIVE if listed else None
         machine_id = None
@@ -228,14 +233,14 @@ def _unit_json(record: UnitRecord, agent: Agent, listed: bool) -> dict[str, Any]
         machine_id = record.target
         job_state = agent.job_state(record.name, record.target) if record.target else None
         current_state = job_state or JOB_INACTIVE
-    return unit_json(record.name, record.options, record.desired_state, current_state, machine_id)
+    return unit_shape(record.name, record.options, record.desired_state, current_state, machine_id)
 
 
 def _get_unit(request: web.Request, name: str) -> web.Response:
     record = request.app[REGISTRY_KEY].unit(name)
     if record is None:
         raise ApiError(404, "unit does not exist")
-    return _json_response(200, _unit_json(record, request.app[AGENT_KEY], listed=False))
+    return _json_response(200, _unit_shape(record, request.app[AGENT_KEY], listed=False).to_wire())
 
 
 def _check_content_type(request: web.Request) -> None:
@@ -311,26 +316,22 @@ async def _states(request: web.Request) -> web.Response:
     if request.method != "GET":
         raise ApiError(405, "only GET supported against this resource")
     token = _page_token(request)
-    machine_id = request.query.get("machineID", "")
-    unit_name = request.query.get("unitName", "")
-    states = [
-        state
-        for state in request.app[AGENT_KEY].states()
-        if (not machine_id or state.machine_id == machine_id)
-        and (not unit_name or state.name == unit_name)
-    ]
-    page, next_token = slice_page(states, token)
-    payload = page_json("states", page, next_token.encode() if next_token else None)
+    agent = request.app[AGENT_KEY]
+    keys = agent.states(request.query.get("machineID", ""), request.query.get("unitName", ""))
+    page, next_token = slice_page(keys, token)
+    states = [agent.state(key) for key in page]
+    payload = page_json("states", states, next_token.encode() if next_token else None)
     return _json_response(200, payload)
 
 
 async def _state(request: web.Request, name: str) -> web.Response:
     if request.method != "GET":
         raise ApiError(405, "only GET supported against this resource")
-    for state in request.app[AGENT_KEY].states():
-        if state.name == name:
-            return _json_response(200, state.to_wire())
-    raise ApiError(404, "unit state does not exist")
+    agent = request.app[AGENT_KEY]
+    found = agent.states(unit_name=name)
+    if not found:
+        raise ApiError(404, "unit state does not exist")
+    return _json_response(200, agent.state(found[0]).to_wire())
 
 
 # /journal (localfleet's own)

@@ -28,12 +28,16 @@ from pydantic import TypeAdapter, ValidationError
 from deployster.fleet import (
     ErrorEntity,
     ErrorResponse,
+    Machine,
     MachineMetadataOp,
     MachinePage,
     Unit,
     UnitOption,
     UnitPage,
+    UnitState,
     UnitStatePage,
+    _Shape,
+    first_problem,
 )
 
 _GO_ESCAPES = {
@@ -44,10 +48,10 @@ _GO_ESCAPES = {
     "\u2029": "\\u2029",
 }
 
-_PAGES: dict[str, type[UnitPage | UnitStatePage | MachinePage]] = {
-    "units": UnitPage,
-    "states": UnitStatePage,
-    "machines": MachinePage,
+_PAGES: dict[str, tuple[type[UnitPage | UnitStatePage | MachinePage], type[_Shape]]] = {
+    "units": (UnitPage, Unit),
+    "states": (UnitStatePage, UnitState),
+    "machines": (MachinePage, Machine),
 }
 
 # A `null` operation decodes to an empty one, which the API then refuses as an invalid op.
@@ -69,6 +73,23 @@ def error_entity(code: int, message: str) -> dict[str, Any]:
     return ErrorEntity(error=ErrorResponse(code=code, message=message)).to_wire()
 
 
+def unit_shape(
+    name: str,
+    options: Sequence[UnitOption],
+    desired_state: str,
+    current_state: str | None,
+    machine_id: str | None,
+) -> Unit:
+    """A unit as fleet shows it; `None` (like an empty string) leaves the state or the machine out."""
+    return Unit(
+        name=name,
+        options=tuple(options),
+        desired_state=desired_state,
+        current_state=current_state or "",
+        machine_id=machine_id or "",
+    )
+
+
 def unit_json(
     name: str,
     options: Sequence[UnitOption],
@@ -76,22 +97,18 @@ def unit_json(
     current_state: str | None,
     machine_id: str | None,
 ) -> dict[str, Any]:
-    """A unit as fleet shows it; `None` (like an empty string) leaves the state or the machine out."""
-    unit = Unit(
-        name=name,
-        options=tuple(options),
-        desired_state=desired_state,
-        current_state=current_state or "",
-        machine_id=machine_id or "",
-    )
-    return unit.to_wire()
+    return unit_shape(name, options, desired_state, current_state, machine_id).to_wire()
 
 
 def page_json(key: str, items: Iterable[Any], next_page_token: str | None) -> dict[str, Any]:
-    """The page of `key` (`units`, `states` or `machines`); `items` are shapes or their JSON."""
-    return (
-        _PAGES[key].model_validate({key: list(items), "nextPageToken": next_page_token}).to_wire()
+    """The page of `key` (`units`, `states` or `machines`); `items` are shapes or their JSON.
+    Shapes are not read again: a page costs its items' writing only."""
+    page_type, item_type = _PAGES[key]
+    shapes = tuple(
+        item if isinstance(item, item_type) else item_type.model_validate(item) for item in items
     )
+    fields: dict[str, Any] = {key: shapes, "next_page_token": next_page_token or ""}
+    return page_type.model_construct(**fields).to_wire()
 
 
 def decode_unit_request(body: bytes) -> Unit:
@@ -102,7 +119,7 @@ def decode_unit_request(body: bytes) -> Unit:
     try:
         return Unit.model_validate(value)
     except ValidationError as exc:
-        raise InvalidRequestBodyError(_first_error(exc)) from exc
+        raise InvalidRequestBodyError(first_problem(exc)) from exc
 
 
 def decode_metadata_ops(body: bytes) -> list[MachineMetadataOp]:
@@ -113,7 +130,7 @@ def decode_metadata_ops(body: bytes) -> list[MachineMetadataOp]:
     try:
         ops = _METADATA_OPS.validate_python(value)
     except ValidationError as exc:
-        raise InvalidRequestBodyError(_first_error(exc)) from exc
+        raise InvalidRequestBodyError(first_problem(exc)) from exc
     return [op or MachineMetadataOp() for op in ops]
 
 
@@ -138,10 +155,3 @@ def _fold_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid character {name[0]!r} looking for beginning of value")
-
-
-def _first_error(exc: ValidationError) -> str:
-    """Like Go's decoder, name the first problem only: `options.0.name: Input should be a valid string`."""
-    error = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]

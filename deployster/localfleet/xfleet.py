@@ -158,6 +158,17 @@ def validate_requirements(options: Iterable[UnitOption]) -> None:
 
 def glob_match(pattern: str, name: str) -> bool:
     """Go's `path.Match(pattern, name)`; a malformed pattern matches nothing."""
+    if not any(special in pattern for special in "?[\\"):
+        head, star, tail = pattern.partition("*")
+        if not star:
+            return pattern == name
+        if "*" not in tail:  # `app@*.service`, the common case, without a regular expression
+            return (
+                len(name) >= len(head) + len(tail)
+                and name.startswith(head)
+                and name.endswith(tail)
+                and "/" not in name[len(head) : len(name) - len(tail)]
+            )
     compiled = _compile_glob(pattern)
     return compiled is not None and compiled.fullmatch(name) is not None
 

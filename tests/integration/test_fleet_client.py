@@ -7,8 +7,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from helpers import eventually
 
 from deployster.fleet import (
@@ -103,6 +105,35 @@ async def test_unreachable_fleet_is_typed(tmp_path: Path) -> None:
     async with FleetClient(f"unix://{tmp_path}/missing.sock") as fleet:
         with pytest.raises(FleetUnavailableError, match="unreachable"):
             await fleet.list_units()
+
+
+@pytest.mark.parametrize(
+    ("second_page", "problem"),
+    [
+        ("<html>502 Bad Gateway</html>", "not JSON"),
+        ('{"units": [{"name": "b.service", "options"', "not JSON"),
+        ('{"units": [{"name": ["b.service"]}]}', "units.0.name: Input should be a valid string"),
+        ('{"units": {"name": "b.service"}}', "does not fit fleet's schema"),
+        ("[]", "does not fit fleet's schema"),
+        ("", "not JSON"),
+    ],
+)
+async def test_a_corrupt_page_is_fleet_unavailable_with_a_sentence(
+    aiohttp_server: Any, second_page: str, problem: str
+) -> None:
+    async def units(request: web.Request) -> web.Response:
+        if "nextPageToken" not in request.query:
+            first = {"units": [{"name": "a.service"}], "nextPageToken": "ZAACAA=="}
+            return web.json_response(first)
+        return web.Response(text=second_page, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/fleet/v1/units", units)
+    server = await aiohttp_server(app)
+    async with FleetClient(f"http://127.0.0.1:{server.port}") as fleet:
+        with pytest.raises(FleetUnavailableError, match="fleet answered GET /units with") as caught:
+            await fleet.list_units()
+    assert problem in str(caught.value)
 
 
 def test_endpoint_forms() -> None:

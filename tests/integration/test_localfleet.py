@@ -631,7 +631,12 @@ async def test_stop_runs_exec_stop_and_kills_the_main_process(
 
     await client.set_state(name, "launched")  # a stopped unit starts again
     await client.wait_state(name, "active", "running")
-    assert int((tmp_path / "main.pid").read_text()) != main_pid
+
+    async def new_main_pid() -> str | None:  # `running` comes at the spawn, before the echo
+        text = await _read(tmp_path / "main.pid")
+        return text if text is not None and int(text) != main_pid else None
+
+    await wait_for(new_main_pid, "a new main process")
 
 
 async def test_replacing_options_reloads_the_unit_in_place(
@@ -768,7 +773,12 @@ async def test_global_unit_runs_once_per_machine(
 
     states = await wait_for(all_running, "one running state per machine")
     assert [state["machineID"] for state in states] == machines  # sorted by name, then machine id
-    assert sorted(path.name for path in tmp_path.iterdir()) == machines
+
+    async def all_written() -> list[str] | None:  # `running` comes at the spawn, before the echo
+        written = sorted(p.name for p in tmp_path.iterdir() if p.read_text().endswith("\n"))
+        return written if written == machines else None
+
+    await wait_for(all_written, "every machine's instance to write its file")
     assert all((tmp_path / machine).read_text() == f"{machine}\n" for machine in machines)
     assert len(unit_processes(client.fleet, name)) == len(machines)
     single = await client.unit(name)

@@ -50,7 +50,8 @@ async def agent(tmp_path: pathlib.Path) -> AsyncIterator[Agent]:
 
 
 def state_of(agent: Agent, name: str) -> UnitState | None:
-    return next((state for state in agent.states() if state.name == name), None)
+    found = agent.states(unit_name=name)
+    return agent.state(found[0]) if found else None
 
 
 async def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -141,7 +142,7 @@ async def test_goal_changes_during_a_slow_stop_are_honoured_in_order(
     key = ("app.service", MACHINE)
     agent.apply({key: first})
     await wait_until(is_in(agent, "app.service", "active", "running"), "the first unit to run")
-    agent.apply({})  # destroyed ...
+    agent.apply({key: None})  # destroyed ...
     await wait_until(is_in(agent, "app.service", "deactivating", "stop"), "the slow stop to begin")
     agent.apply({key: second})  # ... and created again while it stops
     await wait_until(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import random
 import signal
 import sqlite3
+from typing import Any
 
 import aiohttp
 from integration.test_localfleet import (
@@ -17,6 +19,7 @@ from integration.test_localfleet import (
     free_port,
     live_processes,
     options_of,
+    wait_for,
 )
 
 from deployster.localfleet.store import FILE_NAME
@@ -189,3 +192,71 @@ async def test_a_noted_process_no_longer_wanted_is_stopped_at_restart(
     finally:
         assert fleet.stop() == 0, fleet.log()
     assert "unit_orphan_stopped" in fleet.log()
+
+
+async def test_puts_racing_deletes_leave_one_placement_that_survives_a_kill_9(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Instances that conflict with each other, submitted, changed and destroyed all at once:
+    placement stays one instance per machine, and a deleted instance frees its machine for
+    one that waited; what is left reads back the same after a kill -9."""
+    state_dir, port = tmp_path / "state", free_port()
+    fleet = FleetProcess(tmp_path, machines=2, state_dir=state_dir, port=port)
+    rng = random.Random(17)
+    try:
+        async with aiohttp.ClientSession(base_url=fleet.url) as session:
+            client = FleetClient(session, fleet, "race")
+            names = [client.name(f"app@{i}") for i in range(8)]
+            conflicts = [("Conflicts", client.name("app@*"))]
+
+            async def put(name: str, state: str) -> None:
+                options = options_of({"ExecStart": "/bin/sleep 300"}, X_Fleet=conflicts)
+                body = {"name": name, "options": options, "desiredState": state}
+                status, payload = await client.put(name, body)
+                assert status in (201, 204, 409), payload
+
+            async def delete(name: str) -> None:
+                await client.destroy(name)
+
+            for _ in range(5):  # rounds of every unit put and deleted concurrently
+                operations = [put(name, rng.choice(["loaded", "inactive"])) for name in names]
+                operations += [delete(name) for name in rng.sample(names, 4)]
+                rng.shuffle(operations)
+                await asyncio.gather(*operations)
+            for name in names[:3]:  # a last word, so that some units are left
+                await put(name, "loaded")
+
+            async def settled() -> list[dict[str, Any]] | None:
+                units = await client.paged("/units", "units")
+                states = await client.paged("/state", "states")
+                placed = [u for u in units if u.get("machineID")]
+                wanting = [u for u in units if u["desiredState"] == "loaded"]
+                assert len({u["machineID"] for u in placed}) == len(placed)  # one per machine
+                assert all(u["desiredState"] == "loaded" for u in placed)
+                if len(placed) != min(2, len(wanting)):  # a waiting unit not placed (yet)
+                    return None
+                loaded = {(u["name"], u["machineID"]) for u in placed}
+                if {(s["name"], s["machineID"]) for s in states} != loaded:
+                    return None
+                return units
+
+            await wait_for(settled, "placement and states to settle")
+            # At least three want a machine, two have one: deleting one lets a waiting one in.
+            placed = [
+                u["name"] for u in await client.paged("/units", "units") if u.get("machineID")
+            ]
+            await client.destroy(placed[0])
+            before = await wait_for(settled, "a waiting instance to take the freed machine")
+            assert len([u for u in before if u.get("machineID")]) == 2
+    finally:
+        fleet.process.send_signal(signal.SIGKILL)
+        fleet.process.wait()
+
+    fleet = FleetProcess(tmp_path, machines=2, state_dir=state_dir, port=port)
+    try:
+        async with aiohttp.ClientSession(base_url=fleet.url) as session:
+            client = FleetClient(session, fleet, "race")
+            after = await wait_for(settled, "placement and states to settle after the restart")
+            assert after == before
+    finally:
+        assert fleet.stop() == 0, fleet.log()

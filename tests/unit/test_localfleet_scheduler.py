@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import hypothesis
+from hypothesis import strategies as st
+
 from deployster.fleet import Machine, UnitOption
-from deployster.localfleet.scheduler import SchedulableUnit, machine_units, reconcile_schedule
-from deployster.localfleet.xfleet import fleet_requirements
+from deployster.localfleet.scheduler import (
+    Placement,
+    SchedulableUnit,
+    machine_units,
+    reconcile_schedule,
+)
+from deployster.localfleet.xfleet import _compile_glob, fleet_requirements, glob_match
 
 M1, M2, M3 = ("1" * 32, "2" * 32, "3" * 32)
 MACHINES = [
@@ -145,3 +153,93 @@ def test_machine_units_lists_placed_and_matching_global_units_minus_conflicts() 
         "b.service",
         "g-web.service",
     ]
+
+
+# The indexed placement (`Placement`) against the plain functions, over random units and changes.
+
+NAMES = [f"{p}@{i}.service" for p in "ab" for i in (1, 2, 3)] + ["x.service", "y.service"]
+GLOBS = ["a@*.service", "b@*.service", "*.service", "x.service", "a@[12].service", "?@3.service"]
+X_FLEET = st.one_of(
+    st.tuples(st.just("Conflicts"), st.sampled_from(GLOBS + NAMES)),
+    st.tuples(st.just("MachineOf"), st.sampled_from(NAMES)),
+    st.tuples(st.just("Replaces"), st.sampled_from(GLOBS + NAMES)),
+    st.tuples(st.just("Global"), st.sampled_from(["true", "false"])),
+    st.tuples(st.just("MachineID"), st.sampled_from([M1, M2[:8], "nope"])),
+    st.tuples(st.just("MachineMetadata"), st.sampled_from(["disk=ssd", "region=eu"])),
+)
+UNITS = st.builds(
+    lambda name, x_fleet, state: unit(name, *x_fleet, state=state),
+    st.sampled_from(NAMES),
+    st.lists(X_FLEET, max_size=3),
+    st.sampled_from(["inactive", "loaded", "launched"]),
+)
+METADATA = st.dictionaries(
+    st.sampled_from(["disk", "region"]), st.sampled_from(["ssd", "eu", "hdd"]), max_size=2
+)
+CHANGES = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), UNITS),
+        st.tuples(st.just("remove"), st.sampled_from(NAMES)),
+        st.tuples(st.just("metadata"), st.tuples(st.sampled_from([M1, M2, M3]), METADATA)),
+    ),
+    max_size=30,
+)
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(st.lists(UNITS, max_size=8), st.lists(METADATA, min_size=1, max_size=3), CHANGES)
+def test_indexed_placement_is_the_plain_one(initial, metadata, changes) -> None:
+    machines = {
+        machine_id: Machine(id=machine_id, primary_ip="", metadata=values)
+        for machine_id, values in zip((M1, M2, M3), metadata, strict=False)
+    }
+    records: dict[str, tuple[SchedulableUnit, str | None]] = {}  # as the registry keeps them
+    placement = Placement(list(machines.values()))
+    desired: set[tuple[str, str]] = set()  # kept from the touched pairs only, as the registry does
+
+    def put(new: SchedulableUnit) -> None:
+        target = records[new.name][1] if new.name in records else None
+        records[new.name] = (new, target)
+        placement.put(new, target)
+
+    def check() -> None:
+        units = [u for u, _ in records.values()]
+        targets = reconcile_schedule(
+            units, list(machines.values()), {name: t for name, (_, t) in records.items()}
+        )
+        for name, target in targets.items():
+            records[name] = (records[name][0], target)
+        changed = placement.reconcile()
+        assert placement.targets == targets
+        for machine in machines.values():
+            chosen = {u.name for u in machine_units(units, targets, machine)}
+            assert placement.chosen(machine.id) == chosen
+        for name, machine_id in changed.touched:
+            wanted = name in records and name in placement.chosen(machine_id)
+            (desired.add if wanted else desired.discard)((name, machine_id))
+        assert desired == {
+            (name, machine_id) for machine_id in machines for name in placement.chosen(machine_id)
+        }
+
+    for new in initial:
+        put(new)
+    check()
+    for kind, value in changes:
+        if kind == "put":
+            put(value)
+        elif kind == "remove":
+            if value not in records:
+                continue
+            del records[value]
+            placement.remove(value)
+        elif value[0] in machines:
+            machine = machines[value[0]].model_copy(update={"metadata": value[1]})
+            machines[machine.id] = machine
+            placement.set_machine(machine)
+        check()
+
+
+@hypothesis.given(st.text(alphabet="ab@*./", max_size=8), st.text(alphabet="ab@./", max_size=8))
+def test_a_glob_with_one_star_matches_as_its_regular_expression(pattern, name) -> None:
+    compiled = _compile_glob(pattern)
+    assert glob_match(pattern, name) is (compiled is not None and bool(compiled.fullmatch(name)))
