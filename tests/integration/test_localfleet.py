@@ -858,7 +858,11 @@ async def test_restart_with_state_dir_relaunches_units(tmp_path: pathlib.Path) -
             client = FleetClient(session, fleet, "restart")
             after = await client.wait_state(name, "active", "running")
             assert after["machineID"] == before["machineID"]
-            assert starts.read_text() == "started\nstarted\n"
+
+            async def started_twice() -> bool:  # "running" comes as the shell is spawned
+                return starts.read_text() == "started\nstarted\n"
+
+            await wait_for(started_twice, "the unit's second start")
             units = {unit["name"]: unit for unit in await client.paged("/units", "units")}
             assert (units[name]["desiredState"], units[name]["currentState"]) == (
                 "launched",
