@@ -436,10 +436,18 @@ class NotificationStore:
             )
 
     async def pending(self) -> list[tuple[Delivery, bytes]]:
-        """Every pending delivery, with its stored value (for :meth:`replace`)."""
-        with _etcd_errors():
-            found = await self.etcd.get_prefix(self.pending_prefix.encode())
-        return [(Delivery.model_validate_json(kv.value), kv.value) for kv in found]
+        """Every pending delivery that decodes, with its stored value (for :meth:`replace`);
+        one that does not is logged and left out, like any unreadable record."""
+        pending = []
+        async for page in range_pages(self.etcd, self.pending_prefix.encode()):
+            for key, value in page:
+                try:
+                    pending.append((Delivery.model_validate_json(value), value))
+                except ValidationError as exc:
+                    log.warning(
+                        "record_unreadable", key=key.decode(errors="replace"), error=str(exc)
+                    )
+        return pending
 
     async def replace(self, delivery: Delivery, stored: bytes) -> bytes | None:
         """Write ``delivery`` if its stored value is still ``stored`` (nobody claimed or

@@ -217,6 +217,8 @@ async def test_a_pending_delivery_waits_out_a_paused_etcd_and_the_watch_goes_on(
         # Garbage in the outbox is left alone; the next delivery still goes out at once.
         garbage = f"{notifier.outbox.pending_prefix}garbage"
         await api.deployster.etcd.put(garbage.encode(), b"{not json")
+        listed = await api.client.get(api.url("/notifications"), headers=api.auth)
+        assert listed.status == 200, await listed.text()  # the garbage is left out, not a 500
         second = delivery(receiver, api.service, "task.finished")
         started = time.monotonic()
         await notifier.outbox.add([second])
