@@ -34,11 +34,14 @@ async def under_load(traefik: Traefik, api: Api, work: Callable[[], Awaitable[An
     return load
 
 
-async def step_reached(api: Api, deploy_id: str, kind: str, timeout: float = 30) -> None:
-    """Wait until the deploy's record shows a progress event of ``kind``."""
+async def step_reached(
+    api: Api, deploy_id: str, kind: str, timeout: float = 30, count: int = 1
+) -> None:
+    """Wait until the deploy's record shows ``count`` progress events of ``kind``."""
 
     async def reached() -> bool:
-        return kind in [e["kind"] for e in (await api.record(deploy_id))["events"]]
+        kinds = [e["kind"] for e in (await api.record(deploy_id))["events"]]
+        return kinds.count(kind) >= count
 
     await eventually(reached, timeout=timeout, interval=0.05)
 
