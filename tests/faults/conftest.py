@@ -1,4 +1,4 @@
-"""Fault fixtures: an etcd, a localfleet and a Traefik of the test's own, so that the test may
+"""Fault fixtures: an etcd, a localfleet and a Traefik of the module's own, so that a test may
 pause (SIGSTOP/SIGCONT) them, kill them with SIGKILL and start them again on the same ports,
 or cut the router's own path to etcd, mid-deploy; and a Deployster app through that Traefik.
 
@@ -103,33 +103,51 @@ class Child(Paused):
             self.process.wait()
 
 
-@pytest.fixture
-def fault_etcd(private_etcd: EtcdServer) -> Paused:
-    assert private_etcd.process is not None
-    return Paused(private_etcd.process)
+# The etcd, localfleet and Traefik are shared by the tests of a module: every test deploys
+# a service of its own, and a test that pauses or kills one of them lets it run again before
+# it ends (``Paused.paused``, ``Child.killed``).
+
+
+@pytest.fixture(scope="module")
+def fault_etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """An etcd of this module's tests alone, which they may pause."""
+    data = tmp_path_factory.mktemp("fault-etcd")
+    server = EtcdServer(data / "data")
+    server.start(log_path=data / "etcd.log")
+    server.wait_ready()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def fault_fleet(tmp_path: Path) -> Iterator[tuple[str, Child]]:
-    """localfleet with two machines and a state directory (which a restart reads), of this
-    test alone."""
+def fault_etcd(fault_etcd_server: EtcdServer) -> Paused:
+    assert fault_etcd_server.process is not None
+    return Paused(fault_etcd_server.process)
+
+
+@pytest.fixture(scope="module")
+def fault_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Child]]:
+    """localfleet with two machines and a state directory (which a restart reads)."""
+    state = tmp_path_factory.mktemp("fault-fleet")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "deployster", "localfleet", "--listen", f"127.0.0.1:{port}"]
-    command += ["--machines", "2", "--state-dir", str(tmp_path / "state")]
-    child = Child.start(command, f"{endpoint}/fleet/v1/machines", tmp_path / "localfleet.log")
+    command += ["--machines", "2", "--state-dir", str(state / "state")]
+    child = Child.start(command, f"{endpoint}/fleet/v1/machines", state / "localfleet.log")
     try:
         yield endpoint, child
     finally:
         child.stop()
 
 
-@pytest.fixture
-def fault_router(private_etcd: EtcdServer, tmp_path: Path) -> Iterator[tuple[Traefik, Child]]:
-    """Traefik watching the test's own etcd, on ports it keeps across a restart."""
+@pytest.fixture(scope="module")
+def fault_router(
+    fault_etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Traefik, Child]]:
+    """Traefik watching the module's etcd, on ports it keeps across a restart."""
     web, api = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    log = tmp_path / "traefik.log"
-    command = traefik_command(private_etcd.endpoint, "traefik", web, api, throttle=THROTTLE)
+    log = tmp_path_factory.mktemp("fault-traefik") / "traefik.log"
+    command = traefik_command(fault_etcd_server.endpoint, "traefik", web, api, throttle=THROTTLE)
     child = Child.start(command, f"http://{api}/api/version", log)
     try:
         yield Traefik(f"http://{web}", f"http://{api}", "traefik", log), child
@@ -145,14 +163,14 @@ def fault_traefik(fault_router: tuple[Traefik, Child]) -> Traefik:
 @pytest.fixture
 async def fault_api(
     aiohttp_client,  # type: ignore[no-untyped-def]
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Child],
     fault_traefik: Traefik,
 ) -> AsyncIterator[Api]:
-    """Deployster on the test's own etcd and localfleet, routing through its Traefik."""
+    """Deployster on the module's etcd and localfleet, routing through its Traefik."""
     async with running_api(
         aiohttp_client,
-        private_etcd.endpoint,
+        fault_etcd_server.endpoint,
         fault_fleet[0],
         router="traefik",
         traefik_root=fault_traefik.root_key,
@@ -276,16 +294,17 @@ class EtcdGate:
 
 
 @pytest.fixture
-async def router_gate(fault_api: Api, private_etcd: EtcdServer) -> AsyncIterator[EtcdGate]:
+async def router_gate(fault_api: Api, fault_etcd_server: EtcdServer) -> AsyncIterator[EtcdGate]:
     """The router of ``fault_api`` reaches etcd over a gate of its own: blocking it fails the
     router's reads and writes alone (a ``RouterError``), while the store, the locks and the
     instances' watch go on."""
-    gate = EtcdGate(private_etcd.endpoint)
+    gate = EtcdGate(fault_etcd_server.endpoint)
     await gate.start()
     router = fault_api.deployster.router
     assert isinstance(router, TraefikRouter)
     try:
-        async with etcd.client(gate.endpoint) as gated:
+        # A shorter request deadline than the server's (5 s): the test waits less for it.
+        async with etcd.client(gate.endpoint, timeout=2) as gated:
             kept, router.etcd = router.etcd, gated
             try:
                 yield gate

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from faults.conftest import Paused
+from faults.conftest import Child
 from integration.conftest import Api
 
 
 async def test_fleet_away_while_planning_answers_502_and_frees_the_lock(
-    fault_api: Api, fault_fleet: tuple[str, Paused]
+    fault_api: Api, fault_fleet: tuple[str, Child]
 ) -> None:
     api = fault_api
     async with fault_fleet[1].paused(0):
