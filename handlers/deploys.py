@@ -736,6 +736,12 @@ class DeployHandler:
         if not names:
             return []
         urls = await self.instances.retire(names)
+        # A retry (the router did not confirm in time) finds their keys gone already: it
+        # still waits until the router stops serving the instances' own URLs.
+        for name in names:
+            instance = self.instances.get(name)
+            if instance is not None and instance.url not in urls:
+                urls.append(instance.url)
         await self.router.wait_applied(service, absent=urls, timeout=self.config.router_timeout)
         return urls
 

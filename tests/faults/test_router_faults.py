@@ -147,3 +147,41 @@ async def test_a_router_error_is_retried_and_never_kills_a_task(
     assert worker is not None and not worker.done()
     await assert_routes_exactly(api, fault_traefik, done["units"])
     await assert_settled(api, done, done["units"])
+
+
+async def test_traefik_frozen_during_the_switch_the_old_release_is_destroyed_only_once_unrouted(
+    fault_api: Api, fault_router: tuple[Traefik, Child]
+) -> None:
+    """Traefik frozen (SIGSTOP) for longer than the router's confirmation timeout while the
+    old instances leave it: the retried step still waits until Traefik no longer serves
+    them before they are destroyed, even without a drain."""
+    api = fault_api
+    traefik, child = fault_router
+    await api.deployster.store.save_policy(api.service, FAST_POLICY.model_copy(update={"drain": 0}))
+    first = await api.deployed({"version": "v1", "instance_count": 2})
+    assert first["state"] == "succeeded", first
+    await wait_serving(traefik, f"{api.service}.localhost", "v1")
+    seen: dict[str, Any] = {}
+
+    async def deploy_with_traefik_frozen() -> None:
+        second = (await api.deploy({"version": "v2", "destroy_previous": True}))["deploy"]
+        router = api.deployster.router
+        assert isinstance(router, TraefikRouter)
+
+        async def old_keys_gone() -> bool:
+            servers = await router.servers(api.service)
+            return len(servers) == 2 and not any("-v1-" in server for server in servers)
+
+        # The switch took the old instances out of Traefik's keys: Traefik freezes before
+        # it read that (its throttle is 100 ms).
+        await eventually(old_keys_gone, timeout=30, interval=0.01)
+        async with child.paused(6):  # requests sent meanwhile wait, and are answered after
+            pass
+        seen["done"] = await api.finished(second["id"], timeout=60)
+
+    load = await under_load(traefik, api, deploy_with_traefik_frozen)
+    done = seen["done"]
+    assert done["state"] == "succeeded", done
+    assert load.failures == [], load.failures[:5]
+    await assert_routes_exactly(api, traefik, done["units"])
+    await assert_settled(api, done, done["units"])
