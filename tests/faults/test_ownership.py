@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from faults.conftest import assert_settled
 from integration.conftest import FAST_POLICY, Api
 
 from deployster.store import LockHolder
@@ -38,8 +39,7 @@ async def test_a_lost_lock_stops_the_worker_before_the_switch(fault_api: Api) ->
     done = await api.finished(second["id"], timeout=30)
     assert done["state"] == "succeeded", done
     assert "resumed" in [e["kind"] for e in done["events"]]
-    assert sorted(await api.units()) == sorted(done["units"])
-    assert await store.locks.holder(api.service) is None
+    await assert_settled(api, done, done["units"])
 
 
 async def test_a_deploy_whose_lock_lapsed_still_blocks_a_second_one(fault_api: Api) -> None:
@@ -55,3 +55,4 @@ async def test_a_deploy_whose_lock_lapsed_still_blocks_a_second_one(fault_api: A
     done = await api.finished(running["id"], timeout=30)
     assert done["state"] == "succeeded", done
     assert [r.version for r in await store.list_deploys(api.service)] == ["v1"]
+    await assert_settled(api, done, done["units"])
