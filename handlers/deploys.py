@@ -501,7 +501,11 @@ class DeployHandler:
     async def _pass(self, service: str) -> float | None:
         """One look at the service and one step; the delay until the next look (None: idle
         until woken)."""
-        unfinished = [r for r in await self.store.list_deploys(service) if not r.state.finished]
+        records = await self.store.list_deploys(service)
+        for record in records:
+            if record.state.finished and record.id in self._keepers:
+                await self._finished(record)  # its finish was cut short after the save
+        unfinished = [r for r in records if not r.state.finished]
         if not unfinished:
             return None
         active = next((r for r in unfinished if r.step is not DeployStep.QUEUED), None)
@@ -708,6 +712,13 @@ class DeployHandler:
         )
         record.note(str(state), summary)
         await self.store.save_deploy(record)
+        await self._finished(record)
+
+    async def _finished(self, record: DeployRecord) -> None:
+        """After a finished record was saved: let go of the lock and tell the bus. A pass
+        comes here again for a finished record whose lock this server still holds (etcd
+        wrote the record, but its answer was lost)."""
+        state, error = record.state, record.error
         self._failed_read.pop(record.id, None)
         await self._unlock(record)
         log.info("deploy_finished", state=state, error=error)

@@ -26,6 +26,7 @@ from integration.traefik import THROTTLE, Traefik
 from deployster import etcd
 from deployster.launchers import EtcdServer, free_port, traefik_command
 from deployster.routers import TraefikRouter
+from handlers.deploys import LOCK_TTL
 
 ENDED = ("succeeded", "failed", "rolled_back")
 
@@ -217,10 +218,16 @@ def workloads(service: str) -> dict[int, str]:
 
 
 async def assert_settled(api: Api, done: dict[str, Any], serving: list[str]) -> None:
-    """The deploy ended and let go of the lock; fleet lists exactly ``serving`` and exactly
-    one workload process runs for each of them: no orphan, no copy."""
+    """The deploy ended and its lock is free; fleet lists exactly ``serving`` and exactly one
+    workload process runs for each of them: no orphan, no copy."""
     assert done["state"] in ENDED and done["step"] == "done", done
-    assert await api.deployster.store.locks.holder(api.service) is None
+
+    async def unlocked() -> bool:
+        return await api.deployster.store.locks.holder(api.service) is None
+
+    # Released by the worker's pass that finished the deploy (or its retry); at the latest,
+    # a lock etcd would not delete then expires with its lease, no longer kept alive.
+    await eventually(unlocked, timeout=LOCK_TTL + 2, interval=0.1)
     assert sorted(await api.units()) == sorted(serving)
 
     async def one_process_each() -> bool:
