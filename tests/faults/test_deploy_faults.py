@@ -18,10 +18,14 @@ from integration.traefik import Traefik
 
 from deployster.policy import HealthPolicy
 
+# Each load client waits 10 ms between two requests: still some 200 requests a second, so
+# that a window of failed requests shows, while the parts under test keep the 2 cores.
+PACE = 0.01
+
 
 async def under_load(traefik: Traefik, api: Api, work: Callable[[], Awaitable[Any]]) -> Load:
     """Run ``work`` while 3 clients request the service through Traefik."""
-    load = Load(traefik.web_url, f"{api.service}.localhost")
+    load = Load(traefik.web_url, f"{api.service}.localhost", pause=PACE)
     running = asyncio.create_task(load.run(clients=3))
     try:
         await asyncio.sleep(0.3)
@@ -90,12 +94,12 @@ async def test_etcd_paused_mid_deploy_the_deploy_still_succeeds(
 ) -> None:
     """Paused longer than etcd's request deadline (5 s): every call in flight fails."""
     api = fault_api
-    # Instances stay in the waiting step 2 s (min_healthy_time): a pause at "submitted" lands
+    # Instances stay in the waiting step 1 s (min_healthy_time): a pause at "submitted" lands
     # there; at "retiring" it lands in the drain, before the old units are destroyed.
     await api.deployster.store.save_policy(
         api.service,
         FAST_POLICY.model_copy(
-            update={"drain": 0.5, "min_healthy_time": 2, "instance_deadline": 40}
+            update={"drain": 0.5, "min_healthy_time": 1, "instance_deadline": 40}
         ),
     )
     seen = await deploy_through(api, fault_traefik, lambda: fault_etcd.paused(6), at)
@@ -118,8 +122,9 @@ async def test_fleet_unreachable_mid_deploy_no_false_success(
     await api.deployster.store.save_policy(
         api.service, FAST_POLICY.model_copy(update={"drain": 1.0})
     )
-    # At "retiring": drained after 1 s, the destroy step meets a fleet that does not answer.
-    seen = await deploy_through(api, fault_traefik, lambda: fault_fleet[1].paused(6), at)
+    # fleet's client waits 10 s for an answer: frozen 4 s, fleet only delays each step. At
+    # "retiring", drained after 1 s, the destroy step meets a fleet that does not answer.
+    seen = await deploy_through(api, fault_traefik, lambda: fault_fleet[1].paused(4), at)
     at_resume, done, load = seen["at_resume"], seen["done"], seen["load"]
     assert at_resume["state"] not in ENDED, at_resume  # never a false success
     assert done["state"] == "succeeded", done

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from faults.conftest import Child, EtcdGate, assert_settled
-from faults.test_deploy_faults import step_reached, under_load
+from faults.test_deploy_faults import PACE, step_reached, under_load
 from helpers import LogTail, eventually
 from integration.conftest import FAST_POLICY, Api
 from integration.test_zero_downtime import Load, wait_serving
@@ -57,7 +57,7 @@ async def test_traefik_killed_and_restarted_mid_deploy(
     assert first["state"] == "succeeded", first
     await wait_serving(traefik, host, "v1")
 
-    before = Load(traefik.web_url, host)
+    before = Load(traefik.web_url, host, pause=PACE)
     running = asyncio.create_task(before.run(clients=3))
     second = (await api.deploy({"version": "v2", "destroy_previous": True}))["deploy"]
     await step_reached(api, second["id"], at)
@@ -68,7 +68,7 @@ async def test_traefik_killed_and_restarted_mid_deploy(
     async with child.killed(6):
         pass
     await eventually(lambda: served_at_all(traefik, host), timeout=10, interval=0.1)
-    after = Load(traefik.web_url, host)
+    after = Load(traefik.web_url, host, pause=PACE)
     running = asyncio.create_task(after.run(clients=3))
     try:
         done = await api.finished(second["id"], timeout=60)

@@ -24,9 +24,11 @@ class Load:
     failures: list[str] = field(default_factory=list)
     versions: Counter[str] = field(default_factory=Counter)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    pause: float = 0.0  # seconds each client waits between two requests
 
     async def client(self, session: aiohttp.ClientSession) -> None:
         while not self._stop.is_set():
+            await asyncio.sleep(self.pause)
             try:
                 async with session.get(self.url, headers={"Host": self.host}) as resp:
                     body = await resp.json(content_type=None) if resp.status == 200 else None
