@@ -1,4 +1,4 @@
-"""Fault fixtures: an etcd, a localfleet and a Traefik of the module's own, so that a test may
+"""Fault fixtures: an etcd, a localfleet and a Traefik of the tier's own, so that a test may
 pause (SIGSTOP/SIGCONT) them, kill them with SIGKILL and start them again on the same ports,
 or cut the router's own path to etcd, mid-deploy; and a Deployster app through that Traefik.
 
@@ -104,14 +104,14 @@ class Child(Paused):
             self.process.wait()
 
 
-# The etcd, localfleet and Traefik are shared by the tests of a module: every test deploys
+# The etcd, localfleet and Traefik are shared by the tests of the tier: every test deploys
 # a service of its own, and a test that pauses or kills one of them lets it run again before
 # it ends (``Paused.paused``, ``Child.killed``).
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fault_etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """An etcd of this module's tests alone, which they may pause."""
+    """An etcd of the fault tests alone, which they may pause."""
     data = tmp_path_factory.mktemp("fault-etcd")
     server = EtcdServer(data / "data")
     server.start(log_path=data / "etcd.log")
@@ -126,7 +126,7 @@ def fault_etcd(fault_etcd_server: EtcdServer) -> Paused:
     return Paused(fault_etcd_server.process)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fault_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Child]]:
     """localfleet with two machines and a state directory (which a restart reads)."""
     state = tmp_path_factory.mktemp("fault-fleet")
@@ -141,11 +141,11 @@ def fault_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         child.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fault_router(
     fault_etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Traefik, Child]]:
-    """Traefik watching the module's etcd, on ports it keeps across a restart."""
+    """Traefik watching the fault tests' etcd, on ports it keeps across a restart."""
     web, api = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     log = tmp_path_factory.mktemp("fault-traefik") / "traefik.log"
     command = traefik_command(fault_etcd_server.endpoint, "traefik", web, api, throttle=THROTTLE)
@@ -168,7 +168,7 @@ async def fault_api(
     fault_fleet: tuple[str, Child],
     fault_traefik: Traefik,
 ) -> AsyncIterator[Api]:
-    """Deployster on the module's etcd and localfleet, routing through its Traefik."""
+    """Deployster on the fault tests' etcd and localfleet, routing through their Traefik."""
     async with running_api(
         aiohttp_client,
         fault_etcd_server.endpoint,
