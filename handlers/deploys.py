@@ -542,6 +542,9 @@ class DeployHandler:
         if taken is not None and any(r.id == taken.deploy_id for r in records):
             del self._unconfirmed[service]
             self.bus.publish(taken)  # etcd took it after all, though its answer was lost
+        for record in records:
+            if record.state.finished and record.id in self._keepers:
+                await self._finished(record)  # its finish was cut short after the save
         unfinished = [r for r in records if not r.state.finished]
         if not unfinished:
             return await self._take_push(service, records)
@@ -774,6 +777,13 @@ class DeployHandler:
         )
         record.note(str(state), summary)
         await self.store.save_deploy(record)
+        await self._finished(record)
+
+    async def _finished(self, record: DeployRecord) -> None:
+        """After a finished record was saved: let go of the lock and tell the bus. A pass
+        comes here again for a finished record whose lock this server still holds (etcd
+        wrote the record, but its answer was lost)."""
+        state, error = record.state, record.error
         self._failed_read.pop(record.id, None)
         await self._unlock(record)
         log.info("deploy_finished", state=state, error=error)
@@ -802,6 +812,12 @@ class DeployHandler:
         if not names:
             return []
         urls = await self.instances.retire(names)
+        # A retry (the router did not confirm in time) finds their keys gone already: it
+        # still waits until the router stops serving the instances' own URLs.
+        for name in names:
+            instance = self.instances.view(name)
+            if instance is not None and instance.url not in urls:
+                urls.append(instance.url)
         await self.router.wait_applied(service, absent=urls, timeout=self.config.router_timeout)
         return urls
 

@@ -65,10 +65,11 @@ def version_of(body: bytes) -> str:
 class Load:
     """Clients requesting ``url`` with ``Host: host`` until stopped, every answer recorded."""
 
-    def __init__(self, url: str, host: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, host: str, *, timeout: float = 10.0, pause: float = 0.0) -> None:
         self.url = url
         self.host = host
         self.timeout = timeout  # per request
+        self.pause = pause  # seconds each client waits between two requests
         self.phase = "warmup"  # recorded with each request sent from now on
         self.results: list[Result] = []
         self.clients = 0
@@ -111,6 +112,8 @@ class Load:
 
     async def _client(self, session: aiohttp.ClientSession) -> None:
         while not self._stopping:
+            if self.pause:
+                await asyncio.sleep(self.pause)
             phase, start = self.phase, time.monotonic()
             version = failure = None
             try:

@@ -40,7 +40,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import aetcd
 import structlog
@@ -102,6 +102,36 @@ class WorkloadSettings(BaseSettings):
             "instance": self.instance,
             "unit": self.unit,
         }
+
+
+class Journal:
+    """Standard error that outlives its reader. localfleet reads a unit's output through a
+    pipe; killed and started again, it adopts the unit's process, but the pipe's reader is
+    gone, and a write would raise BrokenPipeError: a workload that logs after that (one still
+    booting, or one being stopped) would die of it. Its lines are dropped instead."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:
+            self._lost()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self._lost()
+
+    def isatty(self) -> bool:
+        return False
+
+    def _lost(self) -> None:
+        self.stream = open(os.devnull, "w")  # noqa: SIM115  (for the rest of the process)
+        sys.stderr = self.stream  # nor does Python's own last flush at exit fail
 
 
 class AnnounceError(RuntimeError):
@@ -282,7 +312,7 @@ def main() -> int:
     except ValidationError as error:
         print(settings_error(error), file=sys.stderr)
         return 2
-    logs.configure()
+    logs.configure(stream=Journal(sys.stderr))  # type: ignore[arg-type]
     try:
         asyncio.run(run(settings))
     except AnnounceError as error:

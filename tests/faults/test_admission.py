@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from faults.conftest import Paused
+from faults.conftest import Child, assert_settled
 from integration.conftest import Api
 
 
 async def test_fleet_away_while_planning_answers_502_and_frees_the_lock(
-    fault_api: Api, fault_fleet: tuple[str, Paused]
+    fault_api: Api, fault_fleet: tuple[str, Child]
 ) -> None:
     api = fault_api
     async with fault_fleet[1].paused(0):
@@ -20,6 +20,7 @@ async def test_fleet_away_while_planning_answers_502_and_frees_the_lock(
     assert await api.deployster.store.locks.holder(api.service) is None
     done = await api.deployed({"version": "v1"})  # the service is not blocked
     assert done["state"] == "succeeded", done
+    await assert_settled(api, done, done["units"])
 
 
 async def test_a_crash_while_submitting_fails_the_deploy_and_frees_the_lock(
@@ -44,3 +45,4 @@ async def test_a_crash_while_submitting_fails_the_deploy_and_frees_the_lock(
     monkeypatch.undo()
     done = await api.deployed({"version": "v1"})
     assert done["state"] == "succeeded", done
+    await assert_settled(api, done, done["units"])  # nothing of the failed deploy runs

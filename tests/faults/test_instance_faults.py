@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import aiohttp
-from faults.conftest import Paused
+from faults.conftest import Paused, workloads
 from helpers import eventually
 from integration.conftest import Api
 from integration.test_zero_downtime import wait_serving
@@ -17,20 +16,6 @@ from integration.traefik import Traefik
 
 from deployster.naming import UnitName
 from deployster.routers import TraefikRouter
-
-
-def workload_pid(unit: str) -> int:
-    """The process of the test workload that runs ``unit`` (localfleet's child)."""
-    wanted = f"DEPLOYSTER_UNIT={unit}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if wanted in (proc / "environ").read_bytes().split(b"\0"):
-                return int(proc.name)
-        except OSError:
-            continue
-    raise AssertionError(f"no process runs {unit}")
 
 
 async def test_an_instance_dying_while_etcd_is_away_leaves_the_router_once_etcd_is_back(
@@ -48,7 +33,8 @@ async def test_an_instance_dying_while_etcd_is_away_leaves_the_router_once_etcd_
     assert isinstance(router, TraefikRouter)
 
     async with fault_etcd.paused(8):
-        os.kill(workload_pid(str(victim)), signal.SIGKILL)
+        [pid] = [p for p, unit in workloads(api.service).items() if unit == str(victim)]
+        os.kill(pid, signal.SIGKILL)
     resumed_at = time.monotonic()
     # Probing went on: the instance was found dead while etcd was away.
     assert not instance.healthy

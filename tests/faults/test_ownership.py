@@ -4,10 +4,15 @@ the lock is free again."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+from faults.conftest import assert_settled
+from helpers import eventually
 from integration.conftest import FAST_POLICY, Api
 
-from deployster.records import LockHolder
+from deployster.etcd import EtcdError
+from deployster.events import DeploySucceeded
+from deployster.records import DeployRecord, LockHolder
 
 
 async def test_a_lost_lock_stops_the_worker_before_the_switch(fault_api: Api) -> None:
@@ -38,8 +43,7 @@ async def test_a_lost_lock_stops_the_worker_before_the_switch(fault_api: Api) ->
     done = await api.finished(second["id"], timeout=30)
     assert done["state"] == "succeeded", done
     assert "resumed" in [e["kind"] for e in done["events"]]
-    assert sorted(await api.units()) == sorted(done["units"])
-    assert await store.locks.holder(api.service) is None
+    await assert_settled(api, done, done["units"])
 
 
 async def test_a_deploy_whose_lock_lapsed_still_blocks_a_second_one(fault_api: Api) -> None:
@@ -55,3 +59,39 @@ async def test_a_deploy_whose_lock_lapsed_still_blocks_a_second_one(fault_api: A
     done = await api.finished(running["id"], timeout=30)
     assert done["state"] == "succeeded", done
     assert [r.version for r in await store.list_deploys(api.service)] == ["v1"]
+    await assert_settled(api, done, done["units"])
+
+
+async def test_a_finish_whose_answer_etcd_lost_still_frees_the_lock(
+    fault_api: Api, monkeypatch: Any
+) -> None:
+    """etcd wrote the finished record, but its answer never came (the request's deadline
+    passed first): the worker, retrying, finds the record finished, and still lets go of the
+    lock and tells the bus how the deploy ended."""
+    api = fault_api
+    store = api.deployster.store
+    saving = store.save_deploy
+    lost: list[str] = []
+    ended: list[DeploySucceeded] = []
+
+    async def on_succeeded(event: DeploySucceeded) -> None:
+        ended.append(event)
+
+    async def told() -> bool:
+        return bool(ended)
+
+    api.deployster.bus.subscribe(DeploySucceeded, on_succeeded)
+
+    async def written_but_unanswered(record: DeployRecord) -> DeployRecord:
+        saved = await saving(record)
+        if record.state.finished and not lost:
+            lost.append(record.id)
+            raise EtcdError("etcd did not answer: Deadline Exceeded")
+        return saved
+
+    monkeypatch.setattr(store, "save_deploy", written_but_unanswered)
+    done = await api.deployed({"version": "v1"})
+    assert lost == [done["id"]] and done["state"] == "succeeded", done
+    await assert_settled(api, done, done["units"])
+    await eventually(told, timeout=5)
+    assert [e.deploy_id for e in ended] == [done["id"]]

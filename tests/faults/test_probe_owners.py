@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from faults.conftest import Paused
-from faults.test_instance_faults import workload_pid
+from faults.conftest import Paused, workloads
 from faults.test_two_servers import ENDED, deploy, peer_of
 from helpers import eventually
 from integration.test_resume import ServerProcess, http, wait_state, wait_up
@@ -142,12 +141,12 @@ async def versions_served(traefik: Traefik, host: str, requests: int) -> set[str
 
 async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_paused(
     tmp_path: Path,
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Paused],
     fault_traefik: Traefik,
     fault_etcd: Paused,
 ) -> None:
-    async with two_servers(tmp_path, private_etcd, fault_fleet[0], fault_traefik) as (
+    async with two_servers(tmp_path, fault_etcd_server, fault_fleet[0], fault_traefik) as (
         servers,
         sessions,
         ids,
@@ -201,7 +200,7 @@ async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_pau
         # counted: it is ignored, nothing moves.
         names = (f"ghost-{n}" for n in range(10_000))
         ghost = next(g for g in names if owner(mine_a, [*ids, g]) == owner(mine_b, [*ids, g]) == g)
-        client = etcd_adapter.client(private_etcd.endpoint)
+        client = etcd_adapter.client(fault_etcd_server.endpoint)
         try:
             await client.put(
                 f"{members_prefix(prefix_of(servers[0]))}{ghost}".encode(), b"\x00{garbage"
@@ -230,11 +229,11 @@ async def test_each_service_is_probed_by_one_server_garbage_members_and_etcd_pau
 
 async def test_a_killed_server_s_instances_are_probed_by_its_peer(
     tmp_path: Path,
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Paused],
     fault_traefik: Traefik,
 ) -> None:
-    async with two_servers(tmp_path, private_etcd, fault_fleet[0], fault_traefik) as (
+    async with two_servers(tmp_path, fault_etcd_server, fault_fleet[0], fault_traefik) as (
         servers,
         sessions,
         ids,
@@ -253,9 +252,10 @@ async def test_a_killed_server_s_instances_are_probed_by_its_peer(
         assert victim is not None
         a.kill()
         killed_at = time.monotonic()
-        os.kill(workload_pid(str(victim)), signal.SIGKILL)
+        [pid] = [p for p, unit in workloads(victim.service).items() if unit == str(victim)]
+        os.kill(pid, signal.SIGKILL)
         router = TraefikRouter(
-            etcd_adapter.client(private_etcd.endpoint),
+            etcd_adapter.client(fault_etcd_server.endpoint),
             root_key=fault_traefik.root_key,
             api_url=fault_traefik.api_url,
         )
@@ -281,14 +281,14 @@ async def test_a_killed_server_s_instances_are_probed_by_its_peer(
 
 async def test_after_an_etcd_outage_longer_than_the_ttl_the_servers_split_the_work_again(
     tmp_path: Path,
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Paused],
     fault_traefik: Traefik,
     fault_etcd: Paused,
 ) -> None:
     """etcd frozen past the member TTL: every key expires when it wakes; both servers kept
     probing their share meanwhile, then write their keys again and split as before."""
-    async with two_servers(tmp_path, private_etcd, fault_fleet[0], fault_traefik) as (
+    async with two_servers(tmp_path, fault_etcd_server, fault_fleet[0], fault_traefik) as (
         servers,
         sessions,
         ids,
@@ -320,13 +320,13 @@ async def test_after_an_etcd_outage_longer_than_the_ttl_the_servers_split_the_wo
 
 async def test_a_clean_stop_hands_the_services_over_at_once(
     tmp_path: Path,
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Paused],
     fault_traefik: Traefik,
 ) -> None:
     """SIGTERM revokes the member lease: the peer probes the stopped server's services within
     a moment, not after the TTL."""
-    async with two_servers(tmp_path, private_etcd, fault_fleet[0], fault_traefik) as (
+    async with two_servers(tmp_path, fault_etcd_server, fault_fleet[0], fault_traefik) as (
         servers,
         sessions,
         ids,

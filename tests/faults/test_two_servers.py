@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from faults.conftest import Paused
+from faults.conftest import Child
 from integration.conftest import running_api
 from integration.test_resume import (
     SLOW_POLICY,
@@ -57,11 +57,11 @@ async def deploy(
 
 
 async def test_a_peer_finishes_the_deploy_of_a_killed_server(
-    tmp_path: Path, private_etcd: EtcdServer, fault_fleet: tuple[str, Paused]
+    tmp_path: Path, fault_etcd_server: EtcdServer, fault_fleet: tuple[str, Child]
 ) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = ServerProcess(tmp_path / "a", private_etcd.endpoint, fault_fleet[0])
+    a = ServerProcess(tmp_path / "a", fault_etcd_server.endpoint, fault_fleet[0])
     b = peer_of(a, tmp_path / "b")
     one, two = f"svc-{secrets.token_hex(3)}", f"svc-{secrets.token_hex(3)}"
     a.start()
@@ -117,15 +117,15 @@ async def test_a_peer_finishes_the_deploy_of_a_killed_server(
 
 async def test_the_latest_push_wins_across_servers(
     aiohttp_client,  # type: ignore[no-untyped-def]
-    private_etcd: EtcdServer,
-    fault_fleet: tuple[str, Paused],
+    fault_etcd_server: EtcdServer,
+    fault_fleet: tuple[str, Child],
 ) -> None:
     """A push queued on one server and a later one on the other: only the later deploys."""
     prefix = f"/deployster-peers-{secrets.token_hex(4)}"
     common = {"prefix": prefix, "webhook_secret": SECRET, "vulcand_prefix": f"v-{prefix[1:]}"}
     async with (
-        running_api(aiohttp_client, private_etcd.endpoint, fault_fleet[0], **common) as a,
-        running_api(aiohttp_client, private_etcd.endpoint, fault_fleet[0], **common) as b,
+        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as a,
+        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as b,
     ):
         b.service = a.service
         await set_policy(a, enabled=True, policy="all")
@@ -156,11 +156,11 @@ async def test_the_latest_push_wins_across_servers(
 
 
 async def test_a_clean_stop_hands_the_deploy_over_at_once(
-    tmp_path: Path, private_etcd: EtcdServer, fault_fleet: tuple[str, Paused]
+    tmp_path: Path, fault_etcd_server: EtcdServer, fault_fleet: tuple[str, Child]
 ) -> None:
     """SIGTERM mid-deploy revokes the lock's lease: the next start resumes the deploy without
     waiting for the lease to expire."""
-    server = ServerProcess(tmp_path, private_etcd.endpoint, fault_fleet[0])
+    server = ServerProcess(tmp_path, fault_etcd_server.endpoint, fault_fleet[0])
     service = f"svc-{secrets.token_hex(3)}"
     server.start()
     try:

@@ -45,7 +45,7 @@ POLICY = {
 
 async def test_etcd_away_while_the_worker_takes_a_queued_push(
     aiohttp_client,  # type: ignore[no-untyped-def]
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Paused],
     fault_etcd: Paused,
     monkeypatch: pytest.MonkeyPatch,
@@ -54,7 +54,7 @@ async def test_etcd_away_while_the_worker_takes_a_queued_push(
     """etcd stops answering just as the worker sends the transaction that takes the push: the
     worker retries, and the push deploys once, whether etcd applied the first try or not."""
     async with running_api(
-        aiohttp_client, private_etcd.endpoint, fault_fleet[0], webhook_secret=SECRET
+        aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], webhook_secret=SECRET
     ) as api:
         await set_policy(api, enabled=True, policy="glob:v*")
         store = api.deployster.store
@@ -87,7 +87,7 @@ async def test_etcd_away_while_the_worker_takes_a_queued_push(
 
 async def test_a_server_stalled_between_reading_a_push_and_taking_it_starts_no_second_deploy(
     aiohttp_client,  # type: ignore[no-untyped-def]
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Paused],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -96,8 +96,8 @@ async def test_a_server_stalled_between_reading_a_push_and_taking_it_starts_no_s
     prefix = f"/deployster-stall-{secrets.token_hex(4)}"
     common = {"prefix": prefix, "webhook_secret": SECRET, "vulcand_prefix": f"v-{prefix[1:]}"}
     async with (
-        running_api(aiohttp_client, private_etcd.endpoint, fault_fleet[0], **common) as a,
-        running_api(aiohttp_client, private_etcd.endpoint, fault_fleet[0], **common) as b,
+        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as a,
+        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as b,
     ):
         b.service = a.service
         await set_policy(a, enabled=True, policy="glob:v*")
@@ -136,14 +136,17 @@ async def test_a_server_stalled_between_reading_a_push_and_taking_it_starts_no_s
 
 
 async def test_a_server_killed_between_reading_a_push_and_starting_its_deploy(
-    tmp_path: Path, private_etcd: EtcdServer, fault_fleet: tuple[str, Paused], fault_etcd: Paused
+    tmp_path: Path,
+    fault_etcd_server: EtcdServer,
+    fault_fleet: tuple[str, Paused],
+    fault_etcd: Paused,
 ) -> None:
     """kill -9 of the server while its worker is taking a fresh push, with etcd frozen so that
     the worker is caught between reading the push and etcd's answer to the take; a peer started
     afterwards deploys the push exactly once."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = ServerProcess(tmp_path / "a", private_etcd.endpoint, fault_fleet[0])
+    a = ServerProcess(tmp_path / "a", fault_etcd_server.endpoint, fault_fleet[0])
     a.flags += ["--webhook-secret", SECRET]
     b = peer_of(a, tmp_path / "b")
     prefix = a.flags[a.flags.index("--etcd-prefix") + 1]
@@ -153,7 +156,7 @@ async def test_a_server_killed_between_reading_a_push_and_starting_its_deploy(
     try:
         async with (
             http(a.url) as sa,
-            etcd.client(private_etcd.endpoint) as client,
+            etcd.client(fault_etcd_server.endpoint) as client,
         ):
             store = Store(client, prefix)
             await wait_up(sa, a)
@@ -202,12 +205,12 @@ async def test_a_server_killed_between_reading_a_push_and_starting_its_deploy(
 
 async def test_garbage_in_the_queued_key_is_dropped_and_never_blocks_the_service(
     aiohttp_client,  # type: ignore[no-untyped-def]
-    private_etcd: EtcdServer,
+    fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Paused],
     log_lines: list[dict[str, object]],
 ) -> None:
     async with running_api(
-        aiohttp_client, private_etcd.endpoint, fault_fleet[0], webhook_secret=SECRET
+        aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], webhook_secret=SECRET
     ) as api:
         await set_policy(api, enabled=True, policy="glob:v*")
         store = api.deployster.store
