@@ -33,7 +33,7 @@ from deployster.webhooks import SOURCES as WEBHOOK_SOURCES
 from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
 from handlers.notify import Notifier
-from handlers.reaper import Reaper
+from handlers.reaper import FleetView, Reaper
 from handlers.tasks import TaskConfig, TaskRunner
 from handlers.webhooks import WebhookHandler
 
@@ -114,12 +114,15 @@ class Deployster:
         self.metrics.register()
         self.store = Store(etcd, settings.etcd_prefix)
         self.router = router_for(settings, etcd)
+        # fleet's units as last observed: the reaper's pass refreshes it, deploys update it.
+        self.fleet_view = FleetView()
         self.instances = InstancesHandler(
             self.bus, etcd, self.store, self.router, settings.etcd_prefix, self.metrics
         )
         self.deploys = DeployHandler(
             self.bus,
             fleet,
+            self.fleet_view,
             self.store,
             template,
             deploy_config
@@ -138,6 +141,7 @@ class Deployster:
         self.reaper = Reaper(
             self.bus,
             fleet,
+            self.fleet_view,
             self.store,
             self.router,
             settings.etcd_prefix,
@@ -182,6 +186,7 @@ class Deployster:
             store=self.store,
             instances=self.instances,
             metrics=self.metrics,
+            fleet_view=self.fleet_view,
             webhooks=self.webhooks,
             tasks=self.tasks,
             notifier=self.notifier,

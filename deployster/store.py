@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -328,7 +328,7 @@ class Store:
         prefix = self._deploy_key(service) if service else f"{self.prefix}/deploys/".encode()
         return await _read_records(self.etcd, prefix, DeploySummary)
 
-    async def delete_deploys(self, records: list[DeployRecord]) -> None:
+    async def delete_deploys(self, records: Iterable[DeployRecord | DeploySummary]) -> None:
         with _etcd_errors():
             for record in records:
                 await self.etcd.delete(self._deploy_key(record.service, record.id))

@@ -1,5 +1,8 @@
 """The reaper's decisions: which announcements are stale, which deploy records go."""
 
+import asyncio
+import time
+
 from deployster.fleet import Machine, Unit, UnitState
 from deployster.naming import UnitName
 from deployster.store import DeployRecord, DeployState
@@ -32,7 +35,11 @@ def fleet(
     state = UnitState(
         name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running"
     )
-    return FleetView.of([unit] if units else [], [state], [Machine(id=m) for m in machines])
+    view = FleetView()
+    asyncio.run(
+        view.load([unit] if units else [], [state], [Machine(id=m) for m in machines], time.time())
+    )
+    return view
 
 
 def test_a_running_instance_is_not_stale() -> None:
