@@ -2,6 +2,8 @@
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 from deployster.fleet import Machine, Unit, UnitState
 from deployster.naming import UnitName
@@ -19,7 +21,7 @@ def announced(machine: str = M1) -> Announced:
         key=f"/deployster/instances/web/{NAME.release}/1",
         raw=a.model_dump_json(),
         unit=NAME,
-        announcement=a,
+        machine=a.machine,
     )
 
 
@@ -35,9 +37,18 @@ def fleet(
     state = UnitState(
         name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running"
     )
+
+    async def pages(*items: object) -> AsyncIterator[tuple[Any, ...]]:
+        yield items
+
     view = FleetView()
     asyncio.run(
-        view.load([unit] if units else [], [state], [Machine(id=m) for m in machines], time.time())
+        view.load(
+            pages(*([unit] if units else [])),
+            pages(state),
+            [Machine(id=m) for m in machines],
+            time.time(),
+        )
     )
     return view
 
