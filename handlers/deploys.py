@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -699,12 +700,7 @@ class DeployHandler:
         self.bus.publish(
             UnitsSubmitted(service=record.service, deploy_id=record.id, units=list(units))
         )
-        try:  # the fleet view shows the new units now, not after the next full read
-            await self.view.read_through(self.fleet, units)
-        except FleetError as exc:
-            if not is_temporary(exc):
-                raise
-            log.warning("fleet_view_not_updated", reason=exc.message)
+        await self._show_in_view(units)
 
     async def _confirm_routed(
         self, record: DeployRecord, urls: tuple[str, ...], notes: tuple[reconcile.Note, ...]
@@ -723,9 +719,19 @@ class DeployHandler:
         else:
             await self._finish(record, DeployState.SUCCEEDED)
 
+    async def _show_in_view(self, units: Iterable[str]) -> None:
+        """Read these units through to fleet, so that the fleet view shows them now rather
+        than after the next full read; best effort (the next pass reads them anyway)."""
+        try:
+            await self.view.read_through(self.fleet, units)
+        except FleetError as exc:
+            log.warning("fleet_view_not_updated", reason=exc.message)
+
     async def _finish(
         self, record: DeployRecord, state: DeployState, error: str | None = None
     ) -> None:
+        # The deploy's units as they end up (a deploy taken over from a peer: submitted there).
+        await self._show_in_view(record.units)
         record.state, record.step, record.error = state, DeployStep.DONE, error
         summary = (
             f"{record.version} is live with {len(record.units)} instance(s)"
