@@ -6,12 +6,15 @@ ExecStart a real ``sleep``: every unit is a running process that localfleet supe
 reports ``active``/``running``). It writes 1,000 services' deploy records (10 each, finished,
 each about the size of a 10-instance deploy's) and one announcement per unit, pointing at one
 small health server in its own process. Then it starts Deployster in this process (the vulcand
-router layout, no router process needed) and prints:
+router layout, no router process needed), runs the server's first reconcile pass (as its loop
+does one interval after the start: it fills the fleet view and freezes the settled heap) and
+prints:
 
 - units of one service (``GET /v1/services/{name}/units``), ``GET /v1/services``;
 - one reconcile pass of the reaper, and the event loop's worst lag during it (a sampler
   task sleeping 1 ms at a time records how late it wakes);
-- ``POST /v1/services/{name}/deploys`` to 201 (one new instance; fleet's PUT included);
+- ``POST /v1/services/{name}/deploys`` to 201 (one new instance; fleet's PUT included), and
+  fleet's two PUTs of one unit alone (localfleet's share of it);
 - a start of the server (connect + ``start()``, which reads every record);
 - the process's RSS after all that;
 - and, as the reference, the 2015 server's way of answering a units request: every unit
@@ -341,6 +344,15 @@ async def one_size(count: int, runs: int) -> None:
                 ) as resp:
                     assert resp.status == 201, await resp.text()
                 posts.append(time.perf_counter() - started)
+            puts = []
+            for n in range(runs):  # what fleet itself takes of a POST: its two PUTs of a unit
+                unit = f"putonly{n}:v1:2026.01.01-00.00.00@1.service"
+                options = [UnitOption(section="Service", name="ExecStart", value="/bin/true")]
+                started = time.perf_counter()
+                await dep.fleet.create_unit(unit, options)
+                await dep.fleet.set_desired_state(unit, "launched")
+                puts.append(time.perf_counter() - started)
+                await dep.fleet.destroy_unit(unit)
             gc.collect()
             rss = rss_mib()
             print(f"units of one service (GET .../units)  {fmt(one)}")
@@ -349,6 +361,7 @@ async def one_size(count: int, runs: int) -> None:
             print(f"event loop's worst lag during a pass   {fmt(lags)}")
             print(f"  of which the longest GC collection   {fmt(gcs)}")
             print(f"POST to 201                            {fmt(posts)}")
+            print(f"  fleet's two PUTs of a unit alone     {fmt(puts)}")
             print(f"a start of the server                  {fmt(start_times)}")
             print(f"server RSS after all of the above      {rss:8.0f} MiB")
             print(f"reference: all units + states (2015)   {fmt(reference)}")

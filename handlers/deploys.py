@@ -361,7 +361,7 @@ class DeployHandler:
         )
         self.wake(record.service)
 
-    async def current_units(self, service: str, records: list[DeployRecord]) -> list[UnitName]:
+    async def _current_units(self, service: str, records: list[DeployRecord]) -> list[UnitName]:
         """The service's units as fleet has them now, in fleet's order: exact, read through
         to fleet unit by unit (``GET /units/{name}``), not by listing the whole fleet. The
         names asked for are the view's units of the service and the units of its deploys
@@ -389,7 +389,7 @@ class DeployHandler:
         fleet cannot say what runs.
         """
         policy = await self.store.get_policy(record.service)
-        current = await self.current_units(record.service, records)
+        current = await self._current_units(record.service, records)
         asked = DeployRequested(
             service=record.service,
             deploy_id=record.id,
@@ -806,7 +806,7 @@ class DeployHandler:
             log.warning("deploy_records_unavailable", reason=str(exc))
             records = []
         try:
-            current = await self.current_units(event.service, records)
+            current = await self._current_units(event.service, records)
         except FleetError as exc:
             failures["*"] = exc.message
             current = []
