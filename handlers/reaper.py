@@ -323,6 +323,9 @@ class Reaper:
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
+        if self._heap_frozen:
+            gc.unfreeze()  # what the stopped server leaves goes back to the collector
+            self._heap_frozen = False
 
     async def on_deploy_finished(self, event: DeploySucceeded | DeployFailed) -> None:
         try:
