@@ -407,7 +407,10 @@ class Reaper:
             # objects at 10,000 instances) goes into the collector's permanent generation, so
             # a full collection no longer walks it (it held the loop for about 0.4 s there).
             # Frozen objects are still freed by reference counting; only cycles among them
-            # that become garbage later stay, at most the size of the heap frozen, once.
+            # that become garbage later stay, at most the size of the heap frozen, once. The
+            # garbage of the start is collected first (one full collection, once), so that it
+            # is not frozen for good.
+            gc.collect()
             gc.freeze()
             self._heap_frozen = True
         return done
