@@ -6,12 +6,15 @@ ExecStart a real ``sleep``: every unit is a running process that localfleet supe
 reports ``active``/``running``). It writes 1,000 services' deploy records (10 each, finished,
 each about the size of a 10-instance deploy's) and one announcement per unit, pointing at one
 small health server in its own process. Then it starts Deployster in this process (the vulcand
-router layout, no router process needed) and prints:
+router layout, no router process needed), runs the server's first reconcile pass (as its loop
+does one interval after the start: it fills the fleet view and freezes the settled heap) and
+prints:
 
 - units of one service (``GET /v1/services/{name}/units``), ``GET /v1/services``;
 - one reconcile pass of the reaper, and the event loop's worst lag during it (a sampler
   task sleeping 1 ms at a time records how late it wakes);
-- ``POST /v1/services/{name}/deploys`` to 201 (one new instance; fleet's PUT included);
+- ``POST /v1/services/{name}/deploys`` to 201 (one new instance; fleet's PUT included), and
+  fleet's two PUTs of one unit alone (localfleet's share of it);
 - a start of the server (connect + ``start()``, which reads every record);
 - the process's RSS after all that;
 - and, as the reference, the 2015 server's way of answering a units request: every unit
@@ -91,7 +94,12 @@ def unit_names(count: int) -> list[UnitName]:
 def write_registry(state_dir: Path, units: list[UnitName]) -> None:
     """localfleet's database with ``units`` launched and placed, as if submitted through PUTs."""
     machines = [machine_id(os.uname().nodename, i) for i in range(MACHINES)]
-    options = (UnitOption(section="Service", name="ExecStart", value="/bin/sleep infinity"),)
+    # No start timeout: on a busy machine 10,000 processes starting at once may take longer
+    # than systemd's 90 s default, and a unit that failed is not what is measured.
+    options = (
+        UnitOption(section="Service", name="ExecStart", value="/bin/sleep infinity"),
+        UnitOption(section="Service", name="TimeoutStartSec", value="0"),
+    )
     RegistryStore(state_dir).write(
         {
             str(u): StoredUnit(
@@ -322,12 +330,15 @@ async def one_size(count: int, runs: int) -> None:
                     assert resp.status == 200, await resp.text()
                     await resp.read()
 
+            services = {service_name(s) for s in range(SERVICES)}
+            # The server's first pass (its loop runs one `interval` after the start): it fills
+            # the fleet view and freezes the settled heap; what is measured comes after it.
+            await dep.reaper.reconcile(services)
             one = await timed(runs, lambda: get(f"/v1/services/{service_name(0)}/units"))
             every = await timed(runs, lambda: get("/v1/services"))
             reference = await timed(
                 runs, lambda: asyncio.gather(dep.fleet.list_units(), dep.fleet.list_states())
             )
-            services = {service_name(s) for s in range(SERVICES)}
             passes, lags, gcs = [], [], []
             for _ in range(runs):
                 with LagSampler() as lag:
@@ -345,6 +356,16 @@ async def one_size(count: int, runs: int) -> None:
                 ) as resp:
                     assert resp.status == 201, await resp.text()
                 posts.append(time.perf_counter() - started)
+            puts = []
+            for n in range(runs):  # what fleet itself takes of a POST: its two PUTs of a unit
+                unit = f"putonly{n}:v1:2026.01.01-00.00.00@1.service"
+                options = [UnitOption(section="Service", name="ExecStart", value="/bin/true")]
+                started = time.perf_counter()
+                await dep.fleet.create_unit(unit, options)
+                await dep.fleet.set_desired_state(unit, "launched")
+                puts.append(time.perf_counter() - started)
+                await dep.fleet.destroy_unit(unit)
+            tracked, frozen = len(gc.get_objects()), gc.get_freeze_count()
             gc.collect()
             rss = rss_mib()
             print(f"units of one service (GET .../units)  {fmt(one)}")
@@ -353,8 +374,10 @@ async def one_size(count: int, runs: int) -> None:
             print(f"event loop's worst lag during a pass   {fmt(lags)}")
             print(f"  of which the longest GC collection   {fmt(gcs)}")
             print(f"POST to 201                            {fmt(posts)}")
+            print(f"  fleet's two PUTs of a unit alone     {fmt(puts)}")
             print(f"a start of the server                  {fmt(start_times)}")
             print(f"server RSS after all of the above      {rss:8.0f} MiB")
+            print(f"objects the collector walks / frozen   {tracked:8,} / {frozen:,}")
             print(f"reference: all units + states (2015)   {fmt(reference)}")
             await runner.cleanup()
             await dep.close()

@@ -290,6 +290,11 @@ class FleetClient:
     async def list_units(self) -> list[Unit]:
         return [unit async for page in self._pages("/units", UnitPage) for unit in page.units]
 
+    async def unit_pages(self) -> AsyncIterator[tuple[Unit, ...]]:
+        """Every unit, one page at a time: for a reader that keeps less than every unit."""
+        async for page in self._pages("/units", UnitPage):
+            yield page.units
+
     async def get_unit(self, name: str) -> Unit:
         return Unit.model_validate(await self._request("GET", f"/units/{name}"))
 
@@ -318,6 +323,11 @@ class FleetClient:
             async for page in self._pages("/state", UnitStatePage, params)
             for state in page.states
         ]
+
+    async def state_pages(self) -> AsyncIterator[tuple[UnitState, ...]]:
+        """Every unit state, one page at a time."""
+        async for page in self._pages("/state", UnitStatePage):
+            yield page.states
 
     async def journal(self, name: str, lines: int = 20) -> list[str] | None:
         """The last lines of a unit's journal, where the fleet offers them (localfleet's

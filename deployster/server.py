@@ -35,7 +35,7 @@ from handlers.deploys import DeployConfig, DeployHandler
 from handlers.instances import InstancesHandler
 from handlers.notify import Notifier
 from handlers.owners import MEMBER_TTL, Owners
-from handlers.reaper import Reaper
+from handlers.reaper import FleetView, Reaper
 from handlers.tasks import TaskConfig, TaskRunner
 from handlers.webhooks import WebhookHandler
 
@@ -119,6 +119,8 @@ class Deployster:
         # Servers sharing etcd split the services: each is probed and reaped by one of them.
         self.membership = Membership(etcd, settings.etcd_prefix, ttl=MEMBER_TTL)
         self.owners = Owners(self.membership, etcd, self.store.locks.base)
+        # fleet's units as last observed: the reaper's pass refreshes it, deploys update it.
+        self.fleet_view = FleetView()
         self.instances = InstancesHandler(
             self.bus,
             etcd=etcd,
@@ -132,6 +134,7 @@ class Deployster:
         self.deploys = DeployHandler(
             self.bus,
             fleet=fleet,
+            view=self.fleet_view,
             store=self.store,
             template=template,
             config=deploy_config
@@ -150,6 +153,7 @@ class Deployster:
         self.reaper = Reaper(
             self.bus,
             fleet=fleet,
+            view=self.fleet_view,
             store=self.store,
             router=self.router,
             prefix=settings.etcd_prefix,
@@ -195,6 +199,7 @@ class Deployster:
             store=self.store,
             instances=self.instances,
             metrics=self.metrics,
+            fleet_view=self.fleet_view,
             webhooks=self.webhooks,
             tasks=self.tasks,
             notifier=self.notifier,

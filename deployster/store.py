@@ -14,7 +14,7 @@ every listing down with it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -190,7 +190,7 @@ class Store:
         prefix = keys.deploys_prefix(self.prefix, service or None).encode()
         return await _read_records(self.etcd, prefix, DeploySummary)
 
-    async def delete_deploys(self, records: list[DeployRecord]) -> None:
+    async def delete_deploys(self, records: Iterable[DeployRecord | DeploySummary]) -> None:
         with _etcd_errors():
             for record in records:
                 await self.etcd.delete(

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,7 +65,7 @@ from deployster.events import (
     UnitsDestroyed,
     UnitsSubmitted,
 )
-from deployster.fleet import FleetClient, FleetConflictError, FleetError, FleetNotFoundError, Unit
+from deployster.fleet import FleetClient, FleetConflictError, FleetError, FleetNotFoundError
 from deployster.keys import announce_key
 from deployster.naming import UnitName
 from deployster.policy import ServicePolicy
@@ -81,6 +82,7 @@ from deployster.units import (
     image_name,
     render_unit,
 )
+from handlers.reaper import FleetView
 from handlers.reconcile import (
     ConfirmRouted,
     Destroy,
@@ -114,6 +116,9 @@ TOO_MANY_INSTANCES = (
 )
 RETRY_INITIAL, RETRY_MAX = 0.2, 5.0  # backoff of a step that met an unreachable etcd or fleet
 RESYNC = LOCK_TTL / 3  # seconds between looks for deploys nobody drives (a dead peer's)
+# Seconds by which servers' clocks may disagree: a deploy record written this long before the
+# fleet view's last full read may still have created units that read missed.
+CLOCK_SKEW = 60.0
 
 
 @dataclass(frozen=True)
@@ -156,16 +161,6 @@ class LockHeldError(DeployRejectedError):
 
 class LockLostError(Exception):
     """This server no longer holds the lock of the deploy it drives: it must stop touching it."""
-
-
-async def service_units(fleet: FleetClient, service: str) -> list[tuple[UnitName, Unit]]:
-    """Every managed unit of ``service``, in fleet's order, whatever its state."""
-    found = []
-    for unit in await fleet.list_units():
-        name = UnitName.parse(unit.name)
-        if name is not None and name.service == service:
-            found.append((name, unit))
-    return found
 
 
 def plan(
@@ -224,6 +219,7 @@ class DeployHandler:
         bus: EventBus,
         *,
         fleet: FleetClient,
+        view: FleetView,
         store: Store,
         template: UnitTemplate,
         config: DeployConfig,
@@ -232,6 +228,7 @@ class DeployHandler:
     ) -> None:
         self.bus = bus
         self.fleet = fleet
+        self.view = view
         self.store = store
         self.template = template
         self.config = config
@@ -323,12 +320,13 @@ class DeployHandler:
             await self._refuse(event, record, taken)
             return
         try:
-            running = await self._running(record)
+            records = await self.store.list_deploys(record.service)
+            running = self._running(record, records)
             if running is not None:
                 await self._unlock(record)
                 await self._refuse(event, record, running)
                 return
-            record = await self.store.save_deploy(await self._plan(record))
+            record = await self.store.save_deploy(await self._plan(record, records))
         except DeployRejectedError as exc:
             await self._unlock(record)
             self._reject(event, exc)
@@ -347,11 +345,12 @@ class DeployHandler:
             return
         self.wake(record.service)
 
-    async def _running(self, record: DeployRecord) -> LockHolder | None:
+    @staticmethod
+    def _running(record: DeployRecord, records: list[DeployRecord]) -> LockHolder | None:
         """The service's unfinished deploy that is past its queue, if any: its lock may be
         free for a moment (its lease expired while etcd was away, and its worker has not
         taken it again yet), but it still runs, and a second deploy must not start beside it."""
-        for other in await self.store.list_deploys(record.service):
+        for other in records:
             if (
                 other.id != record.id
                 and not other.state.finished
@@ -395,17 +394,35 @@ class DeployHandler:
         )
         self.wake(record.service)
 
-    async def _plan(self, record: DeployRecord) -> DeployRecord:
+    async def _current_units(self, service: str, records: list[DeployRecord]) -> list[UnitName]:
+        """The service's units as fleet has them now, in fleet's order: exact, read through
+        to fleet unit by unit (``GET /units/{name}``), not by listing the whole fleet. The
+        names asked for are the view's units of the service and the units of its deploys
+        (``records``, any server's) that were unfinished or changed since the view's last full
+        read; a view never filled does a full read first. A unit someone created by hand since
+        the last full read is not seen. FleetError when fleet does not answer."""
+        await self.view.ensure(self.fleet)
+        since = (self.view.observed_at or 0.0) - CLOCK_SKEW
+        names = [str(name) for name, _ in self.view.units_of(service)]
+        for record in records:
+            if not record.state.finished or record.updated_at.timestamp() >= since:
+                names += record.units
+        found = await self.view.read_through(self.fleet, names)
+        return [
+            n for n in map(UnitName.parse, sorted(found)) if n is not None and n.service == service
+        ]
+
+    async def _plan(self, record: DeployRecord, records: list[DeployRecord]) -> DeployRecord:
         """Fill in the policy, the instance count, the units and the units they replace; the
         caller holds the service's lock, so what runs cannot change meanwhile.
 
         ``record.instance_count`` and ``destroy_previous`` are what was asked for; the
-        returned record has what will be done, at step ``submitting``. Raises
-        DeployRejectedError for the original's 400s, FleetError when fleet cannot say what
-        runs.
+        returned record has what will be done, at step ``submitting``. ``records`` are the
+        service's deploys. Raises DeployRejectedError for the original's 400s, FleetError when
+        fleet cannot say what runs.
         """
         policy = await self.store.get_policy(record.service)
-        current = await service_units(self.fleet, record.service)
+        current = await self._current_units(record.service, records)
         asked = DeployRequested(
             service=record.service,
             deploy_id=record.id,
@@ -414,7 +431,7 @@ class DeployHandler:
             instance_count=record.instance_count,
             destroy_previous=record.destroy_previous,
         )
-        count, destroy_previous = plan(asked, [n for n, _ in current], policy.instance_count)
+        count, destroy_previous = plan(asked, current, policy.instance_count)
         record = record.model_copy(
             update={
                 "policy": policy,
@@ -425,7 +442,7 @@ class DeployHandler:
                     str(UnitName.build(record.service, record.version, record.timestamp, n))
                     for n in range(1, count + 1)
                 ],
-                "previous_units": [str(name) for name, _ in current] if destroy_previous else [],
+                "previous_units": [str(name) for name in current] if destroy_previous else [],
             }
         )
         replacing = (
@@ -612,7 +629,9 @@ class DeployHandler:
         units: frozenset[str] = frozenset()
         failed: dict[str, str] = {}
         if record.step in (DeployStep.SWITCHING, DeployStep.ROLLING_BACK):
-            units = frozenset(str(n) for n, _ in await service_units(self.fleet, record.service))
+            # Exact: `succeeded` and `rolled_back` need fleet to confirm these units gone.
+            doomed = record.previous_units if record.step is DeployStep.SWITCHING else record.units
+            units = frozenset(await self.view.read_through(self.fleet, doomed))
         if record.step is DeployStep.WAITING:
             failed = await self._failed_units(record)
         instances = {}
@@ -624,13 +643,14 @@ class DeployHandler:
         return Observed(now=now, fleet_units=units, failed=failed, instances=instances)
 
     async def _failed_units(self, record: DeployRecord) -> dict[str, str]:
-        """The deploy's units that systemd reports failed, read from fleet at most every
-        ``poll_interval``; while fleet does not answer, none is taken for failed."""
+        """The deploy's units that systemd reports failed, read from fleet (their states, unit
+        by unit) at most every ``poll_interval``; while fleet does not answer, none is taken
+        for failed."""
         read_at, failed = self._failed_read.get(record.id, (0.0, {}))
         if time.monotonic() - read_at < self.config.poll_interval:
             return failed
         try:
-            states = await self.fleet.list_states()
+            states = await self.view.read_states(self.fleet, record.units)
         except FleetError as exc:
             if not is_temporary(exc):
                 raise
@@ -640,7 +660,7 @@ class DeployHandler:
         failed = {
             s.name: failed.get(s.name) or await self.fleet.describe_failure(s)
             for s in states
-            if s.name in record.units and s.active_state == "failed"
+            if s.active_state == "failed"
         }
         self._failed_read[record.id] = (time.monotonic(), failed)
         return failed
@@ -716,7 +736,8 @@ class DeployHandler:
         """A queued deploy's turn: take the lock, plan (the service changed while it waited)."""
         if isinstance(await self._take_lock(record), LockHolder):
             return  # another deploy took it first: still queued
-        await self.store.save_deploy(await self._plan(record))
+        records = await self.store.list_deploys(record.service)
+        await self.store.save_deploy(await self._plan(record, records))
 
     async def _submit(self, record: DeployRecord, units: tuple[str, ...]) -> None:
         await self._check_owned(record)
@@ -748,6 +769,7 @@ class DeployHandler:
         self.bus.publish(
             UnitsSubmitted(service=record.service, deploy_id=record.id, units=list(units))
         )
+        await self._show_in_view(units)
 
     async def _confirm_routed(
         self, record: DeployRecord, urls: tuple[str, ...], notes: tuple[Note, ...]
@@ -766,9 +788,19 @@ class DeployHandler:
         else:
             await self._finish(record, DeployState.SUCCEEDED)
 
+    async def _show_in_view(self, units: Iterable[str]) -> None:
+        """Read these units through to fleet, so that the fleet view shows them now rather
+        than after the next full read; best effort (the next pass reads them anyway)."""
+        try:
+            await self.view.read_through(self.fleet, units)
+        except FleetError as exc:
+            log.warning("fleet_view_not_updated", reason=exc.message)
+
     async def _finish(
         self, record: DeployRecord, state: DeployState, error: str | None = None
     ) -> None:
+        # The deploy's units as they end up (a deploy taken over from a peer: submitted there).
+        await self._show_in_view(record.units)
         record.state, record.step, record.error = state, DeployStep.DONE, error
         summary = (
             f"{record.version} is live with {len(record.units)} instance(s)"
@@ -827,8 +859,9 @@ class DeployHandler:
         for unit in units:
             try:
                 await self.fleet.destroy_unit(unit)
+                self.view.forget([unit])
             except FleetNotFoundError:
-                pass  # already gone: the goal is reached
+                self.view.forget([unit])  # already gone: the goal is reached
             except FleetError as exc:
                 log.warning("unit_destroy_failed", unit=unit, reason=exc.message)
                 first = first or exc
@@ -847,13 +880,21 @@ class DeployHandler:
         destroyed: list[str] = []
         failures: dict[str, str] = {}
         try:
-            current = await service_units(self.fleet, event.service)
+            records = await self.store.list_deploys(event.service)
+        except Exception as exc:
+            if not is_temporary(exc):
+                raise
+            # The fleet view's units of the service are still read through.
+            log.warning("deploy_records_unavailable", reason=str(exc))
+            records = []
+        try:
+            current = await self._current_units(event.service, records)
         except FleetError as exc:
             failures["*"] = exc.message
             current = []
         matching = [
             str(n)
-            for n, _ in current
+            for n in current
             if n.version == event.version
             and (not event.timestamp or n.timestamp == event.timestamp)
         ]

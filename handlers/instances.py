@@ -62,9 +62,10 @@ from handlers.reconcile import InstanceView
 log = structlog.get_logger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Instance:
-    """What is known of one announced instance right now."""
+    """What is known of one announced instance right now (slots: one per instance, 10,000 in a
+    big fleet)."""
 
     unit: UnitName
     url: str

@@ -2,8 +2,10 @@
 
 Events can be missed: a machine dies without running its units' ``ExecStopPost`` (the
 announcement stays), a server crashed between registering a server and recording it. So
-every ``interval`` seconds one pass reads fleet's state (units, unit states, machines) and the
-announcements as they are, and:
+every ``interval`` seconds one pass refreshes the server's observed view of fleet
+(:class:`FleetView`: units, unit states, machines, read in full once per pass; requests read
+it per service), reads the announcements and the router's servers of every service (one paged
+read each), and:
 
 - removes an announcement whose unit is gone from fleet, whose machine left the cluster, whose
   unit fleet moved to another machine, or whose unit systemd reports ``failed``/``inactive``
@@ -15,7 +17,9 @@ With several servers, each reconciles only the services it owns (``owns``: the o
 policy of ``handlers/owners.py``), so every service is reaped by one server.
 
 A finding is acted on only when two passes in a row agree, so a unit caught between two
-states is left alone. A pass that cannot read fleet or etcd changes nothing.
+states is left alone. A pass that cannot read fleet or etcd changes nothing. After the first
+full pass the server's settled heap is frozen out of the cyclic garbage collector's reach
+(``gc.freeze``).
 
 It also keeps the deploy history short: after each deploy of a service, and on every pass,
 only the ``keep`` newest finished deploys are kept, and always the live release and the one a
@@ -25,9 +29,10 @@ rollback would return to; unfinished deploys are never touched.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+import gc
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from typing import NamedTuple, TypeVar
 
 import structlog
 
@@ -35,10 +40,10 @@ from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
 from deployster.errors import is_temporary
 from deployster.events import DeployFailed, DeploySucceeded
-from deployster.fleet import FleetClient, Machine, Unit, UnitState
+from deployster.fleet import FleetClient, FleetNotFoundError, Machine, Unit, UnitState
 from deployster.keys import parse_announce_key
 from deployster.naming import UnitName
-from deployster.records import DeployRecord
+from deployster.records import DeployRecord, DeploySummary
 from deployster.releases import live_release, rollback_target
 from deployster.routers import Router
 from deployster.store import Store
@@ -49,56 +54,239 @@ log = structlog.get_logger(__name__)
 
 # Items a pass handles between two yields to the event loop: a few milliseconds of work.
 YIELD_EVERY = 500
+# Requests to fleet in flight at once when the view reads single units.
+READ_THROUGH_CONCURRENCY = 8
 
 
-@dataclass(frozen=True)
-class Announced:
-    """One announcement as etcd holds it now."""
+class Announced(NamedTuple):
+    """One announcement as etcd holds it now (what a pass needs of it: few objects each)."""
 
     key: str
     raw: str
     unit: UnitName
-    announcement: Announcement
+    machine: str  # the machine the instance announced itself on
 
 
-@dataclass(frozen=True)
-class FleetView:
-    """fleet's units, unit states and machines as one pass read them, indexed so that each
-    announcement is checked by lookups, not by scanning every state."""
+class ObservedState(NamedTuple):
+    """What systemd reports of a unit on one machine, as fleet last showed it."""
 
-    units: Mapping[str, Unit]
-    states: Mapping[tuple[str, str], UnitState]  # by (unit name, machine id)
-    machine_ids: AbstractSet[str]  # full ids and fleet's 8-character short ids
+    machine_id: str
+    load_state: str
+    active_state: str
+    sub_state: str
+
+
+class ObservedUnit(NamedTuple):
+    """One managed unit as fleet last showed it: its job states, its machine and systemd's
+    states of it (not its options: the view keeps what readers need, small and untracked by
+    the cyclic garbage collector)."""
+
+    name: str
+    desired_state: str
+    current_state: str
+    machine_id: str
+    states: tuple[ObservedState, ...] = ()
 
     @classmethod
-    def of(
-        cls, units: Iterable[Unit], states: Iterable[UnitState], machines: Iterable[Machine]
-    ) -> FleetView:
-        return cls(
-            units={u.name: u for u in units},
-            states={(s.name, s.machine_id): s for s in states},
-            machine_ids={i for m in machines for i in (m.id, m.short_id())},
-        )
+    def of(cls, unit: Unit, states: tuple[ObservedState, ...] = ()) -> ObservedUnit:
+        return cls(unit.name, unit.desired_state, unit.current_state, unit.machine_id, states)
+
+
+def _observed_state(state: UnitState) -> ObservedState:
+    return ObservedState(state.machine_id, state.load_state, state.active_state, state.sub_state)
+
+
+class FleetView:
+    """The server's one observed view of fleet: every managed unit with its states, by
+    service, and the machines; what requests read instead of listing the whole fleet.
+
+    A full read (:meth:`refresh`: every unit, unit state and machine, page by page) replaces
+    it; the reaper's pass does one, and the first reader of a view never filled waits for one.
+    ``observed_at`` is when the last full read began (epoch seconds): the view is at least that
+    fresh. Between full reads, Deployster's own changes and its reads of single units
+    (:meth:`read_through`, :meth:`read_states`, :meth:`forget`) update it at once, and a full
+    read that was under way meanwhile keeps them. Units created by hand (``fleetctl``) since
+    the last full read are not in it.
+    """
+
+    def __init__(self) -> None:
+        self._services: dict[str, dict[str, ObservedUnit]] = {}
+        self.machine_ids: frozenset[str] = frozenset()  # full ids and 8-character short ids
+        self.observed_at: float | None = None
+        # Changes made while a full read runs, replayed onto its result: (service, name, unit
+        # or None for gone).
+        self._changes: list[tuple[str, str, ObservedUnit | None]] | None = None
+        self._reading: asyncio.Future[None] | None = None
+
+    # -- reading -------------------------------------------------------------------------
+
+    def units_of(self, service: str) -> list[tuple[UnitName, ObservedUnit]]:
+        """The service's units in fleet's order (by name)."""
+        found = []
+        for name, unit in sorted(self._services.get(service, {}).items()):
+            parsed = UnitName.parse(name)
+            if parsed is not None:
+                found.append((parsed, unit))
+        return found
+
+    def unit(self, name: UnitName) -> ObservedUnit | None:
+        return self._services.get(name.service, {}).get(str(name))
+
+    def age(self) -> float | None:
+        """Seconds since the last full read began; None before the first one."""
+        return None if self.observed_at is None else max(0.0, time.time() - self.observed_at)
+
+    # -- full reads ----------------------------------------------------------------------
+
+    async def load(
+        self,
+        unit_pages: AsyncIterable[Sequence[Unit]],
+        state_pages: AsyncIterable[Sequence[UnitState]],
+        machines: Iterable[Machine],
+        observed_at: float,
+    ) -> None:
+        """Replace the view with a full listing read from ``observed_at`` on. Pages are read
+        side by side and each is boiled down before the next, so the fleet's full shapes (unit
+        options) never pile up in memory."""
+
+        async def read_units() -> list[tuple[str, ObservedUnit]]:
+            found = []
+            async for page in unit_pages:
+                for unit in page:
+                    parsed = UnitName.parse(unit.name)
+                    if parsed is not None:
+                        found.append((parsed.service, ObservedUnit.of(unit)))
+            return found
+
+        async def read_states() -> dict[str, list[ObservedState]]:
+            found: dict[str, list[ObservedState]] = {}
+            async for page in state_pages:
+                for state in page:
+                    found.setdefault(state.name, []).append(_observed_state(state))
+            return found
+
+        units, states = await asyncio.gather(read_units(), read_states())
+        services: dict[str, dict[str, ObservedUnit]] = {}
+        for n, (service, unit) in enumerate(units, 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            found = tuple(states.get(unit.name, ()))
+            services.setdefault(service, {})[unit.name] = unit._replace(states=found)
+        for service, name, changed in self._changes or ():
+            if changed is None:
+                services.get(service, {}).pop(name, None)
+            else:
+                services.setdefault(service, {})[name] = changed
+        self._services = services
+        self.machine_ids = frozenset(i for m in machines for i in (m.id, m.short_id()))
+        self.observed_at = observed_at
+
+    async def refresh(self, fleet: FleetClient) -> None:
+        """One full read of fleet; a caller that comes while one runs waits for that one.
+        FleetError when fleet does not answer (the view stays as it was)."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read(fleet))
+        reading = self._reading
+        try:
+            await asyncio.shield(reading)
+        finally:
+            if reading.done() and self._reading is reading:
+                self._reading = None
+
+    async def ensure(self, fleet: FleetClient) -> None:
+        """A full read, unless the view had one already."""
+        if self.observed_at is None:
+            await self.refresh(fleet)
+
+    async def _read(self, fleet: FleetClient) -> None:
+        started = time.time()
+        self._changes = []
+        try:
+            machines = await fleet.list_machines()
+            await self.load(fleet.unit_pages(), fleet.state_pages(), machines, started)
+        finally:
+            self._changes = None
+
+    # -- single units --------------------------------------------------------------------
+
+    def _set(self, name: str, unit: ObservedUnit | None) -> None:
+        parsed = UnitName.parse(name)
+        if parsed is None:
+            return
+        if self._changes is not None:
+            self._changes.append((parsed.service, name, unit))
+        if unit is None:
+            self._services.get(parsed.service, {}).pop(name, None)
+        else:
+            self._services.setdefault(parsed.service, {})[name] = unit
+
+    def forget(self, names: Iterable[str]) -> None:
+        """These units are gone (Deployster destroyed them, or fleet said 404)."""
+        for name in names:
+            self._set(name, None)
+
+    async def read_through(self, fleet: FleetClient, names: Iterable[str]) -> set[str]:
+        """Ask fleet for each of these units (``GET /units/{name}``, a few at a time), update
+        the view with the answers and return the names that exist: exact for these names,
+        without listing the fleet. FleetError when fleet does not answer."""
+
+        async def one(name: str) -> None:
+            async with limit:
+                try:
+                    unit = await fleet.get_unit(name)
+                except FleetNotFoundError:
+                    self._set(name, None)
+                    return
+            parsed = UnitName.parse(name)
+            known = self.unit(parsed) if parsed is not None else None
+            self._set(name, ObservedUnit.of(unit, known.states if known else ()))
+            found.add(name)
+
+        limit = asyncio.Semaphore(READ_THROUGH_CONCURRENCY)
+        found: set[str] = set()
+        await asyncio.gather(*(one(n) for n in dict.fromkeys(names)))
+        return found
+
+    async def read_states(self, fleet: FleetClient, names: Iterable[str]) -> list[UnitState]:
+        """Ask fleet for the states of each of these units (``GET /state?unitName=``), update
+        the view's states of the units it holds and return them. FleetError when fleet does
+        not answer."""
+
+        async def one(name: str) -> list[UnitState]:
+            async with limit:
+                states = await fleet.list_states(unit_name=name)
+            parsed = UnitName.parse(name)
+            known = self.unit(parsed) if parsed is not None else None
+            if known is not None:
+                self._set(name, known._replace(states=tuple(map(_observed_state, states))))
+            return states
+
+        limit = asyncio.Semaphore(READ_THROUGH_CONCURRENCY)
+        answers = await asyncio.gather(*(one(n) for n in dict.fromkeys(names)))
+        return [state for states in answers for state in states]
 
 
 def stale_reason(found: Announced, fleet: FleetView) -> str | None:
     """Why this announcement no longer stands for a running instance, or None if it does."""
     name = str(found.unit)
-    machine = found.announcement.machine
-    unit = fleet.units.get(name)
+    machine = found.machine
+    unit = fleet.unit(found.unit)
     if unit is None:
         return f"unit {name} is gone from fleet"
     if machine not in fleet.machine_ids:
         return f"machine {machine} left the cluster"
     if unit.machine_id and unit.machine_id[:8] != machine[:8]:  # fleet's short ids match too
         return f"fleet moved unit {name} to machine {unit.machine_id}"
-    state = fleet.states.get((name, machine))
+    state = next((s for s in unit.states if s.machine_id == machine), None)
     if state is not None and state.active_state in ("failed", "inactive"):
         return f"unit {name} is {state.active_state} on machine {machine}"
     return None
 
 
-def prunable(records: list[DeployRecord], keep: int) -> list[DeployRecord]:
+_R = TypeVar("_R", DeployRecord, DeploySummary)
+
+
+def prunable(records: Sequence[_R], keep: int) -> list[_R]:
     """The records of one service to delete: finished ones beyond the ``keep`` newest, never
     the live release or the rollback target. ``records`` are oldest first."""
     spared = {r.id for r in (live_release(records), rollback_target(records)) if r is not None}
@@ -112,6 +300,7 @@ class Reaper:
         bus: EventBus,
         *,
         fleet: FleetClient,
+        view: FleetView,
         store: Store,
         router: Router,
         prefix: str,
@@ -121,6 +310,7 @@ class Reaper:
     ) -> None:
         self.bus = bus
         self.fleet = fleet
+        self.view = view
         self.store = store
         self.router = router
         self.prefix = prefix
@@ -129,6 +319,7 @@ class Reaper:
         self.owns = owns  # which services this server reaps (by default, every one)
         # What the previous pass found: acted on when this pass finds it again.
         self._suspects: set[str] = set()
+        self._heap_frozen = False  # gc.freeze() after the first full pass
         self._task: asyncio.Task[None] | None = None
 
     def register(self) -> None:
@@ -140,6 +331,9 @@ class Reaper:
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
+        if self._heap_frozen:
+            gc.unfreeze()  # what the stopped server leaves goes back to the collector
+            self._heap_frozen = False
 
     async def on_deploy_finished(self, event: DeploySucceeded | DeployFailed) -> None:
         try:
@@ -153,7 +347,8 @@ class Reaper:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                records = [r for r in await self.store.list_deploys() if self.owns(r.service)]
+                # Summaries: a pass decodes no record's events, environment or policy.
+                records = [r for r in await self.store.deploy_summaries() if self.owns(r.service)]
                 await self.reconcile({r.service for r in records})
                 await self._prune(records)
             except Exception as exc:
@@ -165,10 +360,10 @@ class Reaper:
 
     async def prune(self, service: str) -> int:
         """Delete the service's old deploy records; returns how many."""
-        return await self._prune(await self.store.list_deploys(service))
+        return await self._prune(await self.store.deploy_summaries(service))
 
-    async def _prune(self, records: list[DeployRecord]) -> int:
-        by_service: dict[str, list[DeployRecord]] = {}
+    async def _prune(self, records: list[DeploySummary]) -> int:
+        by_service: dict[str, list[DeploySummary]] = {}
         for record in records:
             by_service.setdefault(record.service, []).append(record)
         doomed = [r for records in by_service.values() for r in prunable(records, self.keep)]
@@ -183,24 +378,21 @@ class Reaper:
         """One pass over the announcements and over the router servers of ``services`` (and of
         every announced service), those this server owns; returns what it did, one sentence
         each."""
-        fleet = FleetView.of(
-            await self.fleet.list_units(),
-            await self.fleet.list_states(),
-            await self.fleet.list_machines(),
-        )
+        await self.view.refresh(self.fleet)
         announced = [a for a in await self._announced() if self.owns(a.unit.service)]
         services = {s for s in services if self.owns(s)}
         stale = {}
         for n, found in enumerate(announced, 1):
-            reason = stale_reason(found, fleet)
+            reason = stale_reason(found, self.view)
             if reason is not None:
                 stale[f"announcement:{found.key}:{found.raw}"] = (found, reason)
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # let requests in: a pass never holds the loop for long
         backed = {(a.unit.service, a.unit.container) for a in announced}
+        registered = await self.router.all_servers()
         orphans = {}
         for service in sorted(services | {a.unit.service for a in announced}):
-            for server_id in await self.router.servers(service):
+            for server_id in registered.get(service, {}):
                 if (service, server_id) not in backed:
                     orphans[f"server:{service}:{server_id}"] = (service, server_id)
         done = []
@@ -219,6 +411,18 @@ class Reaper:
             log.warning("reconciled", action=action)
         # Acted on now, or seen for the first time: the next pass confirms the latter.
         self._suspects = (stale.keys() | orphans.keys()) - self._suspects
+        if not self._heap_frozen:
+            # The server has settled: it has read its records, fleet and every announcement,
+            # and runs a prober per instance. That long-lived heap (hundreds of thousands of
+            # objects at 10,000 instances) goes into the collector's permanent generation, so
+            # a full collection no longer walks it (it held the loop for about 0.4 s there).
+            # Frozen objects are still freed by reference counting; only cycles among them
+            # that become garbage later stay, at most the size of the heap frozen, once. The
+            # garbage of the start is collected first (one full collection, once), so that it
+            # is not frozen for good.
+            gc.collect()
+            gc.freeze()
+            self._heap_frozen = True
         return done
 
     async def _announced(self) -> list[Announced]:
@@ -233,5 +437,5 @@ class Reaper:
                 announcement = Announcement.model_validate_json(raw)
             except ValueError:
                 continue
-            found.append(Announced(key=key, raw=raw, unit=unit, announcement=announcement))
+            found.append(Announced(key, raw, unit, announcement.machine))
         return found

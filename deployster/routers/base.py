@@ -64,6 +64,10 @@ class Router(Protocol):
     async def servers(self, service: str) -> dict[str, str]:
         """Server id to URL, as the router's keys say now."""
 
+    async def all_servers(self) -> dict[str, dict[str, str]]:
+        """``servers`` of every service at once, by service: one paged read of the router's
+        keys, for a pass over all services (a service without servers may be left out)."""
+
     async def wait_applied(
         self,
         service: str,

@@ -44,6 +44,7 @@ import aiohttp
 import structlog
 from aetcd.utils import prefix_range_end
 
+from deployster.etcd import range_pages
 from deployster.routers.base import (
     RouterError,
     RouterRefusedError,
@@ -251,6 +252,34 @@ class TraefikRouter:
                 urls[int(index)] = kv.value.decode()
         ids = {int(kv.value): kv.key.decode()[len(mprefix) :] for kv in mapped}
         return {ids.get(n, f"#{n}"): url for n, url in sorted(urls.items())}
+
+    async def all_servers(self) -> dict[str, dict[str, str]]:
+        """``servers`` of every service: one paged read of the services' keys and one of the
+        bookkeeping."""
+        services_prefix = f"{self.root_key}/http/services/"
+        bookkeeping = f"{self.bookkeeping}/"
+        urls: dict[str, dict[int, str]] = {}
+        ids: dict[str, dict[int, str]] = {}
+        try:
+            async for page in range_pages(self.etcd, services_prefix.encode()):
+                for key, value in page:
+                    service, _, rest = key.decode()[len(services_prefix) :].partition(
+                        "/loadbalancer/servers/"
+                    )
+                    index, _, field = rest.partition("/")
+                    if field == "url" and index.isascii() and index.isdigit():
+                        urls.setdefault(service, {})[int(index)] = value.decode()
+            async for page in range_pages(self.etcd, bookkeeping.encode()):
+                for key, value in page:
+                    service, _, server_id = key.decode()[len(bookkeeping) :].partition("/servers/")
+                    if server_id and "/" not in service and value.isdigit():
+                        ids.setdefault(service, {})[int(value)] = server_id
+        except Exception as error:
+            raise failure("Could not read Traefik's servers", error) from error
+        return {
+            service: {ids.get(service, {}).get(n, f"#{n}"): url for n, url in sorted(found.items())}
+            for service, found in urls.items()
+        }
 
     async def served_urls(self, service: str, session: aiohttp.ClientSession) -> set[str] | None:
         """URLs Traefik serves for ``service`` now; None if its API did not answer."""

@@ -38,6 +38,7 @@ from typing import Any
 import aetcd
 import structlog
 
+from deployster.etcd import range_pages
 from deployster.routers.base import (
     RouterRefusedError,
     RouterTimeoutError,
@@ -201,6 +202,26 @@ class VulcandRouter:
                 found[server_id] = json.loads(kv.value)["URL"]
             except (ValueError, KeyError, TypeError):
                 log.warning("router_server_invalid", router="vulcand", key=kv.key.decode())
+        return found
+
+    async def all_servers(self) -> dict[str, dict[str, str]]:
+        prefix = f"{self.prefix}/backends/"
+        suffix = f"{ID_TERMINATOR}be"
+        found: dict[str, dict[str, str]] = {}
+        try:
+            async for page in range_pages(self.etcd, prefix.encode()):
+                for key, value in page:
+                    backend, _, server_id = key.decode()[len(prefix) :].partition("/servers/")
+                    if not (server_id and backend.endswith(suffix)) or "/" in server_id:
+                        continue  # a backend's own key, or one vulcand's layout does not have
+                    try:
+                        url = json.loads(value)["URL"]
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("router_server_invalid", router="vulcand", key=key.decode())
+                        continue
+                    found.setdefault(backend[: -len(suffix)], {})[server_id] = url
+        except Exception as error:
+            raise failure("Could not read vulcand's servers", error) from error
         return found
 
     async def wait_applied(

@@ -13,6 +13,7 @@ from deployster.metrics import Metrics
 from deployster.store import Store
 from handlers.instances import InstancesHandler
 from handlers.notify import Notifier
+from handlers.reaper import FleetView
 from handlers.tasks import TaskRunner
 from handlers.webhooks import WebhookHandler
 
@@ -24,6 +25,7 @@ class Services:
     store: Store
     instances: InstancesHandler  # the live view of announced instances, read-only here
     metrics: Metrics
+    fleet_view: FleetView  # fleet's units as last observed, read per service
     # How long the deploy POST waits for fleet to accept the units before answering 202.
     submit_timeout: float = 60.0
     webhooks: WebhookHandler | None = None  # push decisions and the webhook secrets

@@ -6,7 +6,8 @@ were launched), or with the planner's 400, or a 502 naming fleet; a deploy that 
 for the service's lock answers 202 once queued. ``GET .../deploys/{id}/events`` streams the
 deploy's progress as Server-Sent Events: every event so far, then each new one, until the
 deploy ends (a client that reconnects with ``Last-Event-ID`` gets only what it missed). The
-rest read records or fleet's units, or publish ``DestroyRequested``.
+rest read records or the server's observed view of fleet's units, or publish
+``DestroyRequested``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+from datetime import UTC, datetime
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
@@ -39,7 +41,6 @@ from deployster.web.context import CLOSING, services
 from deployster.web.errors import ApiError
 from deployster.web.inputs import checked, read_json, record_id, service_name, unit_fields
 from deployster.web.limits import MAX_EVENT_ID, bounded_env
-from handlers.deploys import service_units
 
 routes = web.RouteTableDef()
 
@@ -288,8 +289,15 @@ async def destroy_version(request: web.Request) -> web.Response:
 
 @routes.get("/v1/services/{name}/units")
 async def list_units(request: web.Request) -> web.Response:
+    """The service's units from the server's observed view of fleet (refreshed by every
+    reconcile pass and by each change Deployster makes), not a listing of the whole fleet;
+    ``observed_at`` and ``age`` say how fresh it is. While fleet does not answer, the view
+    answers as it was; only a server that never read fleet answers 502."""
+    ctx = services(request)
     service = service_name(request)
-    units = await service_units(services(request).fleet, service)
+    await ctx.fleet_view.ensure(ctx.fleet)
+    observed_at, age = ctx.fleet_view.observed_at, ctx.fleet_view.age()
+    assert observed_at is not None and age is not None  # ensure read fleet once
     return web.json_response(
         {
             "units": [
@@ -302,7 +310,11 @@ async def list_units(request: web.Request) -> web.Response:
                     "machine_id": unit.machine_id,
                     "deploy_timestamp": name.timestamp,
                 }
-                for name, unit in units
-            ]
+                for name, unit in ctx.fleet_view.units_of(service)
+            ],
+            "observed_at": datetime.fromtimestamp(observed_at, UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
+            "age": round(age, 3),
         }
     )

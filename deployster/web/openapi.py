@@ -7,10 +7,11 @@ app's routes by a test, and a schemathesis run holds the server to it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from deployster import __version__, naming, webhooks
@@ -55,6 +56,11 @@ class UnitView(BaseModel):
 
 class UnitList(BaseModel):
     units: list[UnitView]
+    observed_at: datetime = Field(
+        description="When the server's view of fleet was last read in full (UTC); the units "
+        "are as fleet listed them then, with Deployster's own changes since applied."
+    )
+    age: float = Field(description="Seconds since observed_at, when the server answered.")
 
 
 class Release(BaseModel):
@@ -359,7 +365,9 @@ def paths() -> dict[str, dict[str, Any]]:
         },
         "/v1/services/{name}/units": {
             "get": _op(
-                "The service's units in fleet", {200: _json(UnitList, "the units")}, (400, 502)
+                "The service's units, from the server's observed view of fleet",
+                {200: _json(UnitList, "the units, and how fresh the view is")},
+                (400, 502),
             ),
         },
         "/v1/services/{name}/rollback": {

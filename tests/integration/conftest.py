@@ -22,9 +22,10 @@ from integration.traefik import Traefik, traefik  # noqa: F401  (a fixture for e
 from deployster.config import Settings
 from deployster.fleet import FleetClient, FleetError
 from deployster.launchers import free_port
+from deployster.naming import UnitName
 from deployster.policy import HealthPolicy, ServicePolicy
 from deployster.server import Deployster
-from handlers.deploys import DeployConfig, service_units
+from handlers.deploys import DeployConfig
 
 # Production defaults wait 10 s of healthy time and drain for 10 s; tests need neither.
 FAST_POLICY = ServicePolicy(
@@ -34,6 +35,16 @@ FAST_POLICY = ServicePolicy(
     instance_deadline=20,
     deploy_deadline=30,
 )
+
+
+async def fleet_units(fleet: FleetClient, service: str) -> list[str]:
+    """The service's unit names as fleet lists them now (every unit of the fleet, read in
+    full: the truth a test compares the server with)."""
+    return [
+        unit.name
+        for unit in await fleet.list_units()
+        if (name := UnitName.parse(unit.name)) is not None and name.service == service
+    ]
 
 
 def basic_auth(user: str, password: str) -> dict[str, str]:
@@ -106,7 +117,7 @@ class Api:
         return f"/v1/services/{self.service}{rest}"
 
     async def units(self, service: str | None = None) -> list[str]:
-        return [str(name) for name, _ in await service_units(self.fleet, service or self.service)]
+        return await fleet_units(self.fleet, service or self.service)
 
     async def deploy(self, body: dict[str, Any], expect: int = 201) -> dict[str, Any]:
         resp = await self.client.post(
@@ -178,8 +189,8 @@ async def running_api(
         yield Api(client, deployster, deployster.fleet, service)
     finally:
         with contextlib.suppress(FleetError):
-            for name, _ in await service_units(deployster.fleet, service):
-                await deployster.fleet.destroy_unit(str(name))
+            for name in await fleet_units(deployster.fleet, service):
+                await deployster.fleet.destroy_unit(name)
         await deployster.close()
 
 

@@ -1,5 +1,10 @@
 """The reaper's decisions: which announcements are stale, which deploy records go."""
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
 from deployster.fleet import Machine, Unit, UnitState
 from deployster.naming import UnitName
 from deployster.records import DeployRecord, DeployState
@@ -16,7 +21,7 @@ def announced(machine: str = M1) -> Announced:
         key=f"/deployster/instances/web/{NAME.release}/1",
         raw=a.model_dump_json(),
         unit=NAME,
-        announcement=a,
+        machine=a.machine,
     )
 
 
@@ -32,7 +37,20 @@ def fleet(
     state = UnitState(
         name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running"
     )
-    return FleetView.of([unit] if units else [], [state], [Machine(id=m) for m in machines])
+
+    async def pages(*items: object) -> AsyncIterator[tuple[Any, ...]]:
+        yield items
+
+    view = FleetView()
+    asyncio.run(
+        view.load(
+            pages(*([unit] if units else [])),
+            pages(state),
+            [Machine(id=m) for m in machines],
+            time.time(),
+        )
+    )
+    return view
 
 
 def test_a_running_instance_is_not_stale() -> None:
