@@ -156,11 +156,14 @@ def next_step(record: DeployRecord, observed: Observed) -> Step:
     deploy_deadline = deploy_deadline_of(record)
     if record.step is DeployStep.QUEUED:
         if observed.now > record.created_at.timestamp() + record.policy.deploy_deadline:
-            return Finish(
-                DeployState.FAILED,
-                "the service's lock was not free within the deploy deadline of "
-                f"{record.policy.deploy_deadline:g} s",
-            )
+            deadline = f"the deploy deadline of {record.policy.deploy_deadline:g} s"
+            if observed.may_start:  # its turn came, but planning kept failing (fleet, etcd)
+                return Finish(
+                    DeployState.FAILED,
+                    f"the deploy could not be planned within {deadline}: fleet or etcd did "
+                    "not answer in time (the server's log has each attempt)",
+                )
+            return Finish(DeployState.FAILED, f"the service's lock was not free within {deadline}")
         return Plan() if observed.may_start else Wait(QUEUE_POLL)
     if record.step is DeployStep.SUBMITTING:
         if observed.now > deploy_deadline:

@@ -105,12 +105,22 @@ TABLE = [
         Plan(),
     ),
     (
-        "queued past the deadline",
+        "queued past the deadline, the lock still held",
+        record(DeployStep.QUEUED, DeployState.PENDING),
+        seen(T0 + 121),
+        Finish(
+            DeployState.FAILED,
+            "the service's lock was not free within the deploy deadline of 120 s",
+        ),
+    ),
+    (
+        "queued past the deadline, its turn came but planning kept failing",
         record(DeployStep.QUEUED, DeployState.PENDING),
         seen(T0 + 121, may_start=True),
         Finish(
             DeployState.FAILED,
-            "the service's lock was not free within the deploy deadline of 120 s",
+            "the deploy could not be planned within the deploy deadline of 120 s: fleet or "
+            "etcd did not answer in time (the server's log has each attempt)",
         ),
     ),
     # submitting
