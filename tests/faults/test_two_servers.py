@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from faults.conftest import Child
-from integration.conftest import running_api
+from integration.conftest import Api, running_api
 from integration.test_resume import (
     SLOW_POLICY,
     ServerProcess,
@@ -115,19 +116,28 @@ async def test_a_peer_finishes_the_deploy_of_a_killed_server(
         b.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def webhook_peers(
+    aiohttp_client: Any, etcd: EtcdServer, fleet: str
+) -> AsyncIterator[tuple[Api, Api]]:
+    """Two in-process servers with webhooks on, one etcd prefix, and one service between them."""
+    prefix = f"/deployster-peers-{secrets.token_hex(4)}"
+    common = {"prefix": prefix, "webhook_secret": SECRET, "vulcand_prefix": f"v-{prefix[1:]}"}
+    async with (
+        running_api(aiohttp_client, etcd.endpoint, fleet, **common) as a,
+        running_api(aiohttp_client, etcd.endpoint, fleet, **common) as b,
+    ):
+        b.service = a.service
+        yield a, b
+
+
 async def test_the_latest_push_wins_across_servers(
     aiohttp_client,  # type: ignore[no-untyped-def]
     fault_etcd_server: EtcdServer,
     fault_fleet: tuple[str, Child],
 ) -> None:
     """A push queued on one server and a later one on the other: only the later deploys."""
-    prefix = f"/deployster-peers-{secrets.token_hex(4)}"
-    common = {"prefix": prefix, "webhook_secret": SECRET, "vulcand_prefix": f"v-{prefix[1:]}"}
-    async with (
-        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as a,
-        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as b,
-    ):
-        b.service = a.service
+    async with webhook_peers(aiohttp_client, fault_etcd_server, fault_fleet[0]) as (a, b):
         await set_policy(a, enabled=True, policy="all")
         policy = await a.deployster.store.get_policy(a.service)
         await a.deployster.store.save_policy(

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from faults.conftest import Paused
-from faults.test_two_servers import peer_of
+from faults.test_two_servers import peer_of, webhook_peers
 from helpers import eventually
 from integration.conftest import FAST_POLICY, running_api
 from integration.test_resume import ServerProcess, http, wait_up
@@ -93,13 +93,7 @@ async def test_a_server_stalled_between_reading_a_push_and_taking_it_starts_no_s
 ) -> None:
     """Server a reads the queued push and stalls before its take; server b takes the push and
     deploys it; a's take, at the revision it read, is then refused."""
-    prefix = f"/deployster-stall-{secrets.token_hex(4)}"
-    common = {"prefix": prefix, "webhook_secret": SECRET, "vulcand_prefix": f"v-{prefix[1:]}"}
-    async with (
-        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as a,
-        running_api(aiohttp_client, fault_etcd_server.endpoint, fault_fleet[0], **common) as b,
-    ):
-        b.service = a.service
+    async with webhook_peers(aiohttp_client, fault_etcd_server, fault_fleet[0]) as (a, b):
         await set_policy(a, enabled=True, policy="glob:v*")
         take = a.deployster.store.take_queued_push
         reached, release = asyncio.Event(), asyncio.Event()
