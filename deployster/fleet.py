@@ -58,12 +58,19 @@ from pydantic import (
 
 from deployster.errors import PermanentError, TemporaryError
 
+# The fields of the rows `FleetClient.unit_rows` and `state_rows` give, in this order.
+UNIT_ROW = ("name", "desired_state", "current_state", "machine_id")
+STATE_ROW = ("name", "machine_id", "load_state", "active_state", "sub_state")
+
 # fleet's JobState: the values of a unit's desiredState and currentState.
 JOB_INACTIVE = "inactive"
 JOB_LOADED = "loaded"
 JOB_LAUNCHED = "launched"
 JOB_STATES = frozenset({JOB_INACTIVE, JOB_LOADED, JOB_LAUNCHED})
 DesiredState = Literal["inactive", "loaded", "launched"]
+
+
+_STRINGS = {str}
 
 
 class _Shape(BaseModel):
@@ -86,6 +93,11 @@ class _Shape(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _match_keys_like_go(cls, data: Any) -> Any:
+        return cls._fold(data)
+
+    @classmethod
+    def _fold(cls, data: Any) -> Any:
+        """An object's keys as this shape spells them, nulls left out."""
         if not isinstance(data, dict):
             return data
         if data.keys() <= cls._exact_keys and None not in data.values():
@@ -95,6 +107,30 @@ class _Shape(BaseModel):
             for key, value in data.items()
             if value is not None
         }
+
+    @classmethod
+    def rows(cls, items: Any, fields: Sequence[str], where: str) -> list[tuple[str, ...]]:
+        """The values of ``fields`` (string fields, by their Python names) of each object in
+        ``items`` (a page's list as JSON decoded it), as plain tuples: for a reader of the
+        whole fleet. The same rules as a shape for these fields (keys of any case, null is
+        empty, a value of another type is an error: ``ValueError``); other keys are skipped,
+        not decoded. A tuple of strings costs a fraction of a shape, and the cyclic garbage
+        collector stops tracking it. ``where`` names the list in an error."""
+        if items is None:
+            return []
+        if not isinstance(items, list):
+            raise ValueError(f"{where}: not a JSON array")
+        keys = [cls.model_fields[f].alias or f for f in fields]
+        blanks = [""] * len(keys)
+        rows = []
+        for n, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}.{n}: not a JSON object")
+            row = tuple(map(cls._fold(item).get, keys, blanks))
+            if {*map(type, row)} != _STRINGS:
+                raise ValueError(f"{where}.{n}: a value that is not a string")
+            rows.append(row)
+        return rows
 
     @model_serializer(mode="wrap")
     def _keys_in_struct_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -290,10 +326,11 @@ class FleetClient:
     async def list_units(self) -> list[Unit]:
         return [unit async for page in self._pages("/units", UnitPage) for unit in page.units]
 
-    async def unit_pages(self) -> AsyncIterator[tuple[Unit, ...]]:
-        """Every unit, one page at a time: for a reader that keeps less than every unit."""
-        async for page in self._pages("/units", UnitPage):
-            yield page.units
+    async def unit_rows(self) -> AsyncIterator[list[tuple[str, ...]]]:
+        """``(name, desiredState, currentState, machineID)`` of every unit, one page at a
+        time: a whole fleet's units without decoding their options."""
+        async for rows in self._rows("/units", UnitPage, Unit, UNIT_ROW):
+            yield rows
 
     async def get_unit(self, name: str) -> Unit:
         return Unit.model_validate(await self._request("GET", f"/units/{name}"))
@@ -324,10 +361,10 @@ class FleetClient:
             for state in page.states
         ]
 
-    async def state_pages(self) -> AsyncIterator[tuple[UnitState, ...]]:
-        """Every unit state, one page at a time."""
-        async for page in self._pages("/state", UnitStatePage):
-            yield page.states
+    async def state_rows(self) -> AsyncIterator[list[tuple[str, ...]]]:
+        """``(name, machineID, load, active, sub)`` of every unit state, one page at a time."""
+        async for rows in self._rows("/state", UnitStatePage, UnitState, STATE_ROW):
+            yield rows
 
     async def journal(self, name: str, lines: int = 20) -> list[str] | None:
         """The last lines of a unit's journal, where the fleet offers them (localfleet's
@@ -372,18 +409,38 @@ class FleetClient:
             try:
                 page = decode_page(page_type, text)
             except ValidationError as exc:
-                raise FleetUnavailableError(
-                    f"fleet answered GET {path} with a page that does not fit fleet's schema: "
-                    f"{first_problem(exc)}"
-                ) from None
+                raise _misfit(path, first_problem(exc)) from None
             except ValueError:
-                raise FleetUnavailableError(
-                    f"fleet answered GET {path} with a body that is not JSON"
-                ) from None
+                raise _not_json(path) from None
             yield page
             if not page.next_page_token:
                 return
             query["nextPageToken"] = page.next_page_token
+
+    async def _rows(
+        self, path: str, page_type: type[_Page], item: type[_Shape], fields: Sequence[str]
+    ) -> AsyncIterator[list[tuple[str, ...]]]:
+        """Each page's items as rows (`_Shape.rows`), following ``nextPageToken``; a page that
+        does not fit is FleetUnavailableError, as in `_pages`."""
+        key = next(name for name in page_type.model_fields if name != "next_page_token")
+        query: dict[str, str] = {}
+        while True:
+            text = await self._send("GET", path, params=query)
+            try:
+                page = page_type._fold(json.loads(text))
+            except ValueError:
+                raise _not_json(path) from None
+            token = page.get("nextPageToken", "") if isinstance(page, dict) else None
+            if not isinstance(token, str):
+                raise _misfit(path, "not an object with a string nextPageToken")
+            try:
+                rows = item.rows(page.get(key), fields, key)
+            except ValueError as exc:
+                raise _misfit(path, str(exc)) from None
+            yield rows
+            if not token:
+                return
+            query["nextPageToken"] = token
 
     async def _request(
         self,
@@ -426,6 +483,16 @@ class FleetClient:
             raise FleetUnavailableError(
                 f"fleet at {self.endpoint} did not answer in time"
             ) from None
+
+
+def _misfit(path: str, problem: str) -> FleetUnavailableError:
+    return FleetUnavailableError(
+        f"fleet answered GET {path} with a page that does not fit fleet's schema: {problem}"
+    )
+
+
+def _not_json(path: str) -> FleetUnavailableError:
+    return FleetUnavailableError(f"fleet answered GET {path} with a body that is not JSON")
 
 
 def first_problem(exc: ValidationError) -> str:

@@ -25,7 +25,14 @@ from pydantic import ValidationError
 
 from deployster import keys
 from deployster.aio import cancel_and_wait
-from deployster.etcd import EtcdError, LeaseKeeper, WatchEvent, range_pages, watch_prefix
+from deployster.etcd import (
+    SMALL_PAGE_SIZE,
+    EtcdError,
+    LeaseKeeper,
+    WatchEvent,
+    range_pages,
+    watch_prefix,
+)
 from deployster.events import now
 from deployster.notify import REVEAL, Delivery, DeliveryOutcome
 from deployster.policy import ServicePolicy
@@ -200,7 +207,8 @@ class Store:
     async def announcements(self) -> dict[str, str]:
         """Every instance announcement now: key to its JSON value."""
         found: dict[str, str] = {}
-        async for page in range_pages(self.etcd, keys.instances_prefix(self.prefix).encode()):
+        prefix = keys.instances_prefix(self.prefix).encode()
+        async for page in range_pages(self.etcd, prefix, SMALL_PAGE_SIZE):
             found.update((key.decode(), value.decode()) for key, value in page)
         return found
 

@@ -40,7 +40,7 @@ from deployster.aio import cancel_and_wait
 from deployster.bus import EventBus
 from deployster.errors import is_temporary
 from deployster.events import DeployFailed, DeploySucceeded
-from deployster.fleet import FleetClient, FleetNotFoundError, Machine, Unit, UnitState
+from deployster.fleet import FleetClient, FleetNotFoundError, Machine, UnitState
 from deployster.keys import parse_announce_key
 from deployster.naming import UnitName
 from deployster.records import DeployRecord, DeploySummary
@@ -78,8 +78,7 @@ class ObservedState(NamedTuple):
 
 class ObservedUnit(NamedTuple):
     """One managed unit as fleet last showed it: its job states, its machine and systemd's
-    states of it (not its options: the view keeps what readers need, small and untracked by
-    the cyclic garbage collector)."""
+    states of it (not its options)."""
 
     name: str
     desired_state: str
@@ -87,35 +86,43 @@ class ObservedUnit(NamedTuple):
     machine_id: str
     states: tuple[ObservedState, ...] = ()
 
-    @classmethod
-    def of(cls, unit: Unit, states: tuple[ObservedState, ...] = ()) -> ObservedUnit:
-        return cls(unit.name, unit.desired_state, unit.current_state, unit.machine_id, states)
+
+# How the view keeps a unit: ObservedUnit's fields as a plain tuple, its states plain tuples of
+# ObservedState's fields. A plain tuple of strings is a third of a named tuple's cost to make,
+# and the cyclic garbage collector stops tracking it at its first collection, so that 10,000
+# units add nothing to a full collection's walk (a named tuple stays tracked).
+_State = tuple[str, str, str, str]
+_Row = tuple[str, str, str, str, tuple[_State, ...]]
 
 
-def _observed_state(state: UnitState) -> ObservedState:
-    return ObservedState(state.machine_id, state.load_state, state.active_state, state.sub_state)
+def _observed(row: _Row) -> ObservedUnit:
+    return ObservedUnit(*row[:4], tuple(ObservedState._make(state) for state in row[4]))
+
+
+def _state_row(state: UnitState) -> _State:
+    return (state.machine_id, state.load_state, state.active_state, state.sub_state)
 
 
 class FleetView:
     """The server's one observed view of fleet: every managed unit with its states, by
     service, and the machines; what requests read instead of listing the whole fleet.
 
-    A full read (:meth:`refresh`: every unit, unit state and machine, page by page) replaces
-    it; the reaper's pass does one, and the first reader of a view never filled waits for one.
-    ``observed_at`` is when the last full read began (epoch seconds): the view is at least that
-    fresh. Between full reads, Deployster's own changes and its reads of single units
-    (:meth:`read_through`, :meth:`read_states`, :meth:`forget`) update it at once, and a full
-    read that was under way meanwhile keeps them. Units created by hand (``fleetctl``) since
-    the last full read are not in it.
+    A full read (:meth:`refresh`: every unit, unit state and machine, page by page, as rows
+    without the units' options) replaces it; the reaper's pass does one, and the first reader
+    of a view never filled waits for one. ``observed_at`` is when the last full read began
+    (epoch seconds): the view is at least that fresh. Between full reads, Deployster's own
+    changes and its reads of single units (:meth:`read_through`, :meth:`read_states`,
+    :meth:`forget`) update it at once, and a full read that was under way meanwhile keeps
+    them. Units created by hand (``fleetctl``) since the last full read are not in it.
     """
 
     def __init__(self) -> None:
-        self._services: dict[str, dict[str, ObservedUnit]] = {}
+        self._services: dict[str, dict[str, _Row]] = {}
         self.machine_ids: frozenset[str] = frozenset()  # full ids and 8-character short ids
         self.observed_at: float | None = None
-        # Changes made while a full read runs, replayed onto its result: (service, name, unit
+        # Changes made while a full read runs, replayed onto its result: (service, name, row
         # or None for gone).
-        self._changes: list[tuple[str, str, ObservedUnit | None]] | None = None
+        self._changes: list[tuple[str, str, _Row | None]] | None = None
         self._reading: asyncio.Future[None] | None = None
 
     # -- reading -------------------------------------------------------------------------
@@ -123,14 +130,15 @@ class FleetView:
     def units_of(self, service: str) -> list[tuple[UnitName, ObservedUnit]]:
         """The service's units in fleet's order (by name)."""
         found = []
-        for name, unit in sorted(self._services.get(service, {}).items()):
+        for name, row in sorted(self._services.get(service, {}).items()):
             parsed = UnitName.parse(name)
             if parsed is not None:
-                found.append((parsed, unit))
+                found.append((parsed, _observed(row)))
         return found
 
     def unit(self, name: UnitName) -> ObservedUnit | None:
-        return self._services.get(name.service, {}).get(str(name))
+        row = self._services.get(name.service, {}).get(str(name))
+        return None if row is None else _observed(row)
 
     def age(self) -> float | None:
         """Seconds since the last full read began; None before the first one."""
@@ -140,38 +148,39 @@ class FleetView:
 
     async def load(
         self,
-        unit_pages: AsyncIterable[Sequence[Unit]],
-        state_pages: AsyncIterable[Sequence[UnitState]],
+        unit_rows: AsyncIterable[Sequence[tuple[str, ...]]],
+        state_rows: AsyncIterable[Sequence[tuple[str, ...]]],
         machines: Iterable[Machine],
         observed_at: float,
     ) -> None:
-        """Replace the view with a full listing read from ``observed_at`` on. Pages are read
-        side by side and each is boiled down before the next, so the fleet's full shapes (unit
-        options) never pile up in memory."""
+        """Replace the view with a full listing read from ``observed_at`` on: pages of
+        ``FleetClient.unit_rows`` and ``state_rows``, read side by side."""
+        # A unit's service, from the view being replaced: most names were parsed before.
+        known = {name: service for service, units in self._services.items() for name in units}
 
-        async def read_units() -> list[tuple[str, ObservedUnit]]:
-            found = []
-            async for page in unit_pages:
-                for unit in page:
-                    parsed = UnitName.parse(unit.name)
-                    if parsed is not None:
-                        found.append((parsed.service, ObservedUnit.of(unit)))
-            return found
+        async def read_units() -> list[tuple[str, ...]]:
+            return [row async for page in unit_rows for row in page]
 
-        async def read_states() -> dict[str, list[ObservedState]]:
-            found: dict[str, list[ObservedState]] = {}
-            async for page in state_pages:
-                for state in page:
-                    found.setdefault(state.name, []).append(_observed_state(state))
+        async def read_states() -> dict[str, list[_State]]:
+            found: dict[str, list[_State]] = {}
+            async for page in state_rows:
+                for row in page:
+                    found.setdefault(row[0], []).append(row[1:])  # type: ignore[arg-type]
             return found
 
         units, states = await asyncio.gather(read_units(), read_states())
-        services: dict[str, dict[str, ObservedUnit]] = {}
-        for n, (service, unit) in enumerate(units, 1):
+        services: dict[str, dict[str, _Row]] = {}
+        for n, (name, desired, current, machine) in enumerate(units, 1):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
-            found = tuple(states.get(unit.name, ()))
-            services.setdefault(service, {})[unit.name] = unit._replace(states=found)
+            service = known.get(name)
+            if service is None:
+                parsed = UnitName.parse(name)
+                if parsed is None:
+                    continue  # not a unit Deployster manages
+                service = parsed.service
+            row = (name, desired, current, machine, tuple(states.get(name, ())))
+            services.setdefault(service, {})[name] = row
         for service, name, changed in self._changes or ():
             if changed is None:
                 services.get(service, {}).pop(name, None)
@@ -203,22 +212,27 @@ class FleetView:
         self._changes = []
         try:
             machines = await fleet.list_machines()
-            await self.load(fleet.unit_pages(), fleet.state_pages(), machines, started)
+            await self.load(fleet.unit_rows(), fleet.state_rows(), machines, started)
         finally:
             self._changes = None
 
     # -- single units --------------------------------------------------------------------
 
-    def _set(self, name: str, unit: ObservedUnit | None) -> None:
+    def _set(self, name: str, row: _Row | None) -> None:
         parsed = UnitName.parse(name)
         if parsed is None:
             return
         if self._changes is not None:
-            self._changes.append((parsed.service, name, unit))
-        if unit is None:
+            self._changes.append((parsed.service, name, row))
+        if row is None:
             self._services.get(parsed.service, {}).pop(name, None)
         else:
-            self._services.setdefault(parsed.service, {})[name] = unit
+            self._services.setdefault(parsed.service, {})[name] = row
+
+    def _states_of(self, name: str) -> tuple[_State, ...]:
+        parsed = UnitName.parse(name)
+        row = self._services.get(parsed.service, {}).get(name) if parsed is not None else None
+        return () if row is None else row[4]
 
     def forget(self, names: Iterable[str]) -> None:
         """These units are gone (Deployster destroyed them, or fleet said 404)."""
@@ -237,9 +251,8 @@ class FleetView:
                 except FleetNotFoundError:
                     self._set(name, None)
                     return
-            parsed = UnitName.parse(name)
-            known = self.unit(parsed) if parsed is not None else None
-            self._set(name, ObservedUnit.of(unit, known.states if known else ()))
+            head = (unit.name, unit.desired_state, unit.current_state, unit.machine_id)
+            self._set(name, (*head, self._states_of(name)))
             found.add(name)
 
         limit = asyncio.Semaphore(READ_THROUGH_CONCURRENCY)
@@ -256,9 +269,9 @@ class FleetView:
             async with limit:
                 states = await fleet.list_states(unit_name=name)
             parsed = UnitName.parse(name)
-            known = self.unit(parsed) if parsed is not None else None
-            if known is not None:
-                self._set(name, known._replace(states=tuple(map(_observed_state, states))))
+            row = self._services.get(parsed.service, {}).get(name) if parsed else None
+            if row is not None:
+                self._set(name, (*row[:4], tuple(map(_state_row, states))))
             return states
 
         limit = asyncio.Semaphore(READ_THROUGH_CONCURRENCY)
@@ -319,6 +332,7 @@ class Reaper:
         self.owns = owns  # which services this server reaps (by default, every one)
         # What the previous pass found: acted on when this pass finds it again.
         self._suspects: set[str] = set()
+        self._known: dict[str, Announced] = {}  # the last pass's announcements, decoded
         self._heap_frozen = False  # gc.freeze() after the first full pass
         self._task: asyncio.Task[None] | None = None
 
@@ -378,8 +392,11 @@ class Reaper:
         """One pass over the announcements and over the router servers of ``services`` (and of
         every announced service), those this server owns; returns what it did, one sentence
         each."""
-        await self.view.refresh(self.fleet)
-        announced = [a for a in await self._announced() if self.owns(a.unit.service)]
+        # Three reads side by side: while one waits for fleet, another decodes etcd's answer.
+        _, announcements, registered = await asyncio.gather(
+            self.view.refresh(self.fleet), self._announced(), self.router.all_servers()
+        )
+        announced = [a for a in announcements if self.owns(a.unit.service)]
         services = {s for s in services if self.owns(s)}
         stale = {}
         for n, found in enumerate(announced, 1):
@@ -389,7 +406,6 @@ class Reaper:
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # let requests in: a pass never holds the loop for long
         backed = {(a.unit.service, a.unit.container) for a in announced}
-        registered = await self.router.all_servers()
         orphans = {}
         for service in sorted(services | {a.unit.service for a in announced}):
             for server_id in registered.get(service, {}):
@@ -426,10 +442,16 @@ class Reaper:
         return done
 
     async def _announced(self) -> list[Announced]:
-        found = []
+        """Every announcement now. One that has not changed since the last pass is not
+        decoded again (most of them: an announcement is written once per instance)."""
+        found, known = [], dict[str, Announced]()
         for n, (key, raw) in enumerate((await self.store.announcements()).items(), 1):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
+            same = self._known.get(key)
+            if same is not None and same.raw == raw:
+                found.append(known.setdefault(key, same))
+                continue
             unit = parse_announce_key(self.prefix, key)
             if unit is None:
                 continue
@@ -437,5 +459,6 @@ class Reaper:
                 announcement = Announcement.model_validate_json(raw)
             except ValueError:
                 continue
-            found.append(Announced(key, raw, unit, announcement.machine))
+            found.append(known.setdefault(key, Announced(key, raw, unit, announcement.machine)))
+        self._known = known
         return found

@@ -44,7 +44,7 @@ import aiohttp
 import structlog
 from aetcd.utils import prefix_range_end
 
-from deployster.etcd import range_pages
+from deployster.etcd import SMALL_PAGE_SIZE, range_pages
 from deployster.routers.base import (
     RouterError,
     RouterRefusedError,
@@ -261,7 +261,7 @@ class TraefikRouter:
         urls: dict[str, dict[int, str]] = {}
         ids: dict[str, dict[int, str]] = {}
         try:
-            async for page in range_pages(self.etcd, services_prefix.encode()):
+            async for page in range_pages(self.etcd, services_prefix.encode(), SMALL_PAGE_SIZE):
                 for key, value in page:
                     service, _, rest = key.decode()[len(services_prefix) :].partition(
                         "/loadbalancer/servers/"
@@ -269,7 +269,7 @@ class TraefikRouter:
                     index, _, field = rest.partition("/")
                     if field == "url" and index.isascii() and index.isdigit():
                         urls.setdefault(service, {})[int(index)] = value.decode()
-            async for page in range_pages(self.etcd, bookkeeping.encode()):
+            async for page in range_pages(self.etcd, bookkeeping.encode(), SMALL_PAGE_SIZE):
                 for key, value in page:
                     service, _, server_id = key.decode()[len(bookkeeping) :].partition("/servers/")
                     if server_id and "/" not in service and value.isdigit():

@@ -38,7 +38,7 @@ from typing import Any
 import aetcd
 import structlog
 
-from deployster.etcd import range_pages
+from deployster.etcd import SMALL_PAGE_SIZE, range_pages
 from deployster.routers.base import (
     RouterRefusedError,
     RouterTimeoutError,
@@ -209,7 +209,7 @@ class VulcandRouter:
         suffix = f"{ID_TERMINATOR}be"
         found: dict[str, dict[str, str]] = {}
         try:
-            async for page in range_pages(self.etcd, prefix.encode()):
+            async for page in range_pages(self.etcd, prefix.encode(), SMALL_PAGE_SIZE):
                 for key, value in page:
                     backend, _, server_id = key.decode()[len(prefix) :].partition("/servers/")
                     if not (server_id and backend.endswith(suffix)) or "/" in server_id:

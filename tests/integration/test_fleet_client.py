@@ -55,6 +55,10 @@ async def test_lists_every_page_past_fleets_page_size(localfleet: str) -> None:
                 await fleet.create_unit(name, SLEEPER)
             listed = [u.name for u in await fleet.list_units() if u.name.startswith("page-")]
             assert sorted(listed) == names  # every unit once, none lost between pages
+            rows = [row async for page in fleet.unit_rows() for row in page]
+            assert [row for row in rows if row[0].startswith("page-")] == [
+                (name, "inactive", "inactive", "") for name in names
+            ]  # the same units as rows, in fleet's order
             states = await fleet.list_states()
             assert all(not s.name.startswith("page-") for s in states)  # never launched
         finally:
@@ -133,6 +137,55 @@ async def test_a_corrupt_page_is_fleet_unavailable_with_a_sentence(
     async with FleetClient(f"http://127.0.0.1:{server.port}") as fleet:
         with pytest.raises(FleetUnavailableError, match="fleet answered GET /units with") as caught:
             await fleet.list_units()
+    assert problem in str(caught.value)
+
+
+async def serve_pages(aiohttp_server: Any, path: str, pages: list[str]) -> str:
+    """A fleet whose ``path`` answers ``pages`` in turn, chained by nextPageToken."""
+
+    async def answer(request: web.Request) -> web.Response:
+        n = int(request.query.get("nextPageToken", "0"))
+        return web.Response(text=pages[n], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get(f"/fleet/v1{path}", answer)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_rows_read_keys_as_fleet_shapes_do(aiohttp_server: Any) -> None:
+    pages = [
+        '{"units": [{"name": "a.service", "desiredState": "launched", "options": [1, {}]}],'
+        ' "nextPageToken": "1"}',
+        '{"Units": [{"NAME": "b.service", "machineid": "m1", "currentState": null}]}',
+    ]
+    async with FleetClient(await serve_pages(aiohttp_server, "/units", pages)) as fleet:
+        rows = [row async for page in fleet.unit_rows() for row in page]
+    # Options are skipped, not decoded; keys of any case; null is empty.
+    assert rows == [("a.service", "launched", "", ""), ("b.service", "", "", "m1")]
+
+
+@pytest.mark.parametrize(
+    ("second_page", "problem"),
+    [
+        ("<html>502 Bad Gateway</html>", "not JSON"),
+        ('{"states": [{"name": "b.service"', "not JSON"),
+        ('{"states": [{"name": ["b.service"]}]}', "states.0: a value that is not a string"),
+        ('{"states": [{"name": "b.service"}, 7]}', "states.1: not a JSON object"),
+        ('{"states": {"name": "b.service"}}', "states: not a JSON array"),
+        ('{"states": [], "nextPageToken": 2}', "a string nextPageToken"),
+        ("[]", "does not fit fleet's schema"),
+        ("", "not JSON"),
+    ],
+)
+async def test_a_corrupt_page_of_rows_is_fleet_unavailable_with_a_sentence(
+    aiohttp_server: Any, second_page: str, problem: str
+) -> None:
+    first = '{"states": [{"name": "a.service"}], "nextPageToken": "1"}'
+    endpoint = await serve_pages(aiohttp_server, "/state", [first, second_page])
+    async with FleetClient(endpoint) as fleet:
+        with pytest.raises(FleetUnavailableError, match="fleet answered GET /state with") as caught:
+            [row async for page in fleet.state_rows() for row in page]
     assert problem in str(caught.value)
 
 

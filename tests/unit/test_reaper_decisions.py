@@ -3,9 +3,8 @@
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
-from deployster.fleet import Machine, Unit, UnitState
+from deployster.fleet import Machine
 from deployster.naming import UnitName
 from deployster.records import DeployRecord, DeployState
 from deployster.units import Announcement
@@ -31,21 +30,17 @@ def fleet(
     units: bool = True,
     machines: tuple[str, ...] = (M1, M2),
 ) -> FleetView:
-    unit = Unit(
-        name=str(NAME), desired_state="launched", current_state="launched", machine_id=machine_id
-    )
-    state = UnitState(
-        name=str(NAME), machine_id=machine_id, active_state=active, sub_state="running"
-    )
+    unit = (str(NAME), "launched", "launched", machine_id)
+    state = (str(NAME), machine_id, "loaded", active, "running")
 
-    async def pages(*items: object) -> AsyncIterator[tuple[Any, ...]]:
-        yield items
+    async def rows(*items: tuple[str, ...]) -> AsyncIterator[list[tuple[str, ...]]]:
+        yield list(items)
 
     view = FleetView()
     asyncio.run(
         view.load(
-            pages(*([unit] if units else [])),
-            pages(state),
+            rows(*([unit] if units else [])),
+            rows(state),
             [Machine(id=m) for m in machines],
             time.time(),
         )
