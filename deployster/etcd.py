@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 import aetcd
@@ -75,8 +75,8 @@ def client(endpoints: str, timeout: float = 5.0) -> aetcd.Client:
 # --- Paged range reads ---------------------------------------------------------------------
 
 PAGE_SIZE = 100  # keys per range answer: decoding 100 deploy records takes ~10-30 ms
-# Keys per answer for small values (announcements, router servers: a few hundred bytes each):
-# 10,000 of them in ten round trips instead of a hundred.
+# Keys per answer for keys alone and for small values (announcements, router servers: a few
+# hundred bytes each): 10,000 of them in ten round trips instead of a hundred.
 SMALL_PAGE_SIZE = 1000
 
 
@@ -91,10 +91,28 @@ async def range_pages(
     keys. Errors come out as ``EtcdError``. aetcd 1.0 has no ``limit`` on its range calls (its
     request builder drops it), so the request goes through its stub.
     """
+    async for kvs in _ranges(client, prefix, page_size, keys_only=False):
+        yield [(kv.key, kv.value) for kv in kvs]
+
+
+async def key_pages(
+    client: aetcd.Client, prefix: bytes, page_size: int = SMALL_PAGE_SIZE
+) -> AsyncIterator[list[bytes]]:
+    """``range_pages`` without the values: etcd sends only the keys (one consistent
+    snapshot, in key order)."""
+    async for kvs in _ranges(client, prefix, page_size, keys_only=True):
+        yield [kv.key for kv in kvs]
+
+
+async def _ranges(
+    client: aetcd.Client, prefix: bytes, page_size: int, *, keys_only: bool
+) -> AsyncIterator[Any]:
     end = aetcd.utils.prefix_range_end(prefix)
     start, revision, limit = prefix, 0, page_size
     while True:
-        request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+        request = aetcd.rpc.RangeRequest(
+            key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only
+        )
         try:
             await client.connect()
             answer = await client.kvstub.Range(
@@ -109,7 +127,7 @@ async def range_pages(
             raise EtcdError(f"etcd did not answer: {exc}") from exc
         revision = revision or answer.header.revision
         if answer.kvs:
-            yield [(kv.key, kv.value) for kv in answer.kvs]
+            yield answer.kvs
         if not answer.more or not answer.kvs:
             return
         start = answer.kvs[-1].key + b"\0"

@@ -5,6 +5,8 @@ All keys live under the server's ``--etcd-prefix`` (``/deployster`` by default):
 | key | value | written by |
 |---|---|---|
 | ``deploys/<service>/<deploy-id>`` | a deploy record (JSON) | the deploy worker |
+| ``unfinished/<service>/<deploy-id>`` | empty: the deploy is unfinished (index of ``deploys/``) | with its record, in one transaction |
+| ``indexes/unfinished`` | when the index of unfinished deploys was built over older records | the first server to start |
 | ``locks/<service>`` | who holds the service's deploy lock, on the holder's lease | the deploy worker |
 | ``services/<service>/policy`` | the service's policy (only the fields set) | the policy API |
 | ``webhooks/seen/<key>`` | a delivery or push already handled, on a 24 h lease | webhooks |
@@ -25,7 +27,7 @@ matches ``deploys/ab/...``.
 
 from __future__ import annotations
 
-from deployster.naming import UnitName
+from deployster.naming import InvalidNameError, UnitName, validate_service
 
 
 def _base(prefix: str) -> str:
@@ -43,6 +45,43 @@ def deploys_prefix(prefix: str, service: str | None = None) -> str:
 
 def deploy_key(prefix: str, service: str, deploy_id: str) -> str:
     return f"{deploys_prefix(prefix, service)}{deploy_id}"
+
+
+def parse_deploy_key(prefix: str, key: str) -> tuple[str, str] | None:
+    """(service, deploy id) of a deploy key; None for any other key."""
+    return _service_and_id(deploys_prefix(prefix), key)
+
+
+def unfinished_prefix(prefix: str) -> str:
+    """The index of unfinished deploys: one empty key per deploy not finished, written and
+    deleted in the same transaction as its record."""
+    return f"{_base(prefix)}/unfinished/"
+
+
+def unfinished_key(prefix: str, service: str, deploy_id: str) -> str:
+    return f"{unfinished_prefix(prefix)}{service}/{deploy_id}"
+
+
+def parse_unfinished_key(prefix: str, key: str) -> tuple[str, str] | None:
+    """(service, deploy id) of an index key; None for any other key."""
+    return _service_and_id(unfinished_prefix(prefix), key)
+
+
+def unfinished_marker(prefix: str) -> str:
+    """Present once the index covers records written before it existed."""
+    return f"{_base(prefix)}/indexes/unfinished"
+
+
+def _service_and_id(base: str, key: str) -> tuple[str, str] | None:
+    """``<base><service>/<id>``: a valid service name and an id without ``/``, or None."""
+    if not key.startswith(base):
+        return None
+    service, _, record_id = key[len(base) :].partition("/")
+    try:
+        validate_service(service)
+    except InvalidNameError:
+        return None
+    return (service, record_id) if record_id and "/" not in record_id else None
 
 
 def locks_base(prefix: str) -> str:

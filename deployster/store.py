@@ -9,6 +9,12 @@ Lists are read in pages (`etcd.range_pages`), never in one answer: a thousand se
 records each is 10,000 records of several KB, far above what one gRPC answer may carry. A
 record that cannot be decoded is logged and left out of lists, so one bad value cannot take
 every listing down with it.
+
+What needs no record's content never reads one: the unfinished deploys are an index of empty
+keys (``unfinished/<service>/<id>``) written or deleted in the same transaction as every write
+of a deploy record, and the services with their record counts come from the deploy keys alone
+(`etcd.key_pages`). So a start, the periodic look for deploys nobody drives and the reaper's
+pass read keys, and records only where they act.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from deployster.etcd import (
     EtcdError,
     LeaseKeeper,
     WatchEvent,
+    key_pages,
     range_pages,
     watch_prefix,
 )
@@ -41,6 +48,7 @@ from deployster.records import DeployRecord, DeploySummary, LockHolder, TaskReco
 log = structlog.get_logger(__name__)
 
 LOCK_TTL = 15  # seconds a crashed server's lock (a deploy's or a task's) outlives it
+TXN_RECORDS = 50  # records deleted per transaction: two operations each, etcd allows 128
 
 
 @contextmanager
@@ -155,6 +163,7 @@ class Store:
         self.etcd = etcd
         self.prefix = prefix.rstrip("/")
         self.locks = LeaseLocks(etcd, keys.locks_base(self.prefix))  # one deploy per service
+        self._garbage_logged: set[str] = set()  # index keys outside the layout, logged once
 
     async def ping(self) -> None:
         """Raises ``EtcdError`` unless etcd answers a status request."""
@@ -176,11 +185,21 @@ class Store:
         if record.state.finished and record.finished_at is None:
             record.finished_at = record.updated_at
         with _etcd_errors():
-            await self.etcd.put(
+            await self.etcd.transaction(compare=[], success=self._deploy_writes(record), failure=[])
+        return record
+
+    def _deploy_writes(self, record: DeployRecord) -> list[object]:
+        """Writing ``record``: its key and, in the same transaction, its entry in the index of
+        unfinished deploys (put while unfinished, deleted once finished)."""
+        txn = self.etcd.transactions
+        index = keys.unfinished_key(self.prefix, record.service, record.id).encode()
+        return [
+            txn.put(
                 keys.deploy_key(self.prefix, record.service, record.id).encode(),
                 record.model_dump_json().encode(),
-            )
-        return record
+            ),
+            txn.delete(index) if record.state.finished else txn.put(index, b""),
+        ]
 
     async def get_deploy(self, service: str, deploy_id: str) -> DeployRecord | None:
         with _etcd_errors():
@@ -198,11 +217,105 @@ class Store:
         return await _read_records(self.etcd, prefix, DeploySummary)
 
     async def delete_deploys(self, records: Iterable[DeployRecord | DeploySummary]) -> None:
+        """Delete records with their index entries, each record in the same transaction as
+        its entry."""
+        txn = self.etcd.transactions
+        doomed = [
+            txn.delete(key(self.prefix, r.service, r.id).encode())
+            for r in records
+            for key in (keys.deploy_key, keys.unfinished_key)
+        ]
+        step = 2 * TXN_RECORDS
         with _etcd_errors():
-            for record in records:
-                await self.etcd.delete(
-                    keys.deploy_key(self.prefix, record.service, record.id).encode()
+            for start in range(0, len(doomed), step):
+                await self.etcd.transaction(
+                    compare=[], success=doomed[start : start + step], failure=[]
                 )
+
+    async def deploy_counts(self) -> dict[str, int]:
+        """How many deploy records each service has, from their keys alone (no record read)."""
+        counts: dict[str, int] = {}
+        async for page in key_pages(self.etcd, keys.deploys_prefix(self.prefix).encode()):
+            for raw in page:
+                parsed = keys.parse_deploy_key(self.prefix, raw.decode(errors="replace"))
+                if parsed is not None:
+                    counts[parsed[0]] = counts.get(parsed[0], 0) + 1
+        return counts
+
+    async def unfinished_deploys(self) -> dict[str, list[str]]:
+        """The ids of the unfinished deploys by service: the index (keys only), each entry
+        checked against its record. A key outside the index's layout is logged (once) and
+        left out; an entry whose record is finished, gone or unreadable (written by hand, or by
+        an older version) is dropped from the index."""
+        found: dict[str, list[str]] = {}
+        async for page in key_pages(self.etcd, keys.unfinished_prefix(self.prefix).encode()):
+            for raw in page:
+                key = raw.decode(errors="replace")
+                parsed = keys.parse_unfinished_key(self.prefix, key)
+                if parsed is None:
+                    if key not in self._garbage_logged:
+                        self._garbage_logged.add(key)
+                        log.warning("deploy_index_key_unreadable", key=key)
+                    continue
+                service, deploy_id = parsed
+                if await self._still_unfinished(service, deploy_id):
+                    found.setdefault(service, []).append(deploy_id)
+        return found
+
+    async def _still_unfinished(self, service: str, deploy_id: str) -> bool:
+        """Whether the indexed deploy's record is unfinished; if not, its entry goes (unless
+        the record changed since it was read here)."""
+        key = keys.deploy_key(self.prefix, service, deploy_id).encode()
+        with _etcd_errors():
+            kv = await self.etcd.get(key)
+        if kv is not None:
+            try:
+                if not DeploySummary.model_validate_json(kv.value).state.finished:
+                    return True
+            except ValidationError as exc:
+                log.warning("record_unreadable", key=key.decode(), error=str(exc))
+        txn = self.etcd.transactions
+        unchanged = txn.version(key) == 0 if kv is None else txn.mod(key) == kv.mod_revision
+        index = keys.unfinished_key(self.prefix, service, deploy_id).encode()
+        with _etcd_errors():
+            await self.etcd.transaction(
+                compare=[unchanged], success=[txn.delete(index)], failure=[]
+            )
+        log.warning("deploy_index_entry_dropped", service=service, deploy_id=deploy_id)
+        return False
+
+    async def index_unfinished(self) -> int:
+        """Index the unfinished deploys among records written before the index existed: once
+        per prefix (a marker key says it was done), with one full read of the records. Returns
+        how many it indexed; 0 at once when the marker is there."""
+        marker = keys.unfinished_marker(self.prefix).encode()
+        with _etcd_errors():
+            if await self.etcd.get(marker) is not None:
+                return 0
+        txn = self.etcd.transactions
+        indexed = 0
+        async for page in range_pages(self.etcd, keys.deploys_prefix(self.prefix).encode()):
+            for key, value in page:
+                parsed = keys.parse_deploy_key(self.prefix, key.decode(errors="replace"))
+                try:
+                    if parsed is None or DeploySummary.model_validate_json(value).state.finished:
+                        continue
+                except ValidationError:
+                    continue  # unreadable: left out of every list, nobody drives it
+                index = keys.unfinished_key(self.prefix, *parsed).encode()
+                # Only if the record is as read: a deploy that finished meanwhile (on a server
+                # that keeps the index) is not indexed again.
+                with _etcd_errors():
+                    done, _ = await self.etcd.transaction(
+                        compare=[txn.value(key) == value],
+                        success=[txn.put(index, b"")],
+                        failure=[],
+                    )
+                indexed += bool(done)
+        with _etcd_errors():
+            await self.etcd.put(marker, now().isoformat().encode())
+        log.info("deploy_index_built", unfinished=indexed)
+        return indexed
 
     async def announcements(self) -> dict[str, str]:
         """Every instance announcement now: key to its JSON value."""
@@ -327,12 +440,7 @@ class Store:
         key = keys.queued_key(self.prefix, queued.service).encode()
         writes = [txn.delete(key)]
         if record is not None:
-            writes.append(
-                txn.put(
-                    keys.deploy_key(self.prefix, record.service, record.id).encode(),
-                    record.model_dump_json().encode(),
-                )
-            )
+            writes += self._deploy_writes(record)
             if callback:
                 writes.append(
                     txn.put(

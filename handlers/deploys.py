@@ -252,7 +252,10 @@ class DeployHandler:
     async def resume(self) -> int:
         """Wake the worker of every service with an unfinished deploy (each resumes a deploy
         only once its lock is free), and keep looking for such deploys every few seconds, so
-        that a dead peer's deploys are taken over; returns how many deploys are unfinished."""
+        that a dead peer's deploys are taken over; returns how many deploys are unfinished.
+        Records written before the index of unfinished deploys existed are indexed first
+        (once per etcd prefix)."""
+        await self.store.index_unfinished()
         unfinished = await self._unfinished_services()
         if self._resync is None:
             self._resync = start_supervised("deploys-resync", self._resync_loop)
@@ -289,12 +292,10 @@ class DeployHandler:
 
     async def _unfinished_services(self) -> dict[str, int]:
         """Wake the worker of every service with an unfinished deploy or a queued push;
-        returns the unfinished deploys by service."""
-        counts: dict[str, int] = {}
-        # Summaries: a start decodes no event lists, environments or policies.
-        for record in await self.store.deploy_summaries():
-            if not record.state.finished:
-                counts[record.service] = counts.get(record.service, 0) + 1
+        returns the unfinished deploys by service. Reads the index of unfinished deploys and
+        their records only, never every record."""
+        unfinished = await self.store.unfinished_deploys()
+        counts = {service: len(ids) for service, ids in unfinished.items()}
         for service in {*counts, *await self.store.queued_services()}:
             self.wake(service)
         return counts

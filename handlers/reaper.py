@@ -361,10 +361,14 @@ class Reaper:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                # Summaries: a pass decodes no record's events, environment or policy.
-                records = [r for r in await self.store.deploy_summaries() if self.owns(r.service)]
-                await self.reconcile({r.service for r in records})
-                await self._prune(records)
+                # The services and their record counts from the deploy keys alone: records are
+                # read only for a service with more than ``keep`` of them.
+                counts = {
+                    s: n for s, n in (await self.store.deploy_counts()).items() if self.owns(s)
+                }
+                await self.reconcile(set(counts))
+                for service in sorted(s for s, n in counts.items() if n > self.keep):
+                    await self.prune(service)
             except Exception as exc:
                 if not is_temporary(exc):
                     raise  # the supervisor logs it and starts the loop again
@@ -377,10 +381,8 @@ class Reaper:
         return await self._prune(await self.store.deploy_summaries(service))
 
     async def _prune(self, records: list[DeploySummary]) -> int:
-        by_service: dict[str, list[DeploySummary]] = {}
-        for record in records:
-            by_service.setdefault(record.service, []).append(record)
-        doomed = [r for records in by_service.values() for r in prunable(records, self.keep)]
+        """Delete what ``prunable`` picks among one service's ``records``."""
+        doomed = prunable(records, self.keep)
         if doomed:
             await self.store.delete_deploys(doomed)
             log.info("deploy_history_pruned", deploys=[f"{r.service}/{r.id}" for r in doomed])

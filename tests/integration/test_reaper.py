@@ -4,6 +4,7 @@ instances stay, and the deploy history is pruned."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp import web
@@ -11,8 +12,10 @@ from aiohttp.test_utils import TestServer
 from helpers import eventually
 from integration.conftest import Api, running_api
 
+from deployster import keys
 from deployster.keys import announce_key
 from deployster.naming import UnitName
+from deployster.records import DeployRecord, DeployState
 from deployster.units import Announcement
 
 
@@ -95,3 +98,48 @@ async def test_history_keeps_the_newest_deploys(reaping_api: Api) -> None:
         return listed if len(listed) == 2 else []
 
     assert await eventually(pruned, timeout=5) == [ids[3], ids[2]]
+
+
+async def test_a_pass_reads_the_records_of_crowded_services_only(
+    reaping_api: Api, log_lines: list[dict[str, object]]
+) -> None:
+    """The pass counts each service's records by their keys; only a service with more than
+    ``keep`` (here 2) has its records read, and pruned. An undecodable record shows which were
+    read: reading it logs it."""
+    api = reaping_api
+    store = api.deployster.store
+    crowded, calm = f"{api.service}-crowded", f"{api.service}-calm"
+    records = {
+        service: [
+            DeployRecord(
+                id=f"20260101-00000{n}-{service[-6:]}",
+                service=service,
+                version=f"v{n}",
+                timestamp="2026.01.01-00.00.00",
+                instance_count=1,
+                destroy_previous=False,
+                state=DeployState.SUCCEEDED,
+                created_at=datetime(2026, 1, 1, 0, 0, n, tzinfo=UTC),
+            )
+            for n in range(1, count + 1)
+        ]
+        for service, count in ((crowded, 4), (calm, 1))
+    }
+    for service, written in records.items():
+        for record in written:
+            await store.save_deploy(record)
+        await api.deployster.etcd.put(
+            keys.deploy_key(store.prefix, service, "unreadable").encode(), b"\xff"
+        )
+
+    async def pruned() -> bool:
+        counts = await store.deploy_counts()  # keys only: reads no record
+        return counts[crowded] == 3  # the newest two and the unreadable one
+
+    await eventually(pruned, timeout=10)
+    assert (await store.deploy_counts())[calm] == 2
+    read = {str(line["key"]) for line in log_lines if line["event"] == "record_unreadable"}
+    assert keys.deploy_key(store.prefix, crowded, "unreadable") in read
+    assert keys.deploy_key(store.prefix, calm, "unreadable") not in read
+    kept = [r.id for r in await store.list_deploys(crowded)]
+    assert kept == [r.id for r in records[crowded][2:]]
