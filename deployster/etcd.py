@@ -97,11 +97,11 @@ async def range_pages(
 
 async def key_pages(
     client: aetcd.Client, prefix: bytes, page_size: int = SMALL_PAGE_SIZE
-) -> AsyncIterator[list[bytes]]:
-    """``range_pages`` without the values: etcd sends only the keys (one consistent
-    snapshot, in key order)."""
+) -> AsyncIterator[list[tuple[bytes, int]]]:
+    """``range_pages`` without the values: etcd sends only the keys, each with the revision
+    it was last written at (one consistent snapshot, in key order)."""
     async for kvs in _ranges(client, prefix, page_size, keys_only=True):
-        yield [kv.key for kv in kvs]
+        yield [(kv.key, kv.mod_revision) for kv in kvs]
 
 
 async def _ranges(

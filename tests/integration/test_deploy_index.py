@@ -40,7 +40,7 @@ async def indexed(store: Store) -> set[tuple[str, str]]:
     """(service, deploy id) of every key in the index, read straight from etcd."""
     found = set()
     async for page in key_pages(store.etcd, keys.unfinished_prefix(store.prefix).encode()):
-        for key in page:
+        for key, _ in page:
             parsed = keys.parse_unfinished_key(store.prefix, key.decode())
             assert parsed is not None, key
             found.add(parsed)

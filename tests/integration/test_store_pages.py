@@ -153,3 +153,55 @@ async def test_a_default_client_sets_the_message_limit(etcd_endpoint: str) -> No
     async with etcd.client(etcd_endpoint) as client:
         options = dict(client._options)
     assert options["grpc.max_receive_message_length"] == etcd.MAX_MESSAGE_BYTES
+
+
+async def test_summaries_of_every_service_read_only_what_changed(
+    etcd_client: aetcd.Client, log_lines: list[dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"/deployster-test-{secrets.token_hex(4)}"
+    store = Store(etcd_client, prefix)
+    await put_all(
+        etcd_client, store, [record(f"svc{s}", n, 10) for s in range(4) for n in range(s, s + 3)]
+    )
+    await etcd_client.put(f"{prefix}/deploys/svc0/garbage".encode(), b"\xff{not json")
+    read: list[bytes] = []  # the prefixes whose values were read
+
+    def spied(client: aetcd.Client, prefix: bytes, *args: int) -> object:
+        read.append(prefix)
+        return range_pages(client, prefix, *args)
+
+    monkeypatch.setattr("deployster.store.range_pages", spied)
+
+    def ids() -> list[tuple[str, str, str]]:
+        return [(r.service, r.id, r.state.value) for r in found]
+
+    found = await store.deploy_summaries()
+    assert read == [f"{prefix}/deploys/".encode()]  # the first read: everything, one paged read
+    assert len(found) == 12 and ids() == sorted(ids(), key=lambda i: (i[1], i[0]))
+    garbage_logged = [line for line in log_lines if line["event"] == "record_unreadable"]
+    assert len(garbage_logged) == 1
+
+    read.clear()
+    assert [r.id for r in await store.deploy_summaries()] == [r.id for r in found]
+    assert read == []  # nothing changed: no value read
+
+    changed = record("svc2", 3, 10)
+    changed.state = DeployState.FAILED
+    await store.save_deploy(changed)  # changed
+    await store.save_deploy(record("svc3", 9, 10))  # new
+    await store.delete_deploys([record("svc1", 1, 10)])  # gone
+    found = await store.deploy_summaries()
+    assert read == [f"{prefix}/deploys/svc2/".encode(), f"{prefix}/deploys/svc3/".encode()]
+    assert ("svc2", changed.id, "failed") in ids()
+    assert ("svc3", record("svc3", 9, 10).id, "succeeded") in ids()
+    assert all(i[:2] != ("svc1", record("svc1", 1, 10).id) for i in ids()) and len(found) == 12
+    # The garbage record, unchanged, is neither read nor logged again.
+    assert len([line for line in log_lines if line["event"] == "record_unreadable"]) == 1
+
+
+async def test_summaries_of_an_unreachable_etcd_are_an_etcd_error(etcd_endpoint: str) -> None:
+    client = small_client("127.0.0.1:1", 1024)
+    store = Store(client, "/deployster-test-unreachable")
+    with pytest.raises(EtcdError):
+        await store.deploy_summaries()
+    await client.close()
