@@ -1,0 +1,91 @@
+"""What a restarted localfleet makes of the runs its predecessor noted and the marked processes
+it finds: one leftover run per main process, with the groups that belong to it."""
+
+from __future__ import annotations
+
+from deployster.localfleet.agent import Leftover, collect_leftovers
+from deployster.localfleet.service import MarkedProcess, ProcessMark
+from deployster.localfleet.store import StoredRun
+
+REGISTRY = "f" * 32
+MACHINE = "0123456789abcdef0123456789abcdef"
+OTHER_MACHINE = "fedcba9876543210fedcba9876543210"
+OLD, NEW = "a" * 40, "b" * 40
+KEY = ("web.service", MACHINE)
+
+
+def marked(
+    pid: int,
+    group: int,
+    *,
+    main: bool,
+    unit_hash: str = NEW,
+    start: int = 100,
+    machine: str = MACHINE,
+) -> MarkedProcess:
+    mark = ProcessMark(REGISTRY, machine, "web.service", unit_hash)
+    return MarkedProcess(pid=pid, group=group, start_time=start, mark=mark, main=main)
+
+
+def test_a_noted_run_takes_its_own_marked_processes_and_its_control_processes() -> None:
+    noted = StoredRun("web.service", MACHINE, NEW, 10, 100, (10, 5))
+    found = collect_leftovers(
+        [noted],
+        [
+            marked(10, 10, main=True),  # the noted main process itself
+            marked(11, 10, main=True),  # its child
+            marked(20, 20, main=False),  # an ExecStartPost still running
+        ],
+    )
+    assert found == {KEY: [Leftover(NEW, (10, 100), {5, 10, 20})]}
+
+
+def test_a_main_process_spawned_but_never_noted_is_a_run_of_its_own() -> None:
+    found = collect_leftovers([], [marked(20, 20, main=False), marked(10, 10, main=True)])
+    assert found == {KEY: [Leftover(NEW, (10, 100), {10, 20})]}
+
+
+def test_two_main_processes_of_one_unit_are_two_runs_the_oldest_first() -> None:
+    found = collect_leftovers(
+        [], [marked(30, 30, main=True, start=300), marked(10, 10, main=True, start=100)]
+    )
+    assert found == {KEY: [Leftover(NEW, (10, 100), {10}), Leftover(NEW, (30, 300), {30})]}
+
+
+def test_processes_without_a_main_process_of_theirs_are_runs_without_one() -> None:
+    found = collect_leftovers(
+        [],
+        [
+            marked(10, 10, main=True),
+            # The child of a main process that has ended: not the running main's, to be stopped.
+            marked(41, 40, main=True, start=50),
+            # A control process of other options (an ExecStopPost of the old definition).
+            marked(50, 50, main=False, unit_hash=OLD),
+            marked(51, 50, main=False, unit_hash=OLD),
+        ],
+    )
+    assert found == {
+        KEY: [
+            Leftover(NEW, (10, 100), {10}),
+            Leftover(NEW, None, {40}),
+            Leftover(OLD, None, {50}),
+        ]
+    }
+
+
+def test_instances_are_told_apart_by_unit_and_machine() -> None:
+    noted = StoredRun("api.service", MACHINE, OLD, 5, 1, (5,))
+    found = collect_leftovers(
+        [noted], [marked(10, 10, main=True), marked(20, 20, main=True, machine=OTHER_MACHINE)]
+    )
+    assert found == {
+        ("api.service", MACHINE): [Leftover(OLD, (5, 1), {5})],
+        KEY: [Leftover(NEW, (10, 100), {10})],
+        ("web.service", OTHER_MACHINE): [Leftover(NEW, (20, 100), {20})],
+    }
+
+
+def test_a_mark_names_its_role_last_but_the_unit() -> None:
+    mark = ProcessMark(REGISTRY, MACHINE, "a:b@c.service", NEW)
+    assert mark.value(main=True) == f"{REGISTRY} {MACHINE} {NEW} main a:b@c.service"
+    assert mark.value(main=False) == f"{REGISTRY} {MACHINE} {NEW} control a:b@c.service"
