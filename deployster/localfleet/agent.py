@@ -28,7 +28,7 @@ through; Environment= and EnvironmentFile= come on top.
 
 Restarts: with a state directory, every process the agent starts carries a
 mark in its environment (`LOCALFLEET_UNIT`: the registry's id, machine, unit,
-unit hash, main or control process; `service.ProcessMark`), set before it
+unit hash, the step that started it; `service.ProcessMark`), set before it
 runs its first instruction, and the agent notes in the registry's database
 which process runs each launched unit (pid, start time, process groups) once
 it runs. A localfleet killed without stopping its units (kill -9, a crash)
@@ -40,14 +40,19 @@ ExecStopPost still running, a stop halfway through. Each instance takes what
 was left for it before it starts anything:
 
 - a run of the options it is to launch whose main process still runs is
-  adopted (`ServiceRun.adopt`) with the control processes of those options:
-  reported `active`/`running` at once, stopped as if this run had started it,
-  never started twice;
+  adopted (`ServiceRun.adopt`) with the control processes of those options
+  (an ExecStartPost still announcing the unit runs on): reported
+  `active`/`running` at once, stopped as if this run had started it, never
+  started twice;
 - everything else (a run of other options, a run that had not reached its
-  main process, processes that outlived their main process, the units no
-  longer wanted or not launched) is stopped first: SIGTERM to its process
+  main process or was stopping (an ExecStop or ExecStopPost of it runs),
+  processes that outlived their main process, the units no longer wanted or
+  not launched) is stopped first: SIGTERM to its process
   groups, SIGKILL after 10 s, then its note is forgotten. Only then does the
-  instance start the unit, so no two runs of one unit overlap.
+  instance start the unit, so no two runs of one unit overlap. (A run killed
+  between a stop's SIGTERM and its main process's end, with no ExecStop,
+  leaves no sign of its stop: it is adopted, and fails when its main process
+  ends.)
 
 A noted run whose main process is gone (or whose pid now names another
 process, started at another time) is forgotten, its groups never signalled:
@@ -113,6 +118,7 @@ class Leftover:
     unit_hash: str
     main: tuple[int, int] | None
     groups: set[int]
+    stopping: bool = False  # an ExecStop or ExecStopPost of it runs: never adopted
 
 
 def collect_leftovers(
@@ -121,8 +127,9 @@ def collect_leftovers(
     """What a previous localfleet left running, by instance: the noted runs (their main process
     checked alive), then one run per marked main process not noted, oldest first. Any other
     marked process joins the run of its process group; a control process (ExecStartPost...)
-    otherwise joins the first run of its unit hash; what is left is a run without a main
-    process (a main process's children that outlived it, a start that had not reached it)."""
+    otherwise joins the first run of its unit hash, which is stopping if that process is an
+    ExecStop or ExecStopPost; what is left is a run without a main process (a main process's
+    children that outlived it, a start that had not reached it)."""
     found: dict[InstanceKey, list[Leftover]] = {}
     for run in noted:
         found.setdefault((run.unit, run.machine_id), []).append(
@@ -140,9 +147,10 @@ def collect_leftovers(
         if home is None and not process.main:
             home = next((run for run in runs if run.unit_hash == mark.unit_hash), None)
         if home is None:
-            runs.append(Leftover(mark.unit_hash, None, {process.group}))
-        else:
-            home.groups.add(process.group)
+            home = Leftover(mark.unit_hash, None, set())
+            runs.append(home)
+        home.groups.add(process.group)
+        home.stopping |= process.stopping
     return found
 
 
@@ -293,12 +301,18 @@ class UnitInstance:
         self._log.info("unit_unloaded")
 
     def _adoptable(self) -> Leftover | None:
-        """A leftover run of the loaded options whose main process still runs, if they loaded."""
+        """A leftover run of the loaded options whose main process still runs and that was not
+        stopping, if they loaded."""
         loaded = self._loaded
         if loaded is None or loaded.spec is None:
             return None
         return next(
-            (run for run in self._leftovers if run.main and run.unit_hash == loaded.hash), None
+            (
+                run
+                for run in self._leftovers
+                if run.main and not run.stopping and run.unit_hash == loaded.hash
+            ),
+            None,
         )
 
     async def _clear_leftovers(self, keep: Leftover | None = None) -> None:

@@ -38,8 +38,8 @@ many containers.
 
 With a `ProcessMark`, every process a run starts carries in its environment
 (`LOCALFLEET_UNIT`, after the unit's own variables, so a unit cannot change
-it) which registry, machine, unit and unit hash it belongs to, and whether it
-is the main process; its children inherit it. `marked_processes` finds them
+it) which registry, machine, unit and unit hash it belongs to, and the step
+that started it (`ExecStart` for the main process); its children inherit it. `marked_processes` finds them
 again in /proc: a restarted localfleet learns from them what its predecessor
 started, also in the moment between a spawn and the note of it.
 """
@@ -71,6 +71,7 @@ _KILL_GRACE = 5.0
 _JOURNAL_DRAIN = 1.0
 _CLEAN_EXIT_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
 MARK_VARIABLE = "LOCALFLEET_UNIT"
+_STEPS = frozenset({"ExecStartPre", "ExecStart", "ExecStartPost", "ExecStop", "ExecStopPost"})
 
 StateListener = Callable[[str, str], None]
 
@@ -160,22 +161,32 @@ class ProcessMark:
     unit: str
     unit_hash: str
 
-    def value(self, main: bool) -> str:
-        """`LOCALFLEET_UNIT`'s value; the unit name last, as the only part not made of hex digits."""
-        role = "main" if main else "control"
-        return f"{self.registry} {self.machine_id} {self.unit_hash} {role} {self.unit}"
+    def value(self, step: str) -> str:
+        """`LOCALFLEET_UNIT`'s value for a process of `step` (`ExecStart`, `ExecStop`...); the
+        unit name last, as the only part that is not a hex id or a step."""
+        return f"{self.registry} {self.machine_id} {self.unit_hash} {step} {self.unit}"
 
 
 @dataclasses.dataclass(frozen=True)
 class MarkedProcess:
-    """A live process carrying a mark: its process group, start time and whether it is (or
-    descends from) a main process."""
+    """A live process carrying a mark: its process group, start time and the step of the run
+    that started it (or its ancestor)."""
 
     pid: int
     group: int
     start_time: int
     mark: ProcessMark
-    main: bool
+    step: str
+
+    @property
+    def main(self) -> bool:
+        """The main process or one of its descendants."""
+        return self.step == "ExecStart"
+
+    @property
+    def stopping(self) -> bool:
+        """Started by a stop: its run was on its way out."""
+        return self.step in ("ExecStop", "ExecStopPost")
 
     @property
     def leads(self) -> bool:
@@ -208,20 +219,20 @@ def marked_processes(registry: str) -> list[MarkedProcess]:
         fields = _stat_fields(entry)
         if (
             len(parts) != 4
-            or parts[2] not in ("main", "control")
+            or parts[2] not in _STEPS
             or fields is None
             or len(fields) < 20
             or fields[0] in (b"Z", b"X")
         ):
             continue
-        machine_id, unit_hash, role, unit = parts
+        machine_id, unit_hash, step, unit = parts
         found.append(
             MarkedProcess(
                 pid=int(entry),
                 group=int(fields[2]),
                 start_time=int(fields[19]),
                 mark=ProcessMark(registry, machine_id, unit, unit_hash),
-                main=role == "main",
+                step=step,
             )
         )
     return found
@@ -433,7 +444,7 @@ class ServiceRun:
             if not await self._run_commands(self._spec.exec_start_pre, environment, "ExecStartPre"):
                 return False
         try:
-            main = await self._spawn(self._spec.exec_start, environment, main=True)
+            main = await self._spawn(self._spec.exec_start, environment, "ExecStart")
         except SpawnError as exc:
             # Never started; with a `-` prefix the run still counts as a success (inactive/dead).
             self._journal.note(str(exc))
@@ -553,7 +564,7 @@ class ServiceRun:
         self, command: ExecCommand, environment: dict[str, str], label: str
     ) -> bool:
         try:
-            process = await self._spawn(command, environment)
+            process = await self._spawn(command, environment, label)
         except SpawnError as exc:
             self._journal.note(f"{label}: {exc}")
             return self._command_failed(command, ServiceResult.EXIT_CODE)
@@ -573,10 +584,10 @@ class ServiceRun:
         return False
 
     async def _spawn(
-        self, command: ExecCommand, environment: dict[str, str], main: bool = False
+        self, command: ExecCommand, environment: dict[str, str], step: str
     ) -> asyncio.subprocess.Process:
         if self._mark is not None:
-            environment = {**environment, MARK_VARIABLE: self._mark.value(main)}
+            environment = {**environment, MARK_VARIABLE: self._mark.value(step)}
         argv = (
             expand_exec_argv(command.argv, environment)
             if command.expand_variables

@@ -268,7 +268,7 @@ def left_running(
     """A main process a killed localfleet started for `goal`'s options and never noted."""
     mark = ProcessMark(store.identity(), MACHINE, goal.unit_name, goal.unit_hash)
     return subprocess.Popen(
-        argv, env={**os.environ, MARK_VARIABLE: mark.value(main=True)}, start_new_session=True
+        argv, env={**os.environ, MARK_VARIABLE: mark.value("ExecStart")}, start_new_session=True
     )
 
 

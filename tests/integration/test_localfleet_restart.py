@@ -174,6 +174,34 @@ async def test_killed_during_a_stop_what_it_left_is_stopped(restarts: Restarts) 
     assert restarts.noted() == {}
 
 
+async def test_killed_while_shutting_down_a_wanted_unit_it_finishes_the_stop_then_starts_anew(
+    restarts: Restarts,
+) -> None:
+    """A graceful stop of localfleet stops its units; a kill -9 during one's ExecStop leaves a
+    main process on its way out: it is not adopted (it would end and leave the unit failed)
+    but stopped with its ExecStop, and the unit, still wanted, started once."""
+    client = restarts.client
+    name = client.name("unit")
+    await client.launch(
+        name, unit_lines(("ExecStart", "/bin/sleep 300"), ("ExecStop", "/bin/sleep 304"))
+    )
+    await client.wait_state(name, "active", "running")
+    (old_main,) = processes(name)
+    restarts.fleet.process.send_signal(signal.SIGTERM)
+
+    async def stopping() -> bool:
+        return "/bin/sleep 304" in processes(name).values()
+
+    await wait_for(stopping, "the ExecStop of the shutdown")
+    restarts.kill_9()
+
+    restarts.restart()
+    await client.wait_state(name, "active", "running")
+    (new_main,) = processes(name)
+    assert new_main != old_main and processes(name)[new_main] == "/bin/sleep 300"
+    assert restarts.noted()[name][1] == new_main
+
+
 async def test_a_unit_changed_while_localfleet_was_down_stops_the_old_run_first(
     restarts: Restarts, tmp_path: pathlib.Path
 ) -> None:

@@ -275,8 +275,8 @@ async def test_every_process_of_a_run_carries_its_mark_and_is_found_by_it(
         subprocess.Popen(["/bin/sleep", "302"], env={MARK_VARIABLE: value}, start_new_session=True)
         for value in (
             f"{mark.registry} {MACHINE} {'ab' * 20}",  # cut short
-            f"{mark.registry} {MACHINE} {'ab' * 20} boss {UNIT}",  # no such role
-            f"{uuid.uuid4().hex} {MACHINE} {'ab' * 20} main {UNIT}",  # another registry
+            f"{mark.registry} {MACHINE} {'ab' * 20} ExecBoss {UNIT}",  # no such step
+            f"{uuid.uuid4().hex} {MACHINE} {'ab' * 20} ExecStart {UNIT}",  # another registry
         )
     ]
     try:
@@ -284,9 +284,9 @@ async def test_every_process_of_a_run_carries_its_mark_and_is_found_by_it(
         main = harness.run.main_pid
         assert main is not None
 
-        async def three() -> list[tuple[bool, bool, int, ProcessMark]]:
-            found = sorted(marked_processes(mark.registry), key=lambda p: (not p.leads, not p.main))
-            return [(p.leads, p.main, p.group, p.mark) for p in found]
+        async def three() -> list[tuple[bool, str, int, ProcessMark]]:
+            found = sorted(marked_processes(mark.registry), key=lambda p: (not p.leads, p.step))
+            return [(p.leads, p.step, p.group, p.mark) for p in found]
 
         deadline = time.monotonic() + DEADLINE
         while len(found := await three()) < 3:  # the main process's child is on its way
@@ -294,9 +294,9 @@ async def test_every_process_of_a_run_carries_its_mark_and_is_found_by_it(
             await asyncio.sleep(0.02)
         (post,) = [pid for pid in harness.run.groups if pid != main]
         assert found == [
-            (True, True, main, mark),  # the main process
-            (False, True, main, mark),  # its child, in its group
-            (False, False, post, mark),  # ExecStartPost, in its own
+            (True, "ExecStart", main, mark),  # the main process
+            (False, "ExecStart", main, mark),  # its child, in its group
+            (False, "ExecStartPost", post, mark),  # in its own
         ]
     finally:
         for process in garbage:

@@ -17,14 +17,14 @@ KEY = ("web.service", MACHINE)
 def marked(
     pid: int,
     group: int,
+    step: str,
     *,
-    main: bool,
     unit_hash: str = NEW,
     start: int = 100,
     machine: str = MACHINE,
 ) -> MarkedProcess:
     mark = ProcessMark(REGISTRY, machine, "web.service", unit_hash)
-    return MarkedProcess(pid=pid, group=group, start_time=start, mark=mark, main=main)
+    return MarkedProcess(pid=pid, group=group, start_time=start, mark=mark, step=step)
 
 
 def test_a_noted_run_takes_its_own_marked_processes_and_its_control_processes() -> None:
@@ -32,22 +32,22 @@ def test_a_noted_run_takes_its_own_marked_processes_and_its_control_processes() 
     found = collect_leftovers(
         [noted],
         [
-            marked(10, 10, main=True),  # the noted main process itself
-            marked(11, 10, main=True),  # its child
-            marked(20, 20, main=False),  # an ExecStartPost still running
+            marked(10, 10, "ExecStart"),  # the noted main process itself
+            marked(11, 10, "ExecStart"),  # its child
+            marked(20, 20, "ExecStartPost"),  # an ExecStartPost still running
         ],
     )
     assert found == {KEY: [Leftover(NEW, (10, 100), {5, 10, 20})]}
 
 
 def test_a_main_process_spawned_but_never_noted_is_a_run_of_its_own() -> None:
-    found = collect_leftovers([], [marked(20, 20, main=False), marked(10, 10, main=True)])
+    found = collect_leftovers([], [marked(20, 20, "ExecStartPost"), marked(10, 10, "ExecStart")])
     assert found == {KEY: [Leftover(NEW, (10, 100), {10, 20})]}
 
 
 def test_two_main_processes_of_one_unit_are_two_runs_the_oldest_first() -> None:
     found = collect_leftovers(
-        [], [marked(30, 30, main=True, start=300), marked(10, 10, main=True, start=100)]
+        [], [marked(30, 30, "ExecStart", start=300), marked(10, 10, "ExecStart", start=100)]
     )
     assert found == {KEY: [Leftover(NEW, (10, 100), {10}), Leftover(NEW, (30, 300), {30})]}
 
@@ -56,19 +56,19 @@ def test_processes_without_a_main_process_of_theirs_are_runs_without_one() -> No
     found = collect_leftovers(
         [],
         [
-            marked(10, 10, main=True),
+            marked(10, 10, "ExecStart"),
             # The child of a main process that has ended: not the running main's, to be stopped.
-            marked(41, 40, main=True, start=50),
+            marked(41, 40, "ExecStart", start=50),
             # A control process of other options (an ExecStopPost of the old definition).
-            marked(50, 50, main=False, unit_hash=OLD),
-            marked(51, 50, main=False, unit_hash=OLD),
+            marked(50, 50, "ExecStopPost", unit_hash=OLD),
+            marked(51, 50, "ExecStopPost", unit_hash=OLD),
         ],
     )
     assert found == {
         KEY: [
             Leftover(NEW, (10, 100), {10}),
             Leftover(NEW, None, {40}),
-            Leftover(OLD, None, {50}),
+            Leftover(OLD, None, {50}, stopping=True),
         ]
     }
 
@@ -76,7 +76,7 @@ def test_processes_without_a_main_process_of_theirs_are_runs_without_one() -> No
 def test_instances_are_told_apart_by_unit_and_machine() -> None:
     noted = StoredRun("api.service", MACHINE, OLD, 5, 1, (5,))
     found = collect_leftovers(
-        [noted], [marked(10, 10, main=True), marked(20, 20, main=True, machine=OTHER_MACHINE)]
+        [noted], [marked(10, 10, "ExecStart"), marked(20, 20, "ExecStart", machine=OTHER_MACHINE)]
     )
     assert found == {
         ("api.service", MACHINE): [Leftover(OLD, (5, 1), {5})],
@@ -85,7 +85,23 @@ def test_instances_are_told_apart_by_unit_and_machine() -> None:
     }
 
 
-def test_a_mark_names_its_role_last_but_the_unit() -> None:
+def test_a_run_with_a_stop_step_running_is_stopping() -> None:
+    found = collect_leftovers(
+        [],
+        [
+            marked(10, 10, "ExecStart"),
+            marked(20, 20, "ExecStop"),
+            marked(30, 30, "ExecStart", unit_hash=OLD),
+        ],
+    )
+    assert found == {
+        KEY: [
+            Leftover(NEW, (10, 100), {10, 20}, stopping=True),
+            Leftover(OLD, (30, 100), {30}),
+        ]
+    }
+
+
+def test_a_mark_names_the_step_last_but_the_unit() -> None:
     mark = ProcessMark(REGISTRY, MACHINE, "a:b@c.service", NEW)
-    assert mark.value(main=True) == f"{REGISTRY} {MACHINE} {NEW} main a:b@c.service"
-    assert mark.value(main=False) == f"{REGISTRY} {MACHINE} {NEW} control a:b@c.service"
+    assert mark.value("ExecStopPost") == f"{REGISTRY} {MACHINE} {NEW} ExecStopPost a:b@c.service"
