@@ -35,7 +35,8 @@ it runs. A localfleet killed without stopping its units (kill -9, a crash)
 finds, when it starts again, what its predecessor left: the noted runs whose
 main process still runs (same pid and start time), and every live process
 carrying its registry's mark, in /proc. The mark covers every moment the
-note does not: a process spawned but not noted yet, an ExecStartPost or
+note does not: a process spawned but not noted yet, a note cut off while it
+was written (one SQLite transaction: whole or absent), an ExecStartPost or
 ExecStopPost still running, a stop halfway through. Each instance takes what
 was left for it before it starts anything:
 
@@ -47,12 +48,15 @@ was left for it before it starts anything:
 - everything else (a run of other options, a run that had not reached its
   main process or was stopping (an ExecStop or ExecStopPost of it runs),
   processes that outlived their main process, the units no longer wanted or
-  not launched) is stopped first: SIGTERM to its process
-  groups, SIGKILL after 10 s, then its note is forgotten. Only then does the
-  instance start the unit, so no two runs of one unit overlap. (A run killed
-  between a stop's SIGTERM and its main process's end, with no ExecStop,
-  leaves no sign of its stop: it is adopted, and fails when its main process
-  ends.)
+  not launched) is stopped first: SIGTERM to its process groups, SIGKILL
+  after 10 s, then its note is forgotten. Only then does the instance start
+  the unit, so no two runs of one unit overlap.
+
+Limits: a run killed between a stop's SIGTERM and its main process's end,
+with no ExecStop, leaves no sign of its stop: it is adopted, and fails when
+its main process ends. A process whose environment localfleet cannot read
+(setuid) or that overwrites it (a process title) is found through the note
+only: the main process's, never a control process's.
 
 A noted run whose main process is gone (or whose pid now names another
 process, started at another time) is forgotten, its groups never signalled:

@@ -39,9 +39,10 @@ many containers.
 With a `ProcessMark`, every process a run starts carries in its environment
 (`LOCALFLEET_UNIT`, after the unit's own variables, so a unit cannot change
 it) which registry, machine, unit and unit hash it belongs to, and the step
-that started it (`ExecStart` for the main process); its children inherit it. `marked_processes` finds them
-again in /proc: a restarted localfleet learns from them what its predecessor
-started, also in the moment between a spawn and the note of it.
+that started it (`ExecStart` for the main process); its children inherit it.
+`marked_processes` finds them again in /proc: a restarted localfleet learns
+from them what its predecessor started, also in the moment between a spawn
+and the note of it.
 """
 
 from __future__ import annotations
