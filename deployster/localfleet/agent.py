@@ -234,7 +234,6 @@ class UnitInstance:
                 self._wake.clear()
                 while await self._step_supervised():
                     pass
-                await self._clear_leftovers()  # not adopted by a start: not wanted
                 if self._goal is None and self._loaded is None:
                     return  # no await between this check and on_exit: no goal can slip in
                 await self._wake.wait()
@@ -257,7 +256,7 @@ class UnitInstance:
             self._unload()
             return True
         if goal is None:
-            return False
+            return await self._clear_leftovers()
         if self._loaded is None:
             self._load(goal)
             return True
@@ -274,7 +273,7 @@ class UnitInstance:
             self._job_launched = False
             await self._stop()
             return True
-        return False
+        return await self._clear_leftovers()  # not adopted by a start: not wanted
 
     def _load(self, goal: DesiredInstance) -> None:
         if self._journal is None:
@@ -319,19 +318,20 @@ class UnitInstance:
             None,
         )
 
-    async def _clear_leftovers(self, keep: Leftover | None = None) -> None:
+    async def _clear_leftovers(self, keep: Leftover | None = None) -> bool:
         """Stop what a previous localfleet left running here, but `keep`, and forget its note
-        unless `keep` will be adopted."""
+        unless `keep` will be adopted; False when there was nothing to stop."""
         stray = [run for run in self._leftovers if run is not keep]
         self._leftovers = [keep] if keep is not None else []
         if not stray:
-            return
+            return False
         groups = sorted(set().union(*(run.groups for run in stray)))
         pids = [run.main[0] for run in stray if run.main is not None]
         self._log.warning("unit_orphan_stopped", pids=pids, groups=groups)
         await stop_groups(groups)
         if keep is None and self._context.runs is not None:
             self._context.runs.forget_run(self.unit_name, self.machine_id)
+        return True
 
     def _start(self, adopt: Leftover | None) -> None:
         assert self._loaded is not None and self._journal is not None
