@@ -290,3 +290,37 @@ async def test_a_run_note_whose_pid_names_an_unrelated_process_touches_it_not(
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+async def test_killed_again_while_stopping_what_it_left_the_next_start_finishes_the_job(
+    restarts: Restarts,
+) -> None:
+    """The leftover ignores SIGTERM, so the second localfleet is killed within its 10 s grace;
+    the third one, finding the same process by its mark, kills it."""
+    client = restarts.client
+    name = client.name("unit")
+    stubborn = "/bin/sh -c \"trap '' TERM; while :; do sleep 0.1; done\""
+    await client.launch(name, unit_lines(("ExecStart", stubborn)))
+    await client.wait_state(name, "active", "running")
+    restarts.kill_9()
+    (old,) = [pid for pid, line in processes(name).items() if line.startswith("/bin/sh")]
+    with restarts.db() as db:  # no longer launched, as a submit while localfleet is down would
+        db.execute("UPDATE units SET desired_state = 'loaded' WHERE name = ?", (name,))
+
+    restarts.restart()
+
+    async def clearing() -> bool:
+        return "unit_orphan_stopped" in restarts.fleet.log()
+
+    await wait_for(clearing, "the second localfleet to stop the leftover")
+    restarts.kill_9()
+    assert old in processes(name)  # SIGTERM changed nothing
+
+    restarts.restart()
+
+    async def nothing_left() -> bool:
+        return processes(name) == {}
+
+    await wait_for(nothing_left, "the third localfleet to SIGKILL the leftover", timeout=30)
+    await client.wait_state(name, "inactive", "dead")
+    assert restarts.noted() == {}
