@@ -123,39 +123,68 @@ class Leftover:
     main: tuple[int, int] | None
     groups: set[int]
     stopping: bool = False  # an ExecStop or ExecStopPost of it runs: never adopted
+    noted: bool = False  # it had reached active/running
 
 
 def collect_leftovers(
     noted: Iterable[StoredRun], marked: Iterable[MarkedProcess]
 ) -> dict[InstanceKey, list[Leftover]]:
     """What a previous localfleet left running, by instance: the noted runs (their main process
-    checked alive), then one run per marked main process not noted, oldest first. Any other
-    marked process joins the run of its process group; a control process (ExecStartPost...)
-    otherwise joins the first run of its unit hash, which is stopping if that process is an
-    ExecStop or ExecStopPost; what is left is a run without a main process (a main process's
-    children that outlived it, a start that had not reached it)."""
+    checked alive), then a run for the oldest marked main process of each unit hash not noted.
+
+    The processes that lead their own process group are the ones localfleet spawned, or ones
+    that left their step's session (a daemon: podman's pause process, an agent); those are
+    not the unit's, as a stop never reaches them either. They are told apart by what the run
+    had reached: a main process other than the run's (younger: it descends from it), an
+    ExecStartPre when the run has its main process, an ExecStartPost when it had reached
+    active/running, have left a step that was over. The processes in their groups are left
+    alone too. Any other marked process joins the run of its process group; a control process
+    (ExecStartPost...) otherwise joins the run of its unit hash, which is stopping if that
+    process is an ExecStop or ExecStopPost; what is left is a run without a main process (a
+    main process's children that outlived it, a start that had not reached it)."""
     found: dict[InstanceKey, list[Leftover]] = {}
     for run in noted:
         found.setdefault((run.unit, run.machine_id), []).append(
-            Leftover(run.unit_hash, (run.pid, run.start_time), set(run.groups))
+            Leftover(run.unit_hash, (run.pid, run.start_time), set(run.groups), noted=True)
         )
-    for process in sorted(marked, key=lambda process: (not process.leads, process.start_time)):
+    escaped: set[int] = set()
+    for process in sorted(marked, key=_leaders_first):
         mark = process.mark
         runs = found.setdefault((mark.unit, mark.machine_id), [])
-        if process.leads:
-            if not any(run.main is not None and run.main[0] == process.pid for run in runs):
-                main = (process.pid, process.start_time)
-                runs.append(Leftover(mark.unit_hash, main, {process.group}))
+        own = next((run for run in runs if run.unit_hash == mark.unit_hash and run.main), None)
+        if process.group in escaped or (own is not None and _left_its_step(process, own)):
+            escaped.add(process.group)
+            continue
+        if process.leads and own is None:
+            main = (process.pid, process.start_time)
+            runs.append(Leftover(mark.unit_hash, main, {process.group}))
             continue
         home = next((run for run in runs if process.group in run.groups), None)
         if home is None and not process.main:
-            home = next((run for run in runs if run.unit_hash == mark.unit_hash), None)
+            home = own or next((run for run in runs if run.unit_hash == mark.unit_hash), None)
         if home is None:
             home = Leftover(mark.unit_hash, None, set())
             runs.append(home)
         home.groups.add(process.group)
         home.stopping |= process.stopping
     return found
+
+
+def _leaders_first(process: MarkedProcess) -> tuple[bool, bool, int]:
+    """Main processes, then the other leaders of process groups, then the rest; oldest first."""
+    return (not process.leads, process.pid != process.group, process.start_time)
+
+
+def _left_its_step(process: MarkedProcess, run: Leftover) -> bool:
+    """`process` leads its own group but cannot be what localfleet spawned for `run` (which has
+    its main process): it left the session of a step that was over."""
+    if process.pid != process.group or (run.main is not None and run.main[0] == process.pid):
+        return False
+    return (
+        process.main
+        or process.step == "ExecStartPre"
+        or (process.step == "ExecStartPost" and run.noted)
+    )
 
 
 def find_leftovers(runs: RegistryStore) -> dict[InstanceKey, list[Leftover]]:

@@ -300,14 +300,18 @@ def _signal_groups(groups: Sequence[int], signum: int) -> None:
 
 
 async def stop_groups(groups: Sequence[int], timeout: float = 10.0) -> None:
-    """SIGTERM process groups no run owns any more, and SIGKILL what is left after ``timeout``."""
+    """SIGTERM process groups no run owns any more, and SIGKILL what is left after ``timeout``.
+    The /proc scans are the shared ones: many leftovers stopping at once after a restart cost
+    one scan per poll, not one per group."""
     _signal_groups(groups, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_group_alive(group, _scan_live_process_groups()) for group in groups):
+    live = _SCANNER.live_groups(dict.fromkeys(groups, -math.inf))
+    while live:
         if time.monotonic() > deadline:
-            _signal_groups(groups, signal.SIGKILL)
+            _signal_groups(list(live), signal.SIGKILL)
             return
         await asyncio.sleep(_POLL_INTERVAL)
+        live = _SCANNER.live_groups(live)
 
 
 def _resolve_executable(path: str, search_path: str | None) -> str:

@@ -27,29 +27,45 @@ def marked(
     return MarkedProcess(pid=pid, group=group, start_time=start, mark=mark, step=step)
 
 
-def test_a_noted_run_takes_its_own_marked_processes_and_its_control_processes() -> None:
+def test_a_noted_run_takes_its_marked_processes_but_the_daemons_of_its_start() -> None:
+    """Noted once running: its ExecStartPost steps were over, so a process leading its own
+    group with that step is a daemon that left it, as is a younger leader of the main step."""
     noted = StoredRun("web.service", MACHINE, NEW, 10, 100, (10, 5))
     found = collect_leftovers(
         [noted],
         [
             marked(10, 10, "ExecStart"),  # the noted main process itself
             marked(11, 10, "ExecStart"),  # its child
-            marked(20, 20, "ExecStartPost"),  # an ExecStartPost still running
+            marked(6, 5, "ExecStartPre"),  # a child left in an ExecStartPre's group
+            marked(20, 20, "ExecStartPost", start=120),  # a daemon an ExecStartPost started
+            marked(21, 20, "ExecStartPost", start=121),  # and its child
+            marked(30, 30, "ExecStart", start=130),  # a daemon the main process started
         ],
     )
-    assert found == {KEY: [Leftover(NEW, (10, 100), {5, 10, 20})]}
+    assert found == {KEY: [Leftover(NEW, (10, 100), {5, 10}, noted=True)]}
 
 
-def test_a_main_process_spawned_but_never_noted_is_a_run_of_its_own() -> None:
+def test_a_main_process_spawned_but_never_noted_is_a_run_with_its_start_post_step() -> None:
     found = collect_leftovers([], [marked(20, 20, "ExecStartPost"), marked(10, 10, "ExecStart")])
     assert found == {KEY: [Leftover(NEW, (10, 100), {10, 20})]}
 
 
-def test_two_main_processes_of_one_unit_are_two_runs_the_oldest_first() -> None:
+def test_of_two_main_processes_not_noted_the_younger_left_the_older() -> None:
     found = collect_leftovers(
-        [], [marked(30, 30, "ExecStart", start=300), marked(10, 10, "ExecStart", start=100)]
+        [],
+        [
+            marked(30, 30, "ExecStart", start=300),
+            marked(31, 30, "ExecStart", start=301),
+            marked(10, 10, "ExecStart", start=100),
+            marked(40, 40, "ExecStartPre", start=50),  # started before: a daemon all the same
+        ],
     )
-    assert found == {KEY: [Leftover(NEW, (10, 100), {10}), Leftover(NEW, (30, 300), {30})]}
+    assert found == {KEY: [Leftover(NEW, (10, 100), {10})]}
+
+
+def test_without_a_main_process_a_start_pre_step_is_the_run() -> None:
+    found = collect_leftovers([], [marked(40, 40, "ExecStartPre"), marked(41, 40, "ExecStartPre")])
+    assert found == {KEY: [Leftover(NEW, None, {40})]}
 
 
 def test_processes_without_a_main_process_of_theirs_are_runs_without_one() -> None:
@@ -67,8 +83,8 @@ def test_processes_without_a_main_process_of_theirs_are_runs_without_one() -> No
     assert found == {
         KEY: [
             Leftover(NEW, (10, 100), {10}),
-            Leftover(NEW, None, {40}),
             Leftover(OLD, None, {50}, stopping=True),
+            Leftover(NEW, None, {40}),
         ]
     }
 
@@ -79,7 +95,7 @@ def test_instances_are_told_apart_by_unit_and_machine() -> None:
         [noted], [marked(10, 10, "ExecStart"), marked(20, 20, "ExecStart", machine=OTHER_MACHINE)]
     )
     assert found == {
-        ("api.service", MACHINE): [Leftover(OLD, (5, 1), {5})],
+        ("api.service", MACHINE): [Leftover(OLD, (5, 1), {5}, noted=True)],
         KEY: [Leftover(NEW, (10, 100), {10})],
         ("web.service", OTHER_MACHINE): [Leftover(NEW, (20, 100), {20})],
     }
