@@ -52,6 +52,11 @@ was left for it before it starts anything:
   after 10 s, then its note is forgotten. Only then does the instance start
   the unit, so no two runs of one unit overlap.
 
+A marked process that left its step's session (a daemon: podman's pause
+process, an agent) is left alone, as a stop never reaches it either; it is
+told from a step's own process by what its run had reached
+(`collect_leftovers`).
+
 Limits: a run killed between a stop's SIGTERM and its main process's end,
 with no ExecStop, leaves no sign of its stop: it is adopted, and fails when
 its main process ends. A process whose environment localfleet cannot read
