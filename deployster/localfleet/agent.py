@@ -26,16 +26,48 @@ environment is nearly empty, but a user's `deployster up` needs PATH, HOME,
 DOCKER_HOST or XDG_RUNTIME_DIR (podman) to reach the units, so they are passed
 through; Environment= and EnvironmentFile= come on top.
 
-Restarts: with a state directory the agent notes in the registry's database
-which process runs each launched unit (pid, start time, process groups). A
-localfleet killed without stopping its units (kill -9, a crash) finds them
-there when it starts again: a unit still wanted launched, with the same
-options, whose process still runs is adopted (`ServiceRun.adopt`): reported
-`active`/`running` at once, stopped as if this run had started it, and never
-started twice. A noted process that is no longer wanted is stopped (SIGTERM
-to its process groups, SIGKILL after 10 s). An adopted
-process's output went through a pipe to the previous localfleet: a write to
-it now gets a broken pipe (SIGPIPE ends a process that does not ignore it).
+Restarts: with a state directory, every process the agent starts carries a
+mark in its environment (`LOCALFLEET_UNIT`: the registry's id, machine, unit,
+unit hash, the step that started it; `service.ProcessMark`), set before it
+runs its first instruction, and the agent notes in the registry's database
+which process runs each launched unit (pid, start time, process groups) once
+it runs. A localfleet killed without stopping its units (kill -9, a crash)
+finds, when it starts again, what its predecessor left: the noted runs whose
+main process still runs (same pid and start time), and every live process
+carrying its registry's mark, in /proc. The mark covers every moment the
+note does not: a process spawned but not noted yet, a note cut off while it
+was written (one SQLite transaction: whole or absent), an ExecStartPost or
+ExecStopPost still running, a stop halfway through. Each instance takes what
+was left for it before it starts anything:
+
+- a run of the options it is to launch whose main process still runs is
+  adopted (`ServiceRun.adopt`) with the control processes of those options
+  (an ExecStartPost still announcing the unit runs on): reported
+  `active`/`running` at once, stopped as if this run had started it, never
+  started twice;
+- everything else (a run of other options, a run that had not reached its
+  main process or was stopping (an ExecStop or ExecStopPost of it runs),
+  processes that outlived their main process, the units no longer wanted or
+  not launched) is stopped first: SIGTERM to its process groups, SIGKILL
+  after 10 s, then its note is forgotten. Only then does the instance start
+  the unit, so no two runs of one unit overlap.
+
+A marked process that left its step's session (a daemon: podman's pause
+process, an agent) is left alone, as a stop never reaches it either; it is
+told from a step's own process by what its run had reached
+(`collect_leftovers`).
+
+Limits: a run killed between a stop's SIGTERM and its main process's end,
+with no ExecStop, leaves no sign of its stop: it is adopted, and fails when
+its main process ends. A process whose environment localfleet cannot read
+(setuid) or that overwrites it (a process title) is found through the note
+only: the main process's, never a control process's.
+
+A noted run whose main process is gone (or whose pid now names another
+process, started at another time) is forgotten, its groups never signalled:
+a group's id may have been reused. An adopted process's output went through a
+pipe to the previous localfleet: a write to it now gets a broken pipe
+(SIGPIPE ends a process that does not ignore it).
 
 Supervision: an exception inside an instance is logged with the unit and
 machine, its processes are killed, the unit is reported `failed`, and the
@@ -48,7 +80,7 @@ import asyncio
 import bisect
 import dataclasses
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import structlog
 
@@ -56,7 +88,14 @@ from deployster.fleet import JOB_LAUNCHED, JOB_LOADED, UnitState
 
 from .journal import UnitJournal
 from .model import DesiredInstance
-from .service import ServiceRun, process_start_time, stop_groups
+from .service import (
+    MarkedProcess,
+    ProcessMark,
+    ServiceRun,
+    marked_processes,
+    process_start_time,
+    stop_groups,
+)
 from .store import RegistryStore, StoredRun
 from .unitfile import ServiceSpec, UnitLoadError, build_service_spec
 
@@ -79,6 +118,92 @@ class _Activation:
     task: asyncio.Task[None]
 
 
+@dataclasses.dataclass
+class Leftover:
+    """Processes a previous localfleet started for one instance and left running: one run's
+    main process (pid and start time; None when it is gone or was never started) and the
+    process groups that go with it."""
+
+    unit_hash: str
+    main: tuple[int, int] | None
+    groups: set[int]
+    stopping: bool = False  # an ExecStop or ExecStopPost of it runs: never adopted
+    noted: bool = False  # it had reached active/running
+
+
+def collect_leftovers(
+    noted: Iterable[StoredRun], marked: Iterable[MarkedProcess]
+) -> dict[InstanceKey, list[Leftover]]:
+    """What a previous localfleet left running, by instance: the noted runs (their main process
+    checked alive), then a run for the oldest marked main process of each unit hash not noted.
+
+    The processes that lead their own process group are the ones localfleet spawned, or ones
+    that left their step's session (a daemon: podman's pause process, an agent); those are
+    not the unit's, as a stop never reaches them either. They are told apart by what the run
+    had reached: a main process other than the run's (younger: it descends from it), an
+    ExecStartPre when the run has its main process, an ExecStartPost when it had reached
+    active/running, have left a step that was over. The processes in their groups are left
+    alone too. Any other marked process joins the run of its process group; a control process
+    (ExecStartPost...) otherwise joins the run of its unit hash, which is stopping if that
+    process is an ExecStop or ExecStopPost; what is left is a run without a main process (a
+    main process's children that outlived it, a start that had not reached it)."""
+    found: dict[InstanceKey, list[Leftover]] = {}
+    for run in noted:
+        found.setdefault((run.unit, run.machine_id), []).append(
+            Leftover(run.unit_hash, (run.pid, run.start_time), set(run.groups), noted=True)
+        )
+    escaped: set[int] = set()
+    for process in sorted(marked, key=_leaders_first):
+        mark = process.mark
+        runs = found.setdefault((mark.unit, mark.machine_id), [])
+        own = next((run for run in runs if run.unit_hash == mark.unit_hash and run.main), None)
+        if process.group in escaped or (own is not None and _left_its_step(process, own)):
+            escaped.add(process.group)
+            continue
+        if process.leads and own is None:
+            main = (process.pid, process.start_time)
+            runs.append(Leftover(mark.unit_hash, main, {process.group}))
+            continue
+        home = next((run for run in runs if process.group in run.groups), None)
+        if home is None and not process.main:
+            home = own or next((run for run in runs if run.unit_hash == mark.unit_hash), None)
+        if home is None:
+            home = Leftover(mark.unit_hash, None, set())
+            runs.append(home)
+        home.groups.add(process.group)
+        home.stopping |= process.stopping
+    return found
+
+
+def _leaders_first(process: MarkedProcess) -> tuple[bool, bool, int]:
+    """Main processes, then the other leaders of process groups, then the rest; oldest first."""
+    return (not process.leads, process.pid != process.group, process.start_time)
+
+
+def _left_its_step(process: MarkedProcess, run: Leftover) -> bool:
+    """`process` leads its own group but cannot be what localfleet spawned for `run` (which has
+    its main process): it left the session of a step that was over."""
+    if process.pid != process.group or (run.main is not None and run.main[0] == process.pid):
+        return False
+    return (
+        process.main
+        or process.step == "ExecStartPre"
+        or (process.step == "ExecStartPost" and run.noted)
+    )
+
+
+def find_leftovers(runs: RegistryStore) -> dict[InstanceKey, list[Leftover]]:
+    """`collect_leftovers` from the registry's notes and /proc; the notes of runs whose main
+    process is gone are forgotten."""
+    noted = []
+    for key, run in runs.runs().items():
+        if process_start_time(run.pid) == run.start_time:
+            noted.append(run)
+        else:
+            runs.forget_run(*key)
+    return collect_leftovers(noted, marked_processes(runs.identity()))
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentContext:
     """What every instance needs from its host."""
@@ -97,11 +222,11 @@ class UnitInstance:
         key: InstanceKey,
         context: AgentContext,
         on_exit: Callable[[UnitInstance], None],
-        adopt: StoredRun | None = None,
+        leftovers: Sequence[Leftover] = (),
         on_reported: Callable[[UnitInstance], None] = lambda instance: None,
     ) -> None:
         self.key = key
-        self._adopt = adopt  # a process a previous localfleet started for this unit
+        self._leftovers = list(leftovers)  # what a previous localfleet left running here
         self.unit_name, self.machine_id = key
         self._context = context
         self._on_exit = on_exit
@@ -165,19 +290,24 @@ class UnitInstance:
             self._unload()
             return True
         if goal is None:
-            return False
+            return await self._clear_leftovers()
         if self._loaded is None:
             self._load(goal)
             return True
         if goal.launched and not self._job_launched:
+            adopt = self._adoptable()
+            await self._clear_leftovers(keep=adopt)
+            if self._goal != goal:
+                return True  # it changed while the leftovers stopped: read it again
+            self._leftovers = []
             self._job_launched = True
-            self._start()
+            self._start(adopt)
             return True
         if not goal.launched and self._job_launched:
             self._job_launched = False
             await self._stop()
             return True
-        return False
+        return await self._clear_leftovers()  # not adopted by a start: not wanted
 
     def _load(self, goal: DesiredInstance) -> None:
         if self._journal is None:
@@ -207,7 +337,37 @@ class UnitInstance:
         self._on_reported(self)
         self._log.info("unit_unloaded")
 
-    def _start(self) -> None:
+    def _adoptable(self) -> Leftover | None:
+        """A leftover run of the loaded options whose main process still runs and that was not
+        stopping, if they loaded."""
+        loaded = self._loaded
+        if loaded is None or loaded.spec is None:
+            return None
+        return next(
+            (
+                run
+                for run in self._leftovers
+                if run.main and not run.stopping and run.unit_hash == loaded.hash
+            ),
+            None,
+        )
+
+    async def _clear_leftovers(self, keep: Leftover | None = None) -> bool:
+        """Stop what a previous localfleet left running here, but `keep`, and forget its note
+        unless `keep` will be adopted; False when there was nothing to stop."""
+        stray = [run for run in self._leftovers if run is not keep]
+        self._leftovers = [keep] if keep is not None else []
+        if not stray:
+            return False
+        groups = sorted(set().union(*(run.groups for run in stray)))
+        pids = [run.main[0] for run in stray if run.main is not None]
+        self._log.warning("unit_orphan_stopped", pids=pids, groups=groups)
+        await stop_groups(groups)
+        if keep is None and self._context.runs is not None:
+            self._context.runs.forget_run(self.unit_name, self.machine_id)
+        return True
+
+    def _start(self, adopt: Leftover | None) -> None:
         assert self._loaded is not None and self._journal is not None
         if self._loaded.spec is None:
             # systemd refuses to start a unit that failed to load; localfleet reports it
@@ -216,15 +376,16 @@ class UnitInstance:
             self._set_state(None, "failed", "failed")
             return
         stop_requested = asyncio.Event()
+        runs = self._context.runs
         run = ServiceRun(
             spec=self._loaded.spec,
             base_environment=self._context.base_environment,
             journal=self._journal,
             on_state=lambda active, sub: self._set_run_state(run, active, sub),
+            mark=ProcessMark(runs.identity(), self.machine_id, self.unit_name, self._loaded.hash)
+            if runs is not None
+            else None,
         )
-        adopt, self._adopt = self._adopt, None
-        if adopt is not None and adopt.unit_hash != self._loaded.hash:
-            adopt = None  # not what is wanted now; the agent stopped it
         task = asyncio.create_task(
             self._supervise(run, stop_requested, adopt),
             name=f"unit:{self.unit_name}:{self.machine_id}",
@@ -232,12 +393,13 @@ class UnitInstance:
         self._activation = _Activation(run, stop_requested, task)
 
     async def _supervise(
-        self, run: ServiceRun, stop_requested: asyncio.Event, adopt: StoredRun | None
+        self, run: ServiceRun, stop_requested: asyncio.Event, adopt: Leftover | None
     ) -> None:
         try:
-            if adopt is not None:
-                self._log.info("unit_adopted", pid=adopt.pid)
-                result = await run.adopt(stop_requested, adopt.pid, adopt.start_time, adopt.groups)
+            if adopt is not None and adopt.main is not None:
+                pid, start_time = adopt.main
+                self._log.info("unit_adopted", pid=pid, groups=sorted(adopt.groups))
+                result = await run.adopt(stop_requested, pid, start_time, sorted(adopt.groups))
             else:
                 result = await run.execute(stop_requested)
             self._log.info("unit_run_finished", result=result.value)
@@ -333,44 +495,35 @@ class Agent:
         self._states: list[InstanceKey] = []
         self._states_on: dict[str, list[InstanceKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Processes a previous localfleet noted, still running: adopted by the first apply.
-        self._adoptable: dict[InstanceKey, StoredRun] = {}
-        for key, run in (context.runs.runs() if context.runs else {}).items():
-            if process_start_time(run.pid) == run.start_time:
-                self._adoptable[key] = run
-            elif context.runs is not None:
-                context.runs.forget_run(*key)
+        # What a previous localfleet left running, handed to the instances by the first apply.
+        self._leftovers = find_leftovers(context.runs) if context.runs is not None else {}
 
     def apply(self, changes: Mapping[InstanceKey, DesiredInstance | None]) -> None:
         """Give each instance in `changes` its new goal (None: no longer wanted), creating
-        instances that are newly wanted; the others are not woken."""
+        instances that are newly wanted; the others are not woken. The first apply also creates
+        an instance for every instance a previous localfleet left processes for, wanted or not:
+        each adopts or stops its own before it starts anything."""
+        leftovers, self._leftovers = self._leftovers, {}
         for key, goal in changes.items():
             instance = self._instances.get(key)
             if instance is not None and instance.goal == goal:
                 continue
             if instance is None:
-                if goal is None:
+                if goal is None and key not in leftovers:
                     continue
-                adopt = self._adoptable.pop(key, None) if goal.launched else None
-                instance = UnitInstance(key, self._context, self._forget, adopt, self._reported)
-                self._instances[key] = instance
-                self._machines_of.setdefault(key[0], set()).add(key[1])
-                task = asyncio.create_task(instance.run(), name=f"instance:{key[0]}:{key[1]}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                instance = self._create(key, leftovers.pop(key, []))
             instance.set_goal(goal)
-        self._stop_unadopted()
+        for key, found in leftovers.items():
+            self._create(key, found)
 
-    def _stop_unadopted(self) -> None:
-        """The noted processes the first apply did not adopt are not wanted: stop them."""
-        for run in self._adoptable.values():
-            log.warning("unit_orphan_stopped", unit=run.unit, machine=run.machine_id, pid=run.pid)
-            task = asyncio.create_task(stop_groups(run.groups), name=f"orphan:{run.unit}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            if self._context.runs is not None:
-                self._context.runs.forget_run(run.unit, run.machine_id)
-        self._adoptable = {}
+    def _create(self, key: InstanceKey, leftovers: list[Leftover]) -> UnitInstance:
+        instance = UnitInstance(key, self._context, self._forget, leftovers, self._reported)
+        self._instances[key] = instance
+        self._machines_of.setdefault(key[0], set()).add(key[1])
+        task = asyncio.create_task(instance.run(), name=f"instance:{key[0]}:{key[1]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return instance
 
     def _forget(self, instance: UnitInstance) -> None:
         if self._instances.get(instance.key) is instance:

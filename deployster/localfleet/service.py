@@ -35,12 +35,21 @@ escape a process group anywhere. Groups are considered gone when no
 non-zombie process is left in them (from /proc, where there is one): zombies
 whose parent died may never be reaped where PID 1 does not reap them, as in
 many containers.
+
+With a `ProcessMark`, every process a run starts carries in its environment
+(`LOCALFLEET_UNIT`, after the unit's own variables, so a unit cannot change
+it) which registry, machine, unit and unit hash it belongs to, and the step
+that started it (`ExecStart` for the main process); its children inherit it.
+`marked_processes` finds them again in /proc: a restarted localfleet learns
+from them what its predecessor started, also in the moment between a spawn
+and the note of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import glob
 import math
@@ -62,6 +71,8 @@ _SCAN_MAX_AGE = 0.05
 _KILL_GRACE = 5.0
 _JOURNAL_DRAIN = 1.0
 _CLEAN_EXIT_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
+MARK_VARIABLE = "LOCALFLEET_UNIT"
+_STEPS = frozenset({"ExecStartPre", "ExecStart", "ExecStartPost", "ExecStop", "ExecStopPost"})
 
 StateListener = Callable[[str, str], None]
 
@@ -120,19 +131,112 @@ def describe_exit(returncode: int) -> str:
     return f"code=killed, status={number}/{name}"
 
 
-def process_start_time(pid: int) -> int | None:
-    """When a live (non-zombie) process started, in clock ticks since boot (`/proc/<pid>/stat`
-    field 22); None when there is no such process. With the pid it names one process for good:
-    a pid the kernel reuses comes with another start time."""
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (state first), or None when
+    there is no such process. The command name may hold spaces and parentheses; the fields
+    after the last ')' do not."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
             stat = file.read()
     except OSError:
         return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """When a live (non-zombie) process started, in clock ticks since boot (`/proc/<pid>/stat`
+    field 22); None when there is no such process. With the pid it names one process for good:
+    a pid the kernel reuses comes with another start time."""
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessMark:
+    """Whose a process is: the registry (one per state directory), machine, unit and unit hash."""
+
+    registry: str
+    machine_id: str
+    unit: str
+    unit_hash: str
+
+    def value(self, step: str) -> str:
+        """`LOCALFLEET_UNIT`'s value for a process of `step` (`ExecStart`, `ExecStop`...); the
+        unit name last, as the only part that is not a hex id or a step."""
+        return f"{self.registry} {self.machine_id} {self.unit_hash} {step} {self.unit}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkedProcess:
+    """A live process carrying a mark: its process group, start time and the step of the run
+    that started it (or its ancestor)."""
+
+    pid: int
+    group: int
+    start_time: int
+    mark: ProcessMark
+    step: str
+
+    @property
+    def main(self) -> bool:
+        """The main process or one of its descendants."""
+        return self.step == "ExecStart"
+
+    @property
+    def stopping(self) -> bool:
+        """Started by a stop: its run was on its way out."""
+        return self.step in ("ExecStop", "ExecStopPost")
+
+    @property
+    def leads(self) -> bool:
+        """A main process itself: it leads the process group of its session."""
+        return self.main and self.pid == self.group
+
+
+def marked_processes(registry: str) -> list[MarkedProcess]:
+    """The live processes whose environment carries a mark of `registry`, from /proc; none
+    where there is no /proc. A process whose environment cannot be read (another user's) or
+    whose mark is not whole is not one of them."""
+    prefix = f"{MARK_VARIABLE}={registry} ".encode()
+    try:
+        entries = os.listdir("/proc")
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        if not (entry.isascii() and entry.isdigit()):
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as file:
+                environ = file.read()
+        except OSError:
+            continue
+        if prefix not in environ:
+            continue
+        variable = next((v for v in environ.split(b"\0") if v.startswith(prefix)), None)
+        parts = variable[len(prefix) :].decode(errors="replace").split(" ", 3) if variable else []
+        fields = _stat_fields(entry)
+        if (
+            len(parts) != 4
+            or parts[2] not in _STEPS
+            or fields is None
+            or len(fields) < 20
+            or fields[0] in (b"Z", b"X")
+        ):
+            continue
+        machine_id, unit_hash, step, unit = parts
+        found.append(
+            MarkedProcess(
+                pid=int(entry),
+                group=int(fields[2]),
+                start_time=int(fields[19]),
+                mark=ProcessMark(registry, machine_id, unit, unit_hash),
+                step=step,
+            )
+        )
+    return found
 
 
 def _scan_live_process_groups() -> set[int] | None:
@@ -145,14 +249,8 @@ def _scan_live_process_groups() -> set[int] | None:
     for entry in entries:
         if not (entry.isascii() and entry.isdigit()):
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as file:
-                stat = file.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses; the fields after the last ')' do not.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[0] not in (b"Z", b"X"):
+        fields = _stat_fields(entry)
+        if fields is not None and len(fields) > 2 and fields[0] not in (b"Z", b"X"):
             groups.add(int(fields[2]))
     return groups
 
@@ -202,14 +300,18 @@ def _signal_groups(groups: Sequence[int], signum: int) -> None:
 
 
 async def stop_groups(groups: Sequence[int], timeout: float = 10.0) -> None:
-    """SIGTERM process groups no run owns any more, and SIGKILL what is left after ``timeout``."""
+    """SIGTERM process groups no run owns any more, and SIGKILL what is left after ``timeout``.
+    The /proc scans are the shared ones: many leftovers stopping at once after a restart cost
+    one scan per poll, not one per group."""
     _signal_groups(groups, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_group_alive(group, _scan_live_process_groups()) for group in groups):
+    live = _SCANNER.live_groups(dict.fromkeys(groups, -math.inf))
+    while live:
         if time.monotonic() > deadline:
-            _signal_groups(groups, signal.SIGKILL)
+            _signal_groups(list(live), signal.SIGKILL)
             return
         await asyncio.sleep(_POLL_INTERVAL)
+        live = _SCANNER.live_groups(live)
 
 
 def _resolve_executable(path: str, search_path: str | None) -> str:
@@ -232,8 +334,10 @@ class ServiceRun:
         base_environment: Mapping[str, str],
         journal: UnitJournal,
         on_state: StateListener,
+        mark: ProcessMark | None = None,
     ) -> None:
         self._spec = spec
+        self._mark = mark
         self._base_environment = base_environment
         self._journal = journal
         self._on_state = on_state
@@ -345,7 +449,7 @@ class ServiceRun:
             if not await self._run_commands(self._spec.exec_start_pre, environment, "ExecStartPre"):
                 return False
         try:
-            main = await self._spawn(self._spec.exec_start, environment)
+            main = await self._spawn(self._spec.exec_start, environment, "ExecStart")
         except SpawnError as exc:
             # Never started; with a `-` prefix the run still counts as a success (inactive/dead).
             self._journal.note(str(exc))
@@ -465,7 +569,7 @@ class ServiceRun:
         self, command: ExecCommand, environment: dict[str, str], label: str
     ) -> bool:
         try:
-            process = await self._spawn(command, environment)
+            process = await self._spawn(command, environment, label)
         except SpawnError as exc:
             self._journal.note(f"{label}: {exc}")
             return self._command_failed(command, ServiceResult.EXIT_CODE)
@@ -485,8 +589,10 @@ class ServiceRun:
         return False
 
     async def _spawn(
-        self, command: ExecCommand, environment: dict[str, str]
+        self, command: ExecCommand, environment: dict[str, str], step: str
     ) -> asyncio.subprocess.Process:
+        if self._mark is not None:
+            environment = {**environment, MARK_VARIABLE: self._mark.value(step)}
         argv = (
             expand_exec_argv(command.argv, environment)
             if command.expand_variables

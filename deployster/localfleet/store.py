@@ -12,7 +12,11 @@ metadata set through the API.
 
 The agent also notes here which process runs each launched unit (`runs`), so
 that a localfleet that restarts after being killed finds its units still
-running and adopts them instead of starting copies (`agent.py`).
+running and adopts them instead of starting copies (`agent.py`). A row that
+does not read as a run (a damaged or hand-edited database) is logged and
+deleted, never trusted: its pid or groups could name anybody's processes. The
+database also holds the registry's `identity`, a random id made once, with
+which the agent marks the processes it starts (`service.ProcessMark`).
 
 A `registry.json` left by an older localfleet (the whole registry rewritten
 on every change) is imported once and renamed `registry.json.imported`.
@@ -24,19 +28,22 @@ holds the user's units.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import pathlib
+import secrets
 import sqlite3
 from collections.abc import Iterator, Mapping
 
 import pydantic
+import structlog
 
 from deployster.fleet import UnitOption
 
 FILE_NAME = "registry.sqlite3"
 LEGACY_FILE_NAME = "registry.json"
 FORMAT_VERSION = 2  # 1 was the JSON file
+
+log = structlog.get_logger()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,20 +88,21 @@ class StoredRegistry(pydantic.BaseModel):
     machine_metadata: dict[str, dict[str, str]] = {}
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(strict=True))
 class StoredRun:
     """The main process of one launched unit on one machine, as the agent started it.
 
     ``start_time`` is the process's start time in clock ticks since boot
     (`/proc/<pid>/stat`), so that a pid the kernel reused for another process
-    is never mistaken for the unit's."""
+    is never mistaken for the unit's. Pids and groups are positive: signalling
+    group 0 would reach localfleet's own."""
 
     unit: str
     machine_id: str
     unit_hash: str
-    pid: int
-    start_time: int
-    groups: tuple[int, ...]
+    pid: pydantic.PositiveInt
+    start_time: pydantic.NonNegativeInt
+    groups: tuple[pydantic.PositiveInt, ...]
 
 
 def _options_json(options: tuple[UnitOption, ...]) -> str:
@@ -107,6 +115,7 @@ class RegistryStore:
         self._legacy = state_dir / LEGACY_FILE_NAME
         self._db: sqlite3.Connection | None = None
         self._runs_db: sqlite3.Connection | None = None
+        self._identity: str | None = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -124,6 +133,9 @@ class RegistryStore:
                         f"{self.path} has format version {row[0]}, "
                         f"this localfleet reads {FORMAT_VERSION}"
                     )
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('identity', ?)", (secrets.token_hex(16),)
+                )
             except sqlite3.DatabaseError as exc:
                 raise StateFileError(
                     f"{self.path} is not a localfleet registry; move it away to start empty: {exc}"
@@ -205,14 +217,29 @@ class RegistryStore:
 
     # The agent's runs
 
+    def identity(self) -> str:
+        """This registry's random id, made once with the database."""
+        if self._identity is None:
+            row = self._connection().execute("SELECT value FROM meta WHERE key = 'identity'")
+            self._identity = str(row.fetchone()[0])
+        return self._identity
+
     def runs(self) -> dict[tuple[str, str], StoredRun]:
-        rows = self._connection().execute("SELECT * FROM runs")
-        return {
-            (unit, machine_id): StoredRun(
-                unit, machine_id, unit_hash, pid, start_time, tuple(json.loads(groups))
-            )
-            for unit, machine_id, unit_hash, pid, start_time, groups in rows
-        }
+        """The noted runs; a row that does not read as one is logged and deleted."""
+        found = {}
+        rows = self._connection().execute("SELECT rowid, * FROM runs").fetchall()
+        for rowid, unit, machine_id, unit_hash, pid, start_time, groups in rows:
+            try:
+                run = StoredRun(
+                    unit, machine_id, unit_hash, pid, start_time, tuple(json.loads(groups))
+                )
+            except (ValueError, TypeError) as exc:  # pydantic's and json's errors are ValueErrors
+                log.warning("run_record_unreadable", row=rowid, error=str(exc).splitlines()[0])
+                with self._transaction(runs=True) as db:
+                    db.execute("DELETE FROM runs WHERE rowid = ?", (rowid,))
+                continue
+            found[(run.unit, run.machine_id)] = run
+        return found
 
     def save_run(self, run: StoredRun) -> None:
         with self._transaction(runs=True) as db:

@@ -117,7 +117,7 @@ class FleetProcess:
             try:
                 with urllib.request.urlopen(f"{self.url}/fleet/v1/machines", timeout=1):
                     return
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # busy machine
                 time.sleep(0.05)
         self.process.kill()
         raise AssertionError(f"localfleet did not answer within {WAIT_SECONDS}s:\n{self.log()}")

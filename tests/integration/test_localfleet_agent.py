@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -27,6 +29,8 @@ from deployster.localfleet import (
 )
 from deployster.localfleet.agent import Agent, AgentContext
 from deployster.localfleet.model import DesiredInstance
+from deployster.localfleet.service import MARK_VARIABLE, ProcessMark
+from deployster.localfleet.store import RegistryStore
 from deployster.localfleet.unitfile import unit_hash
 
 MACHINE = "0123456789abcdef0123456789abcdef"
@@ -256,3 +260,63 @@ async def test_a_live_socket_is_never_taken_over_a_stale_one_is(tmp_path: pathli
         ):
             assert response.status == 200  # the first one still answers on its socket
         assert first.endpoint == f"unix://{socket_path}"
+
+
+def left_running(
+    store: RegistryStore, goal: DesiredInstance, *argv: str
+) -> subprocess.Popen[bytes]:
+    """A main process a killed localfleet started for `goal`'s options and never noted."""
+    mark = ProcessMark(store.identity(), MACHINE, goal.unit_name, goal.unit_hash)
+    return subprocess.Popen(
+        argv, env={**os.environ, MARK_VARIABLE: mark.value("ExecStart")}, start_new_session=True
+    )
+
+
+async def test_a_leftover_of_options_that_no_longer_load_is_stopped(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = RegistryStore(tmp_path / "state")
+    goal = desired("old.service", ("Type", "forking"), ("ExecStart", "/bin/sleep 300"))
+    leftover = left_running(store, goal, "/bin/sleep", "300")
+    agent = Agent(AgentContext("host", dict(os.environ), tmp_path / "logs", runs=store))
+    try:
+        agent.apply({(goal.unit_name, MACHINE): goal})
+        await wait_until(is_in(agent, "old.service", "failed", "failed"), "the refused start")
+        assert leftover.wait(DEADLINE) == -signal.SIGTERM
+    finally:
+        leftover.kill()
+        await agent.shutdown()
+        store.close()
+
+
+async def test_a_launch_waits_until_a_leftover_that_ignores_sigterm_is_killed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Not wanted at the restart, wanted again a moment later with other options: the new run
+    starts only once the old process is gone, SIGKILLed after the 10 s grace."""
+    store = RegistryStore(tmp_path / "state")
+    old = desired("unit.service", ("ExecStart", "/bin/sh -c 'sleep 300'"))
+    leftover = left_running(
+        store, old, "/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"
+    )
+    check = f"grep -qv ' Z ' /proc/{leftover.pid}/stat && echo old-running || echo new-start"
+    new = desired(
+        "unit.service",
+        ("ExecStartPre", f'/bin/sh -c "{check} >> {tmp_path}/events"'),
+        ("ExecStart", "/bin/sleep 300"),
+    )
+    agent = Agent(AgentContext("host", dict(os.environ), tmp_path / "logs", runs=store))
+    started = time.monotonic()
+    try:
+        agent.apply({})  # the first apply: nothing wanted
+        agent.apply({(new.unit_name, MACHINE): new})
+        while not is_in(agent, "unit.service", "active", "running")():
+            assert time.monotonic() - started < 10 + DEADLINE, state_of(agent, "unit.service")
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - started >= 10
+        assert leftover.wait(DEADLINE) == -signal.SIGKILL
+        assert (tmp_path / "events").read_text() == "new-start\n"
+    finally:
+        leftover.kill()
+        await agent.shutdown()
+        store.close()

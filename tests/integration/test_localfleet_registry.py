@@ -22,7 +22,7 @@ from integration.test_localfleet import (
     wait_for,
 )
 
-from deployster.localfleet.store import FILE_NAME
+from deployster.localfleet.store import FILE_NAME, RegistryStore, StoredRun
 
 
 async def test_kill_9_mid_write_restarts_consistent(tmp_path: pathlib.Path) -> None:
@@ -260,3 +260,37 @@ async def test_puts_racing_deletes_leave_one_placement_that_survives_a_kill_9(
             assert after == before
     finally:
         assert fleet.stop() == 0, fleet.log()
+
+
+def test_run_notes_that_do_not_read_as_runs_are_deleted_never_trusted(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Group 0 would be localfleet's own group, a negative pid a whole range: refused with the
+    rest of the garbage; the good note and the registry's identity stay."""
+    store = RegistryStore(tmp_path / "state")
+    good = StoredRun("good.service", "m", "h", 4242, 77, (4242, 4250))
+    store.save_run(good)
+    identity = store.identity()
+    garbage = [
+        ("not-json.service", "m", "h", 1, 1, "[1, 2"),
+        ("text-pid.service", "m", "h", "pid?", 1, "[1]"),
+        ("group-zero.service", "m", "h", 5, 1, "[0]"),
+        ("negative.service", "m", "h", -5, 1, "[5]"),
+        ("strings.service", "m", "h", 5, 1, '["5"]'),
+        ("object.service", "m", "h", 5, 1, '{"5": 5}'),
+        ("number.service", "m", "h", 5, 1, "5"),
+        ("float-time.service", "m", "h", 5, 1.5, "[5]"),
+        ("true-group.service", "m", "h", 5, 1, "[true]"),
+    ]
+    with sqlite3.connect(store.path) as db:
+        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", garbage)
+    assert store.runs() == {("good.service", "m"): good}
+    store.close()
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT unit FROM runs").fetchall() == [("good.service",)]
+    reopened = RegistryStore(tmp_path / "state")
+    assert reopened.identity() == identity and len(identity) == 32
+    other = RegistryStore(tmp_path / "other")
+    assert other.identity() != identity
+    reopened.close()
+    other.close()

@@ -11,14 +11,22 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import subprocess
 import time
+import uuid
 
 import pytest
 from helpers import process_running
 
 from deployster.fleet import UnitOption
 from deployster.localfleet.journal import UnitJournal
-from deployster.localfleet.service import ServiceResult, ServiceRun
+from deployster.localfleet.service import (
+    MARK_VARIABLE,
+    ProcessMark,
+    ServiceResult,
+    ServiceRun,
+    marked_processes,
+)
 from deployster.localfleet.unitfile import build_service_spec
 
 UNIT = "svc@1.service"
@@ -29,7 +37,9 @@ DEADLINE = 10.0
 class Harness:
     """One ServiceRun with its states recorded and its journal in a temporary directory."""
 
-    def __init__(self, tmp_path: pathlib.Path, *lines: tuple[str, str]) -> None:
+    def __init__(
+        self, tmp_path: pathlib.Path, *lines: tuple[str, str], mark: ProcessMark | None = None
+    ) -> None:
         self.tmp_path = tmp_path
         self.states: list[tuple[str, str]] = []
         self.stop_requested = asyncio.Event()
@@ -45,6 +55,7 @@ class Harness:
             base_environment=dict(os.environ),
             journal=self.journal,
             on_state=lambda active, sub: self.states.append((active, sub)),
+            mark=mark,
         )
         self.task = asyncio.create_task(self.run.execute(self.stop_requested))
 
@@ -245,3 +256,51 @@ async def test_argv0_prefix_and_variable_expansion_switch(tmp_path: pathlib.Path
     journal = harness.journal_text()
     assert ": expanded=unit-value" in journal
     assert ": verbatim=${X}" in journal
+
+
+async def test_every_process_of_a_run_carries_its_mark_and_is_found_by_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The main process, its child and a control process, each with its role and group; a unit
+    that sets the variable itself does not change its mark; garbage marks find nothing."""
+    mark = ProcessMark(uuid.uuid4().hex, MACHINE, UNIT, "ab" * 20)
+    harness = Harness(
+        tmp_path,
+        ("Environment", f"{MARK_VARIABLE}=forged"),
+        ("ExecStart", "/bin/sh -c 'sleep 300 & wait'"),
+        ("ExecStartPost", "/bin/sleep 301"),
+        mark=mark,
+    )
+    garbage = [
+        subprocess.Popen(["/bin/sleep", "302"], env={MARK_VARIABLE: value}, start_new_session=True)
+        for value in (
+            f"{mark.registry} {MACHINE} {'ab' * 20}",  # cut short
+            f"{mark.registry} {MACHINE} {'ab' * 20} ExecBoss {UNIT}",  # no such step
+            f"{uuid.uuid4().hex} {MACHINE} {'ab' * 20} ExecStart {UNIT}",  # another registry
+        )
+    ]
+    try:
+        await harness.wait_state("activating", "start-post")
+        main = harness.run.main_pid
+        assert main is not None
+
+        async def three() -> list[tuple[bool, str, int, ProcessMark]]:
+            found = sorted(marked_processes(mark.registry), key=lambda p: (not p.leads, p.step))
+            return [(p.leads, p.step, p.group, p.mark) for p in found]
+
+        deadline = time.monotonic() + DEADLINE
+        while len(found := await three()) < 3:  # the main process's child is on its way
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.02)
+        (post,) = [pid for pid in harness.run.groups if pid != main]
+        assert found == [
+            (True, "ExecStart", main, mark),  # the main process
+            (False, "ExecStart", main, mark),  # its child, in its group
+            (False, "ExecStartPost", post, mark),  # in its own
+        ]
+    finally:
+        for process in garbage:
+            process.kill()
+            process.wait()
+        await harness.stop()
+    assert marked_processes(mark.registry) == []
