@@ -441,8 +441,7 @@ def test_up_restarts_a_killed_part_while_the_service_keeps_answering(tmp_path: P
     finally:
         loads.close()
         out = output.stop()
-        # localfleet does not re-adopt its units yet: the ones it ran before its restart
-        # are orphans now.
+        # No workload outlives the test, whatever the restarts left behind.
         for pid in workloads_of(etcd_port):
             os.kill(pid, signal.SIGTERM)
     assert "Stopped." in out
