@@ -157,11 +157,30 @@ def _scan_live_process_groups() -> set[int] | None:
     return groups
 
 
-class _ProcessGroupScan:
-    """One /proc scan shared by every run for a moment, so that many units stopping at once stay cheap.
+def _group_alive_at_a_glance(group: int) -> bool | None:
+    """Whether a group still has a live process, where two cheap looks tell: a group with no
+    process at all (not even a zombie) is gone; a group whose leader lives is alive. None when
+    only a scan of /proc can tell (the leader is gone or a zombie, other members are left).
 
-    A scan is reused only for groups it can have seen: a group started after
-    the scan began forces a new one.
+    Each group here is a session its leader started, and a session leader cannot leave its
+    group; the kernel gives no new process a pid still in use as a group id. So while the
+    group exists, the process with its pid is its leader."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists
+    return True if process_start_time(group) is not None else None
+
+
+class _ProcessGroupScan:
+    """Which groups still have a live process, at the cost of a /proc scan only where a glance
+    does not tell (`_group_alive_at_a_glance`): the scan reads every process of the host, which
+    takes about a second with ten thousand of them, during which the event loop stands still.
+    A scan is shared by every run for a moment, so that many units stopping at once stay
+    cheap; it is reused only for groups it can have seen: a group started after the scan
+    began forces a new one.
     """
 
     def __init__(self) -> None:
@@ -170,13 +189,17 @@ class _ProcessGroupScan:
 
     def live_groups(self, groups: Mapping[int, float]) -> dict[int, float]:
         """The entries of `groups` (group -> time it was started) that still have a live process."""
+        glance = {group: _group_alive_at_a_glance(group) for group in groups}
+        unsure = [started for group, started in groups.items() if glance[group] is None]
         now = time.monotonic()
         too_old = now - self._started_at > _SCAN_MAX_AGE
-        if too_old or any(started >= self._started_at for started in groups.values()):
+        if unsure and (too_old or any(started >= self._started_at for started in unsure)):
             self._started_at = now
             self._live = _scan_live_process_groups()
         return {
-            group: started for group, started in groups.items() if _group_alive(group, self._live)
+            group: started
+            for group, started in groups.items()
+            if glance[group] or (glance[group] is None and _group_alive(group, self._live))
         }
 
 
@@ -205,7 +228,7 @@ async def stop_groups(groups: Sequence[int], timeout: float = 10.0) -> None:
     """SIGTERM process groups no run owns any more, and SIGKILL what is left after ``timeout``."""
     _signal_groups(groups, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_group_alive(group, _scan_live_process_groups()) for group in groups):
+    while _SCANNER.live_groups(dict.fromkeys(groups, time.monotonic())):
         if time.monotonic() > deadline:
             _signal_groups(groups, signal.SIGKILL)
             return
