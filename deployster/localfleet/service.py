@@ -58,6 +58,9 @@ from .unitfile import ExecCommand, ServiceSpec
 _POLL_INTERVAL = 0.05
 _ADOPTED_POLL_INTERVAL = 0.5
 _SCAN_MAX_AGE = 0.05
+# A main process that has just died is a zombie until asyncio's child watcher (a thread
+# blocked in waitpid) reaps it, moments later: one short wait spares a /proc scan.
+_REAP_GRACE = 0.001
 # After SIGKILL nothing can delay an exit for long; bound the wait anyway.
 _KILL_GRACE = 5.0
 _JOURNAL_DRAIN = 1.0
@@ -190,6 +193,10 @@ class _ProcessGroupScan:
     def live_groups(self, groups: Mapping[int, float]) -> dict[int, float]:
         """The entries of `groups` (group -> time it was started) that still have a live process."""
         glance = {group: _group_alive_at_a_glance(group) for group in groups}
+        unseen = [group for group, seen in glance.items() if seen is None]
+        if unseen:
+            time.sleep(_REAP_GRACE)
+            glance.update({group: _group_alive_at_a_glance(group) for group in unseen})
         unsure = [started for group, started in groups.items() if glance[group] is None]
         now = time.monotonic()
         too_old = now - self._started_at > _SCAN_MAX_AGE

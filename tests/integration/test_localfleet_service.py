@@ -12,6 +12,7 @@ import asyncio
 import os
 import pathlib
 import signal
+import subprocess
 import time
 
 import pytest
@@ -268,6 +269,28 @@ async def test_a_group_whose_leader_died_lives_while_a_member_does() -> None:
     while service._SCANNER.live_groups({group: time.monotonic()}):
         assert time.monotonic() < deadline, "a killed member still counts as alive"
         await asyncio.sleep(0.02)
+
+
+async def test_a_group_left_with_its_unreaped_zombie_leader_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A zombie no one reaps (its parent busy, or PID 1 in a container that does not reap)
+    keeps its group in existence: the scan tells it holds nothing alive."""
+    scans = []
+    scan = service._scan_live_process_groups
+    monkeypatch.setattr(service, "_scan_live_process_groups", lambda: scans.append(1) or scan())
+    leader = subprocess.Popen(["/bin/sleep", "300"], start_new_session=True)
+    try:
+        leader.kill()
+        deadline = time.monotonic() + DEADLINE
+        while service.process_start_time(leader.pid) is not None:  # not yet a zombie
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        os.killpg(leader.pid, 0)  # the zombie keeps the group
+        assert service._SCANNER.live_groups({leader.pid: time.monotonic()}) == {}
+        assert scans == [1]
+    finally:
+        leader.wait()
 
 
 async def test_a_group_with_no_process_left_is_gone() -> None:
