@@ -163,7 +163,8 @@ def _scan_live_process_groups() -> set[int] | None:
 def _group_alive_at_a_glance(group: int) -> bool | None:
     """Whether a group still has a live process, where two cheap looks tell: a group with no
     process at all (not even a zombie) is gone; a group whose leader lives is alive. None when
-    only a scan of /proc can tell (the leader is gone or a zombie, other members are left).
+    only a scan of /proc can tell (the leader is gone or a zombie, and the group still holds
+    processes, perhaps only zombies).
 
     Each group here is a session its leader started, and a session leader cannot leave its
     group; the kernel gives no new process a pid still in use as a group id. So while the
