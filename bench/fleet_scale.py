@@ -7,26 +7,37 @@ machine), starts localfleet on it (its own process, a state directory, so every 
 committed SQLite transaction) and prints:
 
 - localfleet's start (process start to the first answer, with N units to place and load);
-- ``PUT /units/{name}`` of a new unit with options and desired state ``loaded`` (placed at
-  once, 201), median / p99 of ``--puts`` PUTs, then ``DELETE`` of the same units;
+- ``--puts`` rounds of what a deploy asks of fleet for one new unit, each round timed call
+  by call, min / median / p99: ``PUT /units/{name}`` with options and desired state
+  ``loaded`` (placed at once, 201), ``PUT`` of desired state ``launched`` (204; the unit
+  runs ``sleep``), then ``DELETE`` (204; localfleet stops it after answering);
 - every unit and every unit state listed through `deployster.fleet.FleetClient` (pages of
   100, min / median of ``--runs``), and the CPU this process (the client) spent on it;
 - of that, the decoding alone: the pages fetched once as text, then `decode_page` over them
   (min of ``--runs``).
 
+With ``--running``, the N units are desired ``launched`` instead, each a real ``sleep``
+process that localfleet supervises (its pipe, its journal, its state reports), and the
+figures are taken once every one of them reports ``active``: the load deploys meet.
+localfleet is then killed (SIGKILL) and the processes it noted with it, since stopping ten
+thousand units one by one is not what is measured.
+
 With ``--submit``, it also times submitting the N units one by one to an empty localfleet
 (one PUT each, options and desired state ``loaded``, as in the registry above).
 
-    python bench/fleet_scale.py [--sizes 100,1000,10000] [--puts 50] [--runs 3] [--submit]
+    python bench/fleet_scale.py [--sizes 100,1000,10000] [--puts 50] [--runs 3] [--running]
+                                [--submit]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,13 +62,16 @@ def release(n: int) -> str:
 
 
 def options(rel: str) -> tuple[UnitOption, ...]:
+    # No start timeout: on a busy machine ten thousand processes starting at once may take
+    # longer than systemd's 90 s default, and a unit that failed is not what is measured.
     return (
         UnitOption(section="Service", name="ExecStart", value="/bin/sleep infinity"),
+        UnitOption(section="Service", name="TimeoutStartSec", value="0"),
         UnitOption(section="X-Fleet", name="Conflicts", value=f"{rel}@*.service"),
     )
 
 
-def write_registry(state_dir: Path, count: int) -> None:
+def write_registry(state_dir: Path, count: int, desired_state: str) -> None:
     machines = sorted(machine_id(os.uname().nodename, i) for i in range(MACHINES))
     units = {}
     for n in range(count):
@@ -66,7 +80,7 @@ def write_registry(state_dir: Path, count: int) -> None:
         units[name] = StoredUnit(
             name=name,
             options=options(rel),
-            desired_state="loaded",
+            desired_state=desired_state,
             target=machines[n % INSTANCES],
         )
     store = RegistryStore(state_dir)
@@ -81,6 +95,13 @@ def fmt(times: list[float]) -> str:
 def p99(times: list[float]) -> float:
     ordered = sorted(times)
     return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def spread(times: list[float]) -> str:
+    return (
+        f"{min(times) * 1000:7.2f} / {statistics.median(times) * 1000:7.2f} / "
+        f"{p99(times) * 1000:7.2f} ms (min / median / p99 of {len(times)})"
+    )
 
 
 async def timed(
@@ -132,18 +153,48 @@ async def wait_listening(url: str, process: subprocess.Popen[bytes]) -> None:
             await asyncio.sleep(0.05)
 
 
-async def loaded(fleet: FleetClient, count: int) -> None:
-    """Wait until the agent has loaded every unit: the states listing is then complete."""
-    for _ in range(3000):
-        if len(await fleet.list_states()) >= count:
+async def settled(fleet: FleetClient, count: int, running: bool) -> None:
+    """Wait until the agent has loaded every unit (and, with `running`, every one is active)."""
+    for _ in range(6000):
+        states = await fleet.list_states()
+        active = [state for state in states if state.active_state == "active"]
+        ready = len(active) if running else len(states)
+        if ready >= count:
             return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"localfleet did not load {count} units")
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"localfleet did not settle {count} units")
 
 
-async def one_size(count: int, puts: int, runs: int, submit: bool) -> None:
+async def deploy_rounds(
+    session: aiohttp.ClientSession, url: str, rounds: int
+) -> tuple[list[float], list[float], list[float]]:
+    """What a deploy asks of fleet for one new unit, round after round, each call timed: create
+    it (201), launch it (204), destroy it (204)."""
+    creates, launches, deletes = [], [], []
+    for k in range(rounds):
+        rel = release(100_000 + k)
+        name = f"{rel}@1.service"
+        unit_url = f"{url}/fleet/v1/units/{name}"
+        body = {
+            "name": name,
+            "desiredState": "loaded",
+            "options": [o.to_wire() for o in options(rel)],
+        }
+        for times, method, payload, status in (
+            (creates, "PUT", body, 201),
+            (launches, "PUT", {"name": name, "desiredState": "launched"}, 204),
+            (deletes, "DELETE", None, 204),
+        ):
+            start = time.perf_counter()
+            async with session.request(method, unit_url, json=payload) as resp:
+                assert resp.status == status, await resp.text()
+            times.append(time.perf_counter() - start)
+    return creates, launches, deletes
+
+
+async def one_size(count: int, puts: int, runs: int, running: bool, submit: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"deployster-fleet-scale-{count}-"))
-    write_registry(work / "localfleet", count)
+    write_registry(work / "localfleet", count, "launched" if running else "loaded")
     if submit:
         await submit_one_by_one(count, work / "empty")
     started = time.perf_counter()
@@ -151,26 +202,9 @@ async def one_size(count: int, puts: int, runs: int, submit: bool) -> None:
     start_time = time.perf_counter() - started
     try:
         async with FleetClient(url) as fleet, aiohttp.ClientSession() as session:
-            await loaded(fleet, count)
-            put_times, delete_times = [], []
-            for k in range(puts):
-                rel = release(100_000 + k)
-                name = f"{rel}@1.service"
-                body = {
-                    "name": name,
-                    "desiredState": "loaded",
-                    "options": [o.to_wire() for o in options(rel)],
-                }
-                start = time.perf_counter()
-                async with session.put(f"{url}/fleet/v1/units/{name}", json=body) as resp:
-                    assert resp.status == 201, await resp.text()
-                put_times.append(time.perf_counter() - start)
-            for k in range(puts):
-                name = f"{release(100_000 + k)}@1.service"
-                start = time.perf_counter()
-                async with session.delete(f"{url}/fleet/v1/units/{name}") as resp:
-                    assert resp.status == 204, await resp.text()
-                delete_times.append(time.perf_counter() - start)
+            await settled(fleet, count, running)
+            settle_time = time.perf_counter() - started
+            creates, launches, deletes = await deploy_rounds(session, url, puts)
             assert len(await fleet.list_units()) == count
             unit_lists, unit_list_cpu = await timed(runs, fleet.list_units)
             state_lists, state_list_cpu = await timed(runs, fleet.list_states)
@@ -178,16 +212,14 @@ async def one_size(count: int, puts: int, runs: int, submit: bool) -> None:
             state_cpu = decode_cpu(
                 runs, UnitStatePage, await raw_pages(session, f"{url}/fleet/v1/state")
             )
-        print(f"\n== {count} units ==")
+        print(f"\n== {count} units{' running' if running else ''} ==")
         print(f"localfleet start to first answer       {start_time * 1000:9.1f} ms")
         print(
-            f"PUT of a new unit, 201                 {statistics.median(put_times) * 1000:9.2f}"
-            f" / {p99(put_times) * 1000:9.2f} ms (median / p99 of {puts})"
+            f"  to every unit {'active' if running else 'loaded'}                {settle_time:9.1f} s"
         )
-        print(
-            f"DELETE of that unit, 204               {statistics.median(delete_times) * 1000:9.2f}"
-            f" / {p99(delete_times) * 1000:9.2f} ms (median / p99 of {puts})"
-        )
+        print(f"PUT of a new unit, loaded, 201         {spread(creates)}")
+        print(f"PUT of its desired state launched, 204 {spread(launches)}")
+        print(f"DELETE of that unit, 204               {spread(deletes)}")
         print(f"every unit, FleetClient.list_units     {fmt(unit_lists)}")
         print(f"  the client's CPU for it              {min(unit_list_cpu) * 1000:9.1f} ms (min)")
         print(f"  of which decoding the pages          {unit_cpu * 1000:9.1f} ms (min)")
@@ -195,7 +227,10 @@ async def one_size(count: int, puts: int, runs: int, submit: bool) -> None:
         print(f"  the client's CPU for it              {min(state_list_cpu) * 1000:9.1f} ms (min)")
         print(f"  of which decoding the pages          {state_cpu * 1000:9.1f} ms (min)")
     finally:
-        stop(process)
+        if running:
+            kill_with_units(process, work / "localfleet")
+        else:
+            stop(process)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -213,6 +248,18 @@ async def start_localfleet(state_dir: Path) -> tuple[str, subprocess.Popen[bytes
         stop(process)
         raise
     return f"http://127.0.0.1:{port}", process
+
+
+def kill_with_units(process: subprocess.Popen[bytes], state_dir: Path) -> None:
+    """SIGKILL localfleet, then the process groups of the units it noted as running."""
+    process.kill()
+    process.wait()
+    store = RegistryStore(state_dir)
+    for run in store.runs().values():
+        for group in run.groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+    store.close()
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -246,9 +293,9 @@ async def submit_one_by_one(count: int, state_dir: Path) -> None:
         stop(process)
 
 
-async def main(sizes: list[int], puts: int, runs: int, submit: bool) -> None:
+async def main(sizes: list[int], puts: int, runs: int, running: bool, submit: bool) -> None:
     for count in sizes:
-        await one_size(count, puts, runs, submit)
+        await one_size(count, puts, runs, running, submit)
 
 
 if __name__ == "__main__":
@@ -256,7 +303,8 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--puts", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--running", action="store_true")
     parser.add_argument("--submit", action="store_true")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    asyncio.run(main(sizes, args.puts, args.runs, args.submit))
+    asyncio.run(main(sizes, args.puts, args.runs, args.running, args.submit))

@@ -67,6 +67,9 @@ from .unitfile import ExecCommand, ServiceSpec
 _POLL_INTERVAL = 0.05
 _ADOPTED_POLL_INTERVAL = 0.5
 _SCAN_MAX_AGE = 0.05
+# A main process that has just died is a zombie until asyncio's child watcher (a thread
+# blocked in waitpid) reaps it, moments later: one short wait spares a /proc scan.
+_REAP_GRACE = 0.001
 # After SIGKILL nothing can delay an exit for long; bound the wait anyway.
 _KILL_GRACE = 5.0
 _JOURNAL_DRAIN = 1.0
@@ -255,11 +258,31 @@ def _scan_live_process_groups() -> set[int] | None:
     return groups
 
 
-class _ProcessGroupScan:
-    """One /proc scan shared by every run for a moment, so that many units stopping at once stay cheap.
+def _group_alive_at_a_glance(group: int) -> bool | None:
+    """Whether a group still has a live process, where two cheap looks tell: a group with no
+    process at all (not even a zombie) is gone; a group whose leader lives is alive. None when
+    only a scan of /proc can tell (the leader is gone or a zombie, and the group still holds
+    processes, perhaps only zombies).
 
-    A scan is reused only for groups it can have seen: a group started after
-    the scan began forces a new one.
+    Each group here is a session its leader started, and a session leader cannot leave its
+    group; the kernel gives no new process a pid still in use as a group id. So while the
+    group exists, the process with its pid is its leader."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists
+    return True if process_start_time(group) is not None else None
+
+
+class _ProcessGroupScan:
+    """Which groups still have a live process, at the cost of a /proc scan only where a glance
+    does not tell (`_group_alive_at_a_glance`): the scan reads every process of the host, which
+    takes about a second with ten thousand of them, during which the event loop stands still.
+    A scan is shared by every run for a moment, so that many units stopping at once stay
+    cheap; it is reused only for groups it can have seen: a group started after the scan
+    began forces a new one.
     """
 
     def __init__(self) -> None:
@@ -268,13 +291,21 @@ class _ProcessGroupScan:
 
     def live_groups(self, groups: Mapping[int, float]) -> dict[int, float]:
         """The entries of `groups` (group -> time it was started) that still have a live process."""
+        glance = {group: _group_alive_at_a_glance(group) for group in groups}
+        unseen = [group for group, seen in glance.items() if seen is None]
+        if unseen:
+            time.sleep(_REAP_GRACE)
+            glance.update({group: _group_alive_at_a_glance(group) for group in unseen})
+        unsure = [started for group, started in groups.items() if glance[group] is None]
         now = time.monotonic()
         too_old = now - self._started_at > _SCAN_MAX_AGE
-        if too_old or any(started >= self._started_at for started in groups.values()):
+        if unsure and (too_old or any(started >= self._started_at for started in unsure)):
             self._started_at = now
             self._live = _scan_live_process_groups()
         return {
-            group: started for group, started in groups.items() if _group_alive(group, self._live)
+            group: started
+            for group, started in groups.items()
+            if glance[group] or (glance[group] is None and _group_alive(group, self._live))
         }
 
 

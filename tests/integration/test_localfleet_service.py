@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import signal
 import subprocess
 import time
 import uuid
@@ -19,6 +20,7 @@ import pytest
 from helpers import process_running
 
 from deployster.fleet import UnitOption
+from deployster.localfleet import service
 from deployster.localfleet.journal import UnitJournal
 from deployster.localfleet.service import (
     MARK_VARIABLE,
@@ -66,6 +68,13 @@ class Harness:
                 f"run ended in {self.states} before reaching {active}/{sub}"
             )
             assert time.monotonic() < deadline, f"no {active}/{sub} in {self.states}"
+            await asyncio.sleep(0.02)
+
+    async def wait_file(self, name: str) -> None:
+        """Until the unit's shell has written `name`: what it did before (a trap) is done."""
+        deadline = time.monotonic() + DEADLINE
+        while not (self.tmp_path / name).exists():
+            assert time.monotonic() < deadline, f"no {name} written"
             await asyncio.sleep(0.02)
 
     async def stop(self) -> ServiceResult:
@@ -131,9 +140,15 @@ async def test_exit_code_143_on_sigterm_fails_unless_declared_successful(
     tmp_path: pathlib.Path, extra: list[tuple[str, str]], expected: ServiceResult
 ) -> None:
     harness = Harness(
-        tmp_path, ("ExecStart", "/bin/sh -c 'trap \"exit 143\" TERM; sleep 300 & wait'"), *extra
+        tmp_path,
+        (
+            "ExecStart",
+            f"/bin/sh -c 'trap \"exit 143\" TERM; sleep 300 & touch {tmp_path}/ready; wait'",
+        ),
+        *extra,
     )
     await harness.wait_state("active", "running")
+    await harness.wait_file("ready")
     assert await harness.stop() is expected
     assert harness.states[-1] == (
         ("inactive", "dead") if expected is ServiceResult.SUCCESS else ("failed", "failed")
@@ -169,6 +184,7 @@ async def test_stop_timeout_escalates_to_sigkill_and_fails(tmp_path: pathlib.Pat
         ("ExecStart", f"/bin/sh -c 'trap \"\" TERM; echo $$$$ > {tmp_path}/main; exec sleep 300'"),
     )
     await harness.wait_state("active", "running")
+    await harness.wait_file("main")
     started = time.monotonic()
     assert await harness.stop() is ServiceResult.TIMEOUT
     assert time.monotonic() - started < 5
@@ -221,6 +237,79 @@ async def test_stop_reaches_background_children_of_the_main_process(tmp_path: pa
     assert process_running(child)
     assert await harness.stop() is ServiceResult.SUCCESS
     assert not process_running(child)
+
+
+async def test_a_group_with_its_leader_alive_or_no_process_left_needs_no_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scan of /proc reads every process of the host (about a second with ten thousand units,
+    the event loop standing still): a group whose leader lives, or that has no process left,
+    is told apart without one."""
+    scans = []
+    monkeypatch.setattr(service, "_scan_live_process_groups", lambda: scans.append(1) or set())
+    leader = await asyncio.create_subprocess_exec("/bin/sleep", "300", start_new_session=True)
+    try:
+        assert list(service._SCANNER.live_groups({leader.pid: time.monotonic()})) == [leader.pid]
+    finally:
+        leader.kill()
+        await leader.wait()  # reaped: no process is left in the group
+    assert service._SCANNER.live_groups({leader.pid: time.monotonic()}) == {}
+    assert scans == []
+
+
+async def test_a_group_whose_leader_died_lives_while_a_member_does() -> None:
+    """The leader gone, the glance cannot tell: the scan finds the member left behind, and
+    once that one is killed the group is gone (a zombie no one reaps counts as gone)."""
+    leader = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        "sleep 300 >/dev/null 2>&1 & echo $!",
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    stdout, _ = await leader.communicate()  # the leader has exited and been reaped
+    member = int(stdout)
+    group = leader.pid
+    try:
+        assert service._group_alive_at_a_glance(group) is None
+        assert list(service._SCANNER.live_groups({group: time.monotonic()})) == [group]
+    finally:
+        os.kill(member, signal.SIGKILL)
+    deadline = time.monotonic() + DEADLINE
+    while service._SCANNER.live_groups({group: time.monotonic()}):
+        assert time.monotonic() < deadline, "a killed member still counts as alive"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_group_left_with_its_unreaped_zombie_leader_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A zombie no one reaps (its parent busy, or PID 1 in a container that does not reap)
+    keeps its group in existence: the scan tells it holds nothing alive."""
+    scans = []
+    scan = service._scan_live_process_groups
+    monkeypatch.setattr(service, "_scan_live_process_groups", lambda: scans.append(1) or scan())
+    leader = subprocess.Popen(["/bin/sleep", "300"], start_new_session=True)
+    try:
+        leader.kill()
+        deadline = time.monotonic() + DEADLINE
+        while service.process_start_time(leader.pid) is not None:  # not yet a zombie
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        os.killpg(leader.pid, 0)  # the zombie keeps the group
+        assert service._SCANNER.live_groups({leader.pid: time.monotonic()}) == {}
+        assert scans == [1]
+    finally:
+        leader.wait()
+
+
+async def test_a_group_with_no_process_left_is_gone() -> None:
+    gone = await asyncio.create_subprocess_exec("/bin/true", start_new_session=True)
+    await gone.wait()
+    assert service._group_alive_at_a_glance(gone.pid) is False
+    assert service._SCANNER.live_groups({gone.pid: time.monotonic()}) == {}
+    with pytest.raises(ProcessLookupError):
+        os.killpg(gone.pid, 0)
 
 
 @pytest.mark.parametrize(
