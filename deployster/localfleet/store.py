@@ -151,6 +151,10 @@ class RegistryStore:
             self._connection()  # creates and checks the database
             self._runs_db = sqlite3.connect(self.path, isolation_level=None)
             self._runs_db.execute("PRAGMA synchronous=OFF")
+            # Never a checkpoint from here: one made without syncing could leave the database
+            # file torn after a power cut once the WAL restarts. The registry's own connection
+            # (synchronous=FULL) checkpoints the runs' pages with its own.
+            self._runs_db.execute("PRAGMA wal_autocheckpoint=0")
         return self._runs_db
 
     @contextlib.contextmanager
