@@ -16,13 +16,16 @@ prints:
 - ``POST /v1/services/{name}/deploys`` to 201 (one new instance; fleet's PUT included), and
   fleet's two PUTs of one unit alone (localfleet's share of it);
 - a start of the server (connect + ``start()``, which reads every record);
-- the process's RSS after all that;
+- the process's RSS after all that (the benchmark's own: four servers ran in it, and its
+  fixtures), and the RSS of one server run alone in a child process (``--server``: connect,
+  ``start()``, every instance probed and routed, the first reconcile pass);
 - and, as the reference, the 2015 server's way of answering a units request: every unit
   and every unit state of fleet, listed page by page.
 
 Times are min / median of ``--runs`` (default 3), in milliseconds.
 
     python bench/scale.py [--sizes 100,1000,10000] [--runs 3]
+    python bench/scale.py --server ETCD FLEET UNITS [--trace FRAMES]  # against a seeded etcd
 """
 
 from __future__ import annotations
@@ -380,7 +383,7 @@ async def one_size(count: int, runs: int) -> None:
             print(f"POST to 201                            {fmt(posts)}")
             print(f"  fleet's two PUTs of a unit alone     {fmt(puts)}")
             print(f"a start of the server                  {fmt(start_times)}")
-            print(f"server RSS after all of the above      {rss:8.0f} MiB")
+            print(f"this process's RSS after the above     {rss:8.0f} MiB")
             print(f"objects the collector walks / frozen   {tracked:8,} / {frozen:,}")
             print(f"reference: all units + states (2015)   {fmt(reference)}")
             await runner.cleanup()
