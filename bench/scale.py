@@ -17,13 +17,16 @@ prints:
   fleet's two PUTs of one unit alone (localfleet's share of it);
 - indexing the records once, as the first start after an upgrade does (in the seeding child);
 - a start of the server (connect + ``start()``: the index of unfinished deploys, no record);
-- the process's RSS after all that;
+- the process's RSS after all that (the benchmark's own: four servers ran in it, and its
+  fixtures), and the RSS of one server run alone in a child process (``--server``: connect,
+  ``start()``, every instance probed and routed, the first reconcile pass);
 - and, as the reference, the 2015 server's way of answering a units request: every unit
   and every unit state of fleet, listed page by page.
 
 Times are min / median of ``--runs`` (default 3), in milliseconds.
 
     python bench/scale.py [--sizes 100,1000,10000] [--runs 3]
+    python bench/scale.py --server ETCD FLEET UNITS [--trace FRAMES]  # against a seeded etcd
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -249,6 +253,20 @@ async def timed(runs: int, action: Callable[[], Awaitable[object]]) -> list[floa
     return times
 
 
+def server_settings(etcd: str, fleet: str) -> tuple[Settings, DeployConfig]:
+    settings = Settings(
+        etcd=etcd,
+        fleet_endpoint=fleet,
+        template="workload",
+        password=PASSWORD,
+        router="vulcand",
+        vulcand_settle=0,
+        reconcile_interval=3600,  # the pass is run by hand
+    )  # type: ignore[call-arg]
+    config = DeployConfig(image_prefix="deployster", etcd_endpoints=etcd, etcd_prefix=PREFIX)
+    return settings, config
+
+
 def rss_mib() -> float:
     """This process's resident memory now (the seeding before the server started is in it
     too, as far as Python gave that memory back)."""
@@ -282,18 +300,7 @@ async def one_size(count: int, runs: int) -> None:
     fleet_port, health_port, app_port = free_port(), free_port(), free_port()
     children = start_children(work, fleet_port, health_port)
     fleet = f"http://127.0.0.1:{fleet_port}"
-    settings = Settings(
-        etcd=etcd.endpoint,
-        fleet_endpoint=fleet,
-        template="workload",
-        password=PASSWORD,
-        router="vulcand",
-        vulcand_settle=0,
-        reconcile_interval=3600,  # the pass is run by hand below
-    )  # type: ignore[call-arg]
-    config = DeployConfig(
-        image_prefix="deployster", etcd_endpoints=etcd.endpoint, etcd_prefix=PREFIX
-    )
+    settings, config = server_settings(etcd.endpoint, fleet)
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(200):
@@ -385,11 +392,17 @@ async def one_size(count: int, runs: int) -> None:
             print(f"POST to 201                            {fmt(posts)}")
             print(f"  fleet's two PUTs of a unit alone     {fmt(puts)}")
             print(f"a start of the server                  {fmt(start_times)}")
-            print(f"server RSS after all of the above      {rss:8.0f} MiB")
+            print(f"this process's RSS after the above     {rss:8.0f} MiB")
             print(f"objects the collector walks / frozen   {tracked:8,} / {frozen:,}")
             print(f"reference: all units + states (2015)   {fmt(reference)}")
             await runner.cleanup()
             await dep.close()
+            alone = await measure_alone(etcd.endpoint, fleet, count)
+            print(
+                "the server alone in a process, RSS    "
+                f"{alone['pass']:8.0f} MiB (after connect {alone['connect']:.0f}, start "
+                f"{alone['start']:.0f}, every instance routed {alone['routed']:.0f})"
+            )
     finally:
         # Stopping 10,000 units one by one is not what is measured: localfleet is killed and
         # the processes it noted are killed after it.
@@ -405,8 +418,66 @@ async def one_size(count: int, runs: int) -> None:
         etcd.stop()
 
 
-async def main(sizes: list[int], runs: int) -> None:
+async def lone_server(etcd: str, fleet: str, count: int, trace: int) -> None:
+    """One server in a process of its own (``--server``): its RSS at each stage, one line
+    each, after connect, after ``start()``, once every instance is probed and routed, and
+    after the first reconcile pass (it fills the fleet view and freezes the heap). With
+    ``trace`` > 0, tracemalloc follows that many frames and the lines that allocated most
+    between the stages are printed too (tracemalloc's own memory is in the RSS then)."""
+    if trace:
+        tracemalloc.start(trace)
+    snapshots: list[tracemalloc.Snapshot] = []
+
+    def stage(name: str) -> None:
+        gc.collect()
+        print(f"{name} {rss_mib():.0f}", flush=True)
+        if trace:
+            snapshots.append(tracemalloc.take_snapshot())
+            if len(snapshots) > 1:
+                diff = snapshots[-1].compare_to(snapshots[-2], "traceback")
+                for stat in diff[:12]:
+                    where = " <- ".join(
+                        f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback[:trace]
+                    )
+                    print(f"#   {stat.size_diff / 2**20:+7.1f} MiB {stat.count_diff:+8,} {where}")
+
+    stage("started")
+    settings, config = server_settings(etcd, fleet)
+    dep = await Deployster.connect(settings, config)
+    stage("connect")
+    await dep.start()
+    stage("start")
+    await all_routed(dep, count)
+    stage("routed")
+    services = {service_name(s) for s in range(SERVICES)}
+    await dep.reaper.reconcile(services)
+    stage("pass")
+    await dep.close()
+
+
+async def measure_alone(etcd: str, fleet: str, count: int) -> dict[str, float]:
+    """:func:`lone_server` in a child process: its RSS in MiB by stage."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--server",
+        etcd,
+        fleet,
+        str(count),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await child.communicate()
+    assert child.returncode == 0, out
+    lines = (line.split() for line in out.decode().splitlines() if not line.startswith("#"))
+    return {name: float(mib) for name, mib in lines}
+
+
+def quiet() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+async def main(sizes: list[int], runs: int) -> None:
+    quiet()
     for count in sizes:
         await one_size(count, runs)
 
@@ -418,8 +489,24 @@ if __name__ == "__main__":
     parser.add_argument(
         "--seed", nargs=3, metavar=("ETCD", "UNITS", "HEALTH_URL"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--server",
+        nargs=3,
+        metavar=("ETCD", "FLEET", "UNITS"),
+        help="run one server against a seeded etcd and fleet, print its RSS by stage",
+    )
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="with --server: also print what tracemalloc saw allocated between stages",
+    )
     args = parser.parse_args()
     if args.seed:
         asyncio.run(seed(args.seed[0], int(args.seed[1]), args.seed[2]))
+    elif args.server:
+        quiet()
+        asyncio.run(lone_server(args.server[0], args.server[1], int(args.server[2]), args.trace))
     else:
         asyncio.run(main([int(s) for s in args.sizes.split(",")], args.runs))

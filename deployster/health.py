@@ -1,4 +1,5 @@
-"""HTTP health probes: one probe, a pure threshold state machine, and a probing loop.
+"""HTTP health probes: one probe and a pure threshold state machine (the scheduling of probes
+is ``handlers/instances.py``'s).
 
 A probe is one ``GET <url><path>`` with a timeout; any 2xx is healthy. ``HealthTracker`` turns
 a stream of probe results into ``became_healthy`` / ``became_unhealthy`` transitions with the
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from dataclasses import dataclass
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict
 
 from deployster.policy import HealthPolicy
 
 
-class ProbeResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What one probe saw (slots: every probed instance keeps its last one)."""
 
     ok: bool
     status: int | None  # the HTTP status, None when no response came
@@ -95,6 +97,8 @@ class HealthTracker:
     From ``unknown``, ``unhealthy_threshold`` failures give ``became_unhealthy`` (an instance
     that never comes up) and ``healthy_threshold`` successes give ``became_healthy``.
     """
+
+    __slots__ = ("failures", "healthy_threshold", "state", "successes", "unhealthy_threshold")
 
     def __init__(self, check: HealthPolicy) -> None:
         self.healthy_threshold = check.healthy_threshold

@@ -1,6 +1,6 @@
 """Background tasks that never die silently: a crash is logged and the task restarted.
 
-Every long-lived loop of the server (the instances watch, each prober, the reaper, each
+Every long-lived loop of the server (the instances watch, the probe scheduler, the reaper, each
 service's deploy worker) runs under :func:`supervised`: an exception is
 logged with the task's name and the loop is started again after a backoff that doubles up to
 ``maximum`` (and starts over after a long healthy run), as an init system restarts a service.

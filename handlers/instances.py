@@ -11,19 +11,30 @@ policy, and:
   it recovers, because probing never stops while the instance is announced,
 - deregisters it when the announcement goes away (``InstanceWithdrawn``).
 
-Faults are normal here. Probing never waits for etcd: each prober keeps the service's policy
-it last read, and a router write that fails (the router's keys live in etcd) is kept as the
-instance's pending transition and tried again after every probe, so an instance that stops
-answering leaves the router as soon as the router can be written, and a healthy one is
-routed as soon as etcd is back. A withdrawn instance's deregistration is retried until it
-succeeds. The watch and every prober run supervised: a crash is logged and they start again.
+Probing is one scheduler, not a task per instance (a task with its frames and log context
+costs kilobytes, times 10,000 instances): a heap of due times, at most ``MAX_IN_FLIGHT``
+probes at once (a probe is a short-lived task), and each instance's probing state (its health
+policy, threshold counters, pending transition) in its :class:`Instance`. An instance's next
+probe is due one interval after its last one started; a probe target that hangs holds one
+slot until the policy's timeout, never the others.
+
+Faults are normal here. Probing never waits for etcd: the health policy is read once per
+service when an instance's probing starts (one read for all the instances starting at once),
+the one last read stands in while etcd is unreachable, and a router write that fails (the
+router's keys live in etcd) is kept as the instance's pending transition and tried again
+after every probe, so an instance that stops answering leaves the router as soon as the
+router can be written, and a healthy one is routed as soon as etcd is back. A withdrawn
+instance's deregistration is retried until it succeeds. The watch and the scheduler run
+supervised; a probe that crashes is logged as a crashed task and its instance probed afresh
+(its policy read again, its counters reset) after the supervisor's backoff.
 
 With several servers, each service is probed and routed by its owner (``handlers/owners.py``:
 one live server by rendezvous hashing, or the server driving a deploy of it). Every server
 still follows every announcement, so when ownership moves (a peer died, joined or left, a
-deploy began or ended) the probers of newly owned services start at once and those of
-services no longer owned stop a moment later, leaving the router as it is: the new owner
-carries on from what it probes. A server that
+deploy began or ended) the probing of newly owned services starts at once and that of
+services no longer owned stops a moment later, leaving the router as it is: the new owner
+carries on from what it probes. Only the services whose ownership can have changed are looked
+at (a deploy's claim or release: its service; a change of members: all). A server that
 takes over an instance does not know whether it is routed, so an instance found unhealthy is
 always deregistered (a deregistration of a server the router does not hold changes nothing).
 
@@ -35,7 +46,10 @@ that a late successful probe never puts them back into rotation.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import aetcd
@@ -51,21 +65,24 @@ from deployster.health import HealthTracker, ProbeResult, Transition, probe
 from deployster.keys import instances_prefix, parse_announce_key
 from deployster.metrics import Metrics
 from deployster.naming import UnitName
-from deployster.policy import ServicePolicy
+from deployster.policy import HealthPolicy
 from deployster.routers import Router
 from deployster.store import Store
-from deployster.supervise import start_supervised
+from deployster.supervise import BACKOFF_INITIAL, BACKOFF_MAX, start_supervised
 from deployster.units import Announcement
 from handlers.owners import HANDOVER_GRACE, Owners
 from handlers.reconcile import InstanceView
 
 log = structlog.get_logger(__name__)
 
+MAX_IN_FLIGHT = 100  # probes at once: aiohttp's connector holds as many connections
+POLICY_RETRY = 1.0  # seconds until a service's policy, never read yet, is asked for again
+
 
 @dataclass(slots=True)
 class Instance:
-    """What is known of one announced instance right now (slots: one per instance, 10,000 in a
-    big fleet)."""
+    """What is known of one announced instance right now, and its probing state (slots: one
+    per instance, 10,000 in a big fleet)."""
 
     unit: UnitName
     url: str
@@ -75,17 +92,30 @@ class Instance:
     announced_at: float = field(default_factory=time.time)  # epoch seconds this process saw it
     routed: bool = False
     last_probe: ProbeResult | None = None
-    prober: asyncio.Task[None] | None = field(default=None, repr=False)
+    probed: bool = False  # this server probes it (it owns the service)
     unowned_since: float | None = None  # monotonic time this server stopped owning it
+    # Probing, while ``probed``: the health policy read when it began (None: not read yet),
+    # the threshold counters, a transition the router has not taken yet, the heap entry that
+    # is its next probe (0: none), the probe in flight, and the crashes in a row.
+    check: HealthPolicy | None = field(default=None, repr=False)
+    tracker: HealthTracker | None = field(default=None, repr=False)
+    pending: Transition | None = None
+    queued: int = field(default=0, repr=False)
+    probe_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    crashes: int = 0
 
     @property
     def server_id(self) -> str:
         return self.unit.container
 
     def describe_last_probe(self) -> str:
-        if self.prober is None:
+        if not self.probed:
             return "not probed by this server: another server owns the service"
         return self.last_probe.detail if self.last_probe else "no probe has answered yet"
+
+    def forget_probing(self) -> None:
+        """Start over: the policy is read again, the counters begin at zero."""
+        self.check, self.tracker, self.pending = None, None, None
 
 
 class InstancesHandler:
@@ -99,6 +129,7 @@ class InstancesHandler:
         prefix: str,
         metrics: Metrics | None = None,
         owners: Owners | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self.bus = bus
         self.etcd = etcd
@@ -107,16 +138,27 @@ class InstancesHandler:
         self.prefix = prefix
         self.metrics = metrics
         self.owners = owners  # None: this server alone, it owns every service
+        self.max_in_flight = max_in_flight
         if owners is not None:
             owners.subscribe(self._rebalance)
         self._instances: dict[UnitName, Instance] = {}
+        self._by_service: dict[str, dict[UnitName, Instance]] = {}
         self._retired: set[UnitName] = set()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
-        self._policies: dict[str, ServicePolicy] = {}  # the last one read, for etcd outages
+        self._checks: dict[str, HealthPolicy] = {}  # the last one read, for etcd outages
+        self._reading: dict[str, asyncio.Task[HealthPolicy]] = {}  # policy reads under way
         self._deregistering: set[asyncio.Task[None]] = set()
         self._synced = asyncio.Event()  # the announcements were read once
-        self._handover: asyncio.TimerHandle | None = None  # the next look at unowned probers
+        self._handover: asyncio.TimerHandle | None = None  # the next look at unowned probing
+        self._handing_over: set[str] = set()  # services probed on for the grace
+        # The scheduler: (due, entry, instance), the earliest first; an entry is the
+        # instance's next probe while it equals ``Instance.queued``, else it is skipped.
+        self._due: list[tuple[float, int, Instance]] = []
+        self._entries = itertools.count(1)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()  # something is due earlier, or a probe ended
+        self._scheduler: asyncio.Task[None] | None = None
 
     # -- the live view the deploy state machine reads -----------------------------------
 
@@ -157,7 +199,7 @@ class InstancesHandler:
         return urls
 
     def of_service(self, service: str) -> list[Instance]:
-        return [i for u, i in self._instances.items() if u.service == service]
+        return list(self._by_service.get(service, {}).values())
 
     def owns(self, service: str) -> bool:
         return self.owners is None or self.owners.owns(service)
@@ -174,14 +216,15 @@ class InstancesHandler:
 
     def owned_services(self) -> int:
         """How many announced services this server probes now."""
-        return sum(1 for s in {u.service for u in self._instances} if self.owns(s))
+        return sum(1 for s in self._by_service if self.owns(s))
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, wait: float = 5.0) -> None:
-        """Follow the announcements; return once they were read and the probers of the owned
-        services started (or after ``wait`` seconds, the watch going on)."""
+        """Follow the announcements and probe; return once they were read and the probing of
+        the owned services began (or after ``wait`` seconds, the watch going on)."""
         self._session = aiohttp.ClientSession()
+        self._scheduler = start_supervised("probes", self._run_probes)
         self._task = start_supervised(
             "instances-watch",
             lambda: watch_prefix(
@@ -197,7 +240,11 @@ class InstancesHandler:
         if self._handover is not None:
             self._handover.cancel()
         await cancel_and_wait(
-            self._task, *(i.prober for i in self._instances.values()), *self._deregistering
+            self._task,
+            self._scheduler,
+            *self._in_flight,
+            *self._reading.values(),
+            *self._deregistering,
         )
         if self._session is not None:
             await self._session.close()
@@ -239,44 +286,42 @@ class InstancesHandler:
             await self._withdraw(unit)
         instance = Instance(unit=unit, url=announcement.url, machine=announcement.machine)
         self._instances[unit] = instance
+        self._by_service.setdefault(unit.service, {})[unit] = instance
         if self.owns(unit.service):
-            self._start_prober(instance)
+            self._start_probing(instance)
         log.info("instance_announced", service=unit.service, unit=str(unit), url=instance.url)
 
-    def _start_prober(self, instance: Instance) -> None:
-        instance.prober = start_supervised(
-            f"probe:{instance.unit}",
-            lambda: self._probe_forever(instance),
-            service=instance.unit.service,
-            unit=str(instance.unit),
-        )
-
-    def _rebalance(self) -> None:
-        """Ownership changed: probe what is owned now at once; stop probing the rest once it
-        has not been owned for ``HANDOVER_GRACE`` seconds (the new owner probes by then, and a
-        change undone meanwhile, such as a lock seen before its claim, changes nothing). A
-        stopped prober leaves the router alone (the new owner takes it from there) and forgets
-        what it saw, so nothing here reads its stale health."""
+    def _rebalance(self, services: Collection[str] | None = None) -> None:
+        """Ownership of ``services`` (None: of any service) may have changed: probe what is
+        owned now at once; stop probing the rest once it has not been owned for
+        ``HANDOVER_GRACE`` seconds (the new owner probes by then, and a change undone
+        meanwhile, such as a lock seen before its claim, changes nothing). Stopped probing
+        leaves the router alone (the new owner takes it from there) and forgets what it saw,
+        so nothing here reads its stale health."""
         now = time.monotonic()
         started, stopped, due = set(), set(), None
-        for instance in self._instances.values():
-            if self.owns(instance.unit.service):
-                instance.unowned_since = None
-                if instance.prober is None:
-                    self._start_prober(instance)
-                    started.add(instance.unit.service)
-            elif instance.prober is not None:
-                if instance.unowned_since is None:
-                    instance.unowned_since = now
-                if now - instance.unowned_since < HANDOVER_GRACE:
-                    at = instance.unowned_since + HANDOVER_GRACE
-                    due = at if due is None else min(due, at)
-                    continue
-                instance.prober.cancel()
-                instance.prober, instance.unowned_since = None, None
-                instance.healthy, instance.healthy_since, instance.routed = False, None, False
-                instance.last_probe = None
-                stopped.add(instance.unit.service)
+        for service in list(self._by_service if services is None else services):
+            instances = self._by_service.get(service, {})
+            owned = self.owns(service)
+            for instance in instances.values():
+                if owned:
+                    instance.unowned_since = None
+                    if not instance.probed:
+                        self._start_probing(instance)
+                        started.add(service)
+                elif instance.probed:
+                    if instance.unowned_since is None:
+                        instance.unowned_since = now
+                    if now - instance.unowned_since < HANDOVER_GRACE:
+                        at = instance.unowned_since + HANDOVER_GRACE
+                        due = at if due is None else min(due, at)
+                        self._handing_over.add(service)
+                        continue
+                    self._stop_probing(instance)
+                    instance.unowned_since = None
+                    instance.healthy, instance.healthy_since, instance.routed = False, None, False
+                    instance.last_probe = None
+                    stopped.add(service)
         if due is not None and self._handover is None:
             # A hair late rather than early: the clock's resolution must not cost a second look.
             delay = due - now + 0.01
@@ -286,18 +331,22 @@ class InstancesHandler:
 
     def _handover_due(self) -> None:
         self._handover = None
-        self._rebalance()
+        services, self._handing_over = self._handing_over, set()
+        self._rebalance(services)
 
     async def _withdraw(self, unit: UnitName) -> None:
         self._retired.discard(unit)
         instance = self._instances.pop(unit, None)
         if instance is None:
             return
+        of_service = self._by_service.get(unit.service, {})
+        of_service.pop(unit, None)
+        if not of_service:
+            self._by_service.pop(unit.service, None)
         # Probed here: this server owns it, routed or not in its memory (a peer may have
         # routed it before the service moved here). Otherwise its owner deregisters it.
-        probed = instance.prober is not None
-        if instance.prober is not None:
-            instance.prober.cancel()
+        probed = instance.probed
+        self._stop_probing(instance)
         if probed:
             try:
                 await self.router.deregister(unit.service, instance.server_id)
@@ -332,48 +381,142 @@ class InstancesHandler:
                         return
                     log.warning("instance_deregister_retrying", reason=str(exc), retry_in=delay)
 
-    # -- probing -------------------------------------------------------------------------
+    # -- the scheduler -------------------------------------------------------------------
 
-    async def _probe_forever(self, instance: Instance) -> None:
+    def _start_probing(self, instance: Instance) -> None:
+        instance.probed, instance.crashes = True, 0
+        instance.forget_probing()
+        self._queue(instance, time.monotonic())
+
+    def _stop_probing(self, instance: Instance) -> None:
+        """No more probes of it: its next one is dropped and the one in flight cancelled."""
+        instance.probed, instance.queued = False, 0
+        if instance.probe_task is not None:
+            instance.probe_task.cancel()
+            instance.probe_task = None
+        instance.forget_probing()
+
+    def _queue(self, instance: Instance, at: float) -> None:
+        instance.queued = entry = next(self._entries)
+        heapq.heappush(self._due, (at, entry, instance))
+        if self._due[0][1] == entry:
+            self._wake.set()  # earlier than what the scheduler sleeps until
+
+    async def _run_probes(self) -> None:
+        """Start every probe that is due, at most ``max_in_flight`` at once, until
+        cancelled. Started again after a crash: every probed instance without a probe in
+        flight is due at once then, whatever the heap held."""
+        now = time.monotonic()
+        self._due = []
+        for instance in self._instances.values():
+            if instance.probed and instance.probe_task is None:
+                self._queue(instance, now)
+        while True:
+            self._wake.clear()
+            now, delay = time.monotonic(), None
+            while self._due and len(self._in_flight) < self.max_in_flight:
+                at, entry, instance = self._due[0]
+                if instance.queued != entry:
+                    heapq.heappop(self._due)  # dropped or queued again since
+                elif at > now:
+                    delay = at - now
+                    break
+                else:
+                    heapq.heappop(self._due)
+                    instance.queued = 0
+                    self._launch(instance)
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _launch(self, instance: Instance) -> None:
+        task = asyncio.create_task(self._probe_turn(instance))
+        instance.probe_task = task
+        self._in_flight.add(task)
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()  # a slot is free
+
+    async def _probe_turn(self, instance: Instance) -> None:
+        """One probe of ``instance`` and what follows from it; queues its next probe."""
+        unit = instance.unit
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(service=unit.service, unit=str(unit)):
+            try:
+                wait = await self._probe(instance)
+                instance.crashes = 0
+            except Exception:
+                # Anything but a temporary router error: a bug or a broken router. Probe it
+                # afresh after the supervisor's backoff, as a restarted prober would.
+                wait = min(BACKOFF_INITIAL * 2**instance.crashes, BACKOFF_MAX)
+                instance.crashes += 1
+                log.exception("task_crashed", task=f"probe:{unit}", restart_in=wait)
+                instance.forget_probing()
+        if instance.probe_task is asyncio.current_task():
+            instance.probe_task = None
+            self._queue(instance, max(started + wait, time.monotonic()))
+
+    async def _probe(self, instance: Instance) -> float:
+        """Probe once, take the transition it makes (or one still pending) to the router;
+        returns the seconds from the probe's start to the next one."""
         assert self._session is not None
         unit = instance.unit
-        policy = await self._policy(unit.service)
-        tracker = HealthTracker(policy.health)
-        pending: Transition | None = None  # a transition the router has not taken yet
-        while True:
-            started = time.monotonic()
-            result = await probe(self._session, instance.url, policy.health)
-            instance.last_probe = result
-            if self.metrics is not None:
-                self.metrics.probed(unit.service, result.ok)
-            pending = tracker.observe(result) or pending
-            try:
-                if pending is Transition.BECAME_HEALTHY:
-                    await self._healthy(instance)
-                elif pending is Transition.BECAME_UNHEALTHY:
-                    await self._unhealthy(instance, result)
-                pending = None
-            except Exception as exc:
-                if not is_temporary(exc):
-                    raise  # the supervisor logs it and probes afresh
-                # The router's keys live in etcd: try the transition again after the next probe.
-                log.warning("instance_routing_retrying", reason=str(exc))
-            await asyncio.sleep(max(0.0, policy.health.interval - (time.monotonic() - started)))
+        if instance.check is None:
+            check = await self._check(unit.service)
+            if check is None:
+                return POLICY_RETRY
+            instance.check, instance.tracker = check, HealthTracker(check)
+        check, tracker = instance.check, instance.tracker
+        assert tracker is not None
+        result = await probe(self._session, instance.url, check)
+        instance.last_probe = result
+        if self.metrics is not None:
+            self.metrics.probed(unit.service, result.ok)
+        pending = tracker.observe(result) or instance.pending
+        try:
+            if pending is Transition.BECAME_HEALTHY:
+                await self._healthy(instance)
+            elif pending is Transition.BECAME_UNHEALTHY:
+                await self._unhealthy(instance, result)
+            instance.pending = None
+        except Exception as exc:
+            if not is_temporary(exc):
+                raise
+            # The router's keys live in etcd: try the transition again after the next probe.
+            instance.pending = pending
+            log.warning("instance_routing_retrying", reason=str(exc))
+        return check.interval
 
-    async def _policy(self, service: str) -> ServicePolicy:
-        """The service's policy; while etcd is unreachable, the one last read (probing goes
-        on), or, for a service never read yet, keep asking."""
-        while True:
-            try:
-                policy = self._policies[service] = await self.store.get_policy(service)
-                return policy
-            except Exception as exc:
-                if not is_temporary(exc):
-                    raise
-                if service in self._policies:
-                    return self._policies[service]
-                log.warning("policy_unavailable", reason=str(exc))
-                await asyncio.sleep(1.0)
+    async def _check(self, service: str) -> HealthPolicy | None:
+        """The service's health policy, read now (one read for every instance asking at
+        once); while etcd is unreachable the one last read, or None for a service never
+        read yet (asked again ``POLICY_RETRY`` seconds later)."""
+        reading = self._reading.get(service)
+        if reading is None:
+            reading = self._reading[service] = asyncio.create_task(self._read_check(service))
+            reading.add_done_callback(lambda task: self._read_done(service, task))
+        try:
+            check = self._checks[service] = await asyncio.shield(reading)
+            return check
+        except Exception as exc:
+            if not is_temporary(exc):
+                raise
+            if service in self._checks:
+                return self._checks[service]
+            log.warning("policy_unavailable", reason=str(exc))
+            return None
+
+    async def _read_check(self, service: str) -> HealthPolicy:
+        return (await self.store.get_policy(service)).health
+
+    def _read_done(self, service: str, task: asyncio.Task[HealthPolicy]) -> None:
+        del self._reading[service]
+        if not task.cancelled():
+            task.exception()  # retrieved: every probe that asked for it may be gone
 
     async def _healthy(self, instance: Instance) -> None:
         unit = instance.unit

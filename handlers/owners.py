@@ -60,9 +60,13 @@ def owner(service: str, members: Iterable[str]) -> str | None:
     return max(members, key=lambda m: (weight(m, service), m), default=None)
 
 
+Listener = Callable[[frozenset[str] | None], None]
+
+
 class Owners:
     """The ownership policy of one server over the live members; listeners are told (called,
-    synchronously) whenever what this server owns may have changed."""
+    synchronously) whenever what this server owns may have changed, with the services whose
+    ownership may have changed (None: any service, the members changed)."""
 
     def __init__(self, membership: Membership, etcd: aetcd.Client, locks: str) -> None:
         """``locks``: the prefix of the deploy locks, one key per service under it."""
@@ -75,8 +79,8 @@ class Owners:
         self._watch: asyncio.Task[None] | None = None
         self._cache: dict[str, bool] = {}
         self._members: Collection[str] = frozenset()
-        self._listeners: list[Callable[[], None]] = []
-        membership.subscribe(self._changed)
+        self._listeners: list[Listener] = []
+        membership.subscribe(lambda: self._changed(None))
 
     @property
     def id(self) -> str:
@@ -109,7 +113,7 @@ class Owners:
             found = self._cache[service] = owner(service, members) == self.id
         return found
 
-    def subscribe(self, listener: Callable[[], None]) -> None:
+    def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     def claim(self, service: str) -> None:
@@ -117,7 +121,7 @@ class Owners:
         :meth:`release`, whoever the hash picks."""
         self._claims[service] = self._claims.get(service, 0) + 1
         if self._claims[service] == 1:
-            self._changed()
+            self._changed(frozenset({service}))
 
     def release(self, service: str) -> None:
         count = self._claims.get(service, 0) - 1
@@ -125,7 +129,7 @@ class Owners:
             self._claims[service] = count
             return
         if self._claims.pop(service, None) is not None:
-            self._changed()
+            self._changed(frozenset({service}))
 
     # -- the locks ----------------------------------------------------------------------
 
@@ -142,8 +146,8 @@ class Owners:
 
     def _set_locked(self, locked: frozenset[str]) -> None:
         if locked != self._locked:
-            self._locked = locked
-            self._changed()
+            changed, self._locked = locked ^ self._locked, locked
+            self._changed(changed)
 
     async def _on_locks(self, snapshot: dict[str, str], revision: int) -> None:
         found = (self._locked_service(k, v) for k, v in snapshot.items())
@@ -157,6 +161,6 @@ class Owners:
         else:
             self._set_locked(self._locked - {service})
 
-    def _changed(self) -> None:
+    def _changed(self, services: frozenset[str] | None) -> None:
         for listener in self._listeners:
-            listener()
+            listener(services)
