@@ -37,6 +37,7 @@ to say why a unit failed; on fleet, which answers 404 there, the unit state is a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
@@ -56,6 +57,7 @@ from pydantic import (
     model_validator,
 )
 
+from deployster.aio import cancel_and_wait
 from deployster.errors import PermanentError, TemporaryError
 
 # The fields of the rows `FleetClient.unit_rows` and `state_rows` give, in this order.
@@ -421,26 +423,32 @@ class FleetClient:
         self, path: str, page_type: type[_Page], item: type[_Shape], fields: Sequence[str]
     ) -> AsyncIterator[list[tuple[str, ...]]]:
         """Each page's items as rows (`_Shape.rows`), following ``nextPageToken``; a page that
-        does not fit is FleetUnavailableError, as in `_pages`."""
+        does not fit is FleetUnavailableError, as in `_pages`. The next page is asked for as
+        soon as its token is read, so that fleet writes it while this one is turned into rows."""
         key = next(name for name in page_type.model_fields if name != "next_page_token")
-        query: dict[str, str] = {}
-        while True:
-            text = await self._send("GET", path, params=query)
-            try:
-                page = page_type._fold(json.loads(text))
-            except ValueError:
-                raise _not_json(path) from None
-            token = page.get("nextPageToken", "") if isinstance(page, dict) else None
-            if not isinstance(token, str):
-                raise _misfit(path, "not an object with a string nextPageToken")
-            try:
-                rows = item.rows(page.get(key), fields, key)
-            except ValueError as exc:
-                raise _misfit(path, str(exc)) from None
-            yield rows
-            if not token:
-                return
-            query["nextPageToken"] = token
+        answer = asyncio.create_task(self._send("GET", path, params={}))
+        try:
+            while True:
+                text = await answer
+                try:
+                    page = page_type._fold(json.loads(text))
+                except ValueError:
+                    raise _not_json(path) from None
+                token = page.get("nextPageToken", "") if isinstance(page, dict) else None
+                if not isinstance(token, str):
+                    raise _misfit(path, "not an object with a string nextPageToken")
+                if token:
+                    query = {"nextPageToken": token}
+                    answer = asyncio.create_task(self._send("GET", path, params=query))
+                try:
+                    rows = item.rows(page.get(key), fields, key)
+                except ValueError as exc:
+                    raise _misfit(path, str(exc)) from None
+                yield rows
+                if not token:
+                    return
+        finally:
+            await cancel_and_wait(answer)
 
     async def _request(
         self,
