@@ -396,7 +396,7 @@ class Reaper:
         each."""
         # Three reads side by side: while one waits for fleet, another decodes etcd's answer.
         _, announcements, registered = await asyncio.gather(
-            self.view.refresh(self.fleet), self._announced(), self.router.all_servers()
+            self.view.refresh(self.fleet), self._announced(), self.router.all_server_ids()
         )
         announced = [a for a in announcements if self.owns(a.unit.service)]
         services = {s for s in services if self.owns(s)}
@@ -410,7 +410,7 @@ class Reaper:
         backed = {(a.unit.service, a.unit.container) for a in announced}
         orphans = {}
         for service in sorted(services | {a.unit.service for a in announced}):
-            for server_id in registered.get(service, {}):
+            for server_id in registered.get(service, ()):
                 if (service, server_id) not in backed:
                     orphans[f"server:{service}:{server_id}"] = (service, server_id)
         done = []

@@ -64,8 +64,8 @@ class Router(Protocol):
     async def servers(self, service: str) -> dict[str, str]:
         """Server id to URL, as the router's keys say now."""
 
-    async def all_servers(self) -> dict[str, dict[str, str]]:
-        """``servers`` of every service at once, by service: one paged read of the router's
+    async def all_server_ids(self) -> dict[str, set[str]]:
+        """The server ids of every service at once, by service: one paged read of the router's
         keys, for a pass over all services (a service without servers may be left out)."""
 
     async def wait_applied(

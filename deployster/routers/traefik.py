@@ -44,7 +44,7 @@ import aiohttp
 import structlog
 from aetcd.utils import prefix_range_end
 
-from deployster.etcd import SMALL_PAGE_SIZE, range_pages
+from deployster.etcd import SMALL_PAGE_SIZE, key_pages, range_pages
 from deployster.routers.base import (
     RouterError,
     RouterRefusedError,
@@ -253,22 +253,22 @@ class TraefikRouter:
         ids = {int(kv.value): kv.key.decode()[len(mprefix) :] for kv in mapped}
         return {ids.get(n, f"#{n}"): url for n, url in sorted(urls.items())}
 
-    async def all_servers(self) -> dict[str, dict[str, str]]:
-        """``servers`` of every service: one paged read of the services' keys and one of the
-        bookkeeping."""
+    async def all_server_ids(self) -> dict[str, set[str]]:
+        """One paged read of the services' keys and one of the bookkeeping; a server without
+        bookkeeping is ``#<index>``, as in ``servers``."""
         services_prefix = f"{self.root_key}/http/services/"
         bookkeeping = f"{self.bookkeeping}/"
-        urls: dict[str, dict[int, str]] = {}
+        indexes: dict[str, set[int]] = {}
         ids: dict[str, dict[int, str]] = {}
         try:
-            async for page in range_pages(self.etcd, services_prefix.encode(), SMALL_PAGE_SIZE):
-                for key, value in page:
+            async for keys in key_pages(self.etcd, services_prefix.encode()):
+                for key, _ in keys:
                     service, _, rest = key.decode()[len(services_prefix) :].partition(
                         "/loadbalancer/servers/"
                     )
                     index, _, field = rest.partition("/")
                     if field == "url" and index.isascii() and index.isdigit():
-                        urls.setdefault(service, {})[int(index)] = value.decode()
+                        indexes.setdefault(service, set()).add(int(index))
             async for page in range_pages(self.etcd, bookkeeping.encode(), SMALL_PAGE_SIZE):
                 for key, value in page:
                     service, _, server_id = key.decode()[len(bookkeeping) :].partition("/servers/")
@@ -277,8 +277,8 @@ class TraefikRouter:
         except Exception as error:
             raise failure("Could not read Traefik's servers", error) from error
         return {
-            service: {ids.get(service, {}).get(n, f"#{n}"): url for n, url in sorted(found.items())}
-            for service, found in urls.items()
+            service: {ids.get(service, {}).get(n, f"#{n}") for n in found}
+            for service, found in indexes.items()
         }
 
     async def served_urls(self, service: str, session: aiohttp.ClientSession) -> set[str] | None:

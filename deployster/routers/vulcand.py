@@ -38,7 +38,7 @@ from typing import Any
 import aetcd
 import structlog
 
-from deployster.etcd import SMALL_PAGE_SIZE, range_pages
+from deployster.etcd import key_pages
 from deployster.routers.base import (
     RouterRefusedError,
     RouterTimeoutError,
@@ -204,22 +204,19 @@ class VulcandRouter:
                 log.warning("router_server_invalid", router="vulcand", key=kv.key.decode())
         return found
 
-    async def all_servers(self) -> dict[str, dict[str, str]]:
+    async def all_server_ids(self) -> dict[str, set[str]]:
+        """Read from the servers' keys alone: a server whose value is garbage is listed too
+        (the reaper removes it when no announced instance stands behind it)."""
         prefix = f"{self.prefix}/backends/"
         suffix = f"{ID_TERMINATOR}be"
-        found: dict[str, dict[str, str]] = {}
+        found: dict[str, set[str]] = {}
         try:
-            async for page in range_pages(self.etcd, prefix.encode(), SMALL_PAGE_SIZE):
-                for key, value in page:
+            async for page in key_pages(self.etcd, prefix.encode()):
+                for key, _ in page:
                     backend, _, server_id = key.decode()[len(prefix) :].partition("/servers/")
                     if not (server_id and backend.endswith(suffix)) or "/" in server_id:
                         continue  # a backend's own key, or one vulcand's layout does not have
-                    try:
-                        url = json.loads(value)["URL"]
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("router_server_invalid", router="vulcand", key=key.decode())
-                        continue
-                    found.setdefault(backend[: -len(suffix)], {})[server_id] = url
+                    found.setdefault(backend[: -len(suffix)], set()).add(server_id)
         except Exception as error:
             raise failure("Could not read vulcand's servers", error) from error
         return found

@@ -154,14 +154,12 @@ async def test_vulcand_lists_every_service_s_servers_at_once_and_skips_garbage(
     garbage = router.server_key("api", "broken-1")
     await etcd_client.put(garbage.encode(), b"{not json")
     await etcd_client.put(f"{router.prefix}/backends/stray/servers/x".encode(), b"{}")
-    listed = await router.all_servers()
-    assert listed == {
-        "web": {SRV: "http://127.0.0.1:31001"},
-        "web2": {SRV: "http://127.0.0.1:31002"},
-        "api": {SRV: "http://127.0.0.1:31003"},
-    }
-    for service in listed:
-        assert listed[service] == await router.servers(service)
+    listed = await router.all_server_ids()
+    # From the keys alone: the server whose value is garbage is one too (for the reaper to
+    # remove when no announcement stands behind it); the stray backend is not vulcand's.
+    assert listed == {"web": {SRV}, "web2": {SRV}, "api": {SRV, "broken-1"}}
+    for service in ("web", "web2"):
+        assert listed[service] == set(await router.servers(service))
 
 
 async def test_traefik_lists_every_service_s_servers_at_once(etcd_client: aetcd.Client) -> None:
@@ -173,11 +171,11 @@ async def test_traefik_lists_every_service_s_servers_at_once(etcd_client: aetcd.
     # A server Traefik has but the bookkeeping does not, and a key that is no server.
     await etcd_client.put(f"{root}/http/services/api/loadbalancer/servers/9/url".encode(), b"u")
     await etcd_client.put(f"{root}/http/services/api/loadbalancer/servers/x/url".encode(), b"u")
-    listed = await router.all_servers()
+    listed = await router.all_server_ids()
     assert set(listed) == {"web", "api"}
     for service in listed:
-        assert listed[service] == await router.servers(service)
-    assert listed["api"]["#9"] == "u"
+        assert listed[service] == set(await router.servers(service))
+    assert "#9" in listed["api"]
 
 
 async def test_all_servers_of_an_unreachable_etcd_is_a_temporary_router_error(
@@ -188,4 +186,4 @@ async def test_all_servers_of_an_unreachable_etcd_is_a_temporary_router_error(
         await router.register("web", SRV, "http://127.0.0.1:31001")
         private_etcd.stop()
         with pytest.raises(RouterUnavailableError, match="Could not read vulcand's servers"):
-            await router.all_servers()
+            await router.all_server_ids()
