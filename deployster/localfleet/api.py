@@ -52,6 +52,8 @@ from .wire import (
     go_json_dumps,
     page_json,
     unit_shape,
+    unit_text,
+    units_page_json,
 )
 from .xfleet import InvalidRequirementsError, validate_requirements
 
@@ -69,6 +71,9 @@ _METADATA_PATH = re.compile(r"/([^/]+)/metadata/([A-Za-z0-9_.-]+)")
 REGISTRY_KEY = web.AppKey("registry", Registry)
 AGENT_KEY = web.AppKey("agent", Agent)
 TOKEN_LIMIT_KEY = web.AppKey("token_limit", int)
+# Each listed unit's JSON, by name, with what it was written from (the record, which a change
+# replaces, and the states): a page of units is mostly these, written once per change.
+UNIT_JSON_KEY = web.AppKey("unit_json", dict[str, tuple[UnitRecord, str | None, str | None, str]])
 
 _DISCOVERY = {
     "kind": "discovery#restDescription",
@@ -124,6 +129,7 @@ def create_app(registry: Registry, agent: Agent, token_limit: int) -> web.Applic
     app[REGISTRY_KEY] = registry
     app[AGENT_KEY] = agent
     app[TOKEN_LIMIT_KEY] = token_limit
+    app[UNIT_JSON_KEY] = {}
     app.router.add_route("*", "/{path:.*}", _dispatch)
     app.on_response_prepare.append(_set_server_header)
     return app
@@ -205,14 +211,24 @@ async def _units(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     # fleet's list joins every unit with its schedule entry, global ones included,
     # so a global unit shows currentState "inactive" here but none on GET /units/{name}.
+    written = request.app[UNIT_JSON_KEY]
     units = []
     for name in names:
         record = registry.unit(name)
         assert record is not None  # no await since the names were read
-        units.append(_unit_shape(record, agent, listed=True))
-    return _json_response(
-        200, page_json("units", units, next_token.encode() if next_token else None)
-    )
+        current_state, machine_id = _unit_states(record, agent, listed=True)
+        kept = written.get(name)
+        if kept is None or kept[:3] != (record, current_state, machine_id):
+            shape = unit_shape(
+                record.name, record.options, record.desired_state, current_state, machine_id
+            )
+            kept = written[name] = (record, current_state, machine_id, unit_text(shape))
+        units.append(kept[3])
+    if len(written) > 2 * len(registry.unit_names()):  # destroyed units' JSON goes, now and then
+        for gone in [name for name in written if registry.unit(name) is None]:
+            del written[gone]
+    text = units_page_json(units, next_token.encode() if next_token else None)
+    return web.Response(status=200, body=text.encode(), content_type="application/json")
 
 
 async def _unit(request: web.Request, name: str) -> web.Response:
@@ -225,14 +241,16 @@ async def _unit(request: web.Request, name: str) -> web.Response:
     raise ApiError(405, "only GET, PUT and DELETE supported against this resource")
 
 
-def _unit_shape(record: UnitRecord, agent: Agent, listed: bool) -> Unit:
+def _unit_states(record: UnitRecord, agent: Agent, listed: bool) -> tuple[str | None, str | None]:
+    """The unit's currentState and machineID as fleet shows them."""
     if record.is_global:
-        current_state = JOB_INACTIVE if listed else None
-        machine_id = None
-    else:
-        machine_id = record.target
-        job_state = agent.job_state(record.name, record.target) if record.target else None
-        current_state = job_state or JOB_INACTIVE
+        return (JOB_INACTIVE if listed else None), None
+    job_state = agent.job_state(record.name, record.target) if record.target else None
+    return job_state or JOB_INACTIVE, record.target
+
+
+def _unit_shape(record: UnitRecord, agent: Agent, listed: bool) -> Unit:
+    current_state, machine_id = _unit_states(record, agent, listed)
     return unit_shape(record.name, record.options, record.desired_state, current_state, machine_id)
 
 

@@ -111,6 +111,22 @@ def page_json(key: str, items: Iterable[Any], next_page_token: str | None) -> di
     return page_type.model_construct(**fields).to_wire()
 
 
+def unit_text(unit: Unit) -> str:
+    """One unit's JSON text, as a page of units writes it."""
+    return go_json_dumps(unit.to_wire())
+
+
+def units_page_json(units_json: Sequence[str], next_page_token: str | None) -> str:
+    """The text `go_json_dumps(page_json("units", ...))` writes, from units already written
+    (`unit_text`): keys in order, an empty token or list left out."""
+    fields = []
+    if next_page_token:
+        fields.append(f'"nextPageToken":{go_json_dumps(next_page_token)}')
+    if units_json:
+        fields.append(f'"units":[{",".join(units_json)}]')
+    return "{" + ",".join(fields) + "}"
+
+
 def decode_unit_request(body: bytes) -> Unit:
     """The body of `PUT /units/{name}`; an empty field means absent."""
     value = _decode_first_json_value(body)

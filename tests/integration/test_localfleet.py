@@ -884,3 +884,33 @@ async def _read(path: pathlib.Path) -> str | None:
 
 async def _async(value: T) -> T:
     return value
+
+
+async def test_the_units_listing_follows_every_change_of_a_unit(client: FleetClient) -> None:
+    """A page of units is written from each unit's JSON, kept until the unit changes: its
+    options, its desired state, where it runs and what its agent did all show at once."""
+    name = client.name("listed")
+
+    async def listed() -> dict[str, Any] | None:
+        units = {u["name"]: u for u in await client.paged("/units", "units")}
+        return units.get(name)
+
+    await client.submit(name, {"ExecStart": "/bin/sleep 300"})
+    first = await listed()
+    assert first is not None and (first["desiredState"], first["currentState"]) == (
+        "inactive",
+        "inactive",
+    )
+    await client.set_state(name, "launched")
+    await client.wait_state(name, "active", "running")
+    launched = await listed()
+    assert launched == await client.unit(name) and launched is not None
+    assert (launched["desiredState"], launched["currentState"]) == ("launched", "launched")
+    assert launched["machineID"]
+    await client.set_state(name, "inactive")
+    await client.wait_gone(name)
+    await client.put(name, {"name": name, "options": options_of({"ExecStart": "/bin/true"})})
+    replaced = await listed()
+    assert replaced is not None and replaced["options"] == options_of({"ExecStart": "/bin/true"})
+    await client.destroy(name)
+    assert await listed() is None

@@ -9,6 +9,8 @@ import signal
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deployster.fleet import UnitOption
 from deployster.localfleet.environ import (
@@ -50,6 +52,9 @@ from deployster.localfleet.wire import (
     go_json_dumps,
     page_json,
     unit_json,
+    unit_shape,
+    unit_text,
+    units_page_json,
 )
 from deployster.localfleet.xfleet import (
     InvalidRequirementsError,
@@ -591,6 +596,32 @@ def test_unit_json_omits_empty_fields() -> None:
         ],
     }
     assert unit_json("a.service", [], "", None, None) == {"name": "a.service"}
+
+
+@given(
+    units=st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=8),
+            st.lists(st.tuples(st.text(max_size=4), st.text(max_size=4), st.text(max_size=6))),
+            st.sampled_from(["", "inactive", "loaded", "launched"]),
+            st.one_of(st.none(), st.sampled_from(["", "inactive", "launched"])),
+            st.one_of(st.none(), st.text(max_size=4)),
+        ),
+        max_size=4,
+    ),
+    token=st.one_of(st.none(), st.just(""), st.text(max_size=6)),
+)
+def test_a_page_of_units_written_from_each_unit_s_text_is_the_page_written_whole(
+    units: list[tuple[str, list[tuple[str, str, str]], str, str | None, str | None]],
+    token: str | None,
+) -> None:
+    shapes = [
+        unit_shape(name, [UnitOption(section=a, name=b, value=c) for a, b, c in options], *rest)
+        for name, options, *rest in units
+    ]
+    assert units_page_json([unit_text(u) for u in shapes], token) == go_json_dumps(
+        page_json("units", shapes, token)
+    )
 
 
 def test_json_is_escaped_like_go() -> None:
