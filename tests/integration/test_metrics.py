@@ -41,7 +41,12 @@ async def test_metrics_count_deploys_by_result_and_failed_probes(api: Api) -> No
     )
     assert rolled["state"] == "rolled_back"
 
-    after = await scrape(api)
+    # The record says the deploy ended once it is saved; the bus tells the metrics right after.
+    async def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        found = await scrape(api)
+        return found if found[("deployster_rollbacks_total", ())] else None
+
+    after = await eventually(counted)
     assert after[("deployster_deploys_total", (("result", "succeeded"),))] == 1
     assert after[("deployster_deploys_total", (("result", "rolled_back"),))] == 1
     assert after[("deployster_rollbacks_total", ())] == 1
