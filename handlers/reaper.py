@@ -88,9 +88,9 @@ class ObservedUnit(NamedTuple):
 
 
 # How the view keeps a unit: ObservedUnit's fields as a plain tuple, its states plain tuples of
-# ObservedState's fields. A plain tuple of strings is a third of a named tuple's cost to make,
-# and the cyclic garbage collector stops tracking it at its first collection, so that 10,000
-# units add nothing to a full collection's walk (a named tuple stays tracked).
+# ObservedState's fields. The cyclic garbage collector stops tracking a plain tuple of strings
+# at its first collection, so that 10,000 units add nothing to a full collection's walk (a
+# named tuple stays tracked).
 _State = tuple[str, str, str, str]
 _Row = tuple[str, str, str, str, tuple[_State, ...]]
 
